@@ -1,0 +1,1 @@
+"""FX passes over the graph Dynamo traces (installed as ``sdtm_compile.passes``)."""

@@ -1,0 +1,110 @@
+"""`SDTMConfig`: every knob of SDTM token merging, validated when it is built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+__all__ = ["SDTMConfig", "DEFAULT_BUCKETS", "MAX_RATIO"]
+
+#: Compression ratios the compiler builds one engine for. A scheduled ratio is rounded *down* to one of these.
+DEFAULT_BUCKETS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+#: Neither stage can remove more than 3 of every 4 tokens: SSM keeps one token per 2x2 window and IDM keeps
+#: every window's destination.
+MAX_RATIO = 0.75
+
+
+def _fail(name: str, value: object, allowed: str) -> None:
+    raise ValueError(f"SDTMConfig.{name}={value!r} is invalid: allowed {allowed}.")
+
+
+@dataclass(frozen=True)
+class SDTMConfig:
+    """Structure-then-detail token merging (SDTM), as released by its authors, plus what compiling it needs.
+
+    Every field is checked at construction time; a bad value raises ``ValueError`` that names the field, the
+    value and the allowed range.
+
+    Attributes:
+        ratio: Centre of the compression-ratio schedule: the fraction of image tokens removed, on average, in
+            the merged attention/FF. ``0`` turns SDTM off (the model runs unmodified). Range ``[0, 0.75]``.
+        deviation: Half-width of the CRA (compression ratio adjusting) cosine schedule: the ratio falls from
+            ``ratio + deviation`` at the first step to ``ratio - deviation`` at the last. Range
+            ``[0, ratio]`` with ``ratio + deviation <= 0.75``.
+        switch_at: Where the structure stage ends and the detail stage begins, as a fraction of the trajectory
+            (the release switches after step 20 of 50, i.e. 0.4). Range ``[0, 1]``: 0 = detail only,
+            1 = structure only.
+        window: Merge window on the token grid ``(height, width)``. Only ``(2, 2)`` is implemented, as in the
+            release.
+        a_s: Weight of the "not attended" counter ``li`` in the SSM window score. Range ``[0, 10]``.
+        a_d: Weight of ``li`` in the IDM source score (in the release, not in the paper's abstract).
+            Range ``[0, 10]``.
+        buckets: Compression ratios that get a compiled engine, strictly increasing, each in ``(0, 0.75]``.
+            The scheduled ratio is rounded down to the nearest bucket (below the smallest bucket the full
+            model runs). More buckets follow the schedule more closely but build more engines.
+        timestep_shift: The flow-matching ``shift`` of the scheduler that produces the timesteps (SD3 / SD3.5
+            pipelines: 3.0; an unshifted scheduler: 1.0). The dispatcher undoes the shift to turn a timestep
+            into a trajectory position that matches the step fraction. Range ``[0.1, 100]``.
+        num_train_timesteps: Timestep scale of the scheduler (diffusers: 1000). Range ``>= 1``.
+    """
+
+    ratio: float = 0.5
+    deviation: float = 0.2
+    switch_at: float = 0.4
+    window: tuple[int, int] = (2, 2)
+    a_s: float = 0.05
+    a_d: float = 0.05
+    buckets: tuple[float, ...] = field(default=DEFAULT_BUCKETS)
+    timestep_shift: float = 3.0
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("window", "buckets", "num_train_timesteps"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                _fail(f.name, value, "a finite number")
+        if not 0.0 <= self.ratio <= MAX_RATIO:
+            _fail("ratio", self.ratio, f"0 <= ratio <= {MAX_RATIO}")
+        if not 0.0 <= self.deviation <= self.ratio or self.ratio + self.deviation > MAX_RATIO + 1e-9:
+            _fail(
+                "deviation",
+                self.deviation,
+                f"0 <= deviation <= ratio ({self.ratio}) and ratio + deviation <= {MAX_RATIO}",
+            )
+        if not 0.0 <= self.switch_at <= 1.0:
+            _fail("switch_at", self.switch_at, "0 <= switch_at <= 1 (a fraction of the trajectory)")
+        if tuple(self.window) != (2, 2):
+            _fail("window", self.window, "(2, 2) only: the SSM/IDM windows of the release")
+        object.__setattr__(self, "window", (2, 2))
+        for name in ("a_s", "a_d"):
+            if not 0.0 <= getattr(self, name) <= 10.0:
+                _fail(name, getattr(self, name), "0 <= value <= 10")
+        buckets = tuple(self.buckets) if isinstance(self.buckets, (list, tuple)) else None
+        if not buckets:
+            _fail("buckets", self.buckets, "a non-empty tuple of ratios in (0, 0.75], strictly increasing")
+        for b in buckets:  # type: ignore[union-attr]
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < b <= MAX_RATIO:
+                _fail("buckets", self.buckets, f"every bucket in (0, {MAX_RATIO}]; {b!r} is not")
+        if any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:])):  # type: ignore[index,arg-type]
+            _fail("buckets", self.buckets, "strictly increasing ratios, no duplicates")
+        object.__setattr__(self, "buckets", tuple(float(b) for b in buckets))  # type: ignore[union-attr]
+        if not 0.1 <= self.timestep_shift <= 100.0:
+            _fail("timestep_shift", self.timestep_shift, "0.1 <= timestep_shift <= 100")
+        if (
+            isinstance(self.num_train_timesteps, bool)
+            or not isinstance(self.num_train_timesteps, int)
+            or self.num_train_timesteps < 1
+        ):
+            _fail("num_train_timesteps", self.num_train_timesteps, "an int >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        """False when ``ratio == 0``: the model then runs unmodified."""
+        return self.ratio > 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict (tuples become lists)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}

@@ -1,0 +1,241 @@
+"""SDTM merge primitives: a data-dependent *plan*, then static-shape ``merge`` / ``unmerge``.
+
+Shapes: ``B`` batch, ``N = grid_h * grid_w`` image tokens, ``C`` channels, ``G`` 2x2 windows,
+``M`` merged length (fixed per bucket), ``S = N - G`` IDM sources.
+
+A :class:`MergePlan` is the same for every method: ``slot[b, n]`` says which merged token input token ``n``
+goes to, and ``inv_count[b, m]`` is one over the number of tokens averaged into merged token ``m``. So
+
+* ``merge(x, plan)``   = ``scatter_add`` of the tokens into their slots, times ``inv_count``  -> ``[B, M, C]``
+* ``unmerge(y, plan)`` = one ``gather`` of every token's slot                                  -> ``[B, N, C]``
+
+Only the *indices* depend on the data; every shape is fixed by ``(N, bucket)``, so one compiled graph serves
+every call of a bucket. Per DESIGN §4 there is no ``scatter_reduce(mean)``, no ``.item()`` and no Python
+branch on tensor values here, and every batch row merges the same number of tokens (but may pick different
+ones).
+
+What it does not handle: windows other than 2x2. On an odd grid side, the last row/column is not covered by
+any window: SSM passes those tokens through unmerged, IDM treats them as sources (they may be merged into a
+destination), exactly like the release's padding of its index buffer.
+
+Ranking: candidates are ranked by descending score with ties going to the lower window/source index,
+computed without ``sort``/``topk`` so the result does not depend on the backend (see :func:`_rank`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .config import SDTMConfig
+from .schedule import EngineKey, Stage, idm_sources_merged, ssm_windows_merged
+
+__all__ = [
+    "MergePlan",
+    "window_token_index",
+    "leftover_token_index",
+    "ssm_plan",
+    "idm_plan",
+    "plan_for",
+    "merge",
+    "unmerge",
+    "update_li",
+    "init_li",
+]
+
+_LI_EPS = 1e-6  # the release's epsilon in li / mean(li)
+
+
+class MergePlan(NamedTuple):
+    """Where each token goes.
+
+    ``slot``: ``[B, N]`` int64 in ``[0, M)``. ``inv_count``: ``[B, M]``, float32 (float64 for float64 inputs).
+    """
+
+    slot: torch.Tensor
+    inv_count: torch.Tensor
+
+
+def init_li(batch: int, num_tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """A fresh "not attended" counter: ``[B, N]`` int32 zeros (start of every generation)."""
+    return torch.zeros(batch, num_tokens, dtype=torch.int32, device=device)
+
+
+def window_token_index(grid_h: int, grid_w: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``[G, 4]`` token indices of each 2x2 window, windows row-major, tokens (0,0) (0,1) (1,0) (1,1)."""
+    if grid_h < 2 or grid_w < 2:
+        raise ValueError(
+            f"a {grid_h}x{grid_w} token grid has no 2x2 window to merge; SDTM needs at least 2x2 image tokens"
+        )
+    gh, gw = grid_h // 2, grid_w // 2
+    top_left = (torch.arange(gh, device=device) * 2 * grid_w)[:, None] + torch.arange(gw, device=device) * 2
+    offsets = torch.tensor([0, 1, grid_w, grid_w + 1], device=device)
+    return (top_left.reshape(-1, 1) + offsets).reshape(gh * gw, 4)
+
+
+def leftover_token_index(grid_h: int, grid_w: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``[L]`` tokens no window covers: the last column if ``grid_w`` is odd, the last row if ``grid_h`` is odd."""
+    rows = torch.arange(grid_h, device=device)[:, None]
+    cols = torch.arange(grid_w, device=device)[None, :]
+    outside = (rows >= grid_h // 2 * 2) | (cols >= grid_w // 2 * 2)
+    return (rows * grid_w + cols)[outside]
+
+
+def _check_tokens(x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"expected image tokens [B, N, C], got shape {tuple(x.shape)}")
+    if x.shape[1] != grid_h * grid_w:
+        raise ValueError(
+            f"{x.shape[1]} image tokens do not fill the {grid_h}x{grid_w} token grid ({grid_h * grid_w} tokens)"
+        )
+    if li.shape != x.shape[:2]:
+        raise ValueError(f"li must be [B, N] = {tuple(x.shape[:2])}, got {tuple(li.shape)}")
+
+
+def _metric(x: torch.Tensor) -> torch.Tensor:
+    """Unit-norm tokens for cosine similarity, in at least float32 so fp16/bf16 engines rank like fp32."""
+    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
+
+
+def _li_priority(li: torch.Tensor) -> torch.Tensor:
+    """``li / mean(li)`` per row, as in the release (0 while all counters are 0)."""
+    li_f = li.float()
+    return li_f / (li_f.mean(dim=-1, keepdim=True) + _LI_EPS)
+
+
+def _rank(score: torch.Tensor) -> torch.Tensor:
+    """``rank[b, i]`` = place of item ``i`` when row ``b`` is sorted by descending score, ties by index.
+
+    Counted as ``#{j: s_j > s_i} + #{j < i: s_j == s_i}`` instead of sorting: only element-wise compares and a
+    sum, so every backend ranks ties the same way (``torch.sort(stable=True)`` has no ONNX export, ``topk``
+    orders ties differently per backend, and TensorRT caps ``topk`` at k <= 3840). Cost: ``K^2`` compares per
+    row, e.g. 9.4 M for the 3072 IDM sources of a 1024^2 image, small next to the similarity matmul.
+    """
+    idx = torch.arange(score.shape[-1], device=score.device)
+    s_i, s_j = score[..., :, None], score[..., None, :]
+    ahead = (s_j > s_i) | ((s_j == s_i) & (idx[None, :] < idx[:, None]))
+    return ahead.sum(dim=-1)
+
+
+def update_li(li: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+    """The release's counter update: every merged token ``+1``, every token left unmerged back to ``0``.
+
+    ``li``: ``[B, N]`` int32; ``merged``: ``[B, N]`` bool. (The release adds 1 to all tokens, then zeroes the
+    unmerged ones, which is the same thing.)
+    """
+    return torch.where(merged, li + 1, torch.zeros_like(li))
+
+
+def ssm_plan(
+    x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, num_windows: int, a_s: float
+) -> tuple[MergePlan, torch.Tensor]:
+    """Similarity-prioritized structure merging: average the ``num_windows`` most uniform 2x2 windows.
+
+    Args:
+        x: ``[B, N, C]`` the block's attention input (image tokens after ``norm1`` modulation).
+        li: ``[B, N]`` int32 "not attended" counter.
+        num_windows: windows to merge, ``k`` (a static int; each removes 3 tokens).
+        a_s: weight of the window's mean ``li / mean(li)`` in its score.
+
+    Score of a window = mean of its 4x4 cosine-similarity matrix (the release includes the diagonal) +
+    ``a_s * mean(li / mean(li))``. Output order: kept windows' tokens (4 each, by rank), leftover tokens of an
+    odd side, then the ``k`` merged windows. Returns the plan (``M = N - 3k``) and the updated ``li``.
+    """
+    _check_tokens(x, li, grid_h, grid_w)
+    batch, n = li.shape
+    win = window_token_index(grid_h, grid_w, x.device)  # [G, 4]
+    left = leftover_token_index(grid_h, grid_w, x.device)  # [L]
+    g, k = win.shape[0], int(num_windows)
+    if not 0 <= k <= g:
+        raise ValueError(f"SSM cannot merge {k} of {g} windows")
+    xw = _metric(x)[:, win]  # [B, G, 4, C]
+    score = (xw @ xw.transpose(-1, -2)).mean(dim=(-1, -2)) + a_s * _li_priority(li)[:, win].mean(-1)
+    rank = _rank(score)[..., None]  # [B, G, 1]
+    chosen = rank < k
+    pass_through = 4 * (g - k) + left.numel()
+    window_slot = torch.where(chosen, pass_through + rank, 4 * (rank - k) + torch.arange(4, device=x.device))
+    left_slot = (4 * (g - k) + torch.arange(left.numel(), device=x.device)).expand(batch, -1)
+    token = torch.cat([win.reshape(-1), left]).expand(batch, -1)
+    slot = torch.empty_like(token).scatter_(1, token, torch.cat([window_slot.reshape(batch, -1), left_slot], 1))
+    inv_count = torch.cat([xw.new_ones(pass_through), xw.new_full((k,), 0.25)]).expand(batch, -1)
+    merged = torch.zeros(batch, n, dtype=torch.bool, device=x.device).scatter_(
+        1, token[:, : 4 * g], chosen.expand(-1, -1, 4).reshape(batch, -1)
+    )
+    return MergePlan(slot, inv_count), update_li(li, merged)
+
+
+_OTHERS_IN_WINDOW = ((1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2))
+
+
+def idm_plan(
+    x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, num_sources: int, a_d: float
+) -> tuple[MergePlan, torch.Tensor]:
+    """Inattentive-prioritized detail merging (the release's "FIDM"): merge ``num_sources`` tokens.
+
+    Args:
+        x: ``[B, N, C]`` the block's attention input.
+        li: ``[B, N]`` int32 "not attended" counter.
+        num_sources: sources to merge, ``r`` (a static int).
+        a_d: weight of a source's ``li / mean(li over sources)`` in its score (the release's ``a_d``).
+
+    Each 2x2 window's destination is its token with the largest ``li`` (ties: the first). Every other token
+    (and every leftover token of an odd side) is a source and finds its most cosine-similar destination
+    over all destinations; the ``r`` best-scoring sources are averaged with their destination (unweighted
+    mean of the destination and all sources merged into it). Output order: unmerged sources (by rank), then
+    the ``G`` destinations. Returns the plan (``M = N - r``) and the updated ``li`` (destinations and merged
+    sources ``+1``, unmerged sources ``0``).
+    """
+    _check_tokens(x, li, grid_h, grid_w)
+    batch, n = li.shape
+    win = window_token_index(grid_h, grid_w, x.device)  # [G, 4]
+    left = leftover_token_index(grid_h, grid_w, x.device)  # [L]
+    g = win.shape[0]
+    num_src = n - g
+    r = int(num_sources)
+    if not 0 <= r <= num_src:
+        raise ValueError(f"IDM cannot merge {r} of {num_src} sources")
+    win_b = win.expand(batch, -1, -1)  # [B, G, 4]
+    dst_pos = li[:, win].argmax(dim=-1, keepdim=True)  # [B, G, 1]; argmax returns the first maximum
+    dst_tok = win_b.gather(2, dst_pos).squeeze(-1)  # [B, G]
+    others = torch.tensor(_OTHERS_IN_WINDOW, device=x.device)[dst_pos.squeeze(-1)]  # [B, G, 3]
+    src_tok = torch.cat([win_b.gather(2, others).reshape(batch, -1), left.expand(batch, -1)], 1)  # [B, S]
+
+    metric = _metric(x)
+    src = metric.gather(1, src_tok[..., None].expand(-1, -1, metric.shape[-1]))
+    dst = metric.gather(1, dst_tok[..., None].expand(-1, -1, metric.shape[-1]))
+    best_sim, best_dst = (src @ dst.transpose(-1, -2)).max(dim=-1)  # [B, S]
+    score = best_sim + a_d * _li_priority(li.gather(1, src_tok))
+    rank = _rank(score)
+    is_merged = rank < r
+    src_slot = torch.where(is_merged, (num_src - r) + best_dst, rank - r)
+    dst_slot = (num_src - r) + torch.arange(g, device=x.device).expand(batch, -1)
+    token = torch.cat([src_tok, dst_tok], 1)
+    slot = torch.empty_like(token).scatter_(1, token, torch.cat([src_slot, dst_slot], 1))
+    count = metric.new_zeros(batch, n - r).scatter_add_(1, slot, metric.new_ones(batch, n))
+    merged = torch.ones(batch, n, dtype=torch.bool, device=x.device).scatter_(1, src_tok, is_merged)
+    return MergePlan(slot, 1.0 / count), update_li(li, merged)
+
+
+def plan_for(
+    key: EngineKey, x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, config: SDTMConfig
+) -> tuple[MergePlan, torch.Tensor]:
+    """The plan of one engine's stage and bucket (SSM for structure, IDM for detail), with its new ``li``."""
+    if key.stage is Stage.STRUCTURE:
+        return ssm_plan(x, li, grid_h, grid_w, ssm_windows_merged(key.bucket, grid_h, grid_w), config.a_s)
+    if key.stage is Stage.DETAIL:
+        return idm_plan(x, li, grid_h, grid_w, idm_sources_merged(key.bucket, grid_h, grid_w), config.a_d)
+    raise ValueError(f"stage {key.stage.value!r} has no merge plan")
+
+
+def merge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """``[B, N, C] -> [B, M, C]``: each merged token is the plain mean of the tokens planned into it."""
+    index = plan.slot[..., None].expand(-1, -1, x.shape[-1])
+    summed = x.new_zeros(x.shape[0], plan.inv_count.shape[1], x.shape[-1]).scatter_add(1, index, x)
+    return summed * plan.inv_count[..., None].to(x.dtype)
+
+
+def unmerge(y: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """``[B, M, C] -> [B, N, C]``: every token takes the value of the merged token it went into."""
+    return y.gather(1, plan.slot[..., None].expand(-1, -1, y.shape[-1]))

@@ -1,0 +1,203 @@
+"""The eager reference: SDTM on a diffusers ``JointTransformerBlock`` in plain PyTorch (the oracle).
+
+Every compiled path (each engine, each bucket, ONNX) is tested for parity against this file. It follows
+DESIGN §3 literally and keeps the diffusers block's own arithmetic, so at ratio 0 (``Stage.FULL``) it equals
+the diffusers block:
+
+* the plan is computed once per block from the image tokens after ``norm1`` and its AdaLN modulation;
+* structure stage: the attention input, SD3.5's ``attn2`` input (same plan) and the FF input are merged;
+* detail stage: attention (and ``attn2``) run on all tokens, the FF input is merged with the IDM plan;
+* outputs are unmerged before the gate multiply and the residual add; the residual stream and the text
+  tokens are never merged; ``li`` is updated once per block.
+
+Unlike the authors' release, SD3.5's dual attention stays on, the last (``context_pre_only``) block is
+handled, and grids need not be square. Not handled: ControlNet residuals and IP-Adapter inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import SDTMConfig
+from .merge import merge, plan_for, unmerge
+from .schedule import EngineKey, Stage
+
+__all__ = ["sdtm_block_forward", "reference_forward", "reference_engine", "reference_dispatcher", "token_grid"]
+
+
+def token_grid(transformer: nn.Module, latent: torch.Tensor) -> tuple[int, int]:
+    """The image-token grid ``(grid_h, grid_w)`` of a latent ``[B, C, H, W]`` (``H / patch, W / patch``)."""
+    patch = transformer.config.patch_size
+    return latent.shape[-2] // patch, latent.shape[-1] // patch
+
+
+def _feed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if block._chunk_size is not None:
+        from diffusers.models.attention import _chunked_feed_forward
+
+        return _chunked_feed_forward(block.ff, x, block._chunk_dim, block._chunk_size)
+    return block.ff(x)
+
+
+def sdtm_block_forward(
+    block: nn.Module,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    temb: torch.Tensor,
+    *,
+    key: EngineKey,
+    li: torch.Tensor,
+    grid: tuple[int, int],
+    config: SDTMConfig,
+    joint_attention_kwargs: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """One ``JointTransformerBlock`` forward with SDTM at engine ``key``.
+
+    Args:
+        hidden_states: ``[B, N, C]`` image tokens (residual stream, stays full length).
+        encoder_hidden_states: ``[B, T, C]`` text tokens (never merged).
+        temb: ``[B, C]`` timestep + pooled-text embedding.
+        li: ``[B, N]`` int32 "not attended" counter from the previous block/step.
+        grid: image-token grid ``(grid_h, grid_w)`` with ``grid_h * grid_w == N``.
+
+    Returns:
+        ``(encoder_hidden_states, hidden_states, li)`` like the diffusers block plus the updated ``li``
+        (``encoder_hidden_states`` is ``None`` for the last, ``context_pre_only`` block).
+    """
+    kwargs = joint_attention_kwargs or {}
+    if block.use_dual_attention:
+        norm_hs, gate_msa, shift_mlp, scale_mlp, gate_mlp, norm_hs2, gate_msa2 = block.norm1(hidden_states, emb=temb)
+    else:
+        norm_hs, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden_states, emb=temb)
+    if block.context_pre_only:
+        norm_enc = block.norm1_context(encoder_hidden_states, temb)
+    else:
+        norm_enc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(
+            encoder_hidden_states, emb=temb
+        )
+
+    plan = None
+    if key.stage is not Stage.FULL:
+        plan, li = plan_for(key, norm_hs, li, grid[0], grid[1], config)
+    merge_attention = key.stage is Stage.STRUCTURE
+
+    def attention_branch(attn_input: torch.Tensor, run):  # merge -> attention -> unmerge (structure stage)
+        if merge_attention:
+            out = run(merge(attn_input, plan))
+            if isinstance(out, tuple):
+                return (unmerge(out[0], plan), *out[1:])
+            return unmerge(out, plan)
+        return run(attn_input)
+
+    attn_output, context_attn_output = attention_branch(
+        norm_hs, lambda h: block.attn(hidden_states=h, encoder_hidden_states=norm_enc, **kwargs)
+    )
+    hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
+
+    if block.use_dual_attention:
+        attn_output2 = attention_branch(norm_hs2, lambda h: block.attn2(hidden_states=h, **kwargs))
+        hidden_states = hidden_states + gate_msa2.unsqueeze(1) * attn_output2
+
+    ff_input = block.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    if plan is not None:
+        ff_output = unmerge(_feed_forward(block, merge(ff_input, plan)), plan)
+    else:
+        ff_output = _feed_forward(block, ff_input)
+    hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
+
+    if block.context_pre_only:
+        encoder_hidden_states = None
+    else:
+        encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
+        norm_enc = block.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        if block._chunk_size is not None:
+            from diffusers.models.attention import _chunked_feed_forward
+
+            context_ff = _chunked_feed_forward(block.ff_context, norm_enc, block._chunk_dim, block._chunk_size)
+        else:
+            context_ff = block.ff_context(norm_enc)
+        encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff
+    return encoder_hidden_states, hidden_states, li
+
+
+def reference_forward(
+    transformer: nn.Module,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    pooled_projections: torch.Tensor,
+    timestep: torch.Tensor,
+    *,
+    key: EngineKey,
+    li: torch.Tensor,
+    config: SDTMConfig,
+    joint_attention_kwargs: dict[str, Any] | None = None,
+    skip_layers: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole ``SD3Transformer2DModel`` forward with every block run by :func:`sdtm_block_forward`.
+
+    Args:
+        hidden_states: ``[B, C_lat, H, W]`` latent.
+        encoder_hidden_states: ``[B, T, D_text]`` prompt embeddings.
+        pooled_projections: ``[B, D_pooled]``.
+        timestep: ``[B]``.
+        li: ``[B, N]`` int32 with ``N = (H / patch) * (W / patch)``.
+
+    Returns:
+        ``(sample [B, C_out, H, W], li)``. Skipped layers (skip-layer guidance) neither merge nor touch ``li``.
+    """
+    grid = token_grid(transformer, hidden_states)
+    height, width = hidden_states.shape[-2:]
+    x = transformer.pos_embed(hidden_states).contiguous()
+    temb = transformer.time_text_embed(timestep, pooled_projections)
+    context = transformer.context_embedder(encoder_hidden_states)
+    for index, block in enumerate(transformer.transformer_blocks):
+        if skip_layers is not None and index in skip_layers:
+            continue
+        context, x, li = sdtm_block_forward(
+            block,
+            x,
+            context,
+            temb,
+            key=key,
+            li=li,
+            grid=grid,
+            config=config,
+            joint_attention_kwargs=joint_attention_kwargs,
+        )
+    x = transformer.proj_out(transformer.norm_out(x, temb))
+    patch, out_channels = transformer.config.patch_size, transformer.out_channels
+    x = x.reshape(x.shape[0], grid[0], grid[1], patch, patch, out_channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], out_channels, height, width), li
+
+
+def reference_engine(transformer: nn.Module, key: EngineKey, config: SDTMConfig):
+    """The eager reference as a dispatcher engine: ``(latent, prompt, pooled, timestep, li) -> (sample, li)``."""
+
+    def engine(hidden_states, encoder_hidden_states, pooled_projections, timestep, li):
+        return reference_forward(
+            transformer,
+            hidden_states,
+            encoder_hidden_states,
+            pooled_projections,
+            timestep,
+            key=key,
+            li=li,
+            config=config,
+        )
+
+    return engine
+
+
+def reference_dispatcher(transformer: nn.Module, config: SDTMConfig):
+    """A :class:`~sdtm_compile.runtime.StageDispatcher` whose engines are the eager reference."""
+    from .runtime import StageDispatcher
+
+    def num_tokens(latent: torch.Tensor) -> int:
+        grid_h, grid_w = token_grid(transformer, latent)
+        return grid_h * grid_w
+
+    return StageDispatcher(config, lambda key: reference_engine(transformer, key, config), num_tokens)

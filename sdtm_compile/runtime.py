@@ -1,0 +1,126 @@
+"""`StageDispatcher`: picks the engine for each transformer call from its timestep and carries ``li``.
+
+The engines behind it are interchangeable: the eager reference, compiled per-bucket graphs, ONNX sessions.
+An engine is any callable ``engine(hidden_states, encoder_hidden_states, pooled_projections, timestep, li)
+-> (sample, li)``.
+
+State rules (DESIGN §5):
+
+* a timestep *above* the last one seen for a batch layout starts a new generation: ``li`` is reset;
+* a *lower* timestep starts a new step: the ``li`` left by the latest call becomes the step's start state;
+* the *same* timestep again (CFG as two calls, skip-layer guidance) is the same step: the call starts from
+  the step's start state again, so extra calls never advance ``li`` twice;
+* state is kept per batch layout (shape, dtype, device of the latent), so a batch-2 and a batch-1 call do not
+  share it. :meth:`StageDispatcher.reset` clears everything explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .config import SDTMConfig
+from .merge import init_li
+from .schedule import EngineKey, engine_key_at, position_from_timestep
+
+__all__ = ["Engine", "StageDispatcher", "CallRecord"]
+
+logger = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        li: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class _LayoutState:
+    timestep: float
+    li_step_start: torch.Tensor  # li as it stood when the current step began
+    li_latest: torch.Tensor  # li after the latest call of the current step
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """What one call did (kept in :attr:`StageDispatcher.history` for demos, plots and tests)."""
+
+    timestep: float
+    position: float
+    key: EngineKey
+    new_generation: bool
+    new_step: bool
+
+
+class StageDispatcher:
+    """Routes each call to ``engine_for(key)`` for the (stage, bucket) its timestep maps to.
+
+    Args:
+        config: the SDTM configuration (schedule, buckets, timestep shift).
+        engine_for: returns the engine of an :class:`EngineKey`.
+        num_tokens: maps a latent ``[B, C, H, W]`` to its image-token count ``N`` (the ``li`` length).
+        keep_history: record a :class:`CallRecord` per call (cleared by :meth:`reset`).
+    """
+
+    def __init__(
+        self,
+        config: SDTMConfig,
+        engine_for: Callable[[EngineKey], Engine],
+        num_tokens: Callable[[torch.Tensor], int],
+        keep_history: bool = True,
+    ) -> None:
+        self.config = config
+        self.engine_for = engine_for
+        self.num_tokens = num_tokens
+        self.keep_history = keep_history
+        self.history: list[CallRecord] = []
+        self._states: dict[tuple, _LayoutState] = {}
+
+    def reset(self) -> None:
+        """Forget all generation state (``li`` of every batch layout) and the call history."""
+        self._states.clear()
+        self.history.clear()
+
+    def key_for(self, timestep: torch.Tensor | float) -> tuple[float, EngineKey]:
+        """The trajectory position of ``timestep`` and the engine that serves it."""
+        position = position_from_timestep(timestep, self.config)
+        return position, engine_key_at(position, self.config)
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run one transformer call; returns the sample ``[B, C, H, W]``."""
+        position, key = self.key_for(timestep)
+        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        layout = (tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device)
+        state = self._states.get(layout)
+        new_generation = state is None or t > state.timestep
+        new_step = new_generation or t < state.timestep  # type: ignore[union-attr]
+        if new_generation:
+            li = init_li(hidden_states.shape[0], self.num_tokens(hidden_states), hidden_states.device)
+            state = _LayoutState(t, li, li)
+            self._states[layout] = state
+            logger.debug("new generation for layout %s (timestep %.3f)", layout[0], t)
+        elif new_step:
+            state.li_step_start = state.li_latest  # type: ignore[union-attr]
+        assert state is not None
+        state.timestep = t
+        sample, state.li_latest = self.engine_for(key)(
+            hidden_states, encoder_hidden_states, pooled_projections, timestep, state.li_step_start
+        )
+        if self.keep_history:
+            self.history.append(CallRecord(t, position, key, new_generation, new_step))
+        return sample

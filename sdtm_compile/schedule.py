@@ -1,0 +1,189 @@
+"""The stage schedule: CRA ratio per step, stage, trajectory position, buckets and exact token counts.
+
+Everything is a function of the *trajectory position* ``p`` in ``[0, 1]`` (0 = first step, pure noise;
+1 = last step). For step ``s`` of ``S`` it is ``s / (S - 1)`` as in the release; from a timestep it is
+computed by undoing the scheduler's flow-matching shift, which gives the same value within 0.5 % for the
+diffusers ``FlowMatchEulerDiscreteScheduler``. Basing the schedule on the position rather than on a call
+counter keeps it right for any step count, any number of transformer calls per step and a second
+generation.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import SDTMConfig
+
+__all__ = [
+    "Stage",
+    "EngineKey",
+    "TokenCounts",
+    "cra_ratio",
+    "position_at_step",
+    "position_from_timestep",
+    "stage_at",
+    "round_to_bucket",
+    "engine_key_at",
+    "token_counts",
+    "engines_for_steps",
+    "engines_for_trajectory",
+    "WINDOW_TOKENS",
+]
+
+#: Tokens per 2x2 merge window.
+WINDOW_TOKENS = 4
+_EPS = 1e-9
+
+
+class Stage(str, enum.Enum):
+    """Which graph runs: the unmodified model, or one of SDTM's two stages."""
+
+    FULL = "full"  #: no merging (ratio rounds below the smallest bucket, or SDTM is off)
+    STRUCTURE = "structure"  #: SSM plan; attention and FF merged
+    DETAIL = "detail"  #: IDM plan; attention full length, FF merged
+
+
+@dataclass(frozen=True, order=True)
+class EngineKey:
+    """One compiled graph: a stage and its ratio bucket (``FULL`` always has bucket 0)."""
+
+    stage: Stage
+    bucket: float
+
+    def __str__(self) -> str:
+        return "full" if self.stage is Stage.FULL else f"{self.stage.value}@{self.bucket:g}"
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe name, e.g. ``structure_r0.6``."""
+        return "full" if self.stage is Stage.FULL else f"{self.stage.value}_r{self.bucket:g}"
+
+
+FULL = EngineKey(Stage.FULL, 0.0)
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """Image tokens each part of a block sees for one engine on an ``grid_h x grid_w`` token grid."""
+
+    tokens: int  #: N, image tokens in the residual stream (never merged)
+    attention: int  #: image tokens entering joint attention (and ``attn2``)
+    feed_forward: int  #: image tokens entering the feed-forward
+    removed: int  #: tokens merged away (N - merged length) by this stage's plan
+
+
+def cra_ratio(position: float, config: SDTMConfig) -> float:
+    """CRA: ``(ratio - dev) + 2 dev cos(pi/2 p)``, falling from ``ratio + dev`` (p=0) to ``ratio - dev`` (p=1)."""
+    p = min(max(float(position), 0.0), 1.0)
+    return (config.ratio - config.deviation) + 2.0 * config.deviation * math.cos(math.pi / 2.0 * p)
+
+
+def position_at_step(step: int, num_steps: int) -> float:
+    """Trajectory position of step ``step`` (0-based) of ``num_steps``, as in the release: ``s / (S - 1)``."""
+    if num_steps < 1 or not 0 <= step < num_steps:
+        raise ValueError(f"step {step} is outside 0..{num_steps - 1} (num_steps={num_steps})")
+    return 0.0 if num_steps == 1 else step / (num_steps - 1)
+
+
+def position_from_timestep(timestep: float | torch.Tensor, config: SDTMConfig) -> float:
+    """Trajectory position of a flow-matching timestep (``t = sigma * num_train_timesteps``).
+
+    The scheduler spaces *unshifted* sigmas ``u`` evenly and feeds the model ``sigma = k u / (1 + (k-1) u)``
+    (``k`` = ``config.timestep_shift``); we invert that and return ``1 - u``, clamped to ``[0, 1]``.
+    A tensor timestep is read once (one host sync); a batch must share one timestep.
+    """
+    if isinstance(timestep, torch.Tensor):
+        flat = timestep.detach().reshape(-1)
+        if flat.numel() == 0:
+            raise ValueError("the timestep tensor is empty")
+        if flat.numel() > 1 and not bool((flat == flat[0]).all()):
+            raise ValueError(f"all batch rows must share one timestep to pick one SDTM stage; got {flat.tolist()}")
+        t = float(flat[0])
+    else:
+        t = float(timestep)
+    sigma = min(max(t / config.num_train_timesteps, 0.0), 1.0)
+    k = config.timestep_shift
+    unshifted = sigma / (k - (k - 1.0) * sigma)
+    return min(max(1.0 - unshifted, 0.0), 1.0)
+
+
+def stage_at(position: float, config: SDTMConfig) -> Stage:
+    """``STRUCTURE`` before ``config.switch_at``, ``DETAIL`` from it on; ``FULL`` when SDTM is off."""
+    if not config.enabled:
+        return Stage.FULL
+    return Stage.STRUCTURE if position < config.switch_at else Stage.DETAIL
+
+
+def round_to_bucket(ratio: float, buckets: tuple[float, ...]) -> float:
+    """The largest bucket ``<= ratio`` (never more merging than scheduled); 0.0 below the smallest bucket."""
+    below = [b for b in buckets if b <= ratio + _EPS]
+    return max(below) if below else 0.0
+
+
+def engine_key_at(position: float, config: SDTMConfig) -> EngineKey:
+    """The engine that serves trajectory position ``position``."""
+    stage = stage_at(position, config)
+    bucket = round_to_bucket(cra_ratio(position, config), config.buckets) if stage is not Stage.FULL else 0.0
+    return FULL if bucket == 0.0 else EngineKey(stage, bucket)
+
+
+def _window_count(grid_h: int, grid_w: int) -> int:
+    return (grid_h // 2) * (grid_w // 2)
+
+
+def ssm_windows_merged(bucket: float, grid_h: int, grid_w: int) -> int:
+    """Windows SSM merges (release rounding: ``floor(N r) // 48 * 16``, at most all windows)."""
+    n = grid_h * grid_w
+    reduce_num = math.floor(n * bucket + _EPS)
+    return min(reduce_num // 48, _window_count(grid_h, grid_w) // 16) * 16
+
+
+def idm_sources_merged(bucket: float, grid_h: int, grid_w: int) -> int:
+    """Sources IDM merges (release rounding: ``min(#sources, floor(N r)) // 16 * 16``)."""
+    n = grid_h * grid_w
+    sources = n - _window_count(grid_h, grid_w)
+    return min(sources, math.floor(n * bucket + _EPS)) // 16 * 16
+
+
+def token_counts(key: EngineKey, grid_h: int, grid_w: int) -> TokenCounts:
+    """Exact token counts of one engine on a token grid of ``grid_h x grid_w`` (N = grid_h * grid_w)."""
+    if grid_h < 1 or grid_w < 1:
+        raise ValueError(f"token grid must be at least 1x1, got {grid_h}x{grid_w}")
+    n = grid_h * grid_w
+    if key.stage is Stage.FULL:
+        return TokenCounts(n, n, n, 0)
+    if key.stage is Stage.STRUCTURE:
+        removed = 3 * ssm_windows_merged(key.bucket, grid_h, grid_w)
+        return TokenCounts(n, n - removed, n - removed, removed)
+    removed = idm_sources_merged(key.bucket, grid_h, grid_w)
+    return TokenCounts(n, n, n - removed, removed)
+
+
+def engines_for_steps(config: SDTMConfig, num_steps: int) -> list[EngineKey]:
+    """The distinct engines a generation of ``num_steps`` steps uses (positions ``s / (S-1)``), sorted."""
+    return sorted({engine_key_at(position_at_step(s, num_steps), config) for s in range(num_steps)})
+
+
+def engines_for_trajectory(config: SDTMConfig) -> list[EngineKey]:
+    """Every engine any step count or scheduler can reach: the buckets the CRA curve crosses in each stage.
+
+    This is what the compiler builds, so that no step count or timestep spacing can ask for a missing engine.
+    With the defaults (ratio 0.5, deviation 0.2, switch 0.4, buckets 0.1..0.7) it is 6 engines.
+    """
+    if not config.enabled:
+        return [FULL]
+    keys: set[EngineKey] = set()
+    # cra_ratio is monotone in p, so each stage covers a closed ratio interval; sample its ends and every
+    # bucket edge inside it.
+    for stage, lo_p, hi_p in ((Stage.STRUCTURE, 0.0, config.switch_at), (Stage.DETAIL, config.switch_at, 1.0)):
+        if hi_p <= lo_p and stage is Stage.STRUCTURE:
+            continue
+        r_hi, r_lo = cra_ratio(lo_p, config), cra_ratio(hi_p, config)
+        for r in [r_hi, r_lo, *[b for b in config.buckets if r_lo <= b <= r_hi]]:
+            bucket = round_to_bucket(r, config.buckets)
+            keys.add(FULL if bucket == 0.0 else EngineKey(stage, bucket))
+    return sorted(keys)

@@ -1,0 +1,26 @@
+import subprocess
+import sys
+
+from sdtm_compile.cli import main
+
+
+def test_demo_prints_the_merge_schedule(capsys):
+    assert main(["demo", "--ratios", "0.5", "--steps", "6", "--latent", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "256 image tokens" in out
+    assert "structure@0.7" in out and "detail@" in out
+    assert "PSNR" in out and "cosine" in out
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit() and "@" in line]
+    assert len(rows) == 6
+
+
+def test_bad_cli_input_is_a_clear_error():
+    result = subprocess.run(
+        [sys.executable, "-m", "sdtm_compile", "demo", "--ratios", "0.9"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "SDTMConfig.ratio=0.9 is invalid" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "sdtm_compile", "demo", "--ratios", "a,b"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "comma-separated ratios" in result.stderr

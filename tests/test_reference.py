@@ -1,0 +1,121 @@
+import pytest
+import torch
+
+from sdtm_compile import SDTMConfig
+from sdtm_compile.merge import init_li
+from sdtm_compile.models import TinySpec, example_inputs, tiny_sd3_transformer
+from sdtm_compile.reference import reference_forward, sdtm_block_forward, token_grid
+from sdtm_compile.schedule import FULL, EngineKey, Stage, token_counts
+
+CONFIG = SDTMConfig()
+LATENTS = [(32, 32), (24, 40)]  # square and non-square (12x20 tokens)
+
+
+def block_inputs(model, spec, batch, latent_hw):
+    inputs = example_inputs(spec, batch, latent_hw)
+    with torch.no_grad():
+        x = model.pos_embed(inputs["hidden_states"])
+        temb = model.time_text_embed(inputs["timestep"], inputs["pooled_projections"])
+        context = model.context_embedder(inputs["encoder_hidden_states"])
+    return x, context, temb, token_grid(model, inputs["hidden_states"])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("latent_hw", LATENTS)
+@torch.no_grad()
+def test_ratio_zero_block_equals_diffusers(tiny_model, batch, latent_hw):
+    spec, model = tiny_model
+    x, context, temb, grid = block_inputs(model, spec, batch, latent_hw)
+    li = init_li(batch, x.shape[1])
+    for index, block in enumerate(model.transformer_blocks):  # includes the last, context_pre_only block
+        want_context, want_x = block(hidden_states=x, encoder_hidden_states=context, temb=temb)
+        got_context, got_x, got_li = sdtm_block_forward(
+            block, x, context, temb, key=FULL, li=li, grid=grid, config=CONFIG
+        )
+        torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-6)
+        if block.context_pre_only:
+            assert index == len(model.transformer_blocks) - 1 and got_context is None and want_context is None
+        else:
+            torch.testing.assert_close(got_context, want_context, rtol=1e-5, atol=1e-6)
+        assert got_li is li
+        x, context = want_x, want_context
+
+
+def test_sd35_spec_really_has_dual_attention(sd35):
+    _, model = sd35
+    flags = [block.use_dual_attention for block in model.transformer_blocks]
+    assert flags == [True, True, False]
+    assert model.transformer_blocks[0].attn.norm_q is not None  # qk_norm
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("latent_hw", LATENTS)
+@torch.no_grad()
+def test_ratio_zero_transformer_equals_diffusers(tiny_model, batch, latent_hw):
+    spec, model = tiny_model
+    inputs = example_inputs(spec, batch, latent_hw)
+    want = model(**inputs, return_dict=False)[0]
+    grid = token_grid(model, inputs["hidden_states"])
+    got, li = reference_forward(model, **inputs, key=FULL, li=init_li(batch, grid[0] * grid[1]), config=CONFIG)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not li.any()
+
+
+@pytest.mark.parametrize("stage", [Stage.STRUCTURE, Stage.DETAIL])
+@torch.no_grad()
+def test_merging_stages_run_and_carry_li(tiny_model, stage):
+    spec, model = tiny_model
+    inputs = example_inputs(spec, 2, (32, 32))
+    grid = token_grid(model, inputs["hidden_states"])
+    key = EngineKey(stage, 0.5)
+    full, _ = reference_forward(model, **inputs, key=FULL, li=init_li(2, 256), config=CONFIG)
+    merged, li = reference_forward(model, **inputs, key=key, li=init_li(2, 256), config=CONFIG)
+    assert merged.shape == full.shape and torch.isfinite(merged).all()
+    assert not torch.allclose(merged, full)  # merging changes the output ...
+    assert torch.nn.functional.cosine_similarity(merged.flatten(), full.flatten(), dim=0) > 0.9  # ... a little
+    # li is updated once per block: no counter can exceed the block count
+    assert 0 < li.max() <= len(model.transformer_blocks)
+    assert token_counts(key, *grid).removed > 0
+
+
+@torch.no_grad()
+def test_structure_stage_merges_attention_and_detail_does_not(sd35):
+    """Record the token count each attention/FF module sees."""
+    spec, model = sd35
+    inputs = example_inputs(spec, 1, (32, 32))
+    seen: dict[str, list[int]] = {}
+    hooks = []
+    for name in ("attn", "attn2", "ff"):
+        module = getattr(model.transformer_blocks[0], name)
+        hooks.append(
+            module.register_forward_pre_hook(
+                lambda m, args, kwargs, name=name: seen.setdefault(name, []).append(
+                    (kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]).shape[1]
+                ),
+                with_kwargs=True,
+            )
+        )
+    try:
+        for stage in (Stage.STRUCTURE, Stage.DETAIL):
+            key = EngineKey(stage, 0.6)
+            reference_forward(model, **inputs, key=key, li=init_li(1, 256), config=CONFIG)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    ssm = token_counts(EngineKey(Stage.STRUCTURE, 0.6), 16, 16)
+    idm = token_counts(EngineKey(Stage.DETAIL, 0.6), 16, 16)
+    assert seen == {
+        "attn": [ssm.attention, idm.attention],
+        "attn2": [ssm.attention, idm.attention],
+        "ff": [ssm.feed_forward, idm.feed_forward],
+    }
+
+
+def test_odd_token_grid_runs():
+    spec = TinySpec(num_layers=2)
+    model = tiny_sd3_transformer(spec)
+    inputs = example_inputs(spec, 2, (18, 22))  # 9 x 11 tokens: odd on both sides
+    with torch.no_grad():
+        for stage in (Stage.STRUCTURE, Stage.DETAIL):
+            out, _ = reference_forward(model, **inputs, key=EngineKey(stage, 0.7), li=init_li(2, 99), config=CONFIG)
+            assert out.shape == inputs["hidden_states"].shape
