@@ -6,8 +6,9 @@ Shapes: ``B`` batch, ``N = grid_h * grid_w`` image tokens, ``C`` channels, ``G``
 A :class:`MergePlan` is the same for every method: ``slot[b, n]`` says which merged token input token ``n``
 goes to, and ``inv_count[b, m]`` is one over the number of tokens averaged into merged token ``m``. So
 
-* ``merge(x, plan)``   = ``scatter_add`` of the tokens into their slots, times ``inv_count``  -> ``[B, M, C]``
-* ``unmerge(y, plan)`` = one ``gather`` of every token's slot                                  -> ``[B, N, C]``
+* ``merge(x, plan)``   = sum of the tokens into their slots (``index_put`` with accumulate), times ``inv_count``
+  -> ``[B, M, C]``
+* ``unmerge(y, plan)`` = one ``gather`` of every token's slot -> ``[B, N, C]``
 
 Only the *indices* depend on the data; every shape is fixed by ``(N, bucket)``, so one compiled graph serves
 every call of a bucket. Per DESIGN §4 there is no ``scatter_reduce(mean)``, no ``.item()`` and no Python
@@ -77,10 +78,10 @@ def window_token_index(grid_h: int, grid_w: int, device: torch.device | str | No
 
 def leftover_token_index(grid_h: int, grid_w: int, device: torch.device | str | None = None) -> torch.Tensor:
     """``[L]`` tokens no window covers: the last column if ``grid_w`` is odd, the last row if ``grid_h`` is odd."""
-    rows = torch.arange(grid_h, device=device)[:, None]
-    cols = torch.arange(grid_w, device=device)[None, :]
-    outside = (rows >= grid_h // 2 * 2) | (cols >= grid_w // 2 * 2)
-    return (rows * grid_w + cols)[outside]
+    # Built from Python ints, not a boolean mask: a mask index is a data-dependent shape (aten.nonzero).
+    even_h, even_w = grid_h // 2 * 2, grid_w // 2 * 2
+    tokens = [r * grid_w + c for r in range(grid_h) for c in range(grid_w) if r >= even_h or c >= even_w]
+    return torch.tensor(tokens, dtype=torch.int64, device=device)
 
 
 def _check_tokens(x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int) -> None:
@@ -115,7 +116,7 @@ def _rank(score: torch.Tensor) -> torch.Tensor:
     """
     idx = torch.arange(score.shape[-1], device=score.device)
     s_i, s_j = score[..., :, None], score[..., None, :]
-    ahead = (s_j > s_i) | ((s_j == s_i) & (idx[None, :] < idx[:, None]))
+    ahead = torch.logical_or(s_j > s_i, torch.logical_and(s_j == s_i, idx[None, :] < idx[:, None]))
     return ahead.sum(dim=-1)
 
 
@@ -205,7 +206,9 @@ def idm_plan(
     metric = _metric(x)
     src = metric.gather(1, src_tok[..., None].expand(-1, -1, metric.shape[-1]))
     dst = metric.gather(1, dst_tok[..., None].expand(-1, -1, metric.shape[-1]))
-    best_sim, best_dst = (src @ dst.transpose(-1, -2)).max(dim=-1)  # [B, S]
+    similarity = src @ dst.transpose(-1, -2)  # [B, S, G]
+    # amax + argmax, not max(dim): torch-tensorrt has no converter for max.dim when its indices are used
+    best_sim, best_dst = similarity.amax(dim=-1), similarity.argmax(dim=-1)  # [B, S]
     score = best_sim + a_d * _li_priority(li.gather(1, src_tok))
     rank = _rank(score)
     is_merged = rank < r
@@ -213,7 +216,7 @@ def idm_plan(
     dst_slot = (num_src - r) + torch.arange(g, device=x.device).expand(batch, -1)
     token = torch.cat([src_tok, dst_tok], 1)
     slot = torch.empty_like(token).scatter_(1, token, torch.cat([src_slot, dst_slot], 1))
-    count = metric.new_zeros(batch, n - r).scatter_add_(1, slot, metric.new_ones(batch, n))
+    count = _sum_into_slots(metric.new_ones(batch, n, 1), slot, n - r).squeeze(-1)
     merged = torch.ones(batch, n, dtype=torch.bool, device=x.device).scatter_(1, src_tok, is_merged)
     return MergePlan(slot, 1.0 / count), update_li(li, merged)
 
@@ -229,11 +232,20 @@ def plan_for(
     raise ValueError(f"stage {key.stage.value!r} has no merge plan")
 
 
+def _sum_into_slots(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """``out[b, slot[b, n]] += x[b, n]``: ``[B, N, C] -> [B, num_slots, C]``.
+
+    Written as ``index_put(accumulate=True)`` rather than ``scatter_add``: torch-tensorrt 2.13 has no
+    ``scatter_add`` converter and unrolls it into one scatter per token, while ``index_put`` with
+    ``accumulate`` maps to TensorRT's ScatterAdd plugin. ONNX exports it as ``ScatterND(reduction="add")``.
+    """
+    rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(slot)
+    return x.new_zeros(x.shape[0], num_slots, x.shape[-1]).index_put((rows, slot), x, accumulate=True)
+
+
 def merge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
     """``[B, N, C] -> [B, M, C]``: each merged token is the plain mean of the tokens planned into it."""
-    index = plan.slot[..., None].expand(-1, -1, x.shape[-1])
-    summed = x.new_zeros(x.shape[0], plan.inv_count.shape[1], x.shape[-1]).scatter_add(1, index, x)
-    return summed * plan.inv_count[..., None].to(x.dtype)
+    return _sum_into_slots(x, plan.slot, plan.inv_count.shape[1]) * plan.inv_count[..., None].to(x.dtype)
 
 
 def unmerge(y: torch.Tensor, plan: MergePlan) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -66,16 +66,17 @@ class StageDispatcher:
 
     Args:
         config: the SDTM configuration (schedule, buckets, timestep shift).
-        engine_for: returns the engine of an :class:`EngineKey`.
-        num_tokens: maps a latent ``[B, C, H, W]`` to its image-token count ``N`` (the ``li`` length).
+        engine_for: returns the engine of an :class:`EngineKey` (for :meth:`__call__`; :meth:`run` takes the
+            call to make directly).
+        num_tokens: maps a latent ``[B, C, H, W]`` to its image-token count ``N`` (for :meth:`__call__`).
         keep_history: record a :class:`CallRecord` per call (cleared by :meth:`reset`).
     """
 
     def __init__(
         self,
         config: SDTMConfig,
-        engine_for: Callable[[EngineKey], Engine],
-        num_tokens: Callable[[torch.Tensor], int],
+        engine_for: Callable[[EngineKey], Engine] | None = None,
+        num_tokens: Callable[[torch.Tensor], int] | None = None,
         keep_history: bool = True,
     ) -> None:
         self.config = config
@@ -95,6 +96,38 @@ class StageDispatcher:
         position = position_from_timestep(timestep, self.config)
         return position, engine_key_at(position, self.config)
 
+    def run(
+        self,
+        timestep: torch.Tensor | float,
+        layout: tuple,
+        li_shape: tuple[int, int],
+        device: torch.device,
+        call: Callable[[EngineKey, torch.Tensor], tuple[Any, torch.Tensor]],
+    ) -> Any:
+        """Pick the engine for ``timestep``, run ``call(key, li)`` and keep the ``li`` it returns.
+
+        ``layout`` is any hashable description of the batch layout (state is kept per layout) and
+        ``li_shape`` the ``[B, N]`` shape of a fresh counter. ``call`` returns ``(output, li)``.
+        """
+        position, key = self.key_for(timestep)
+        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        state = self._states.get(layout)
+        new_generation = state is None or t > state.timestep
+        new_step = new_generation or t < state.timestep  # type: ignore[union-attr]
+        if new_generation:
+            li = init_li(*li_shape, device=device)
+            state = _LayoutState(t, li, li)
+            self._states[layout] = state
+            logger.debug("new generation for layout %s (timestep %.3f)", layout, t)
+        elif new_step:
+            state.li_step_start = state.li_latest  # type: ignore[union-attr]
+        assert state is not None
+        state.timestep = t
+        output, state.li_latest = call(key, state.li_step_start)
+        if self.keep_history:
+            self.history.append(CallRecord(t, position, key, new_generation, new_step))
+        return output
+
     def __call__(
         self,
         hidden_states: torch.Tensor,
@@ -102,25 +135,14 @@ class StageDispatcher:
         pooled_projections: torch.Tensor,
         timestep: torch.Tensor,
     ) -> torch.Tensor:
-        """Run one transformer call; returns the sample ``[B, C, H, W]``."""
-        position, key = self.key_for(timestep)
-        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        """Run one transformer call with engines of the :class:`Engine` signature; returns the sample."""
         layout = (tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device)
-        state = self._states.get(layout)
-        new_generation = state is None or t > state.timestep
-        new_step = new_generation or t < state.timestep  # type: ignore[union-attr]
-        if new_generation:
-            li = init_li(hidden_states.shape[0], self.num_tokens(hidden_states), hidden_states.device)
-            state = _LayoutState(t, li, li)
-            self._states[layout] = state
-            logger.debug("new generation for layout %s (timestep %.3f)", layout[0], t)
-        elif new_step:
-            state.li_step_start = state.li_latest  # type: ignore[union-attr]
-        assert state is not None
-        state.timestep = t
-        sample, state.li_latest = self.engine_for(key)(
-            hidden_states, encoder_hidden_states, pooled_projections, timestep, state.li_step_start
+        return self.run(
+            timestep,
+            layout,
+            (hidden_states.shape[0], self.num_tokens(hidden_states)),
+            hidden_states.device,
+            lambda key, li: self.engine_for(key)(
+                hidden_states, encoder_hidden_states, pooled_projections, timestep, li
+            ),
         )
-        if self.keep_history:
-            self.history.append(CallRecord(t, position, key, new_generation, new_step))
-        return sample

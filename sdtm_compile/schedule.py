@@ -25,6 +25,7 @@ __all__ = [
     "cra_ratio",
     "position_at_step",
     "position_from_timestep",
+    "timestep_at_position",
     "stage_at",
     "round_to_bucket",
     "engine_key_at",
@@ -187,3 +188,10 @@ def engines_for_trajectory(config: SDTMConfig) -> list[EngineKey]:
             bucket = round_to_bucket(r, config.buckets)
             keys.add(FULL if bucket == 0.0 else EngineKey(stage, bucket))
     return sorted(keys)
+
+
+def timestep_at_position(position: float, config: SDTMConfig) -> float:
+    """Inverse of :func:`position_from_timestep`: the flow-matching timestep at trajectory position ``p``."""
+    unshifted = 1.0 - min(max(float(position), 0.0), 1.0)
+    k = config.timestep_shift
+    return k * unshifted / (1.0 + (k - 1.0) * unshifted) * config.num_train_timesteps

@@ -1,0 +1,47 @@
+"""Small helpers the passes share: module paths from ``nn_module_stack``, shapes from node metadata."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import fx
+
+__all__ = ["module_path", "module_stack", "node_shape", "copy_graph_module"]
+
+
+def module_path(raw: str) -> str:
+    """Normalise a Dynamo module path: ``L['self'].__dict__['_modules']['blocks'].0.attn`` -> ``blocks.0.attn``."""
+    path = re.sub(r"^L\['self'\]", "", raw)
+    path = path.replace(".__dict__['_modules']", "").replace("._modules", "")
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.lstrip(".")
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """``[(path, class name), ...]`` outermost first, from the node's ``nn_module_stack`` (empty if none)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    entries = []
+    for raw, cls in stack.values():
+        name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+        entries.append((module_path(raw), name.rsplit(".", 1)[-1]))
+    return entries
+
+
+def node_shape(node: object) -> tuple[int, ...] | None:
+    """The static shape Dynamo/FakeTensorProp recorded for ``node``, or ``None``."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("val", node.meta.get("example_value"))
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with a copied graph (node metadata included), so each bucket rewrites its own copy."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    copied = fx.GraphModule(gm, graph)
+    copied.meta = dict(getattr(gm, "meta", {}))
+    return copied

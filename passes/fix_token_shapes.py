@@ -1,0 +1,120 @@
+"""Make token-count constants inside merged regions agree with the bucket, then re-check every shape.
+
+Dynamo specialises shapes, so a merged region still holds the unmerged token count as constants: the joint
+attention's split point (``hidden_states[:, :N]`` and ``[:, N:]``) and explicit sizes in ``view`` /
+``reshape``. This pass rewrites an int only where it *is* the token axis: a slice bound on a dimension whose
+recorded size was ``N`` or ``N + T`` (T = text tokens), or a size argument at a position whose recorded size
+was ``N`` or ``N + T``. It then propagates fake tensors through the whole graph; any shape that does not fit
+raises :class:`TokenShapeError` naming the node, and the graph's outputs must keep their original shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+import torch
+from torch import fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from sdtm_compile.schedule import Stage, token_counts
+
+from ._graph import node_shape
+from .find_blocks import ModelSites
+from .settings import PassSettings
+
+__all__ = ["fix_token_shapes", "TokenShapeError", "propagate_shapes"]
+
+logger = logging.getLogger(__name__)
+
+_SIZE_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full"}
+_SIZE_FUNCTIONS = {torch.reshape, torch.zeros, torch.ones, torch.empty, torch.full}
+
+
+class TokenShapeError(RuntimeError):
+    """A rewritten graph whose shapes do not fit together."""
+
+
+def _remap_slice(item: object, old_size: int, mapping: dict[int, int]) -> object:
+    if not isinstance(item, slice) or old_size not in mapping:
+        return item
+    bounds = [mapping.get(v, v) if isinstance(v, int) and v in mapping else v for v in (item.start, item.stop)]
+    return slice(bounds[0], bounds[1], item.step)
+
+
+def _rewrite_node(node: fx.Node, mapping: dict[int, int]) -> bool:
+    """Rewrite token-count constants of one node in place; True if anything changed."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        source, index = node.args
+        old = node_shape(source)
+        if old is None:
+            return False
+        items = index if isinstance(index, tuple) else (index,)
+        if any(item is Ellipsis or item is None for item in items):
+            return False  # positions would not line up with dimensions; leave it to the shape check
+        new_items = tuple(_remap_slice(item, old[d], mapping) for d, item in enumerate(items) if d < len(old))
+        new_index = new_items if isinstance(index, tuple) else new_items[0]
+        if new_index != index:
+            node.args = (source, new_index)
+            return True
+        return False
+    is_size_call = (node.op == "call_method" and node.target in _SIZE_METHODS) or (
+        node.op == "call_function" and node.target in _SIZE_FUNCTIONS
+    )
+    if not is_size_call:
+        return False
+    out = node_shape(node)
+    if out is None:
+        return False
+    first = 1 if node.op == "call_method" or node.target is torch.reshape else 0
+    args = list(node.args)
+    packed = len(args) == first + 1 and isinstance(args[first], (tuple, list))
+    sizes = list(args[first]) if packed else args[first:]
+    new_sizes = [
+        mapping[v] if isinstance(v, int) and d < len(out) and v == out[d] and v in mapping else v
+        for d, v in enumerate(sizes)
+    ]
+    if new_sizes == sizes:
+        return False
+    node.args = tuple(args[:first]) + ((type(args[first])(new_sizes),) if packed else tuple(new_sizes))
+    return True
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> None:
+    """Run fake tensors through ``gm`` to refresh every node's recorded shape; raise on a mismatch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+    except Exception as err:  # the failing node is in the message of torch's interpreter
+        raise TokenShapeError(f"the rewritten graph does not type-check: {err}") from err
+    for node in gm.graph.nodes:
+        if "val" in node.meta:
+            node.meta["example_value"] = node.meta["val"]
+
+
+def fix_token_shapes(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
+    """Rewrite token-count constants in merged regions (attention in the structure stage only)."""
+    key = settings.key
+    if key.stage is Stage.FULL:
+        return gm
+    sites: ModelSites = gm.meta["sdtm_sites"]
+    counts = token_counts(key, *sites.grid)
+    changed: list[str] = []
+    for block in sites.blocks:
+        regions = [(block.ff, counts.feed_forward)]
+        if key.stage is Stage.STRUCTURE:
+            regions += [(b, counts.attention) for b in (block.attn, block.attn2) if b is not None]
+        for branch, merged in regions:
+            n = sites.num_tokens
+            mapping = {n: merged}
+            if sites.text_tokens is not None:
+                mapping[n + sites.text_tokens] = merged + sites.text_tokens
+            for node in branch.nodes:
+                if _rewrite_node(node, mapping):
+                    changed.append(node.name)
+    gm.recompile()
+    logger.debug("fix_token_shapes: %s: rewrote %d nodes %s", key, len(changed), changed[:8])
+    return gm

@@ -1,0 +1,87 @@
+"""Insert static-shape ``sdtm_plan`` / ``sdtm_merge`` / ``sdtm_unmerge`` nodes for one (stage, bucket)."""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+from torch import fx
+
+from sdtm_compile.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
+from sdtm_compile.schedule import Stage, idm_sources_merged, ssm_windows_merged
+
+from .find_blocks import Branch, ModelSites
+from .settings import PassSettings
+
+__all__ = ["insert_merge_nodes"]
+
+logger = logging.getLogger(__name__)
+
+
+def _copy_location(new: fx.Node, like: fx.Node, role: str) -> None:
+    """Give an inserted node the module stack of ``like`` (so lint and profiles name the block) and a role."""
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in like.meta:
+            new.meta[key] = like.meta[key]
+    new.meta["sdtm"] = role
+
+
+def _wrap_branch(graph: fx.Graph, branch: Branch, slot: fx.Node, inv_count: fx.Node) -> None:
+    """Merge what enters ``branch`` and unmerge what leaves it; nodes outside the branch are untouched."""
+    inside = set(branch.nodes)
+    with graph.inserting_after(inv_count if _after(inv_count, branch.input) else branch.input):
+        merged = graph.call_function(sdtm_merge, (branch.input, slot, inv_count))
+    _copy_location(merged, branch.input, "merge")
+    branch.input.replace_all_uses_with(merged, delete_user_cb=lambda user: user in inside)
+    with graph.inserting_after(branch.output):
+        restored = graph.call_function(sdtm_unmerge, (branch.output, slot))
+    _copy_location(restored, branch.output, "unmerge")
+    branch.output.replace_all_uses_with(
+        restored, delete_user_cb=lambda user: user is not restored and user not in inside
+    )
+
+
+def _after(a: fx.Node, b: fx.Node) -> bool:
+    """True if node ``a`` comes after node ``b`` in graph order."""
+    node = b
+    while node.op != "root":
+        if node is a:
+            return True
+        node = node.next
+    return False
+
+
+def insert_merge_nodes(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
+    """For every block: plan once from the attention input, merge/unmerge attention (structure) and FF."""
+    key = settings.key
+    if key.stage is Stage.FULL:
+        logger.debug("insert_merge_nodes: %s engine, nothing to insert", key)
+        return gm
+    sites: ModelSites = gm.meta["sdtm_sites"]
+    li: fx.Node = gm.meta["sdtm_li_input"]
+    grid_h, grid_w = sites.grid
+    if key.stage is Stage.STRUCTURE:
+        method, count, weight = "ssm", ssm_windows_merged(key.bucket, grid_h, grid_w), settings.config.a_s
+    else:
+        method, count, weight = "idm", idm_sources_merged(key.bucket, grid_h, grid_w), settings.config.a_d
+    graph = gm.graph
+    for block in sites.blocks:
+        with graph.inserting_after(block.attn.input):
+            plan = graph.call_function(sdtm_plan, (block.attn.input, li, grid_h, grid_w, method, count, weight))
+        with graph.inserting_after(plan):
+            slot = graph.call_function(operator.getitem, (plan, 0))
+        with graph.inserting_after(slot):
+            inv_count = graph.call_function(operator.getitem, (plan, 1))
+        with graph.inserting_after(inv_count):
+            li = graph.call_function(operator.getitem, (plan, 2))
+        for node, role in ((plan, "plan"), (slot, "plan"), (inv_count, "plan"), (li, "plan")):
+            _copy_location(node, block.attn.input, role)
+        branches = [block.attn, block.attn2, block.ff] if key.stage is Stage.STRUCTURE else [block.ff]
+        for branch in branches:
+            if branch is not None:
+                _wrap_branch(graph, branch, slot, inv_count)
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = ((*output.args[0][:-1], li),)
+    gm.recompile()
+    logger.debug("insert_merge_nodes: %s (%s, %d per block) in %d blocks", key, method, count, len(sites.blocks))
+    return gm

@@ -1,0 +1,34 @@
+"""Thread the ``li`` counter through the graph: one more input (``sdtm_li``) and one more output."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import fx
+
+from .settings import PassSettings
+
+__all__ = ["thread_li_state", "LI_INPUT_NAME"]
+
+logger = logging.getLogger(__name__)
+
+LI_INPUT_NAME = "sdtm_li"
+
+
+def thread_li_state(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
+    """Add the ``[B, N]`` int32 ``sdtm_li`` input after the last input and return it as the last output."""
+    graph = gm.graph
+    if any(n.op == "placeholder" and n.name == LI_INPUT_NAME for n in graph.nodes):
+        raise ValueError("the graph already has an sdtm_li input: thread_li_state ran twice")
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        li = graph.placeholder(LI_INPUT_NAME)
+    output = next(n for n in graph.nodes if n.op == "output")
+    outputs = output.args[0]
+    if not isinstance(outputs, (tuple, list)):
+        raise ValueError(f"expected the graph to return a tuple, got {type(outputs).__name__}")
+    output.args = ((*outputs, li),)
+    gm.meta["sdtm_li_input"] = li
+    gm.recompile()
+    logger.debug("thread_li_state: added input %s and output #%d", li.name, len(outputs))
+    return gm

@@ -1,0 +1,269 @@
+"""The ``sdtm`` and ``sdtm_trt`` torch.compile backends.
+
+Dynamo traces the transformer once and hands its FX graph here. We find the MMDiT blocks, rewrite one copy
+of the graph per (stage, ratio bucket) the schedule can reach, build one engine per copy, and return a
+callable that picks the engine from the timestep on every call (:class:`SDTMCompiledGraph`)::
+
+    pipe.transformer = torch.compile(pipe.transformer, backend="sdtm_trt",
+                                     options={"sdtm": SDTMConfig(ratio=0.5)})
+
+Both names are declared in the ``torch_dynamo_backends`` entry-point group, so they work without importing
+this package. ``sdtm`` builds Inductor engines by default; ``sdtm_trt`` builds TensorRT engines where
+torch-tensorrt and CUDA exist and otherwise warns once and builds Inductor engines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from .config import SDTMConfig
+from .engines import ENGINES, EngineBuildError, engine_available
+from .passes import ModelSites, PassSettings, UnsupportedModelError, find_mmdit_blocks, rewrite_for_engine
+from .runtime import StageDispatcher
+from .schedule import FULL, EngineKey, engines_for_trajectory, token_counts
+
+__all__ = ["BackendSettings", "SDTMBackend", "SDTMCompiledGraph", "last_compiled", "sdtm", "sdtm_trt"]
+
+logger = logging.getLogger(__name__)
+
+_RECENT: list[weakref.ref] = []  # compiled graphs of the string backends, newest last (for inspection)
+
+
+def last_compiled() -> SDTMCompiledGraph | None:
+    """The :class:`SDTMCompiledGraph` most recently built by any SDTM backend in this process, if alive."""
+    while _RECENT:
+        compiled = _RECENT[-1]()
+        if compiled is not None:
+            return compiled
+        _RECENT.pop()
+    return None
+
+
+_ENGINE_CHOICES = ("auto", "tensorrt", "inductor", "eager")
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """Options of the ``sdtm`` / ``sdtm_trt`` backends (``torch.compile(..., options={...})``).
+
+    Attributes:
+        sdtm: the SDTM configuration (an :class:`SDTMConfig` or a dict of its fields).
+        engine: ``"auto"`` (``sdtm``: Inductor; ``sdtm_trt``: TensorRT if torch-tensorrt and CUDA are there,
+            else Inductor with a warning), ``"tensorrt"`` (error if unavailable), ``"inductor"`` or ``"eager"``
+            (the rewritten graph op by op, for debugging).
+        on_unsupported: what to do with a model without MMDiT blocks: ``"error"`` (default) raises
+            :class:`~sdtm_compile.passes.UnsupportedModelError`; ``"fallback"`` warns and compiles the
+            unmodified graph with the chosen engine.
+        tensorrt: extra torch-tensorrt ``CompilationSettings`` fields for the TensorRT engines (checked
+            against torch-tensorrt 2.13's fields before building; see :mod:`sdtm_compile.tensorrt`).
+    """
+
+    sdtm: SDTMConfig = field(default_factory=SDTMConfig)
+    engine: str = "auto"
+    on_unsupported: str = "error"
+    tensorrt: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sdtm, Mapping):
+            object.__setattr__(self, "sdtm", SDTMConfig(**self.sdtm))
+        if not isinstance(self.sdtm, SDTMConfig):
+            raise ValueError(f"option 'sdtm' must be an SDTMConfig or a dict of its fields, got {self.sdtm!r}")
+        if self.engine not in _ENGINE_CHOICES:
+            raise ValueError(f"option 'engine'={self.engine!r} is invalid: choose one of {list(_ENGINE_CHOICES)}")
+        if self.on_unsupported not in ("error", "fallback"):
+            raise ValueError(f"option 'on_unsupported'={self.on_unsupported!r} is invalid: 'error' or 'fallback'")
+        if not isinstance(self.tensorrt, Mapping):
+            raise ValueError(f"option 'tensorrt' must be a dict of torch-tensorrt settings, got {self.tensorrt!r}")
+        from .tensorrt import tensorrt_options
+
+        tensorrt_options(self.tensorrt)  # fail now, not at the first build, on a key torch-tensorrt would drop
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> BackendSettings:
+        """Validate a ``torch.compile`` options dict; unknown keys raise an error listing the valid ones."""
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for the SDTM backend; valid options: {valid}")
+        return cls(**options)
+
+
+class SDTMCompiledGraph:
+    """What the backend returns to Dynamo: one engine per (stage, bucket) and the dispatcher between them.
+
+    Calling it with the graph's inputs reads the timestep, picks the engine, runs it with the ``li`` state and
+    returns the graph's outputs. ``engines`` and ``dispatcher`` are public for inspection and tests.
+    """
+
+    def __init__(
+        self,
+        engines: dict[EngineKey, Callable[..., Any]],
+        engine_names: dict[EngineKey, str],
+        sites: ModelSites,
+        config: SDTMConfig,
+    ) -> None:
+        self.engines = engines
+        self.engine_names = engine_names
+        self.sites = sites
+        self.config = config
+        self.dispatcher = StageDispatcher(config)
+
+    def __call__(self, *args: Any) -> Any:
+        latent = args[self.sites.latent_index]
+        timestep = args[self.sites.timestep_index]
+
+        def call(key: EngineKey, li: torch.Tensor) -> tuple[Any, torch.Tensor]:
+            engine = self.engines.get(key)
+            if engine is None:
+                raise KeyError(f"no engine was built for {key}; built: {sorted(map(str, self.engines))}")
+            outputs = engine(*args, li)
+            return tuple(outputs[:-1]), outputs[-1]
+
+        return self.dispatcher.run(
+            timestep, ("graph", id(self)), (latent.shape[0], self.sites.num_tokens), latent.device, call
+        )
+
+    def reset(self) -> None:
+        """Forget the generation state (``li``) explicitly."""
+        self.dispatcher.reset()
+
+
+def _has_symbolic_shapes(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> bool:
+    values = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    values += [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+    return any(isinstance(size, torch.SymInt) for v in values if isinstance(v, torch.Tensor) for size in v.shape)
+
+
+class SDTMBackend:
+    """A torch.compile backend object: ``torch.compile(model, backend=SDTMBackend({...}))``.
+
+    ``compiled`` keeps every :class:`SDTMCompiledGraph` it produced (one per Dynamo graph / input shape).
+    """
+
+    def __init__(self, options: Mapping[str, Any] | None = None, *, name: str = "sdtm") -> None:
+        self.settings = BackendSettings.from_options(options)
+        self.name = name
+        self.compiled: list[SDTMCompiledGraph] = []
+
+    def _engine_order(self, example_inputs: list[torch.Tensor]) -> list[str]:
+        """Engines to try, best first, after resolving ``auto``; warns once when TensorRT is not possible."""
+        choice = self.settings.engine
+        if choice == "auto" and self.name == "sdtm_trt":
+            reason = engine_available("tensorrt", example_inputs)
+            if reason is None:
+                return ["tensorrt", "inductor"]
+            warnings.warn(
+                f"sdtm_trt: TensorRT is not usable here: {reason}. Building Inductor engines instead.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return ["inductor"]
+        if choice == "auto":
+            return ["inductor"]
+        reason = engine_available(choice, example_inputs)
+        if reason is not None:
+            raise EngineBuildError(f"engine {choice!r} cannot be used: {reason}")
+        return [choice] + (["inductor"] if choice == "tensorrt" else [])
+
+    def _build(self, key: EngineKey, gm: fx.GraphModule, inputs: list[torch.Tensor], order: list[str]):
+        for position, name in enumerate(order):
+            try:
+                return name, ENGINES[name].build(gm, inputs, self.settings)
+            except Exception as err:
+                if position == len(order) - 1:
+                    raise EngineBuildError(f"building the {name} engine for {key} failed: {err}") from err
+                warnings.warn(
+                    f"building the {name} engine for {key} failed ({type(err).__name__}: {err}); "
+                    f"falling back to {order[position + 1]} for this engine",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        raise AssertionError("unreachable")
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[torch.Tensor], **kwargs: Any) -> Callable[..., Any]:
+        if "options" in kwargs:  # torch.compile(backend=<this object>, options=...) is not how we take options
+            raise ValueError("pass options to SDTMBackend(options) or use backend='sdtm' with options={...}")
+        example_inputs = list(example_inputs)
+        if _has_symbolic_shapes(gm, example_inputs):
+            raise UnsupportedModelError(
+                "the SDTM backend needs static shapes (one set of engines per token count), but Dynamo traced "
+                "this graph with dynamic shapes (it does so automatically when a compiled function sees a new "
+                "shape). Compile with torch.compile(..., dynamic=False)."
+            )
+        order = self._engine_order(example_inputs)
+        config = self.settings.sdtm
+        try:
+            sites: ModelSites = find_mmdit_blocks(gm, PassSettings(config)).meta["sdtm_sites"]
+        except UnsupportedModelError as err:
+            if self.settings.on_unsupported == "error":
+                raise
+            warnings.warn(
+                f"{self.name}: {err.args[0].split('. Pass')[0]}. Compiling the model WITHOUT token merging "
+                "(on_unsupported='fallback').",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return self._build(FULL, gm, example_inputs, order)[1]
+
+        keys = engines_for_trajectory(config)
+        batch = example_inputs[sites.latent_index].shape[0]
+        li = torch.zeros(batch, sites.num_tokens, dtype=torch.int32, device=example_inputs[sites.latent_index].device)
+        engines, names = {}, {}
+        # Buckets that round to the same token counts on this grid are the same graph: build it once.
+        built: dict[tuple, EngineKey] = {}
+        total = time.perf_counter()
+        for number, key in enumerate(keys, 1):
+            counts = token_counts(key, *sites.grid)
+            same = built.get((key.stage, counts))
+            if same is not None:
+                engines[key], names[key] = engines[same], names[same]
+                logger.info("engine %d/%d: %s has the token counts of %s: sharing it", number, len(keys), key, same)
+                continue
+            logger.info(
+                "building engine %d/%d: %s (attention %d, FF %d of %d image tokens) with %s ...",
+                number,
+                len(keys),
+                key,
+                counts.attention,
+                counts.feed_forward,
+                counts.tokens,
+                order[0],
+            )
+            start = time.perf_counter()
+            rewritten = rewrite_for_engine(gm, example_inputs, PassSettings(config, key))
+            names[key], engines[key] = self._build(key, rewritten, [*example_inputs, li], order)
+            built[(key.stage, counts)] = key
+            logger.info("  %s built in %.1f s", key, time.perf_counter() - start)
+        logger.info(
+            "%s: %d engines (%d distinct graphs) ready in %.1f s",
+            self.name,
+            len(keys),
+            len(built),
+            time.perf_counter() - total,
+        )
+        compiled = SDTMCompiledGraph(engines, names, sites, config)
+        self.compiled.append(compiled)
+        _RECENT.append(weakref.ref(compiled))
+        del _RECENT[:-16]
+        return compiled
+
+
+def sdtm(gm: fx.GraphModule, example_inputs: list[torch.Tensor], options: Mapping[str, Any] | None = None, **_):
+    """The ``sdtm`` backend: SDTM with Inductor engines (``engine`` option to change)."""
+    return SDTMBackend(options, name="sdtm")(gm, example_inputs)
+
+
+def sdtm_trt(gm: fx.GraphModule, example_inputs: list[torch.Tensor], options: Mapping[str, Any] | None = None, **_):
+    """The ``sdtm_trt`` backend: SDTM with TensorRT engines where possible, Inductor otherwise (with a warning)."""
+    return SDTMBackend(options, name="sdtm_trt")(gm, example_inputs)

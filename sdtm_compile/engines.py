@@ -1,0 +1,91 @@
+"""Engine builders: ``name -> build(gm, example_inputs, settings) -> callable``, each with its "can I run here?".
+
+An engine takes the rewritten graph's inputs (the model's flattened inputs plus ``li``) and returns its
+outputs (the model's outputs plus ``li``). Add a builder with :func:`register_engine`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+__all__ = ["EngineBuilder", "ENGINES", "register_engine", "engine_available", "EngineBuildError"]
+
+logger = logging.getLogger(__name__)
+
+CompiledEngine = Callable[..., Any]
+
+
+class EngineBuildError(RuntimeError):
+    """An engine could not be built (or cannot be built on this machine)."""
+
+
+@dataclass(frozen=True)
+class EngineBuilder:
+    name: str
+    build: Callable[[fx.GraphModule, list[torch.Tensor], Any], CompiledEngine]
+    #: ``(example_inputs) -> None`` if this engine can run here, else the reason it cannot.
+    unavailable_reason: Callable[[list[torch.Tensor]], str | None]
+    description: str
+
+
+ENGINES: dict[str, EngineBuilder] = {}
+
+
+def register_engine(name: str, *, unavailable_reason: Callable[[list[torch.Tensor]], str | None], description: str):
+    """Decorator: register ``build(gm, example_inputs, settings)`` under ``name``."""
+
+    def decorator(build):
+        if name in ENGINES:
+            raise ValueError(f"engine {name!r} is already registered")
+        ENGINES[name] = EngineBuilder(name, build, unavailable_reason, description)
+        return build
+
+    return decorator
+
+
+def engine_available(name: str, example_inputs: list[torch.Tensor]) -> str | None:
+    """``None`` if engine ``name`` can run here, else why not."""
+    return ENGINES[name].unavailable_reason(example_inputs)
+
+
+def _always(_: list[torch.Tensor]) -> str | None:
+    return None
+
+
+@register_engine("eager", unavailable_reason=_always, description="the rewritten FX graph run op by op (debugging)")
+def build_eager(gm: fx.GraphModule, example_inputs: list[torch.Tensor], settings: Any) -> CompiledEngine:
+    return gm
+
+
+@register_engine("inductor", unavailable_reason=_always, description="TorchInductor (default on CPU)")
+def build_inductor(gm: fx.GraphModule, example_inputs: list[torch.Tensor], settings: Any) -> CompiledEngine:
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def _tensorrt_unavailable(example_inputs: list[torch.Tensor]) -> str | None:
+    if importlib.util.find_spec("torch_tensorrt") is None:
+        return "torch-tensorrt is not installed (pip install 'sdtm-compile[trt]' on a CUDA machine)"
+    if not torch.cuda.is_available():
+        return "CUDA is not available (torch.cuda.is_available() is False)"
+    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    if devices != {"cuda"}:
+        return f"the model runs on {sorted(devices)}; TensorRT engines need every input on CUDA"
+    return None
+
+
+@register_engine(
+    "tensorrt", unavailable_reason=_tensorrt_unavailable, description="torch-tensorrt 2.13 (CUDA machines)"
+)
+def build_tensorrt(gm: fx.GraphModule, example_inputs: list[torch.Tensor], settings: Any) -> CompiledEngine:
+    from .tensorrt import build_tensorrt_engine
+
+    return build_tensorrt_engine(gm, example_inputs, settings)

@@ -1,0 +1,119 @@
+"""The TensorRT engine builder, written against torch-tensorrt 2.13 (thin on purpose: it cannot run in CI).
+
+What it does on a CUDA machine with torch-tensorrt 2.13 installed:
+
+* validates our ``tensorrt`` options against torch-tensorrt 2.13's ``CompilationSettings`` fields and its
+  cache keys (torch-tensorrt itself silently drops unknown keys, e.g. ``enabled_precisions``, removed in
+  2.13: precision now follows the dtypes of the model and inputs, so cast the transformer to fp16/bf16);
+* calls ``aot_torch_tensorrt_aten_backend`` on the rewritten bucket graph from inside the Dynamo backend call
+  (it needs Dynamo's fake mode and a *list* of inputs), with ``min_block_size=1`` and
+  ``pass_through_build_failures=True`` so a failed build raises instead of silently running PyTorch;
+* turns on torch-tensorrt's engine cache (which needs ``immutable_weights=False``).
+
+Run its test on a GPU machine: ``pip install -e ".[dev,trt]" && pytest tests/test_backend.py -k tensorrt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import fx
+
+__all__ = ["TENSORRT_SETTING_FIELDS", "tensorrt_options", "build_tensorrt_engine"]
+
+logger = logging.getLogger(__name__)
+
+#: ``CompilationSettings`` fields of torch-tensorrt 2.13 (``dynamo/_settings.py``) plus the cache keys its
+#: ``parse_dynamo_kwargs`` reads. Checked against the installed version's dataclass when it imports.
+TENSORRT_SETTING_FIELDS = frozenset(
+    {
+        "workspace_size",
+        "min_block_size",
+        "pass_through_build_failures",
+        "optimization_level",
+        "truncate_double",
+        "use_fp32_acc",
+        "disable_tf32",
+        "hardware_compatible",
+        "version_compatible",
+        "enable_experimental_decompositions",
+        "decompose_attention",
+        "attn_bias_is_causal",
+        "assume_dynamic_shape_support",
+        "require_full_compilation",
+        "fallback_data_dependent_ops",
+        "device",
+        "timing_cache_path",
+        "lazy_engine_init",
+        "cache_built_engines",
+        "reuse_cached_engines",
+        "immutable_weights",
+        "refit_identical_engine_weights",
+        "strip_engine_weights",
+        "use_fast_partitioner",
+        "tiling_optimization_level",
+        "debug",
+        # cache keys read straight from the options by parse_dynamo_kwargs
+        "engine_cache_dir",
+        "engine_cache_size",
+        "custom_engine_cache",
+    }
+)
+
+_DEFAULTS = {
+    "min_block_size": 1,
+    "pass_through_build_failures": True,
+    "immutable_weights": False,  # required for torch-tensorrt's engine cache
+    "cache_built_engines": True,
+    "reuse_cached_engines": True,
+}
+
+
+def tensorrt_options(user: Mapping[str, Any], known_fields: frozenset[str] = TENSORRT_SETTING_FIELDS) -> dict:
+    """Our defaults updated with ``user``; raises ``ValueError`` on a key torch-tensorrt 2.13 would drop."""
+    unknown = sorted(set(user) - known_fields)
+    if unknown:
+        hint = (
+            " (removed in torch-tensorrt 2.13: cast the model to the dtype you want)"
+            if ("enabled_precisions" in unknown)
+            else ""
+        )
+        raise ValueError(
+            f"unknown torch-tensorrt option(s) {unknown}{hint}; torch-tensorrt would silently ignore them. "
+            f"Valid: {sorted(known_fields)}"
+        )
+    options = {**_DEFAULTS, **user}
+    options.setdefault(
+        "engine_cache_dir",
+        os.path.join(os.environ.get("SDTM_CACHE_DIR", os.path.expanduser("~/.cache/sdtm_compile")), "tensorrt"),
+    )
+    return options
+
+
+def _installed_fields() -> frozenset[str]:
+    from dataclasses import fields
+
+    from torch_tensorrt.dynamo import CompilationSettings
+
+    return frozenset(f.name for f in fields(CompilationSettings)) | {
+        "engine_cache_dir",
+        "engine_cache_size",
+        "custom_engine_cache",
+        "debug",
+    }
+
+
+def build_tensorrt_engine(gm: fx.GraphModule, example_inputs: list[torch.Tensor], settings: Any):
+    """Compile one rewritten bucket graph with torch-tensorrt; returns a callable over the same inputs."""
+    try:
+        import torch_tensorrt  # noqa: F401  (registers converters; raises without CUDA)
+        from torch_tensorrt.dynamo.backend.backends import aot_torch_tensorrt_aten_backend
+    except Exception as err:  # AssertionError / RuntimeError / OSError / ImportError without CUDA libraries
+        raise RuntimeError(f"torch-tensorrt could not be imported: {type(err).__name__}: {err}") from err
+    options = tensorrt_options(getattr(settings, "tensorrt", {}) or {}, _installed_fields())
+    logger.debug("torch-tensorrt options: %s", options)
+    return aot_torch_tensorrt_aten_backend(gm, list(example_inputs), **options)

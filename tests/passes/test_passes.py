@@ -1,0 +1,193 @@
+"""Each pass, on a real Dynamo graph of tiny diffusers SD3 / SD3.5 models: which nodes exist after it."""
+
+import operator
+
+import pytest
+import torch
+from sdtm_compile.passes import (
+    LI_INPUT_NAME,
+    PassSettings,
+    TokenShapeError,
+    UnsupportedModelError,
+    copy_graph_module,
+    find_mmdit_blocks,
+    fix_token_shapes,
+    insert_merge_nodes,
+    module_path,
+    module_stack,
+    propagate_shapes,
+    rewrite_for_engine,
+    thread_li_state,
+)
+from torch import fx
+
+from sdtm_compile import SDTMConfig
+from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_transformer
+from sdtm_compile.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
+from sdtm_compile.schedule import FULL, EngineKey, Stage, token_counts
+from tests.helpers import capture_dynamo_graph
+
+STRUCTURE = EngineKey(Stage.STRUCTURE, 0.7)
+DETAIL = EngineKey(Stage.DETAIL, 0.5)
+
+
+@pytest.fixture(scope="module")
+def sd35_graph():
+    model = tiny_sd3_transformer(TINY_SD35, seed=1)
+    return capture_dynamo_graph(model, example_inputs(TINY_SD35, 2, (24, 40)))
+
+
+@pytest.fixture(scope="module")
+def sd3_graph():
+    model = tiny_sd3_transformer(TINY_SD3)
+    return capture_dynamo_graph(model, example_inputs(TINY_SD3, 1, (32, 32)))
+
+
+def count(gm: fx.GraphModule, target) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+def test_module_path_normalisation():
+    assert module_path("L['self'].__dict__['_modules']['transformer_blocks'].0.attn") == "transformer_blocks.0.attn"
+    assert module_path("L['self'].transformer_blocks[3].ff.net[0].proj") == "transformer_blocks.3.ff.net.0.proj"
+
+
+def test_find_blocks_sd35(sd35_graph):
+    gm, _ = sd35_graph
+    gm = find_mmdit_blocks(copy_graph_module(gm), PassSettings())
+    sites = gm.meta["sdtm_sites"]
+    assert [b.path for b in sites.blocks] == [f"transformer_blocks.{i}" for i in range(3)]
+    assert [b.attn2 is not None for b in sites.blocks] == [True, True, False]
+    assert (sites.num_tokens, sites.grid, sites.text_tokens) == (240, (12, 20), 8)
+    for block in sites.blocks:
+        # the attention input feeds to_q/to_k/to_v, the FF input feeds ff.net.0.proj
+        consumers = {module_stack(u)[-1][0] for u in block.attn.input.users}
+        assert {f"{block.path}.attn.to_q", f"{block.path}.attn.to_k", f"{block.path}.attn.to_v"} <= consumers
+        assert module_stack(block.attn.output)[-1][0].startswith(f"{block.path}.attn.to_out")
+        assert any(module_stack(u)[-1][0] == f"{block.path}.ff.net.0.proj" for u in block.ff.input.users)
+        assert module_stack(block.ff.output)[-1][0] == f"{block.path}.ff.net.2"
+    # the pass only annotates
+    assert count(gm, sdtm_plan) == 0
+
+
+def test_find_blocks_logs_what_it_found(sd3_graph, caplog):
+    gm, _ = sd3_graph
+    with caplog.at_level("INFO", logger="sdtm_compile.passes.find_blocks"):
+        find_mmdit_blocks(copy_graph_module(gm), PassSettings())
+    assert "found 2 MMDiT blocks (0 with attn2), 256 image tokens on a 16x16 grid" in caplog.text
+
+
+def test_find_blocks_rejects_a_model_without_mmdit_blocks():
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+    captured = {}
+
+    def keep(gm, example_inputs):
+        captured["gm"] = gm
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(mlp, backend=keep)(torch.randn(2, 8))
+    with pytest.raises(UnsupportedModelError) as info:
+        find_mmdit_blocks(captured["gm"], PassSettings())
+    message = str(info.value)
+    assert "JointTransformerBlock" in message and "Linear" in message and "on_unsupported" in message
+
+
+def test_thread_li_adds_one_input_and_one_output(sd3_graph):
+    gm, inputs = sd3_graph
+    out = thread_li_state(find_mmdit_blocks(copy_graph_module(gm), PassSettings()), PassSettings())
+    placeholders = [n for n in out.graph.nodes if n.op == "placeholder"]
+    assert placeholders[-1].name == LI_INPUT_NAME
+    assert len(placeholders) == len(inputs) + 1
+    output = next(n for n in out.graph.nodes if n.op == "output")
+    assert output.args[0][-1] is placeholders[-1]
+    li = torch.randint(0, 5, (1, 256), dtype=torch.int32)
+    with torch.no_grad():
+        result = out(*inputs, li)
+    assert result[-1] is li  # the full engine passes li through untouched
+    with pytest.raises(ValueError, match="ran twice"):
+        thread_li_state(out, PassSettings())
+
+
+def _through_insert(gm, key):
+    settings = PassSettings(SDTMConfig(), key)
+    out = copy_graph_module(gm)
+    for rewrite in (find_mmdit_blocks, thread_li_state, insert_merge_nodes):
+        out = rewrite(out, settings)
+    return out
+
+
+def test_insert_merge_structure_stage(sd35_graph):
+    gm, _ = sd35_graph
+    out = _through_insert(gm, STRUCTURE)
+    blocks, with_attn2 = 3, 2
+    assert count(out, sdtm_plan) == blocks  # one plan per block, reused by attention and FF
+    assert count(out, sdtm_merge) == count(out, sdtm_unmerge) == 2 * blocks + with_attn2
+    plans = [n for n in out.graph.nodes if n.target is sdtm_plan]
+    assert [p.args[4:6] for p in plans] == [("ssm", token_counts(STRUCTURE, 12, 20).removed // 3)] * 3
+    # li is chained: block 0 reads the input, block k reads block k-1's li, the output is the last li
+    assert plans[0].args[1].name == LI_INPUT_NAME
+    for prev, nxt in zip(plans, plans[1:]):
+        li_node = nxt.args[1]
+        assert li_node.target is operator.getitem and li_node.args == (prev, 2)
+    output = next(n for n in out.graph.nodes if n.op == "output")
+    assert output.args[0][-1].args == (plans[-1], 2)
+    sites = out.meta["sdtm_sites"]
+    for block in sites.blocks:
+        for branch in block.branches:
+            # everything inside the branch now reads the merged tokens; everything outside the unmerged output
+            assert all(user.target is sdtm_merge or user not in branch.nodes for user in branch.input.users)
+            assert all(u.target is sdtm_unmerge or u in branch.nodes for u in branch.output.users)
+
+
+def test_insert_merge_detail_stage_merges_only_ff(sd35_graph):
+    gm, _ = sd35_graph
+    out = _through_insert(gm, DETAIL)
+    assert count(out, sdtm_plan) == 3
+    assert count(out, sdtm_merge) == count(out, sdtm_unmerge) == 3
+    for node in out.graph.nodes:
+        if node.target is sdtm_merge:
+            assert all(".ff.net." in module_stack(user)[-1][0] for user in node.users)
+    assert {n.args[4] for n in out.graph.nodes if n.target is sdtm_plan} == {"idm"}
+
+
+def test_insert_merge_full_engine_inserts_nothing(sd35_graph):
+    gm, _ = sd35_graph
+    out = _through_insert(gm, FULL)
+    assert count(out, sdtm_plan) == count(out, sdtm_merge) == count(out, sdtm_unmerge) == 0
+
+
+def test_fix_token_shapes_rewrites_the_joint_split(sd35_graph):
+    gm, inputs = sd35_graph
+    out = _through_insert(gm, STRUCTURE)
+    li = torch.zeros(2, 240, dtype=torch.int32)
+    with pytest.raises(TokenShapeError, match="does not type-check"):
+        propagate_shapes(copy_graph_module(out), [*inputs, li])  # before the fix: split at N, shapes break
+    out = fix_token_shapes(out, PassSettings(SDTMConfig(), STRUCTURE))
+    merged = token_counts(STRUCTURE, 12, 20).attention
+    splits = [
+        n
+        for n in out.graph.nodes
+        if n.target is operator.getitem
+        and isinstance(n.args[1], tuple)
+        and any(isinstance(s, slice) and merged in (s.start, s.stop) for s in n.args[1])
+    ]
+    assert len(splits) == 5  # image and text halves in blocks 0 and 1, the image half of the last block
+    assert not any(
+        isinstance(s, slice) and 240 in (s.start, s.stop)
+        for n in out.graph.nodes
+        if n.target is operator.getitem and isinstance(n.args[1], tuple)
+        for s in n.args[1]
+    )
+    propagate_shapes(out, [*inputs, li])
+
+
+@pytest.mark.parametrize("key", [FULL, STRUCTURE, DETAIL], ids=str)
+def test_rewrite_for_engine_keeps_output_shapes(sd35_graph, key):
+    gm, inputs = sd35_graph
+    out = rewrite_for_engine(gm, inputs, PassSettings(SDTMConfig(), key))
+    with torch.no_grad():
+        sample, li = out(*inputs, torch.zeros(2, 240, dtype=torch.int32))
+    assert sample.shape == inputs[out.meta["sdtm_sites"].latent_index].shape
+    assert li.shape == (2, 240) and li.dtype == torch.int32
+    assert gm is not out and count(gm, sdtm_plan) == 0  # the original graph is untouched

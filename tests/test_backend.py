@@ -1,0 +1,233 @@
+"""The sdtm / sdtm_trt backends on real tiny diffusers models: parity with the eager reference, no recompiles."""
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from sdtm_compile.passes import PassSettings, UnsupportedModelError, rewrite_for_engine
+
+from sdtm_compile import SDTMConfig
+from sdtm_compile.backend import BackendSettings, SDTMBackend
+from sdtm_compile.engines import ENGINES, EngineBuildError, engine_available
+from sdtm_compile.merge import init_li
+from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_transformer
+from sdtm_compile.reference import reference_dispatcher, reference_forward
+from sdtm_compile.sampling import generate, make_generation_inputs
+from sdtm_compile.schedule import FULL, engines_for_trajectory
+from tests.helpers import capture_dynamo_graph
+
+CONFIG = SDTMConfig()
+HERE = [name for name in ENGINES if engine_available(name, [torch.zeros(1)]) is None]
+CASES = [  # (spec, batch, latent): SD3 and SD3.5, square and non-square, batch 1 and 2
+    (TINY_SD3, 1, (24, 40)),
+    (TINY_SD35, 2, (32, 32)),
+    (TINY_SD3, 2, (32, 32)),
+    (TINY_SD35, 1, (24, 40)),
+]
+#: Inductor builds cost 10-20 s each on 2 cores: it runs on the first two cases, which between them cover
+#: SD3 and SD3.5, square and non-square, batch 1 and 2; the eager engine runs on all four.
+ENGINE_CASES = [(e, c) for e in HERE for c in (CASES if e == "eager" else CASES[:2])]
+#: eager runs the rewritten graph op by op: bit-for-bit the reference's arithmetic. Inductor fuses and
+#: reorders float ops.
+TOLERANCE = {"eager": dict(rtol=0, atol=1e-6), "inductor": dict(rtol=1e-4, atol=1e-5)}
+
+
+def compiled_call(compiled):
+    def call(hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return compiled(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+    return call
+
+
+def _case_id(engine_case):
+    engine, (spec, batch, latent) = engine_case
+    return f"{engine}-{'sd35' if spec.dual_attention_layers else 'sd3'}-b{batch}-{latent[0]}x{latent[1]}"
+
+
+@pytest.mark.parametrize("engine_case", ENGINE_CASES, ids=_case_id)
+def test_every_bucket_matches_the_eager_reference(engine_case):
+    engine, (spec, batch, latent) = engine_case
+    model = tiny_sd3_transformer(spec, seed=1)
+    inputs = example_inputs(spec, batch, latent)
+    gm, flat = capture_dynamo_graph(model, inputs)
+    n = (latent[0] // 2) * (latent[1] // 2)
+    li = torch.randint(0, 4, (batch, n), dtype=torch.int32)  # a mid-generation counter, not zeros
+    keys = [FULL, *engines_for_trajectory(CONFIG)]
+    assert len(keys) == 7
+    for key in keys:
+        rewritten = rewrite_for_engine(gm, flat, PassSettings(CONFIG, key))
+        built = ENGINES[engine].build(rewritten, [*flat, li], BackendSettings(engine=engine))
+        with torch.no_grad():
+            sample, li_out = built(*flat, li.clone())
+            want, want_li = reference_forward(model, **inputs, key=key, li=li.clone(), config=CONFIG)
+        torch.testing.assert_close(sample, want, **TOLERANCE[engine], msg=lambda m, k=key: f"{engine} {k}: {m}")
+        assert torch.equal(li_out, want_li), f"{engine} {key}: li differs"
+
+
+# SD3.5 at batch 2 / 32x32 reuses the Inductor graphs the parity test compiled (Inductor's FX graph cache);
+# SD3 runs the same rewritten graphs on the eager engine.
+@pytest.mark.parametrize("spec, engine", [(TINY_SD35, "inductor"), (TINY_SD3, "eager")], ids=["sd35", "sd3"])
+def test_whole_generation_matches_reference_without_recompiles(spec, engine):
+    model = tiny_sd3_transformer(spec, seed=2)
+    inputs = make_generation_inputs(spec, (32, 32), seed=5)
+    backend = SDTMBackend({"sdtm": CONFIG, "engine": engine})
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        got = generate(compiled_call(compiled), inputs, num_steps=28)
+        again = generate(compiled_call(compiled), inputs, num_steps=28)  # a second generation resets li
+    reference = reference_dispatcher(model, CONFIG)
+    with torch.no_grad():
+        want = generate(reference, inputs, num_steps=28)
+    assert len(backend.compiled) == 1  # one Dynamo graph, built once
+    graph = backend.compiled[0]
+    assert len(graph.engines) == 6 and set(graph.engine_names.values()) == {engine}
+    assert [r.key for r in graph.dispatcher.history[:28]] == [r.key for r in reference.history]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+
+
+def test_ratio_zero_equals_the_unmodified_model():
+    model = tiny_sd3_transformer(TINY_SD35, seed=3)
+    inputs = example_inputs(TINY_SD35, 2, (24, 40))
+    backend = SDTMBackend({"sdtm": SDTMConfig(ratio=0.0, deviation=0.0), "engine": "inductor"})
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend=backend)(**inputs, return_dict=False)[0]
+        want = model(**inputs, return_dict=False)[0]
+    assert list(backend.compiled[0].engines) == [FULL]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_backends_are_found_by_name_in_a_fresh_process():
+    script = textwrap.dedent(
+        """
+        import sys, warnings, torch
+        from diffusers import SD3Transformer2DModel
+        torch.manual_seed(0)
+        model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+            pooled_projection_dim=16, out_channels=4, pos_embed_max_size=32).eval()
+        assert "sdtm_compile" not in sys.modules
+        compiled = torch.compile(model, backend="sdtm_trt", options={"engine": "eager"})
+        with torch.no_grad():
+            out = compiled(hidden_states=torch.randn(1, 4, 16, 16), encoder_hidden_states=torch.randn(1, 4, 16),
+                           pooled_projections=torch.randn(1, 16), timestep=torch.tensor([900.0]),
+                           return_dict=False)[0]
+        assert "sdtm_compile" in sys.modules and out.shape == (1, 4, 16, 16)
+        from sdtm_compile.backend import last_compiled
+        print("engines:", len(last_compiled().engines))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "engines: 6" in result.stdout
+
+
+def test_unknown_options_list_the_valid_ones():
+    with pytest.raises(ValueError) as info:
+        SDTMBackend({"ratio": 0.5, "enabled_precisions": {torch.half}})
+    message = str(info.value)
+    assert "['enabled_precisions', 'ratio']" in message
+    assert "valid options: ['sdtm', 'engine', 'on_unsupported', 'tensorrt']" in message
+    with pytest.raises(ValueError, match="'engine'='fast' is invalid"):
+        SDTMBackend({"engine": "fast"})
+    with pytest.raises(ValueError, match="SDTMConfig.ratio=2.0"):
+        SDTMBackend({"sdtm": {"ratio": 2.0}})
+    # through torch.compile, by name: Dynamo wraps our error, the message survives
+    model = tiny_sd3_transformer(TINY_SD3)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="unknown option"), torch.no_grad():
+        torch.compile(model, backend="sdtm", options={"bogus": 1})(**example_inputs(TINY_SD3), return_dict=False)
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_unsupported_model_is_a_clear_error_or_a_loud_fallback():
+    model, x = MLP().eval(), torch.randn(2, 8)
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        torch.compile(model, backend=SDTMBackend({"engine": "eager"}))(x)
+    assert isinstance(info.value, UnsupportedModelError) or "JointTransformerBlock" in str(info.value)
+    assert "found" in str(info.value) or "holds" in str(info.value)
+    torch._dynamo.reset()
+    with pytest.warns(RuntimeWarning, match="WITHOUT token merging"):
+        out = torch.compile(model, backend=SDTMBackend({"engine": "eager", "on_unsupported": "fallback"}))(x)
+    torch.testing.assert_close(out, model(x))
+
+
+@pytest.mark.skipif(engine_available("tensorrt", [torch.zeros(1)]) is None, reason="TensorRT is usable here")
+def test_missing_tensorrt_warns_once_or_errors_when_asked_for():
+    model = tiny_sd3_transformer(TINY_SD3)
+    inputs = example_inputs(TINY_SD3, 1)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        torch.compile(model, backend=SDTMBackend({"engine": "auto"}, name="sdtm_trt"))(**inputs, return_dict=False)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len([m for m in messages if "TensorRT is not usable here" in m]) == 1
+    reason = engine_available("tensorrt", [torch.zeros(1)])
+    assert any(reason in m and "Inductor engines instead" in m for m in messages)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="engine 'tensorrt' cannot be used") as info, torch.no_grad():  # noqa: B017
+        torch.compile(model, backend=SDTMBackend({"engine": "tensorrt"}))(**inputs, return_dict=False)
+    assert reason in str(info.value)
+    assert isinstance(info.value, EngineBuildError) or "EngineBuildError" in repr(info.value)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch_tensorrt") is None or not torch.cuda.is_available(),
+    reason="needs torch-tensorrt and CUDA (run: pytest tests/test_backend.py -k tensorrt on a GPU machine)",
+)
+def test_tensorrt_engines_match_the_reference():  # pragma: no cover - needs a GPU
+    model = tiny_sd3_transformer(TINY_SD35, seed=1).cuda()
+    inputs = {k: v.cuda() for k, v in example_inputs(TINY_SD35, 2, (32, 32)).items()}
+    gm, flat = capture_dynamo_graph(model, inputs)
+    li = init_li(2, 256, "cuda")
+    for key in [FULL, *engines_for_trajectory(CONFIG)]:
+        rewritten = rewrite_for_engine(gm, flat, PassSettings(CONFIG, key))
+        built = ENGINES["tensorrt"].build(rewritten, [*flat, li], BackendSettings(engine="tensorrt"))
+        with torch.no_grad():
+            sample, li_out = built(*flat, li)
+            want, want_li = reference_forward(model, **inputs, key=key, li=li, config=CONFIG)
+        torch.testing.assert_close(sample, want, rtol=1e-3, atol=1e-3)
+        assert torch.equal(li_out.to(want_li.dtype), want_li)
+
+
+def test_tensorrt_options_are_validated_against_2_13():
+    from sdtm_compile.tensorrt import tensorrt_options
+
+    with pytest.raises(ValueError, match=r"\['enabled_precisions'\] \(removed in torch-tensorrt 2.13"):
+        tensorrt_options({"enabled_precisions": {torch.half}})
+    with pytest.raises(ValueError, match="would silently ignore"):
+        tensorrt_options({"min_blok_size": 3})
+    options = tensorrt_options({"workspace_size": 1 << 30})
+    assert options["workspace_size"] == 1 << 30
+    assert options["immutable_weights"] is False and options["cache_built_engines"] is True
+    assert options["pass_through_build_failures"] is True and options["min_block_size"] == 1
+
+
+def test_dynamic_shapes_are_refused_with_advice():
+    model = tiny_sd3_transformer(TINY_SD3)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"dynamic=False"), torch.no_grad():
+        torch.compile(model, backend=SDTMBackend({"engine": "eager"}), dynamic=True)(
+            **example_inputs(TINY_SD3), return_dict=False
+        )
