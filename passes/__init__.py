@@ -5,7 +5,8 @@ Each pass is ``pass(gm, settings) -> gm`` and logs what it changed at debug leve
 1. :func:`find_mmdit_blocks` - locate each block's attention / ``attn2`` / FF boundaries (``gm.meta``);
 2. :func:`thread_li_state` - add the ``sdtm_li`` input and output;
 3. :func:`insert_merge_nodes` - plan once per block, merge / unmerge around the branches of the stage;
-4. :func:`fix_token_shapes` - make token-count constants in merged regions match the bucket.
+4. :func:`fix_token_shapes` - make token-count constants in merged regions match the bucket;
+5. :func:`lint_tensorrt` - (before TensorRT builds) check every aten op against torch-tensorrt 2.13.
 
 :func:`rewrite_for_engine` runs them all on a copy of the graph and checks the shapes.
 """
@@ -19,6 +20,7 @@ from ._graph import copy_graph_module, module_path, module_stack
 from .find_blocks import BlockSites, Branch, ModelSites, UnsupportedModelError, find_mmdit_blocks
 from .fix_token_shapes import TokenShapeError, fix_token_shapes, propagate_shapes
 from .insert_merge import insert_merge_nodes
+from .lint_tensorrt import LintFinding, TensorRTLintError, lint_report, lint_tensorrt, to_aten
 from .settings import PassSettings
 from .thread_li import LI_INPUT_NAME, thread_li_state
 
@@ -26,6 +28,11 @@ __all__ = [
     "BlockSites",
     "Branch",
     "LI_INPUT_NAME",
+    "LintFinding",
+    "TensorRTLintError",
+    "lint_report",
+    "lint_tensorrt",
+    "to_aten",
     "ModelSites",
     "PassSettings",
     "TokenShapeError",

@@ -82,6 +82,9 @@ def _branch(block_path: str, name: str, nodes: list[fx.Node], entry_path: str) -
     inside_set = set(inside)
     leaving = [n for n in inside if any(u not in inside_set for u in n.users)]
     image_outputs = [n for n in leaving if node_shape(n) == node_shape(entry.args[0])]
+    # Prefer the image projection (to_out) by name: with as many text as image tokens, shapes alone are ambiguous.
+    projected = [n for n in image_outputs if any(p.startswith(f"{prefix}.to_out") for p, _ in module_stack(n))]
+    image_outputs = projected or image_outputs
     if not image_outputs:
         raise UnsupportedModelError(f"{prefix}: found no output with the image-token shape {node_shape(entry.args[0])}")
     return Branch(prefix, entry.args[0], image_outputs[-1], inside)

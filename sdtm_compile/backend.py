@@ -16,19 +16,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx
 
+from .cache import default_cache_dir
 from .config import SDTMConfig
 from .engines import ENGINES, EngineBuildError, engine_available
 from .passes import ModelSites, PassSettings, UnsupportedModelError, find_mmdit_blocks, rewrite_for_engine
+from .passes.lint_tensorrt import lint_tensorrt, to_aten
 from .runtime import StageDispatcher
 from .schedule import FULL, EngineKey, engines_for_trajectory, token_counts
 
@@ -66,12 +70,23 @@ class BackendSettings:
             unmodified graph with the chosen engine.
         tensorrt: extra torch-tensorrt ``CompilationSettings`` fields for the TensorRT engines (checked
             against torch-tensorrt 2.13's fields before building; see :mod:`sdtm_compile.tensorrt`).
+        cache_dir: where built engines are cached (:mod:`sdtm_compile.cache`): a path, ``None`` for the
+            default (``$SDTM_CACHE_DIR`` or ``~/.cache/sdtm_compile``) or ``False`` for no cache.
     """
 
     sdtm: SDTMConfig = field(default_factory=SDTMConfig)
     engine: str = "auto"
     on_unsupported: str = "error"
     tensorrt: Mapping[str, Any] = field(default_factory=dict)
+    cache_dir: str | os.PathLike[str] | bool | None = None
+
+    def resolved_cache_dir(self) -> Path | None:
+        """The engine cache directory in force, or ``None`` when caching is off."""
+        if self.cache_dir is False:
+            return None
+        if self.cache_dir is None or self.cache_dir is True:
+            return default_cache_dir()
+        return Path(self.cache_dir)
 
     def __post_init__(self) -> None:
         if isinstance(self.sdtm, Mapping):
@@ -179,6 +194,9 @@ class SDTMBackend:
     def _build(self, key: EngineKey, gm: fx.GraphModule, inputs: list[torch.Tensor], order: list[str]):
         for position, name in enumerate(order):
             try:
+                if name == "tensorrt":  # lint first: a graph TensorRT cannot convert must not half-build
+                    gm.meta["aten_graph"] = to_aten(gm, inputs)
+                    lint_tensorrt(gm, PassSettings(self.settings.sdtm, key))
                 return name, ENGINES[name].build(gm, inputs, self.settings)
             except Exception as err:
                 if position == len(order) - 1:

@@ -16,6 +16,47 @@ def _ratios(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated ratios like 0.3,0.5, got {text!r}") from None
 
 
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="tiny-sd3",
+        help="tiny-sd3, tiny-sd35 (built from config) or a local diffusers SD3Transformer2DModel folder",
+    )
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--deviation", type=float, default=0.2)
+    parser.add_argument("--batch", type=int, default=2, help="2 for classifier-free guidance")
+    parser.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
+    parser.add_argument("--text-tokens", type=int, default=None, help="prompt tokens (default: the tiny spec's)")
+
+
+def _load_model(args):
+    """(model, example inputs, config) for the export / lint commands; never downloads."""
+    import torch
+
+    from .config import SDTMConfig
+    from .models import TINY_SD3, TINY_SD35, TinySpec, example_inputs, tiny_sd3_transformer
+
+    config = SDTMConfig(ratio=args.ratio, deviation=args.deviation)
+    if args.model in ("tiny-sd3", "tiny-sd35"):
+        spec = TINY_SD3 if args.model == "tiny-sd3" else TINY_SD35
+        model = tiny_sd3_transformer(spec)
+    else:
+        from diffusers import SD3Transformer2DModel
+
+        model = SD3Transformer2DModel.from_pretrained(args.model, local_files_only=True).eval()
+        cfg = model.config
+        spec = TinySpec(
+            in_channels=cfg.in_channels,
+            joint_attention_dim=cfg.joint_attention_dim,
+            pooled_projection_dim=cfg.pooled_projection_dim,
+            text_tokens=args.text_tokens or 333,
+        )
+    if args.text_tokens:
+        spec = TinySpec(**{**spec.__dict__, "text_tokens": args.text_tokens})
+    inputs = example_inputs(spec, args.batch, (args.latent, args.latent), timestep=1000.0)
+    return model, {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}, config, torch
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdtm-compile", description="SDTM token merging for diffusion transformers")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -25,11 +66,46 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=28)
     demo.add_argument("--latent", type=int, default=64, help="latent side (tokens = (side/2)^2), default 64")
     demo.add_argument("--seed", type=int, default=0)
+    export = sub.add_parser("export", help="export every engine to ONNX with a manifest")
+    _model_arguments(export)
+    export.add_argument("--out", required=True, help="bundle directory to write")
+    lint = sub.add_parser("lint", help="TensorRT-readiness lint of every bucket graph")
+    _model_arguments(lint)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
 
+    if args.command == "export":
+        from .export import export_onnx
+
+        model, inputs, config, torch = _load_model(args)
+        manifest = export_onnx(model, inputs, config, args.out)
+        total = sum((__import__("pathlib").Path(args.out) / f).stat().st_size for f in manifest["files"])
+        print(f"wrote {len(manifest['files'])} ONNX files ({total / 2**20:.1f} MiB) + manifest.json to {args.out}")
+        for engine in manifest["engines"]:
+            print(f"  {engine['key']:<15} {engine['file']:<22} tokens {engine['tokens']}")
+        return 0
+    if args.command == "lint":
+        from .capture import capture_dynamo_graph
+        from .passes import PassSettings, lint_report, rewrite_for_engine, to_aten
+        from .schedule import FULL, engines_for_trajectory
+
+        model, inputs, config, torch = _load_model(args)
+        gm, flat = capture_dynamo_graph(model, inputs)
+        errors = 0
+        for key in [FULL, *engines_for_trajectory(config)]:
+            rewritten = rewrite_for_engine(gm, flat, PassSettings(config, key))
+            sites = rewritten.meta["sdtm_sites"]
+            li = torch.zeros(args.batch, sites.num_tokens, dtype=torch.int32)
+            aten_graph = to_aten(rewritten, [*flat, li])
+            findings = lint_report(aten_graph)
+            errors += sum(f.severity == "error" for f in findings)
+            ops = len([n for n in aten_graph.graph.nodes if n.op == "call_function"])
+            print(f"{str(key):<15} {ops:>5} aten ops: " + ("OK" if not findings else f"{len(findings)} findings"))
+            for finding in findings:
+                print(f"    {finding}")
+        return 1 if errors else 0
     if args.command == "demo":
         from .demo import run_demo
 

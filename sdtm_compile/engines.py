@@ -64,11 +64,30 @@ def build_eager(gm: fx.GraphModule, example_inputs: list[torch.Tensor], settings
     return gm
 
 
-@register_engine("inductor", unavailable_reason=_always, description="TorchInductor (default on CPU)")
+@register_engine("inductor", unavailable_reason=_always, description="TorchInductor (default on CPU), disk-cached")
 def build_inductor(gm: fx.GraphModule, example_inputs: list[torch.Tensor], settings: Any) -> CompiledEngine:
-    from torch._inductor.compile_fx import compile_fx
+    """Lower to aten with ``make_fx``, compile with ``standalone_compile``; load/store it in the engine cache."""
+    from torch._inductor import CompiledArtifact, standalone_compile
+    from torch.fx.experimental.proxy_tensor import make_fx
 
-    return compile_fx(gm, example_inputs)
+    from .cache import EngineCache
+
+    cache_dir = settings.resolved_cache_dir() if hasattr(settings, "resolved_cache_dir") else None
+    cache = EngineCache(cache_dir) if cache_dir is not None else None
+    key = cache.key(gm, example_inputs, getattr(settings, "sdtm", None), "inductor") if cache else ""
+    if cache is not None:
+        artifact = cache.load(key, lambda path: CompiledArtifact.load(path=path))
+        if artifact is not None:
+            return artifact
+    # An aten-only graph (our plan ops traced through) is what Inductor can serialise into the cache.
+    with torch.no_grad():
+        aten_graph = make_fx(gm)(*example_inputs)
+    artifact = standalone_compile(
+        aten_graph, example_inputs, dynamic_shapes="from_example_inputs", donate_graph_module=True
+    )
+    if cache is not None:
+        cache.store(key, lambda path: artifact.save(path=path), {"engine": "inductor", "graph_lines": len(gm.code)})
+    return artifact
 
 
 def _tensorrt_unavailable(example_inputs: list[torch.Tensor]) -> str | None:

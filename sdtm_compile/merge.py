@@ -70,18 +70,26 @@ def window_token_index(grid_h: int, grid_w: int, device: torch.device | str | No
         raise ValueError(
             f"a {grid_h}x{grid_w} token grid has no 2x2 window to merge; SDTM needs at least 2x2 image tokens"
         )
+    # Only arange arithmetic, no tensor literals: compiled artifacts then carry no baked constants.
     gh, gw = grid_h // 2, grid_w // 2
     top_left = (torch.arange(gh, device=device) * 2 * grid_w)[:, None] + torch.arange(gw, device=device) * 2
-    offsets = torch.tensor([0, 1, grid_w, grid_w + 1], device=device)
+    two = torch.arange(2, device=device)
+    offsets = (two[:, None] * grid_w + two[None, :]).reshape(4)
     return (top_left.reshape(-1, 1) + offsets).reshape(gh * gw, 4)
 
 
 def leftover_token_index(grid_h: int, grid_w: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """``[L]`` tokens no window covers: the last column if ``grid_w`` is odd, the last row if ``grid_h`` is odd."""
-    # Built from Python ints, not a boolean mask: a mask index is a data-dependent shape (aten.nonzero).
-    even_h, even_w = grid_h // 2 * 2, grid_w // 2 * 2
-    tokens = [r * grid_w + c for r in range(grid_h) for c in range(grid_w) if r >= even_h or c >= even_w]
-    return torch.tensor(tokens, dtype=torch.int64, device=device)
+    """``[L]`` tokens no window covers: the last column if ``grid_w`` is odd, then the last row if ``grid_h`` is odd."""
+    # Built from static sizes, not a boolean mask: a mask index is a data-dependent shape (aten.nonzero).
+    even_h = grid_h // 2 * 2
+    parts = []
+    if grid_w % 2:
+        parts.append(torch.arange(even_h, device=device) * grid_w + (grid_w - 1))
+    if grid_h % 2:
+        parts.append((grid_h - 1) * grid_w + torch.arange(grid_w, device=device))
+    if not parts:
+        return torch.arange(0, device=device)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _check_tokens(x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int) -> None:
@@ -167,9 +175,6 @@ def ssm_plan(
     return MergePlan(slot, inv_count), update_li(li, merged)
 
 
-_OTHERS_IN_WINDOW = ((1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2))
-
-
 def idm_plan(
     x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, num_sources: int, a_d: float
 ) -> tuple[MergePlan, torch.Tensor]:
@@ -200,7 +205,7 @@ def idm_plan(
     win_b = win.expand(batch, -1, -1)  # [B, G, 4]
     dst_pos = li[:, win].argmax(dim=-1, keepdim=True)  # [B, G, 1]; argmax returns the first maximum
     dst_tok = win_b.gather(2, dst_pos).squeeze(-1)  # [B, G]
-    others = torch.tensor(_OTHERS_IN_WINDOW, device=x.device)[dst_pos.squeeze(-1)]  # [B, G, 3]
+    others = (dst_pos + torch.arange(1, 4, device=x.device)) % 4  # [B, G, 3]: the window's other positions
     src_tok = torch.cat([win_b.gather(2, others).reshape(batch, -1), left.expand(batch, -1)], 1)  # [B, S]
 
     metric = _metric(x)

@@ -16,7 +16,6 @@ Run its test on a GPU machine: ``pip install -e ".[dev,trt]" && pytest tests/tes
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,12 +85,7 @@ def tensorrt_options(user: Mapping[str, Any], known_fields: frozenset[str] = TEN
             f"unknown torch-tensorrt option(s) {unknown}{hint}; torch-tensorrt would silently ignore them. "
             f"Valid: {sorted(known_fields)}"
         )
-    options = {**_DEFAULTS, **user}
-    options.setdefault(
-        "engine_cache_dir",
-        os.path.join(os.environ.get("SDTM_CACHE_DIR", os.path.expanduser("~/.cache/sdtm_compile")), "tensorrt"),
-    )
-    return options
+    return {**_DEFAULTS, **user}
 
 
 def _installed_fields() -> frozenset[str]:
@@ -115,5 +109,10 @@ def build_tensorrt_engine(gm: fx.GraphModule, example_inputs: list[torch.Tensor]
     except Exception as err:  # AssertionError / RuntimeError / OSError / ImportError without CUDA libraries
         raise RuntimeError(f"torch-tensorrt could not be imported: {type(err).__name__}: {err}") from err
     options = tensorrt_options(getattr(settings, "tensorrt", {}) or {}, _installed_fields())
+    cache_dir = settings.resolved_cache_dir() if hasattr(settings, "resolved_cache_dir") else None
+    if cache_dir is None:
+        options["cache_built_engines"] = options["reuse_cached_engines"] = False
+    else:
+        options.setdefault("engine_cache_dir", str(cache_dir / "tensorrt"))
     logger.debug("torch-tensorrt options: %s", options)
     return aot_torch_tensorrt_aten_backend(gm, list(example_inputs), **options)

@@ -24,3 +24,19 @@ def test_bad_cli_input_is_a_clear_error():
         [sys.executable, "-m", "sdtm_compile", "demo", "--ratios", "a,b"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "comma-separated ratios" in result.stderr
+
+
+def test_lint_command_reports_every_bucket(capsys):
+    assert main(["lint", "--latent", "32"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "aten ops" in line]
+    assert len(rows) == 7 and all(line.endswith("OK") for line in rows)
+
+
+def test_export_command_writes_a_bundle(tmp_path, capsys):
+    import json
+
+    assert main(["export", "--out", str(tmp_path), "--latent", "32", "--ratio", "0.3", "--deviation", "0"]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [e["key"] for e in manifest["engines"]] == ["full", "detail@0.3", "structure@0.3"]
+    assert "wrote 3 ONNX files" in capsys.readouterr().out

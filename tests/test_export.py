@@ -1,0 +1,158 @@
+"""ONNX export of every bucket, OnnxTransformer in generations and in a real pipeline, and bundle faults."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdtm_compile import SDTMConfig
+from sdtm_compile.backend import SDTMBackend
+from sdtm_compile.export import BundleError, OnnxTransformer, export_onnx
+from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_transformer
+from sdtm_compile.reference import reference_dispatcher
+from sdtm_compile.sampling import generate, make_generation_inputs
+
+pytest.importorskip("onnxruntime")
+CONFIG = SDTMConfig()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", params=[TINY_SD3, TINY_SD35], ids=["sd3", "sd35"])
+def bundle(request, tmp_path_factory):
+    spec = request.param
+    model = tiny_sd3_transformer(spec, seed=0)
+    out = tmp_path_factory.mktemp("bundle")
+    manifest = export_onnx(model, example_inputs(spec, 2, (32, 32)), CONFIG, out)
+    return spec, model, out, manifest
+
+
+def test_manifest_describes_every_engine(bundle):
+    spec, model, out, manifest = bundle
+    assert json.loads(json.dumps(manifest, default=str)) == json.loads((out / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert [e["key"] for e in manifest["engines"]] == [
+        "full",
+        "detail@0.3",
+        "detail@0.4",
+        "detail@0.5",
+        "detail@0.6",
+        "structure@0.6",
+        "structure@0.7",
+    ]
+    assert {e["file"] for e in manifest["engines"]} == set(manifest["files"])
+    for name, digest in manifest["files"].items():
+        assert (out / name).exists() and len(digest) == 64
+    names = [spec_["name"] for spec_ in manifest["inputs"]]
+    assert sorted(names) == ["encoder_hidden_states", "hidden_states", "pooled_projections", "timestep"]
+    assert manifest["state"][0] | {"reset": None} == {
+        "name": "li",
+        "shape": [2, 256],
+        "dtype": "int32",
+        "output": "li_out",
+        "reset": None,
+    }
+    assert manifest["outputs"] == [{"name": "sample", "shape": [2, 4, 32, 32], "dtype": "float32"}]
+    assert SDTMConfig(**manifest["config"]) == CONFIG
+    assert manifest["transformer_config"]["num_layers"] == spec.num_layers
+
+
+def onnx_call(transformer):
+    def call(hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return transformer(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+    return call
+
+
+def test_generation_through_onnx_equals_compiled_and_reference(bundle):
+    spec, model, out, _ = bundle
+    inputs = make_generation_inputs(spec, (32, 32), seed=7)
+    runner = OnnxTransformer(out)
+    with torch.no_grad():
+        got = generate(onnx_call(runner), inputs, num_steps=28)
+        want = generate(reference_dispatcher(model, CONFIG), inputs, num_steps=28)
+        torch._dynamo.reset()
+        backend = SDTMBackend({"sdtm": CONFIG, "engine": "inductor"})
+        compiled = torch.compile(model, backend=backend, dynamic=False)
+        via_backend = generate(onnx_call(compiled), inputs, num_steps=28)
+    # ONNX Runtime, Inductor and eager PyTorch order float ops differently: 1e-4 over 28 steps
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, via_backend, rtol=1e-4, atol=1e-4)
+    steps = [r.key for r in runner.dispatcher.history]
+    assert steps == [r.key for r in backend.compiled[0].dispatcher.history]
+    assert len(set(steps)) == 6
+
+
+def test_onnx_transformer_in_a_real_pipeline(bundle):
+    spec, _, out, _ = bundle
+    if spec is not TINY_SD3:
+        pytest.skip("the example pipeline is built around the tiny SD3 transformer")
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from sd3_pipeline import generate as pipeline_generate
+        from sd3_pipeline import tiny_sd3_pipeline
+    finally:
+        sys.path.pop(0)
+    pipe = tiny_sd3_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer = OnnxTransformer(out)
+    with torch.no_grad():
+        image = pipeline_generate(pipe, steps=5, size=128, seed=0)  # 128 px -> 32x32 latent: the bundle's shape
+    assert image.size == (128, 128)
+    assert len(pipe.transformer.dispatcher.history) == 5
+
+
+@pytest.fixture
+def bundle_copy(bundle, tmp_path):
+    spec, _, out, manifest = bundle
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    return copy, manifest
+
+
+def test_wrong_format_version(bundle_copy):
+    path, manifest = bundle_copy
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(BundleError, match=r"manifest.json: format_version 99 is not supported"):
+        OnnxTransformer(path)
+
+
+def test_missing_file(bundle_copy):
+    path, _ = bundle_copy
+    (path / "detail_r0.4.onnx").unlink()
+    with pytest.raises(BundleError, match=r"detail_r0.4.onnx: listed in the manifest but missing"):
+        OnnxTransformer(path)
+
+
+def test_checksum_mismatch(bundle_copy):
+    path, manifest = bundle_copy
+    target = path / next(e["file"] for e in manifest["engines"] if e["key"] == "structure@0.7")
+    target.write_bytes(target.read_bytes()[:-100])  # truncated
+    with pytest.raises(BundleError, match=rf"{target.name}: sha256 .* does not match the manifest"):
+        OnnxTransformer(path)
+
+
+def test_missing_manifest_and_bad_json(tmp_path):
+    with pytest.raises(BundleError, match="no manifest"):
+        OnnxTransformer(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        OnnxTransformer(tmp_path)
+
+
+def test_shape_mismatch_at_call_time(bundle):
+    spec, _, out, _ = bundle
+    runner = OnnxTransformer(out)
+    wrong = example_inputs(spec, 1, (32, 32))  # batch 1, the bundle is for batch 2
+    with pytest.raises(BundleError, match=r"input 'hidden_states' has shape \[1, 4, 32, 32\].*\[2, 4, 32, 32\]"):
+        runner(**wrong)
+    with pytest.raises(ValueError, match="skip_layers"):
+        runner(**example_inputs(spec, 2, (32, 32)), skip_layers=[1])
