@@ -67,9 +67,10 @@ class EngineCache:
         self.directory = Path(directory)
 
     def key(self, gm: fx.GraphModule, example_inputs: list[Any], config: Any, engine: str) -> str:
-        """Hash of the bucket graph, input shapes/dtypes, config, engine name and versions."""
+        """Hash of the bucket graph, input shapes/strides/dtypes, config, engine name and versions."""
+        # Strides too: a compiled engine asserts the strides it was built for (an expanded timestep has 0).
         inputs = [
-            (tuple(t.shape), str(t.dtype), t.device.type) if isinstance(t, torch.Tensor) else repr(t)
+            (tuple(t.shape), tuple(t.stride()), str(t.dtype), t.device.type) if isinstance(t, torch.Tensor) else repr(t)
             for t in example_inputs
         ]
         config_part = config.to_dict() if hasattr(config, "to_dict") else repr(config)
