@@ -9,6 +9,7 @@ finding names its source module) and check each op against the rules below, read
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -117,7 +118,7 @@ def _item(node):
 
 @rule(aten.max.dim, aten.min.dim)
 def _max_dim(node):
-    uses_indices = any(u.target is not __import__("operator").getitem or u.args[1] != 0 for u in node.users)
+    uses_indices = any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users)
     if uses_indices:
         return "warning", "max/min.dim with its indices used has no converter (runs in PyTorch); use argmax"
     return None

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 from torch import fx
 
-__all__ = ["EngineCache", "default_cache_dir", "versions"]
+__all__ = ["EngineCache", "default_cache_dir", "sha256_file", "versions"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ def versions() -> dict[str, str]:
     return found
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
@@ -100,7 +101,7 @@ class EngineCache:
             info = json.loads(meta.read_text())
             if info.get("format") != FORMAT:
                 raise ValueError(f"format {info.get('format')!r}, expected {FORMAT}")
-            actual = _sha256(blob)
+            actual = sha256_file(blob)
             if actual != info.get("sha256"):
                 raise ValueError(
                     f"sha256 {actual[:12]}... does not match the recorded {str(info.get('sha256'))[:12]}..."
@@ -125,7 +126,7 @@ class EngineCache:
             self.directory.mkdir(parents=True, exist_ok=True)
             partial = blob.with_suffix(".bin.partial")
             save(str(partial))
-            digest = _sha256(partial)
+            digest = sha256_file(partial)
             os.replace(partial, blob)
             meta.write_text(json.dumps({"format": FORMAT, "sha256": digest, **description}, indent=1, default=str))
         except Exception as err:  # a read-only or full disk must not break compilation

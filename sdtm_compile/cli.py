@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model, inputs, config, torch = _load_model(args)
         manifest = export_onnx(model, inputs, config, args.out)
-        total = sum((__import__("pathlib").Path(args.out) / f).stat().st_size for f in manifest["files"])
+        total = sum((Path(args.out) / name).stat().st_size for name in manifest["files"])
         print(f"wrote {len(manifest['files'])} ONNX files ({total / 2**20:.1f} MiB) + manifest.json to {args.out}")
         for engine in manifest["engines"]:
             print(f"  {engine['key']:<15} {engine['file']:<22} tokens {engine['tokens']}")

@@ -86,7 +86,7 @@ def build_inductor(gm: fx.GraphModule, example_inputs: list[torch.Tensor], setti
         aten_graph, example_inputs, dynamic_shapes="from_example_inputs", donate_graph_module=True
     )
     if cache is not None:
-        cache.store(key, lambda path: artifact.save(path=path), {"engine": "inductor", "graph_lines": len(gm.code)})
+        cache.store(key, lambda path: artifact.save(path=path), {"engine": "inductor", "torch": torch.__version__})
     return artifact
 
 

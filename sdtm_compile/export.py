@@ -10,7 +10,6 @@ the sha256 of every file. :class:`OnnxTransformer` runs them with ONNX Runtime t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from .cache import sha256_file
 from .capture import capture_dynamo_graph
 from .config import SDTMConfig
 from .passes import PassSettings, rewrite_for_engine
@@ -39,14 +39,6 @@ LI_NAME = "li"
 
 class BundleError(ValueError):
     """An exported bundle that cannot be used: the message names the file and what is wrong."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _input_name(placeholder: str) -> str:
@@ -167,7 +159,7 @@ def export_onnx(
             }
         ],
         "engines": engines,
-        "files": {name: _sha256(out / name) for name in sorted(set(files_for_graph.values()))},
+        "files": {name: sha256_file(out / name) for name in sorted(set(files_for_graph.values()))},
     }
     text = json.dumps(manifest, indent=1, default=str)
     (out / MANIFEST).write_text(text)
@@ -243,7 +235,7 @@ class OnnxTransformer(nn.Module):
             path = self.bundle_dir / name
             if not path.exists():
                 raise BundleError(f"{path}: listed in the manifest but missing from the bundle")
-            actual = _sha256(path)
+            actual = sha256_file(path)
             if actual != digest:
                 raise BundleError(
                     f"{path}: sha256 {actual[:16]}... does not match the manifest's {digest[:16]}... "

@@ -18,7 +18,7 @@ from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_tr
 from sdtm_compile.reference import reference_dispatcher, reference_forward
 from sdtm_compile.sampling import generate, make_generation_inputs
 from sdtm_compile.schedule import FULL, engines_for_trajectory
-from tests.helpers import capture_dynamo_graph
+from tests.helpers import capture_dynamo_graph, transformer_call
 
 CONFIG = SDTMConfig()
 HERE = [name for name in ENGINES if engine_available(name, [torch.zeros(1)]) is None]
@@ -34,19 +34,6 @@ ENGINE_CASES = [(e, c) for e in HERE for c in (CASES if e == "eager" else CASES[
 #: eager runs the rewritten graph op by op: bit-for-bit the reference's arithmetic. Inductor fuses and
 #: reorders float ops.
 TOLERANCE = {"eager": dict(rtol=0, atol=1e-6), "inductor": dict(rtol=1e-4, atol=1e-5)}
-
-
-def compiled_call(compiled):
-    def call(hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        return compiled(
-            hidden_states=hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            return_dict=False,
-        )[0]
-
-    return call
 
 
 def _case_id(engine_case):
@@ -83,8 +70,8 @@ def test_whole_generation_matches_reference_without_recompiles(spec, engine):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        got = generate(compiled_call(compiled), inputs, num_steps=28)
-        again = generate(compiled_call(compiled), inputs, num_steps=28)  # a second generation resets li
+        got = generate(transformer_call(compiled), inputs, num_steps=28)
+        again = generate(transformer_call(compiled), inputs, num_steps=28)  # a second generation resets li
     reference = reference_dispatcher(model, CONFIG)
     with torch.no_grad():
         want = generate(reference, inputs, num_steps=28)

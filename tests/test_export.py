@@ -14,6 +14,7 @@ from sdtm_compile.export import BundleError, OnnxTransformer, export_onnx
 from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_transformer
 from sdtm_compile.reference import reference_dispatcher
 from sdtm_compile.sampling import generate, make_generation_inputs
+from tests.helpers import transformer_call
 
 pytest.importorskip("onnxruntime")
 CONFIG = SDTMConfig()
@@ -59,30 +60,17 @@ def test_manifest_describes_every_engine(bundle):
     assert manifest["transformer_config"]["num_layers"] == spec.num_layers
 
 
-def onnx_call(transformer):
-    def call(hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        return transformer(
-            hidden_states=hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            return_dict=False,
-        )[0]
-
-    return call
-
-
 def test_generation_through_onnx_equals_compiled_and_reference(bundle):
     spec, model, out, _ = bundle
     inputs = make_generation_inputs(spec, (32, 32), seed=7)
     runner = OnnxTransformer(out)
     with torch.no_grad():
-        got = generate(onnx_call(runner), inputs, num_steps=28)
+        got = generate(transformer_call(runner), inputs, num_steps=28)
         want = generate(reference_dispatcher(model, CONFIG), inputs, num_steps=28)
         torch._dynamo.reset()
         backend = SDTMBackend({"sdtm": CONFIG, "engine": "inductor"})
         compiled = torch.compile(model, backend=backend, dynamic=False)
-        via_backend = generate(onnx_call(compiled), inputs, num_steps=28)
+        via_backend = generate(transformer_call(compiled), inputs, num_steps=28)
     # ONNX Runtime, Inductor and eager PyTorch order float ops differently: 1e-4 over 28 steps
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got, via_backend, rtol=1e-4, atol=1e-4)
