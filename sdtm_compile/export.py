@@ -78,6 +78,7 @@ def export_onnx(
     out_dir: str | Path,
     *,
     opset: int | None = None,
+    external_data: bool | None = None,
 ) -> dict[str, Any]:
     """Export one ONNX model per engine (full + each (stage, bucket)) and ``manifest.json`` to ``out_dir``.
 
@@ -87,6 +88,10 @@ def export_onnx(
             the batch size and resolution to deploy (shapes are static, as in the compiled backend).
         config: the SDTM configuration; its schedule decides which engines are exported.
         out_dir: created if missing; existing files of the same names are overwritten.
+        external_data: passed to ``torch.onnx.export``: weights in a ``.onnx.data`` file beside each graph
+            (needed past ONNX's 2 GB protobuf limit, e.g. SD3.5-large; the exporter may still keep small
+            weights inline). Default: only when the weights exceed 1.5 GB. Any ``.data`` files written are
+            listed and checksummed in the manifest. Not tested on a model that large here.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -99,6 +104,8 @@ def export_onnx(
     input_positions = [i for i, t in enumerate(flat) if id(t) not in constants]
     input_names = [_input_name(placeholders[i].name) for i in input_positions]
     keys = [FULL, *[k for k in engines_for_trajectory(config) if k != FULL]]
+    if external_data is None:
+        external_data = sum(flat[i].nbytes for i in range(len(flat)) if i not in input_positions) > 1.5 * 2**30
 
     engines: list[dict[str, Any]] = []
     files_for_graph: dict[tuple, str] = {}
@@ -159,7 +166,12 @@ def export_onnx(
             }
         ],
         "engines": engines,
-        "files": {name: sha256_file(out / name) for name in sorted(set(files_for_graph.values()))},
+        "files": {
+            path.name: sha256_file(path)
+            for name in sorted(set(files_for_graph.values()))
+            for path in (out / name, out / f"{name}.data")
+            if path.exists()
+        },
     }
     text = json.dumps(manifest, indent=1, default=str)
     (out / MANIFEST).write_text(text)
@@ -248,7 +260,9 @@ class OnnxTransformer(nn.Module):
         self.state = manifest["state"][0]
         chosen = providers or ["CPUExecutionProvider"]
         self.sessions = {
-            name: ort.InferenceSession(str(self.bundle_dir / name), providers=chosen) for name in manifest["files"]
+            name: ort.InferenceSession(str(self.bundle_dir / name), providers=chosen)
+            for name in manifest["files"]
+            if name.endswith(".onnx")
         }
         self.files = {self._key(e): e["file"] for e in manifest["engines"]}
         self.dispatcher = StageDispatcher(self.sdtm_config)
