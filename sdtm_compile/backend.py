@@ -277,11 +277,21 @@ class SDTMBackend:
         return compiled
 
 
-def sdtm(gm: fx.GraphModule, example_inputs: list[torch.Tensor], options: Mapping[str, Any] | None = None, **_):
+def _no_extra_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
+    if kwargs:  # e.g. torch.compile(mode="max-autotune"): say so instead of silently ignoring it
+        raise ValueError(
+            f"the {name} backend takes only options={{...}}; got {sorted(kwargs)}. Inductor modes do not apply "
+            "to SDTM engines"
+        )
+
+
+def sdtm(gm: fx.GraphModule, example_inputs: list[torch.Tensor], options: Mapping[str, Any] | None = None, **kw):
     """The ``sdtm`` backend: SDTM with Inductor engines (``engine`` option to change)."""
+    _no_extra_kwargs("sdtm", kw)
     return SDTMBackend(options, name="sdtm")(gm, example_inputs)
 
 
-def sdtm_trt(gm: fx.GraphModule, example_inputs: list[torch.Tensor], options: Mapping[str, Any] | None = None, **_):
+def sdtm_trt(gm: fx.GraphModule, example_inputs: list[torch.Tensor], options: Mapping[str, Any] | None = None, **kw):
     """The ``sdtm_trt`` backend: SDTM with TensorRT engines where possible, Inductor otherwise (with a warning)."""
+    _no_extra_kwargs("sdtm_trt", kw)
     return SDTMBackend(options, name="sdtm_trt")(gm, example_inputs)

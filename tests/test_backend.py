@@ -135,6 +135,9 @@ def test_unknown_options_list_the_valid_ones():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="unknown option"), torch.no_grad():
         torch.compile(model, backend="sdtm", options={"bogus": 1})(**example_inputs(TINY_SD3), return_dict=False)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="takes only options"), torch.no_grad():
+        torch.compile(model, backend="sdtm", mode="max-autotune")(**example_inputs(TINY_SD3), return_dict=False)
 
 
 class MLP(torch.nn.Module):
