@@ -25,7 +25,14 @@ from .config import SDTMConfig
 from .merge import merge, plan_for, unmerge
 from .schedule import EngineKey, Stage
 
-__all__ = ["sdtm_block_forward", "reference_forward", "reference_engine", "reference_dispatcher", "token_grid"]
+__all__ = [
+    "ReferenceTransformer",
+    "reference_dispatcher",
+    "reference_engine",
+    "reference_forward",
+    "sdtm_block_forward",
+    "token_grid",
+]
 
 
 def token_grid(transformer: nn.Module, latent: torch.Tensor) -> tuple[int, int]:
@@ -34,12 +41,13 @@ def token_grid(transformer: nn.Module, latent: torch.Tensor) -> tuple[int, int]:
     return latent.shape[-2] // patch, latent.shape[-1] // patch
 
 
-def _feed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _feed_forward(block: nn.Module, ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``ff(x)``, chunked like the diffusers block when feed-forward chunking is on."""
     if block._chunk_size is not None:
         from diffusers.models.attention import _chunked_feed_forward
 
-        return _chunked_feed_forward(block.ff, x, block._chunk_dim, block._chunk_size)
-    return block.ff(x)
+        return _chunked_feed_forward(ff, x, block._chunk_dim, block._chunk_size)
+    return ff(x)
 
 
 def sdtm_block_forward(
@@ -103,9 +111,9 @@ def sdtm_block_forward(
 
     ff_input = block.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     if plan is not None:
-        ff_output = unmerge(_feed_forward(block, merge(ff_input, plan)), plan)
+        ff_output = unmerge(_feed_forward(block, block.ff, merge(ff_input, plan)), plan)
     else:
-        ff_output = _feed_forward(block, ff_input)
+        ff_output = _feed_forward(block, block.ff, ff_input)
     hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
 
     if block.context_pre_only:
@@ -113,12 +121,7 @@ def sdtm_block_forward(
     else:
         encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
         norm_enc = block.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-        if block._chunk_size is not None:
-            from diffusers.models.attention import _chunked_feed_forward
-
-            context_ff = _chunked_feed_forward(block.ff_context, norm_enc, block._chunk_dim, block._chunk_size)
-        else:
-            context_ff = block.ff_context(norm_enc)
+        context_ff = _feed_forward(block, block.ff_context, norm_enc)
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff
     return encoder_hidden_states, hidden_states, li
 
@@ -192,12 +195,41 @@ def reference_engine(transformer: nn.Module, key: EngineKey, config: SDTMConfig)
     return engine
 
 
-def reference_dispatcher(transformer: nn.Module, config: SDTMConfig):
-    """A :class:`~sdtm_compile.runtime.StageDispatcher` whose engines are the eager reference."""
-    from .runtime import StageDispatcher
+class ReferenceTransformer:
+    """The eager reference behind a :class:`~sdtm_compile.runtime.StageDispatcher`, called like ``sampling``'s
+    transformer: ``(hidden_states, encoder_hidden_states, pooled_projections, timestep) -> sample``.
 
-    def num_tokens(latent: torch.Tensor) -> int:
-        grid_h, grid_w = token_grid(transformer, latent)
-        return grid_h * grid_w
+    ``engine_for(key)`` returns the engine of a key (replaceable, e.g. to observe calls); ``history`` and
+    ``reset`` are the dispatcher's.
+    """
 
-    return StageDispatcher(config, lambda key: reference_engine(transformer, key, config), num_tokens)
+    def __init__(self, transformer: nn.Module, config: SDTMConfig) -> None:
+        from .runtime import StageDispatcher
+
+        self.transformer = transformer
+        self.dispatcher = StageDispatcher(config)
+        self.engine_for = lambda key: reference_engine(transformer, key, config)
+
+    @property
+    def history(self):
+        return self.dispatcher.history
+
+    def reset(self) -> None:
+        self.dispatcher.reset()
+
+    def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep) -> torch.Tensor:
+        grid_h, grid_w = token_grid(self.transformer, hidden_states)
+        return self.dispatcher.run(
+            timestep,
+            (tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device),
+            (hidden_states.shape[0], grid_h * grid_w),
+            hidden_states.device,
+            lambda key, li: self.engine_for(key)(
+                hidden_states, encoder_hidden_states, pooled_projections, timestep, li
+            ),
+        )
+
+
+def reference_dispatcher(transformer: nn.Module, config: SDTMConfig) -> ReferenceTransformer:
+    """The eager reference with the stage schedule and ``li`` state of the compiled paths."""
+    return ReferenceTransformer(transformer, config)

@@ -1,8 +1,7 @@
 """`StageDispatcher`: picks the engine for each transformer call from its timestep and carries ``li``.
 
 The engines behind it are interchangeable: the eager reference, compiled per-bucket graphs, ONNX sessions.
-An engine is any callable ``engine(hidden_states, encoder_hidden_states, pooled_projections, timestep, li)
--> (sample, li)``.
+Each caller passes :meth:`StageDispatcher.run` a ``call(key, li) -> (output, li)`` that runs its engine.
 
 State rules (DESIGN §5):
 
@@ -19,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -27,20 +26,9 @@ from .config import SDTMConfig
 from .merge import init_li
 from .schedule import EngineKey, engine_key_at, position_from_timestep
 
-__all__ = ["Engine", "StageDispatcher", "CallRecord"]
+__all__ = ["StageDispatcher", "CallRecord"]
 
 logger = logging.getLogger(__name__)
-
-
-class Engine(Protocol):
-    def __call__(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        pooled_projections: torch.Tensor,
-        timestep: torch.Tensor,
-        li: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -62,26 +50,15 @@ class CallRecord:
 
 
 class StageDispatcher:
-    """Routes each call to ``engine_for(key)`` for the (stage, bucket) its timestep maps to.
+    """Runs each call on the engine of the (stage, bucket) its timestep maps to, carrying ``li``.
 
     Args:
         config: the SDTM configuration (schedule, buckets, timestep shift).
-        engine_for: returns the engine of an :class:`EngineKey` (for :meth:`__call__`; :meth:`run` takes the
-            call to make directly).
-        num_tokens: maps a latent ``[B, C, H, W]`` to its image-token count ``N`` (for :meth:`__call__`).
         keep_history: record a :class:`CallRecord` per call (cleared by :meth:`reset`).
     """
 
-    def __init__(
-        self,
-        config: SDTMConfig,
-        engine_for: Callable[[EngineKey], Engine] | None = None,
-        num_tokens: Callable[[torch.Tensor], int] | None = None,
-        keep_history: bool = True,
-    ) -> None:
+    def __init__(self, config: SDTMConfig, keep_history: bool = True) -> None:
         self.config = config
-        self.engine_for = engine_for
-        self.num_tokens = num_tokens
         self.keep_history = keep_history
         self.history: list[CallRecord] = []
         self._states: dict[tuple, _LayoutState] = {}
@@ -127,22 +104,3 @@ class StageDispatcher:
         if self.keep_history:
             self.history.append(CallRecord(t, position, key, new_generation, new_step))
         return output
-
-    def __call__(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        pooled_projections: torch.Tensor,
-        timestep: torch.Tensor,
-    ) -> torch.Tensor:
-        """Run one transformer call with engines of the :class:`Engine` signature; returns the sample."""
-        layout = (tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device)
-        return self.run(
-            timestep,
-            layout,
-            (hidden_states.shape[0], self.num_tokens(hidden_states)),
-            hidden_states.device,
-            lambda key, li: self.engine_for(key)(
-                hidden_states, encoder_hidden_states, pooled_projections, timestep, li
-            ),
-        )
