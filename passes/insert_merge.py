@@ -26,11 +26,15 @@ def _copy_location(new: fx.Node, like: fx.Node, role: str) -> None:
     new.meta["sdtm"] = role
 
 
-def _wrap_branch(graph: fx.Graph, branch: Branch, slot: fx.Node, inv_count: fx.Node) -> None:
-    """Merge what enters ``branch`` and unmerge what leaves it; nodes outside the branch are untouched."""
+def _wrap_branch(graph: fx.Graph, branch: Branch, plan: list[fx.Node]) -> None:
+    """Merge what enters ``branch`` and unmerge what leaves it; nodes outside the branch are untouched.
+
+    ``plan`` is ``[slot, inv_count]`` or ``[slot, inv_count, members]`` (getitem nodes of one ``sdtm_plan``).
+    """
     inside = set(branch.nodes)
-    with graph.inserting_after(inv_count if _after(inv_count, branch.input) else branch.input):
-        merged = graph.call_function(sdtm_merge, (branch.input, slot, inv_count))
+    slot, last = plan[0], plan[-1]
+    with graph.inserting_after(last if _after(last, branch.input) else branch.input):
+        merged = graph.call_function(sdtm_merge, (branch.input, *plan))
     _copy_location(merged, branch.input, "merge")
     branch.input.replace_all_uses_with(merged, delete_user_cb=lambda user: user in inside)
     with graph.inserting_after(branch.output):
@@ -74,12 +78,16 @@ def insert_merge_nodes(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
             inv_count = graph.call_function(operator.getitem, (plan, 1))
         with graph.inserting_after(inv_count):
             li = graph.call_function(operator.getitem, (plan, 2))
-        for node, role in ((plan, "plan"), (slot, "plan"), (inv_count, "plan"), (li, "plan")):
-            _copy_location(node, block.attn.input, role)
+        merge_args = [slot, inv_count]
+        if method == "ssm":  # fixed fan-in 4: merge by gather (see sdtm_compile.merge)
+            with graph.inserting_after(li):
+                merge_args.append(graph.call_function(operator.getitem, (plan, 3)))
+        for node in (plan, li, *merge_args):
+            _copy_location(node, block.attn.input, "plan")
         branches = [block.attn, block.attn2, block.ff] if key.stage is Stage.STRUCTURE else [block.ff]
         for branch in branches:
             if branch is not None:
-                _wrap_branch(graph, branch, slot, inv_count)
+                _wrap_branch(graph, branch, merge_args)
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = ((*output.args[0][:-1], li),)
     gm.recompile()

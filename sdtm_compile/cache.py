@@ -4,10 +4,11 @@ Location: ``BackendSettings.cache_dir``, else ``$SDTM_CACHE_DIR``, else ``~/.cac
 ``cache_dir=False`` (or ``SDTM_CACHE_DIR=off``) turns it off.
 
 An entry is ``<key>.bin`` (the engine) beside ``<key>.json`` (what it is and the blob's sha256). The key hashes
-the bucket graph's code, the input shapes and dtypes, the SDTM config and the versions of torch,
-torch-tensorrt and sdtm-compile; weights are graph *inputs*, not part of the engine, so one entry serves any
-checkpoint of the same architecture. A truncated or corrupt entry is reported once (a warning), deleted and
-rebuilt - never loaded. TensorRT engines use torch-tensorrt's own engine cache in ``<cache>/tensorrt``.
+the bucket graph's code (which holds every SDTM constant of the engine), the input shapes and dtypes, the
+Inductor config and the versions of torch, torch-tensorrt and sdtm-compile; weights are graph *inputs*, not
+part of the engine, so one entry serves any checkpoint of the same architecture. A truncated or corrupt entry
+is reported once (a warning), deleted and rebuilt - never loaded. TensorRT engines use torch-tensorrt's own
+engine cache in ``<cache>/tensorrt``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,28 @@ def versions() -> dict[str, str]:
     return found
 
 
+def _graph_ops_digest() -> str:
+    """A digest of the source of the ops the passes insert (``ops.py``, ``merge.py``): the bucket graph's code
+    only *names* them, so without this an edited merge would load an engine built from the old one."""
+    import importlib
+
+    digest = hashlib.sha256()
+    for name in ("ops", "merge"):  # by module name: the package exports a *function* called merge
+        digest.update(Path(importlib.import_module(f"{__package__}.{name}").__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def _compiler_config(engine: str) -> str:
+    """A digest of the engine compiler's own settings (e.g. ``torch._inductor.config``), so changing them
+    (kernel profiling, autotuning, ...) builds a new engine instead of loading one built without them."""
+    if engine != "inductor":
+        return ""
+    import torch._inductor.config as inductor_config
+
+    settings = inductor_config.get_config_copy()
+    return hashlib.sha256(repr(sorted((k, repr(v)) for k, v in settings.items())).encode()).hexdigest()
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
@@ -67,21 +90,28 @@ class EngineCache:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
 
-    def key(self, gm: fx.GraphModule, example_inputs: list[Any], config: Any, engine: str) -> str:
-        """Hash of the bucket graph, input shapes/strides/dtypes, config, engine name and versions."""
+    def key(self, gm: fx.GraphModule, example_inputs: list[Any], engine: str) -> str:
+        """Hash of the bucket graph, input shapes/strides/dtypes, engine name, compiler config, the source of
+        the merge ops and versions.
+
+        The SDTM config is not hashed on its own: every constant it puts into an engine (token counts,
+        ``a_s``/``a_d``, the grid) is in the graph's code, while the schedule-only fields (``ratio``,
+        ``deviation``, ``switch_at``) only choose *which* buckets are built. So a second ratio reuses the
+        buckets it shares with the first.
+        """
         # Strides too: a compiled engine asserts the strides it was built for (an expanded timestep has 0).
         inputs = [
             (tuple(t.shape), tuple(t.stride()), str(t.dtype), t.device.type) if isinstance(t, torch.Tensor) else repr(t)
             for t in example_inputs
         ]
-        config_part = config.to_dict() if hasattr(config, "to_dict") else repr(config)
         payload = json.dumps(
             {
                 "format": FORMAT,
                 "engine": engine,
                 "code": gm.code,
                 "inputs": inputs,
-                "config": config_part,
+                "compiler": _compiler_config(engine),
+                "graph_ops": _graph_ops_digest(),
                 "versions": versions(),
             },
             sort_keys=True,

@@ -11,6 +11,8 @@ __all__ = ["main"]
 
 
 def _ratios(text: str) -> tuple[float, ...]:
+    if not text.strip():
+        return ()
     try:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
@@ -58,6 +60,86 @@ def _load_model(args):
     return model, {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}, config, torch
 
 
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from .models import MODEL_PRESETS
+
+    parser.add_argument("--model", default="sd3m-1024", choices=sorted(MODEL_PRESETS), help="default sd3m-1024")
+    parser.add_argument("--latent", type=int, default=None, help="latent side (default: the model's)")
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--deviation", type=float, default=0.2)
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--runs", type=int, default=5, help="timed generations per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--sweep", type=_ratios, default=(0.3, 0.4, 0.6, 0.7), help="ratios; '' for none")
+    parser.add_argument("--sweep-runs", type=int, default=3)
+    parser.add_argument("--engine", default="inductor", choices=["inductor", "eager"])
+    parser.add_argument("--warm-caches", action="store_true", help="use the existing compile caches (not cold)")
+    parser.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md and the PNGs")
+    parser.add_argument("--from-json", default=None, help="re-render tables and pictures of a saved bench.json")
+    parser.add_argument(
+        "--update-readme", default=None, help="also replace the Results block of this README with the tables"
+    )
+
+
+def _bench(args, argv) -> int:
+    import json
+
+    from .bench import BenchConfig, markdown_report, render, run_benchmark
+    from .config import SDTMConfig
+
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        render(result, args.out)
+    else:
+        config = BenchConfig(
+            model=args.model,
+            sdtm=SDTMConfig(ratio=args.ratio, deviation=args.deviation),
+            latent=args.latent,
+            steps=args.steps,
+            runs=args.runs,
+            warmup=args.warmup,
+            sweep=args.sweep,
+            sweep_runs=args.sweep_runs,
+            engine=args.engine,
+            cold_caches=not args.warm_caches,
+            out_dir=args.out,
+        )
+        result = run_benchmark(config)
+        result["command"] = "sdtm-compile " + " ".join(argv if argv is not None else sys.argv[1:])
+        render(result, args.out)
+    print(markdown_report(result))
+    print(f"wrote {', '.join(result['files'].values())} to {args.out}")
+    if args.update_readme:
+        _update_readme(Path(args.update_readme), result, Path(args.out))
+    return 0
+
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _update_readme(readme: Path, result: dict, out: Path) -> None:
+    """Replace the text between the README's bench markers with the tables and the pictures."""
+    import os
+
+    from .bench import markdown_report
+
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no {README_START} ... {README_END} block to replace")
+    rel = Path(os.path.relpath(out, readme.parent))
+    pictures = "\n".join(
+        f"![{name}]({(rel / result['files'][name]).as_posix()})"
+        for name in ("schedule", "speedup_vs_fidelity", "merge_maps")
+    )
+    block = (
+        f"{README_START}\n`{result.get('command') or 'sdtm-compile bench'}` "
+        f"({result['wall_time_s'] / 60:.0f} min):\n\n{markdown_report(result)}\n{pictures}\n{README_END}"
+    )
+    head, rest = text.split(README_START, 1)
+    readme.write_text(head + block + rest.split(README_END, 1)[1])
+    print(f"updated the Results block of {readme}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdtm-compile", description="SDTM token merging for diffusion transformers")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -72,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="bundle directory to write")
     lint = sub.add_parser("lint", help="TensorRT-readiness lint of every bucket graph")
     _model_arguments(lint)
+    bench = sub.add_parser(
+        "bench", help="speed, FLOPs, fidelity and pictures: eager / Inductor / sdtm / eager reference"
+    )
+    _bench_arguments(bench)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
@@ -107,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             for finding in findings:
                 print(f"    {finding}")
         return 1 if errors else 0
+    if args.command == "bench":
+        return _bench(args, argv)
     if args.command == "demo":
         from .demo import run_demo
 

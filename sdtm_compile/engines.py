@@ -74,7 +74,7 @@ def build_inductor(gm: fx.GraphModule, example_inputs: list[torch.Tensor], setti
 
     cache_dir = settings.resolved_cache_dir() if hasattr(settings, "resolved_cache_dir") else None
     cache = EngineCache(cache_dir) if cache_dir is not None else None
-    key = cache.key(gm, example_inputs, getattr(settings, "sdtm", None), "inductor") if cache else ""
+    key = cache.key(gm, example_inputs, "inductor") if cache else ""
     if cache is not None:
         artifact = cache.load(key, lambda path: CompiledArtifact.load(path=path))
         if artifact is not None:

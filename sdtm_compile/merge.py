@@ -10,6 +10,11 @@ goes to, and ``inv_count[b, m]`` is one over the number of tokens averaged into 
   -> ``[B, M, C]``
 * ``unmerge(y, plan)`` = one ``gather`` of every token's slot -> ``[B, N, C]``
 
+SSM plans also carry ``members[b, m, 4]``, the four tokens averaged into merged token ``m`` (a kept token is
+listed four times): every SSM slot has fan-in 4, so its merge is one ``gather`` and a mean, with no
+accumulating scatter. That matters for speed: compilers turn an accumulating scatter into atomic adds
+(Inductor on the CPU: one compare-and-swap loop per element), while a gather is a plain parallel read.
+
 Only the *indices* depend on the data; every shape is fixed by ``(N, bucket)``, so one compiled graph serves
 every call of a bucket. Per DESIGN §4 there is no ``scatter_reduce(mean)``, no ``.item()`` and no Python
 branch on tensor values here, and every batch row merges the same number of tokens (but may pick different
@@ -53,10 +58,13 @@ class MergePlan(NamedTuple):
     """Where each token goes.
 
     ``slot``: ``[B, N]`` int64 in ``[0, M)``. ``inv_count``: ``[B, M]``, float32 (float64 for float64 inputs).
+    ``members``: ``[B, M, F]`` int64, the ``F`` tokens averaged into each merged token when every slot has
+    the same fan-in ``F`` (SSM: 4, a kept token repeated), else ``None`` (IDM).
     """
 
     slot: torch.Tensor
     inv_count: torch.Tensor
+    members: torch.Tensor | None = None
 
 
 def init_li(batch: int, num_tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -150,7 +158,8 @@ def ssm_plan(
 
     Score of a window = mean of its 4x4 cosine-similarity matrix (the release includes the diagonal) +
     ``a_s * mean(li / mean(li))``. Output order: kept windows' tokens (4 each, by rank), leftover tokens of an
-    odd side, then the ``k`` merged windows. Returns the plan (``M = N - 3k``) and the updated ``li``.
+    odd side, then the ``k`` merged windows. Returns the plan (``M = N - 3k``, with ``members``) and the
+    updated ``li``.
     """
     _check_tokens(x, li, grid_h, grid_w)
     batch, n = li.shape
@@ -172,7 +181,13 @@ def ssm_plan(
     merged = torch.zeros(batch, n, dtype=torch.bool, device=x.device).scatter_(
         1, token[:, : 4 * g], chosen.expand(-1, -1, 4).reshape(batch, -1)
     )
-    return MergePlan(slot, inv_count), update_li(li, merged)
+    # Windows in rank order (rank is a permutation, so this scatter writes every entry exactly once).
+    window_ids = torch.arange(g, device=x.device).expand(batch, -1)
+    by_rank = torch.empty_like(rank[..., 0]).scatter_(1, rank[..., 0], window_ids)
+    window_tokens = win[by_rank]  # [B, G, 4]
+    kept = torch.cat([window_tokens[:, k:].reshape(batch, -1), left.expand(batch, -1)], 1)  # [B, pass_through]
+    members = torch.cat([kept[..., None].expand(-1, -1, 4), window_tokens[:, :k]], 1)  # [B, M, 4]
+    return MergePlan(slot, inv_count, members), update_li(li, merged)
 
 
 def idm_plan(
@@ -212,9 +227,13 @@ def idm_plan(
     src = metric.gather(1, src_tok[..., None].expand(-1, -1, metric.shape[-1]))
     dst = metric.gather(1, dst_tok[..., None].expand(-1, -1, metric.shape[-1]))
     similarity = src @ dst.transpose(-1, -2)  # [B, S, G]
-    # amax + argmax, not max(dim): torch-tensorrt has no converter for max.dim when its indices are used
-    best_sim, best_dst = similarity.amax(dim=-1), similarity.argmax(dim=-1)  # [B, S]
-    score = best_sim + a_d * _li_priority(li.gather(1, src_tok))
+    # argmax, not max(dim): torch-tensorrt has no converter for max.dim when its indices are used
+    best_dst = similarity.argmax(dim=-1)  # [B, S]
+    # score = max_g(similarity) + a_d * li_priority, with the li term added *inside* the amax (the same value:
+    # rounding is monotonic). That makes the score a reduction output, which Inductor stores once; written as
+    # amax(...) + term, Inductor inlines the term's gather chain into _rank's S x S loop (5x slower plan).
+    li_term = a_d * _li_priority(li.gather(1, src_tok))
+    score = (similarity + li_term[..., None]).amax(dim=-1)  # [B, S]
     rank = _rank(score)
     is_merged = rank < r
     src_slot = torch.where(is_merged, (num_src - r) + best_dst, rank - r)
@@ -250,6 +269,10 @@ def _sum_into_slots(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torc
 
 def merge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
     """``[B, N, C] -> [B, M, C]``: each merged token is the plain mean of the tokens planned into it."""
+    if plan.members is not None:  # fixed fan-in: gather + mean, no accumulating scatter
+        batch, slots, fan_in = plan.members.shape
+        index = plan.members.reshape(batch, slots * fan_in, 1).expand(-1, -1, x.shape[-1])
+        return x.gather(1, index).reshape(batch, slots, fan_in, x.shape[-1]).mean(dim=2)
     return _sum_into_slots(x, plan.slot, plan.inv_count.shape[1]) * plan.inv_count[..., None].to(x.dtype)
 
 

@@ -1,7 +1,8 @@
-"""Tiny diffusers transformers built from config: real architectures, random weights, no downloads.
+"""Diffusers transformers built from config: real architectures, random weights, no downloads.
 
-They are the embedded default of the demo and the test subjects. Weights come from a fixed seed, so the same
-call builds the same model in every process.
+The tiny ones are the embedded default of the demo and the test subjects. The ``SD3M_*`` specs are the
+benchmark models: SD3-medium's block proportions at a size this CPU can run (see :data:`SD3M_1024`). Weights
+come from a fixed seed, so the same call builds the same model in every process.
 """
 
 from __future__ import annotations
@@ -10,7 +11,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TinySpec", "TINY_SD3", "TINY_SD35", "tiny_sd3_transformer", "example_inputs"]
+__all__ = [
+    "TinySpec",
+    "TINY_SD3",
+    "TINY_SD35",
+    "SD3M_1024",
+    "SD3M_4096",
+    "MODEL_PRESETS",
+    "ModelPreset",
+    "tiny_sd3_transformer",
+    "example_inputs",
+]
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,58 @@ class TinySpec:
 TINY_SD3 = TinySpec()
 #: SD3.5-style: dual attention (``attn2``) in the first blocks and RMS q/k norm.
 TINY_SD35 = TinySpec(num_layers=3, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+
+
+#: The benchmark model: SD3-medium's block proportions at 1024 image tokens (a 512^2 image).
+#:
+#: What decides how much SDTM can save is how a block's FLOPs split between what merging shrinks and what it
+#: does not: per token, the linear layers cost ``24 C^2`` (q/k/v/out ``8 C^2`` + FF ``16 C^2``) and joint
+#: attention ``4 (N + T) C``, so every share depends only on ``(N + T) / C`` (see
+#: :func:`sdtm_compile.flops.mmdit_block_flops`). SD3-medium at 1024^2 has ``C = 1536``, ``N = 4096`` image and
+#: ``T = 333`` text tokens: ``(N + T) / C = 2.88``. This model has ``C = 384`` (6 heads x 64, SD3's head
+#: size), ``N = 1024`` and ``T = 83`` (SD3's 333 scaled by the same 1/4): ``(N + T) / C = 2.88``. So FF is
+#: 45 % of block FLOPs, projections 23 % and attention 32 %, as in SD3-medium at 1024^2, while one CFG step
+#: costs ~70 GFLOPs instead of ~18 TFLOPs. Six blocks instead of 24 scale every variant's time alike. Latent
+#: channels (16) are SD3's; prompt and pooled widths are SD3's divided by 4.
+SD3M_1024 = TinySpec(
+    num_layers=6,
+    num_attention_heads=6,
+    attention_head_dim=64,
+    in_channels=16,
+    joint_attention_dim=1024,
+    pooled_projection_dim=512,
+    text_tokens=83,
+)
+#: The 1024^2-equivalent case: SD3-medium's real width (24 heads x 64 = 1536), 4096 image and 333 text
+#: tokens, so its blocks *are* SD3-medium blocks at 1024^2 (only 2 of the 24, random weights). One 28-step
+#: CFG generation costs about 40 TFLOPs: minutes per variant on this CPU.
+SD3M_4096 = TinySpec(
+    num_layers=2,
+    num_attention_heads=24,
+    attention_head_dim=64,
+    in_channels=16,
+    joint_attention_dim=4096,
+    pooled_projection_dim=2048,
+    text_tokens=333,
+)
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A named model built from config and the latent side it runs at (image side / 8)."""
+
+    spec: TinySpec
+    latent: int
+    description: str
+
+
+#: Models the CLI and the benchmark know by name.
+MODEL_PRESETS: dict[str, ModelPreset] = {
+    "tiny-sd3": ModelPreset(TINY_SD3, 64, "tiny SD3 (2 blocks, hidden 32)"),
+    "tiny-sd35": ModelPreset(TINY_SD35, 64, "tiny SD3.5 (3 blocks, dual attention, RMS q/k norm)"),
+    "sd3m-1024": ModelPreset(SD3M_1024, 64, "SD3-medium's block proportions at 1024^2, scaled: 6 blocks, hidden 384"),
+    "sd3m-4096": ModelPreset(SD3M_4096, 128, "SD3-medium's blocks at 1024^2: 2 blocks, hidden 1536"),
+}
 
 
 def tiny_sd3_transformer(spec: TinySpec = TINY_SD3, seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -2,7 +2,7 @@
 
 They are plain Python functions over tensors and static ints, so every engine sees through them: the eager
 engine runs them, Inductor and torch-tensorrt trace them into aten ops (``gather``, ``scatter``,
-``scatter_add``, compares, matmul), ONNX export turns them into ``GatherElements`` / ``ScatterElements``.
+``index_put``, compares, matmul), ONNX export turns them into ``GatherElements`` / ``ScatterElements``.
 A method other than SDTM plugs in by adding a ``method`` value to :func:`sdtm_plan`.
 """
 
@@ -17,11 +17,12 @@ __all__ = ["sdtm_plan", "sdtm_merge", "sdtm_unmerge", "GRAPH_OPS"]
 
 def sdtm_plan(
     x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, method: str, count: int, weight: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plan one block: ``x`` ``[B, N, C]``, ``li`` ``[B, N]`` -> ``(slot [B, N], inv_count [B, M], li [B, N])``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Plan one block: ``x`` ``[B, N, C]``, ``li`` ``[B, N]`` -> ``(slot, inv_count, li, members)``.
 
-    ``method`` is ``"ssm"`` (``count`` windows, ``weight`` = ``a_s``) or ``"idm"`` (``count`` sources,
-    ``weight`` = ``a_d``).
+    Shapes: ``slot [B, N]``, ``inv_count [B, M]``, ``li [B, N]``, ``members [B, M, 4]`` for SSM and ``None``
+    for IDM (see :class:`~sdtm_compile.merge.MergePlan`). ``method`` is ``"ssm"`` (``count`` windows,
+    ``weight`` = ``a_s``) or ``"idm"`` (``count`` sources, ``weight`` = ``a_d``).
     """
     if method == "ssm":
         plan, li = ssm_plan(x, li, grid_h, grid_w, count, weight)
@@ -29,12 +30,14 @@ def sdtm_plan(
         plan, li = idm_plan(x, li, grid_h, grid_w, count, weight)
     else:
         raise ValueError(f"unknown merge method {method!r}: expected 'ssm' or 'idm'")
-    return plan.slot, plan.inv_count, li
+    return plan.slot, plan.inv_count, li, plan.members
 
 
-def sdtm_merge(x: torch.Tensor, slot: torch.Tensor, inv_count: torch.Tensor) -> torch.Tensor:
+def sdtm_merge(
+    x: torch.Tensor, slot: torch.Tensor, inv_count: torch.Tensor, members: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[B, N, C] -> [B, M, C]`` (see :func:`sdtm_compile.merge.merge`)."""
-    return merge(x, MergePlan(slot, inv_count))
+    return merge(x, MergePlan(slot, inv_count, members))
 
 
 def sdtm_unmerge(y: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:

@@ -16,13 +16,14 @@ handled, and grids need not be square. Not handled: ControlNet residuals and IP-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from .config import SDTMConfig
-from .merge import merge, plan_for, unmerge
+from .merge import MergePlan, merge, plan_for, unmerge
 from .schedule import EngineKey, Stage
 
 __all__ = [
@@ -61,6 +62,7 @@ def sdtm_block_forward(
     grid: tuple[int, int],
     config: SDTMConfig,
     joint_attention_kwargs: dict[str, Any] | None = None,
+    on_plan: Callable[[MergePlan], None] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """One ``JointTransformerBlock`` forward with SDTM at engine ``key``.
 
@@ -70,6 +72,7 @@ def sdtm_block_forward(
         temb: ``[B, C]`` timestep + pooled-text embedding.
         li: ``[B, N]`` int32 "not attended" counter from the previous block/step.
         grid: image-token grid ``(grid_h, grid_w)`` with ``grid_h * grid_w == N``.
+        on_plan: called with the block's :class:`~sdtm_compile.merge.MergePlan` (for merge maps).
 
     Returns:
         ``(encoder_hidden_states, hidden_states, li)`` like the diffusers block plus the updated ``li``
@@ -90,6 +93,8 @@ def sdtm_block_forward(
     plan = None
     if key.stage is not Stage.FULL:
         plan, li = plan_for(key, norm_hs, li, grid[0], grid[1], config)
+        if on_plan is not None:
+            on_plan(plan)
     merge_attention = key.stage is Stage.STRUCTURE
 
     def attention_branch(attn_input: torch.Tensor, run):  # merge -> attention -> unmerge (structure stage)
@@ -138,6 +143,7 @@ def reference_forward(
     config: SDTMConfig,
     joint_attention_kwargs: dict[str, Any] | None = None,
     skip_layers: list[int] | None = None,
+    on_plan: Callable[[int, MergePlan], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole ``SD3Transformer2DModel`` forward with every block run by :func:`sdtm_block_forward`.
 
@@ -147,6 +153,7 @@ def reference_forward(
         pooled_projections: ``[B, D_pooled]``.
         timestep: ``[B]``.
         li: ``[B, N]`` int32 with ``N = (H / patch) * (W / patch)``.
+        on_plan: called as ``on_plan(block_index, plan)`` for every block that merges.
 
     Returns:
         ``(sample [B, C_out, H, W], li)``. Skipped layers (skip-layer guidance) neither merge nor touch ``li``.
@@ -169,6 +176,7 @@ def reference_forward(
             grid=grid,
             config=config,
             joint_attention_kwargs=joint_attention_kwargs,
+            on_plan=None if on_plan is None else (lambda plan, index=index: on_plan(index, plan)),
         )
     x = transformer.proj_out(transformer.norm_out(x, temb))
     patch, out_channels = transformer.config.patch_size, transformer.out_channels
@@ -177,7 +185,12 @@ def reference_forward(
     return x.reshape(x.shape[0], out_channels, height, width), li
 
 
-def reference_engine(transformer: nn.Module, key: EngineKey, config: SDTMConfig):
+def reference_engine(
+    transformer: nn.Module,
+    key: EngineKey,
+    config: SDTMConfig,
+    on_plan: Callable[[int, MergePlan], None] | None = None,
+):
     """The eager reference as a dispatcher engine: ``(latent, prompt, pooled, timestep, li) -> (sample, li)``."""
 
     def engine(hidden_states, encoder_hidden_states, pooled_projections, timestep, li):
@@ -190,6 +203,7 @@ def reference_engine(transformer: nn.Module, key: EngineKey, config: SDTMConfig)
             key=key,
             li=li,
             config=config,
+            on_plan=on_plan,
         )
 
     return engine

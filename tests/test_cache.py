@@ -74,3 +74,26 @@ def test_cache_can_be_turned_off(tmp_path, monkeypatch, caplog):
     assert BackendSettings().resolved_cache_dir() is None
     assert BackendSettings(cache_dir=False).resolved_cache_dir() is None
     assert BackendSettings(cache_dir=str(tmp_path)).resolved_cache_dir() == tmp_path
+
+
+def test_key_follows_the_graph_and_the_compiler_settings_not_the_schedule(tmp_path):
+    from sdtm_compile.passes import PassSettings, rewrite_for_engine
+
+    from sdtm_compile.capture import capture_dynamo_graph
+    from sdtm_compile.schedule import EngineKey, Stage
+
+    model = tiny_sd3_transformer(SPEC)
+    gm, flat = capture_dynamo_graph(model, example_inputs(SPEC, 2, (16, 16)))
+    inputs = [*flat, torch.zeros(2, 64, dtype=torch.int32)]
+    cache = EngineCache(tmp_path)
+
+    def key(config, bucket=0.3, stage=Stage.DETAIL):
+        rewritten = rewrite_for_engine(gm, flat, PassSettings(config, EngineKey(stage, bucket)))
+        return cache.key(rewritten, inputs, "inductor")
+
+    base = key(SDTMConfig(ratio=0.3, deviation=0.0, buckets=(0.3,)))
+    assert key(SDTMConfig(ratio=0.5, deviation=0.2)) == base  # same bucket graph under another schedule
+    assert key(SDTMConfig(a_d=0.1)) != base  # a constant inside the graph
+    assert key(SDTMConfig(), bucket=0.5) != base and key(SDTMConfig(), stage=Stage.STRUCTURE) != base
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+        assert key(SDTMConfig()) != base  # the compiler's own settings

@@ -50,6 +50,11 @@ def test_static_output_shapes(grid, bucket, batch):
         assert li_new.shape == li.shape and li_new.dtype == torch.int32
         # every merged slot receives at least one token, and the counts add up to N
         assert torch.equal((1 / plan.inv_count).round().sum(1), torch.full((batch,), float(n)))
+        if plan.members is not None:  # SSM's gather-merge is the slot-merge, written without a scatter
+            assert plan.members.shape == (batch, merged_len, 4)
+            slot_of_members = plan.slot.gather(1, plan.members.reshape(batch, -1)).reshape(plan.members.shape)
+            assert torch.equal(slot_of_members, torch.arange(merged_len).expand(batch, 4, -1).transpose(1, 2))
+            torch.testing.assert_close(y, merge(x, plan._replace(members=None)), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("make_plan", [ssm_plan, idm_plan])
