@@ -29,7 +29,7 @@ def _copy_location(new: fx.Node, like: fx.Node, role: str) -> None:
 def _wrap_branch(graph: fx.Graph, branch: Branch, plan: list[fx.Node]) -> None:
     """Merge what enters ``branch`` and unmerge what leaves it; nodes outside the branch are untouched.
 
-    ``plan`` is ``[slot, inv_count]`` or ``[slot, inv_count, members]`` (getitem nodes of one ``sdtm_plan``).
+    ``plan`` is ``[slot, inv_count, members, ...]``: getitem nodes of one ``sdtm_plan``, in ``sdtm_merge``'s order.
     """
     inside = set(branch.nodes)
     slot, last = plan[0], plan[-1]
@@ -79,9 +79,13 @@ def insert_merge_nodes(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
         with graph.inserting_after(inv_count):
             li = graph.call_function(operator.getitem, (plan, 2))
         merge_args = [slot, inv_count]
-        if method == "ssm":  # fixed fan-in 4: merge by gather (see sdtm_compile.merge)
-            with graph.inserting_after(li):
-                merge_args.append(graph.call_function(operator.getitem, (plan, 3)))
+        # the plan's gather form (members; IDM also extra_tokens, extra_slots): see sdtm_compile.merge
+        gather_form = [3] if method == "ssm" else ([3, 4, 5] if count > 0 else [3])
+        last = li
+        for index in gather_form:
+            with graph.inserting_after(last):
+                last = graph.call_function(operator.getitem, (plan, index))
+            merge_args.append(last)
         for node in (plan, li, *merge_args):
             _copy_location(node, block.attn.input, "plan")
         branches = [block.attn, block.attn2, block.ff] if key.stage is Stage.STRUCTURE else [block.ff]

@@ -10,10 +10,11 @@ goes to, and ``inv_count[b, m]`` is one over the number of tokens averaged into 
   -> ``[B, M, C]``
 * ``unmerge(y, plan)`` = one ``gather`` of every token's slot -> ``[B, N, C]``
 
-SSM plans also carry ``members[b, m, 4]``, the four tokens averaged into merged token ``m`` (a kept token is
-listed four times): every SSM slot has fan-in 4, so its merge is one ``gather`` and a mean, with no
-accumulating scatter. That matters for speed: compilers turn an accumulating scatter into atomic adds
-(Inductor on the CPU: one compare-and-swap loop per element), while a gather is a plain parallel read.
+Plans also say the same thing as gathers, which is how ``merge`` runs them: compilers turn an accumulating
+scatter into atomic adds (Inductor on the CPU: one compare-and-swap loop per element), while a gather is a
+plain parallel read. SSM slots all have fan-in 4 (``members[b, m, :]``, a kept token listed four times), so an
+SSM merge is a gather and a mean. An IDM merge gathers one representative per slot and scatter-adds only the
+``r`` merged sources into their destinations' slots.
 
 Only the *indices* depend on the data; every shape is fixed by ``(N, bucket)``, so one compiled graph serves
 every call of a bucket. Per DESIGN §4 there is no ``scatter_reduce(mean)``, no ``.item()`` and no Python
@@ -58,13 +59,17 @@ class MergePlan(NamedTuple):
     """Where each token goes.
 
     ``slot``: ``[B, N]`` int64 in ``[0, M)``. ``inv_count``: ``[B, M]``, float32 (float64 for float64 inputs).
-    ``members``: ``[B, M, F]`` int64, the ``F`` tokens averaged into each merged token when every slot has
-    the same fan-in ``F`` (SSM: 4, a kept token repeated), else ``None`` (IDM).
+    ``members``: ``[B, M, F]`` int64 or ``None``. With ``F > 1`` (SSM, ``F = 4``, a kept token repeated)
+    merged token ``m`` is the mean of its ``F`` members. With ``F = 1`` (IDM) it is slot ``m``'s representative
+    token, to which ``extra_tokens`` ``[B, E]`` are added at ``extra_slots`` ``[B, E]`` before scaling by
+    ``inv_count``. ``None``: every token is accumulated into its slot (the general form).
     """
 
     slot: torch.Tensor
     inv_count: torch.Tensor
     members: torch.Tensor | None = None
+    extra_tokens: torch.Tensor | None = None
+    extra_slots: torch.Tensor | None = None
 
 
 def init_li(batch: int, num_tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -242,7 +247,16 @@ def idm_plan(
     slot = torch.empty_like(token).scatter_(1, token, torch.cat([src_slot, dst_slot], 1))
     count = _sum_into_slots(metric.new_ones(batch, n, 1), slot, n - r).squeeze(-1)
     merged = torch.ones(batch, n, dtype=torch.bool, device=x.device).scatter_(1, src_tok, is_merged)
-    return MergePlan(slot, 1.0 / count), update_li(li, merged)
+    # The same plan as gathers: one representative per slot (kept sources by rank, then destinations), plus
+    # the r merged sources added into their destination's slot. Only those r rows need an accumulating scatter.
+    src_by_rank = torch.empty_like(src_tok).scatter_(1, rank, src_tok)  # rank is a permutation of 0..S-1
+    representative = torch.cat([src_by_rank[:, r:], dst_tok], 1)  # [B, M]
+    extra_tokens = extra_slots = None
+    if r > 0:
+        extra_tokens = src_by_rank[:, :r]  # [B, r]
+        extra_slots = (num_src - r) + torch.empty_like(best_dst).scatter_(1, rank, best_dst)[:, :r]
+    plan = MergePlan(slot, 1.0 / count, representative[..., None], extra_tokens, extra_slots)
+    return plan, update_li(li, merged)
 
 
 def plan_for(
@@ -269,11 +283,18 @@ def _sum_into_slots(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torc
 
 def merge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
     """``[B, N, C] -> [B, M, C]``: each merged token is the plain mean of the tokens planned into it."""
-    if plan.members is not None:  # fixed fan-in: gather + mean, no accumulating scatter
-        batch, slots, fan_in = plan.members.shape
-        index = plan.members.reshape(batch, slots * fan_in, 1).expand(-1, -1, x.shape[-1])
-        return x.gather(1, index).reshape(batch, slots, fan_in, x.shape[-1]).mean(dim=2)
-    return _sum_into_slots(x, plan.slot, plan.inv_count.shape[1]) * plan.inv_count[..., None].to(x.dtype)
+    if plan.members is None:  # the general form: accumulate every token into its slot
+        return _sum_into_slots(x, plan.slot, plan.inv_count.shape[1]) * plan.inv_count[..., None].to(x.dtype)
+    batch, slots, fan_in = plan.members.shape
+    channels = x.shape[-1]
+    gathered = x.gather(1, plan.members.reshape(batch, slots * fan_in, 1).expand(-1, -1, channels))
+    if fan_in > 1:  # fixed fan-in (SSM): a mean of gathered tokens, no accumulating scatter at all
+        return gathered.reshape(batch, slots, fan_in, channels).mean(dim=2)
+    if plan.extra_tokens is not None:  # representatives + the extra tokens (IDM's merged sources)
+        rows = torch.arange(batch, device=x.device)[:, None].expand_as(plan.extra_slots)
+        extra = x.gather(1, plan.extra_tokens[..., None].expand(-1, -1, channels))
+        gathered = gathered.index_put((rows, plan.extra_slots), extra, accumulate=True)
+    return gathered * plan.inv_count[..., None].to(x.dtype)
 
 
 def unmerge(y: torch.Tensor, plan: MergePlan) -> torch.Tensor:

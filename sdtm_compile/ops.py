@@ -17,12 +17,13 @@ __all__ = ["sdtm_plan", "sdtm_merge", "sdtm_unmerge", "GRAPH_OPS"]
 
 def sdtm_plan(
     x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, method: str, count: int, weight: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Plan one block: ``x`` ``[B, N, C]``, ``li`` ``[B, N]`` -> ``(slot, inv_count, li, members)``.
+) -> tuple[torch.Tensor | None, ...]:
+    """Plan one block: ``x`` ``[B, N, C]``, ``li`` ``[B, N]`` ->
+    ``(slot, inv_count, li, members, extra_tokens, extra_slots)``.
 
-    Shapes: ``slot [B, N]``, ``inv_count [B, M]``, ``li [B, N]``, ``members [B, M, 4]`` for SSM and ``None``
-    for IDM (see :class:`~sdtm_compile.merge.MergePlan`). ``method`` is ``"ssm"`` (``count`` windows,
-    ``weight`` = ``a_s``) or ``"idm"`` (``count`` sources, ``weight`` = ``a_d``).
+    Shapes: ``slot [B, N]``, ``inv_count [B, M]``, ``li [B, N]``; the last three are the plan's gather form
+    (see :class:`~sdtm_compile.merge.MergePlan`; ``None`` where a method has no such part). ``method`` is
+    ``"ssm"`` (``count`` windows, ``weight`` = ``a_s``) or ``"idm"`` (``count`` sources, ``weight`` = ``a_d``).
     """
     if method == "ssm":
         plan, li = ssm_plan(x, li, grid_h, grid_w, count, weight)
@@ -30,14 +31,19 @@ def sdtm_plan(
         plan, li = idm_plan(x, li, grid_h, grid_w, count, weight)
     else:
         raise ValueError(f"unknown merge method {method!r}: expected 'ssm' or 'idm'")
-    return plan.slot, plan.inv_count, li, plan.members
+    return plan.slot, plan.inv_count, li, plan.members, plan.extra_tokens, plan.extra_slots
 
 
 def sdtm_merge(
-    x: torch.Tensor, slot: torch.Tensor, inv_count: torch.Tensor, members: torch.Tensor | None = None
+    x: torch.Tensor,
+    slot: torch.Tensor,
+    inv_count: torch.Tensor,
+    members: torch.Tensor | None = None,
+    extra_tokens: torch.Tensor | None = None,
+    extra_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, N, C] -> [B, M, C]`` (see :func:`sdtm_compile.merge.merge`)."""
-    return merge(x, MergePlan(slot, inv_count, members))
+    return merge(x, MergePlan(slot, inv_count, members, extra_tokens, extra_slots))
 
 
 def sdtm_unmerge(y: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:

@@ -50,11 +50,19 @@ def test_static_output_shapes(grid, bucket, batch):
         assert li_new.shape == li.shape and li_new.dtype == torch.int32
         # every merged slot receives at least one token, and the counts add up to N
         assert torch.equal((1 / plan.inv_count).round().sum(1), torch.full((batch,), float(n)))
-        if plan.members is not None:  # SSM's gather-merge is the slot-merge, written without a scatter
-            assert plan.members.shape == (batch, merged_len, 4)
-            slot_of_members = plan.slot.gather(1, plan.members.reshape(batch, -1)).reshape(plan.members.shape)
-            assert torch.equal(slot_of_members, torch.arange(merged_len).expand(batch, 4, -1).transpose(1, 2))
-            torch.testing.assert_close(y, merge(x, plan._replace(members=None)), rtol=0, atol=1e-6)
+        # the gather form (how merge runs) is the slot form (every token summed into its slot)
+        fan_in = 4 if stage is Stage.STRUCTURE else 1
+        assert plan.members.shape == (batch, merged_len, fan_in)
+        slot_of_members = plan.slot.gather(1, plan.members.reshape(batch, -1)).reshape(plan.members.shape)
+        assert torch.equal(slot_of_members, torch.arange(merged_len).expand(batch, fan_in, -1).transpose(1, 2))
+        if plan.extra_tokens is not None:  # IDM: merged sources, each added once into its own slot
+            removed = n - merged_len
+            assert plan.extra_tokens.shape == plan.extra_slots.shape == (batch, removed)
+            assert torch.equal(plan.slot.gather(1, plan.extra_tokens), plan.extra_slots)
+            every_token = torch.cat([plan.members.reshape(batch, -1), plan.extra_tokens], 1).sort(1).values
+            assert torch.equal(every_token, torch.arange(n).expand(batch, -1))
+        slot_form = plan._replace(members=None, extra_tokens=None, extra_slots=None)
+        torch.testing.assert_close(y, merge(x, slot_form), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("make_plan", [ssm_plan, idm_plan])
