@@ -12,7 +12,8 @@ For each it reports wall time per generation (median and spread of ``runs`` time
 run round-robin so drift hits every variant alike), the speed-up over ``inductor``, FLOPs per step and per
 generation (``FlopCounterMode`` on each bucket graph, attention included; see :mod:`sdtm_compile.flops`), the
 FLOP ratio and the speed-up as a fraction of it, fidelity of the final latent against ``eager`` (PSNR,
-cosine), peak resident memory during a generation, and compile time cold (empty caches) and warm. It also
+cosine), peak resident memory during a generation (and how far above the resident memory at its start),
+and compile time cold (empty caches) and warm. It also
 measures the share of time the merge ops take (profiler, bucket graphs run op by op), sweeps the ratio for
 a speed-up vs fidelity curve, and draws the schedule, the curve and merge maps (:mod:`sdtm_compile.plots`).
 
@@ -50,7 +51,7 @@ from .ops import sdtm_merge, sdtm_plan, sdtm_unmerge
 from .sampling import GenerationInputs, cosine_similarity, generate, make_generation_inputs, psnr
 from .schedule import FULL, EngineKey, token_counts
 
-__all__ = ["BenchConfig", "run_benchmark", "render", "VARIANTS", "markdown_report", "peak_rss"]
+__all__ = ["BenchConfig", "run_benchmark", "render", "VARIANTS", "markdown_report", "peak_rss", "resident_mib"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,12 +150,22 @@ def peak_rss() -> Callable[[], float | None]:
         return lambda: None
 
     def read() -> float | None:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-        return None
+        return _proc_status_mib("VmHWM")
 
     return read
+
+
+def resident_mib() -> float | None:
+    """The process's resident set size now, in MiB (Linux; ``None`` elsewhere)."""
+    return _proc_status_mib("VmRSS")
+
+
+def _proc_status_mib(field_name: str) -> float | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field_name}:"):
+                return int(line.split()[1]) / 1024.0
+    return None
 
 
 def _summary(seconds: list[float]) -> dict[str, Any]:
@@ -322,6 +333,13 @@ class _Variant:
     latent: torch.Tensor | None = None
     deterministic: bool = True
     peak_rss_mib: float | None = None
+    peak_above_start_mib: float | None = None
+
+    def record_peak(self, start: float | None, peak: float | None) -> None:
+        if peak is None or start is None:
+            return
+        self.peak_rss_mib = max(self.peak_rss_mib or 0.0, peak)
+        self.peak_above_start_mib = max(self.peak_above_start_mib or 0.0, peak - start)
 
 
 def _generate(variant: _Variant, inputs: GenerationInputs, config: BenchConfig) -> tuple[torch.Tensor, float]:
@@ -343,12 +361,11 @@ def _timed_rounds(variants: list[_Variant], inputs: GenerationInputs, config: Be
     for round_index in range(config.warmup + runs):
         timed = round_index >= config.warmup
         for variant in variants:
-            read_peak = peak_rss() if not timed else None
+            start, read_peak = (resident_mib(), peak_rss()) if not timed else (None, None)
             latent, seconds = _generate(variant, inputs, config)
             done += 1
             if read_peak is not None:
-                peak = read_peak()
-                variant.peak_rss_mib = peak if variant.peak_rss_mib is None else max(variant.peak_rss_mib, peak or 0)
+                variant.record_peak(start, read_peak())
             if timed:
                 variant.seconds.append(seconds)
             if variant.latent is None:
@@ -359,9 +376,9 @@ def _timed_rounds(variants: list[_Variant], inputs: GenerationInputs, config: Be
             logger.info("[%s %d/%d] %-9s %s: %.2f s", what, done, total, variant.name, label, seconds)
     if config.warmup == 0:  # no untimed generation to read the peak from: take one more
         for variant in variants:
-            read_peak = peak_rss()
+            start, read_peak = resident_mib(), peak_rss()
             _generate(variant, inputs, config)
-            variant.peak_rss_mib = read_peak()
+            variant.record_peak(start, read_peak())
 
 
 def _steps_of(compiled_graph, num_steps: int) -> list[dict[str, Any]]:
@@ -627,6 +644,7 @@ def _assemble(config, variants, steps, reference_steps, step_flops, full, shares
             "speedup_over_flop_ratio": speedup / flop_ratio,
             **_fidelity(variant.latent, variants[_FIDELITY_REFERENCE].latent),
             "peak_rss_mib": variant.peak_rss_mib,
+            "peak_above_start_mib": variant.peak_above_start_mib,
             "build_cold_s": variant.build_cold_s,
             "build_warm_s": variant.build_warm_s,
             "deterministic": variant.deterministic,
@@ -731,7 +749,8 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"{machine['torch_threads']} threads, torch {machine['torch']}.",
         "",
         "| variant | s / generation (median) | spread | speed-up vs Inductor | FLOPs / generation | FLOP ratio "
-        "| speed-up / FLOP ratio | PSNR dB | cosine | peak RSS MiB | compile cold s | compile warm s |",
+        "| speed-up / FLOP ratio | PSNR dB | cosine | peak RSS MiB (+ during generation) | compile cold s "
+        "| compile warm s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["variants"].items():
@@ -740,7 +759,8 @@ def markdown_report(result: dict[str, Any]) -> str:
             f"({row['spread_pct']:.1f}%) | {row['speedup_vs_inductor']:.2f}x | "
             f"{_flops(row['flops_per_generation'])} | {row['flop_ratio']:.2f}x | "
             f"{row['speedup_over_flop_ratio']:.2f} | {_fmt(row['psnr_db'], '.2f')} | {row['cosine']:.6f} | "
-            f"{_fmt(row['peak_rss_mib'], ',.0f')} | {_fmt(row['build_cold_s'], '.1f')} | "
+            f"{_fmt(row['peak_rss_mib'], ',.0f')} (+{_fmt(row.get('peak_above_start_mib'), ',.0f')}) | "
+            f"{_fmt(row['build_cold_s'], '.1f')} | "
             f"{_fmt(row['build_warm_s'], '.1f')} |"
         )
     share = result["merge_time_share"]["generation"]

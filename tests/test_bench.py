@@ -60,8 +60,8 @@ TOP_FIELDS = {
 }  # fmt: skip
 VARIANT_FIELDS = {
     "seconds", "median_s", "min_s", "max_s", "spread_pct", "speedup_vs_inductor", "flops_per_generation",
-    "flop_ratio", "speedup_over_flop_ratio", "psnr_db", "cosine", "peak_rss_mib", "build_cold_s",
-    "build_warm_s", "deterministic",
+    "flop_ratio", "speedup_over_flop_ratio", "psnr_db", "cosine", "peak_rss_mib", "peak_above_start_mib",
+    "build_cold_s", "build_warm_s", "deterministic",
 }  # fmt: skip
 
 
@@ -84,6 +84,8 @@ def test_json_has_every_field(tiny_result):
         assert VARIANT_FIELDS <= set(row), name
         assert len(row["seconds"]) == 2 and row["min_s"] <= row["median_s"] <= row["max_s"]
         assert row["deterministic"] is True
+        if row["peak_rss_mib"] is not None:  # Linux: a generation's peak is above what it started from
+            assert row["peak_rss_mib"] >= row["peak_above_start_mib"] >= 0
     assert saved["variants"]["inductor"]["speedup_vs_inductor"] == pytest.approx(1.0)
     assert saved["variants"]["eager"]["psnr_db"] is None or saved["variants"]["eager"]["psnr_db"] == math.inf
     for name in ("inductor", "sdtm"):  # compiled variants have compile times
