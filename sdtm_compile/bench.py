@@ -48,7 +48,7 @@ from .config import SDTMConfig
 from .flops import count_flops, mmdit_block_flops
 from .models import MODEL_PRESETS, ModelPreset, tiny_sd3_transformer
 from .ops import sdtm_merge, sdtm_plan, sdtm_unmerge
-from .sampling import GenerationInputs, cosine_similarity, generate, make_generation_inputs, psnr
+from .sampling import GenerationInputs, cosine_similarity, diffusers_call, generate, make_generation_inputs, psnr
 from .schedule import FULL, EngineKey, token_counts
 
 __all__ = ["BenchConfig", "run_benchmark", "render", "VARIANTS", "markdown_report", "peak_rss", "resident_mib"]
@@ -179,21 +179,6 @@ def _summary(seconds: list[float]) -> dict[str, Any]:
     }
 
 
-def _diffusers_call(transformer: Callable[..., Any]) -> Callable[..., torch.Tensor]:
-    """Adapt a diffusers-signature transformer (eager or compiled) to ``sampling.generate``'s call."""
-
-    def call(hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        return transformer(
-            hidden_states=hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            return_dict=False,
-        )[0]
-
-    return call
-
-
 def _cfg_call_inputs(inputs: GenerationInputs, timestep: float) -> dict[str, torch.Tensor]:
     """The batch-2 transformer inputs of one CFG step, laid out exactly as :func:`~sdtm_compile.sampling.generate`
     passes them (the timestep is an expanded scalar, stride 0): compiled code guards on strides, so a probe
@@ -241,7 +226,7 @@ class _Compiled:
         with torch.no_grad():
             self.module(**probe, return_dict=False)
         self.build_s = time.perf_counter() - start
-        self.call = _diffusers_call(self.module)
+        self.call = diffusers_call(self.module)
 
     @property
     def compiled_graph(self):
@@ -345,13 +330,13 @@ class _Variant:
 def _generate(variant: _Variant, inputs: GenerationInputs, config: BenchConfig) -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
     latent = generate(
-        variant.call, inputs, num_steps=config.steps, guidance_scale=config.guidance_scale, shift=_shift(config)
+        variant.call,
+        inputs,
+        num_steps=config.steps,
+        guidance_scale=config.guidance_scale,
+        shift=config.sdtm.timestep_shift,
     )
     return latent, time.perf_counter() - start
-
-
-def _shift(config: BenchConfig) -> float:
-    return config.sdtm.timestep_shift
 
 
 def _timed_rounds(variants: list[_Variant], inputs: GenerationInputs, config: BenchConfig, runs: int, what: str):
@@ -411,7 +396,7 @@ def _merge_maps(
         inputs,
         num_steps=config.steps,
         guidance_scale=config.guidance_scale,
-        shift=_shift(config),
+        shift=config.sdtm.timestep_shift,
         on_step=on_step,
     )
     return maps
@@ -445,10 +430,11 @@ def _key_record(key: EngineKey, grid: tuple[int, int]) -> dict[str, Any]:
     }
 
 
-def run_benchmark(config: BenchConfig) -> dict[str, Any]:
+def run_benchmark(config: BenchConfig, command: str | None = None) -> dict[str, Any]:
     """Run the whole benchmark; write ``bench.json``, ``bench.md`` and the PNGs to ``config.out_dir``.
 
-    Returns the JSON-able result (the content of ``bench.json``).
+    ``command`` is recorded in the result (the command line that ran it). Returns the JSON-able result (the
+    content of ``bench.json``).
     """
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -495,7 +481,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
 
         reference = ReferenceTransformer(model, config.sdtm)
         variants = {
-            "eager": _Variant("eager", _diffusers_call(model)),
+            "eager": _Variant("eager", diffusers_call(model)),
             "inductor": _Variant("inductor", inductor.call, cold_inductor.build_s, inductor.build_s),
             "sdtm": _Variant("sdtm", sdtm.call, cold_sdtm.build_s, sdtm.build_s),
             "reference": _Variant("reference", reference),
@@ -519,7 +505,8 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         merge_share = _generation_share([s["key"] for s in sdtm_steps], shares)
 
         # 4. the sweep: speed-up vs fidelity over ratios (baseline re-timed beside each point)
-        sweep = [_sweep_point(config.sdtm, variants, sdtm_steps, step_flops, full.total, config)]
+        eager = variants[_FIDELITY_REFERENCE]
+        sweep = [_sweep_point(config.sdtm, variants[_BASELINE], variants["sdtm"], step_flops, full.total, eager)]
         for ratio in config.sweep:
             if abs(ratio - config.sdtm.ratio) < 1e-9:
                 continue
@@ -540,6 +527,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         for step in merge_map_steps(list(maps), result["schedule"])
     }
     result["wall_time_s"] = time.perf_counter() - wall_start
+    result["command"] = command
     render(result, out)
     logger.info("benchmark done in %.0f s; results in %s", result["wall_time_s"], out)
     return result
@@ -588,18 +576,17 @@ def _fidelity(latent: torch.Tensor, reference: torch.Tensor) -> dict[str, float]
     return {"psnr_db": psnr(latent, reference), "cosine": cosine_similarity(latent, reference)}
 
 
-def _sweep_point(sdtm_config, variants, steps, step_flops, full_total, config) -> dict[str, Any]:
-    """The main measurement as a point of the sweep."""
-    base, sdtm = variants[_BASELINE], variants["sdtm"]
-    speedup = statistics.median(base.seconds) / statistics.median(sdtm.seconds)
-    flop_ratio = full_total * len(steps) / sum(step_flops)
+def _sweep_point(
+    sdtm_config: SDTMConfig, baseline: _Variant, point: _Variant, step_flops: list[int], full_total: int, eager
+) -> dict[str, Any]:
+    """One point of the speed-up vs fidelity curve: ``point`` timed beside ``baseline`` in the same rounds."""
     return {
         "ratio": sdtm_config.ratio,
         "deviation": sdtm_config.deviation,
-        "speedup_vs_inductor": speedup,
-        "flop_ratio": flop_ratio,
-        "runs": config.runs,
-        **_fidelity(sdtm.latent, variants[_FIDELITY_REFERENCE].latent),
+        "speedup_vs_inductor": statistics.median(baseline.seconds) / statistics.median(point.seconds),
+        "flop_ratio": full_total * len(step_flops) / sum(step_flops),
+        "runs": len(point.seconds),
+        **_fidelity(point.latent, eager.latent),
     }
 
 
@@ -609,19 +596,11 @@ def _run_sweep_point(ratio, model, inputs, probe, graphs, variants, full_total, 
     compiled = _Compiled(model, sdtm_config, config.engine, probe)
     point = _Variant(f"sdtm@{ratio:g}", compiled.call)
     baseline = _Variant(_BASELINE, variants[_BASELINE].call)
-    sweep_config = dataclasses.replace(config, warmup=1)
     with torch.no_grad():
+        sweep_config = dataclasses.replace(config, warmup=1)
         _timed_rounds([baseline, point], inputs, sweep_config, config.sweep_runs, f"sweep {ratio:g}")
-    steps = _steps_of(compiled.compiled_graph, config.steps)
-    step_flops = [graphs.flops(s["key"], sdtm_config).total for s in steps]
-    return {
-        "ratio": ratio,
-        "deviation": sdtm_config.deviation,
-        "speedup_vs_inductor": statistics.median(baseline.seconds) / statistics.median(point.seconds),
-        "flop_ratio": full_total * len(steps) / sum(step_flops),
-        "runs": config.sweep_runs,
-        **_fidelity(point.latent, variants[_FIDELITY_REFERENCE].latent),
-    }
+    step_flops = [graphs.flops(s["key"], sdtm_config).total for s in _steps_of(compiled.compiled_graph, config.steps)]
+    return _sweep_point(sdtm_config, baseline, point, step_flops, full_total, variants[_FIDELITY_REFERENCE])
 
 
 def _assemble(config, variants, steps, reference_steps, step_flops, full, shares, merge_share, sweep, grid, spec):

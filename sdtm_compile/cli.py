@@ -104,9 +104,7 @@ def _bench(args, argv) -> int:
             cold_caches=not args.warm_caches,
             out_dir=args.out,
         )
-        result = run_benchmark(config)
-        result["command"] = "sdtm-compile " + " ".join(argv if argv is not None else sys.argv[1:])
-        render(result, args.out)
+        result = run_benchmark(config, command="sdtm-compile " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(markdown_report(result))
     print(f"wrote {', '.join(result['files'].values())} to {args.out}")
     if args.update_readme:

@@ -9,10 +9,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["GenerationInputs", "make_generation_inputs", "generate", "psnr", "cosine_similarity"]
+__all__ = [
+    "GenerationInputs",
+    "make_generation_inputs",
+    "generate",
+    "diffusers_call",
+    "psnr",
+    "cosine_similarity",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,21 @@ def make_generation_inputs(spec, latent_hw: tuple[int, int] = (32, 32), seed: in
         negative_prompt_embeds=torch.zeros(*text),
         negative_pooled_prompt_embeds=torch.zeros(1, spec.pooled_projection_dim),
     )
+
+
+def diffusers_call(transformer: Callable[..., Any]) -> TransformerCall:
+    """Adapt a diffusers-signature transformer (eager, compiled, ONNX runner) to :func:`generate`'s call."""
+
+    def call(hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return transformer(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+    return call
 
 
 def make_scheduler(shift: float = 3.0):
