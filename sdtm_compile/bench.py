@@ -48,7 +48,16 @@ from .config import SDTMConfig
 from .flops import count_flops, mmdit_block_flops
 from .models import MODEL_PRESETS, ModelPreset, tiny_sd3_transformer
 from .ops import sdtm_merge, sdtm_plan, sdtm_unmerge
-from .sampling import GenerationInputs, cosine_similarity, diffusers_call, generate, make_generation_inputs, psnr
+from .sampling import (
+    GenerationInputs,
+    cfg_batch,
+    cfg_prompts,
+    cosine_similarity,
+    diffusers_call,
+    generate,
+    make_generation_inputs,
+    psnr,
+)
 from .schedule import FULL, EngineKey, token_counts
 
 __all__ = ["BenchConfig", "run_benchmark", "render", "VARIANTS", "markdown_report", "peak_rss", "resident_mib"]
@@ -180,14 +189,15 @@ def _summary(seconds: list[float]) -> dict[str, Any]:
 
 
 def _cfg_call_inputs(inputs: GenerationInputs, timestep: float) -> dict[str, torch.Tensor]:
-    """The batch-2 transformer inputs of one CFG step, laid out exactly as :func:`~sdtm_compile.sampling.generate`
-    passes them (the timestep is an expanded scalar, stride 0): compiled code guards on strides, so a probe
-    laid out differently would make the first generation recompile."""
+    """The batch-2 transformer inputs of one CFG step, laid out exactly as :func:`generate` passes them (a
+    probe laid out differently would make the first generation recompile)."""
+    latent, expanded = cfg_batch(inputs.latents, torch.tensor(float(timestep)))
+    prompt, pooled = cfg_prompts(inputs)
     return {
-        "hidden_states": torch.cat([inputs.latents, inputs.latents]),
-        "encoder_hidden_states": torch.cat([inputs.negative_prompt_embeds, inputs.prompt_embeds]),
-        "pooled_projections": torch.cat([inputs.negative_pooled_prompt_embeds, inputs.pooled_prompt_embeds]),
-        "timestep": torch.tensor(float(timestep)).expand(2),
+        "hidden_states": latent,
+        "encoder_hidden_states": prompt,
+        "pooled_projections": pooled,
+        "timestep": expanded,
     }
 
 

@@ -23,7 +23,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="tiny-sd3",
-        help="tiny-sd3, tiny-sd35 (built from config) or a local diffusers SD3Transformer2DModel folder",
+        help="a preset built from config (tiny-sd3, tiny-sd35, sd3m-1024, sd3m-4096) or a local diffusers "
+        "SD3Transformer2DModel folder",
     )
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--deviation", type=float, default=0.2)
@@ -37,11 +38,11 @@ def _load_model(args):
     import torch
 
     from .config import SDTMConfig
-    from .models import TINY_SD3, TINY_SD35, TinySpec, example_inputs, tiny_sd3_transformer
+    from .models import MODEL_PRESETS, TinySpec, example_inputs, tiny_sd3_transformer
 
     config = SDTMConfig(ratio=args.ratio, deviation=args.deviation)
-    if args.model in ("tiny-sd3", "tiny-sd35"):
-        spec = TINY_SD3 if args.model == "tiny-sd3" else TINY_SD35
+    if args.model in MODEL_PRESETS:
+        spec = MODEL_PRESETS[args.model].spec
         model = tiny_sd3_transformer(spec)
     else:
         from diffusers import SD3Transformer2DModel

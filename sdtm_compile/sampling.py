@@ -18,6 +18,8 @@ __all__ = [
     "make_generation_inputs",
     "generate",
     "diffusers_call",
+    "cfg_prompts",
+    "cfg_batch",
     "psnr",
     "cosine_similarity",
 ]
@@ -66,6 +68,22 @@ def diffusers_call(transformer: Callable[..., Any]) -> TransformerCall:
     return call
 
 
+def cfg_prompts(inputs: GenerationInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings ``[2, T, D]`` and pooled ``[2, P]`` of a CFG batch: unconditional row first."""
+    prompt = torch.cat([inputs.negative_prompt_embeds, inputs.prompt_embeds])
+    pooled = torch.cat([inputs.negative_pooled_prompt_embeds, inputs.pooled_prompt_embeds])
+    return prompt, pooled
+
+
+def cfg_batch(latents: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent ``[2, C, H, W]`` and timestep ``[2]`` of one CFG call.
+
+    The timestep is the scalar expanded (stride 0), as the diffusers pipelines pass it. Compiled code guards
+    on strides, so anything that probes a compiled transformer must lay it out the same way.
+    """
+    return torch.cat([latents, latents]), timestep.expand(2)
+
+
 def make_scheduler(shift: float = 3.0):
     """The SD3 scheduler (``FlowMatchEulerDiscreteScheduler``, shift 3.0), built from config."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -89,11 +107,10 @@ def generate(
     scheduler = make_scheduler(shift)
     scheduler.set_timesteps(num_steps)
     latents = inputs.latents.clone()
-    prompt = torch.cat([inputs.negative_prompt_embeds, inputs.prompt_embeds])
-    pooled = torch.cat([inputs.negative_pooled_prompt_embeds, inputs.pooled_prompt_embeds])
+    prompt, pooled = cfg_prompts(inputs)
     for step, t in enumerate(scheduler.timesteps):
-        latent_in = torch.cat([latents, latents])
-        noise = call(latent_in, prompt, pooled, t.expand(2))
+        latent_in, timestep = cfg_batch(latents, t)
+        noise = call(latent_in, prompt, pooled, timestep)
         uncond, cond = noise.chunk(2)
         noise = uncond + guidance_scale * (cond - uncond)
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
