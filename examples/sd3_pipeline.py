@@ -82,6 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size / 4)")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--backend", default="sdtm_trt", choices=["sdtm_trt", "sdtm"])
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "tensorrt", "inductor", "eager"],
+        help="the backend's engine option (auto: TensorRT where possible, else Inductor)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="save the SDTM image here (PNG)")
     args = parser.parse_args(argv)
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         "baseline, eager": eager_transformer,
         "baseline, torch.compile (Inductor)": torch.compile(eager_transformer, dynamic=False),
         f"SDTM ratio {args.ratio}, backend={args.backend}": torch.compile(
-            eager_transformer, backend=args.backend, options={"sdtm": config}, dynamic=False
+            eager_transformer, backend=args.backend, options={"sdtm": config, "engine": args.engine}, dynamic=False
         ),
     }
     seconds: dict[str, tuple[float, float]] = {}

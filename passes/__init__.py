@@ -63,7 +63,11 @@ def rewrite_for_engine(
     propagate_shapes(out, [*example_inputs, li])
     after = _output_shapes(out)
     if after[:-1] != before or after[-1] != (batch, sites.num_tokens):
-        raise TokenShapeError(f"{settings.key}: the rewrite changed the graph's output shapes {before} -> {after}")
+        raise TokenShapeError(
+            f"{settings.key}: the rewrite changed the graph's output shapes {before} -> {after}; a merged region "
+            "leaks merged tokens into an output. Pass options={'on_unsupported': 'fallback'} to compile the model "
+            "without token merging"
+        )
     return out
 
 

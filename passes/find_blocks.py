@@ -59,6 +59,18 @@ class ModelSites:
     timestep_index: int  #: position of the timestep among the graph's placeholders
 
 
+_FALLBACK_ADVICE = (
+    "sdtm-compile knows diffusers' SD3 / SD3.5 JointTransformerBlock; a customised block or another diffusers "
+    "version may be laid out differently. Pass options={'on_unsupported': 'fallback'} to compile the model "
+    "without token merging, and report the model so that its layout can be supported."
+)
+
+
+def _unsupported(message: str) -> UnsupportedModelError:
+    """An :class:`UnsupportedModelError` that says what was found and what the user can do."""
+    return UnsupportedModelError(f"{message}. {_FALLBACK_ADVICE}")
+
+
 def _describe_modules(gm: fx.GraphModule) -> str:
     classes: Counter[str] = Counter()
     for node in gm.graph.nodes:
@@ -78,7 +90,7 @@ def _branch(block_path: str, name: str, nodes: list[fx.Node], entry_path: str) -
         return None
     entry = next((n for n in inside if module_stack(n)[-1][0] == entry_path and n.args), None)
     if entry is None or not isinstance(entry.args[0], fx.Node):
-        raise UnsupportedModelError(f"{prefix}: found no call of {entry_path} taking the image tokens")
+        raise _unsupported(f"{prefix}: found no call of {entry_path} taking the image tokens")
     inside_set = set(inside)
     leaving = [n for n in inside if any(u not in inside_set for u in n.users)]
     image_outputs = [n for n in leaving if node_shape(n) == node_shape(entry.args[0])]
@@ -86,7 +98,7 @@ def _branch(block_path: str, name: str, nodes: list[fx.Node], entry_path: str) -
     projected = [n for n in image_outputs if any(p.startswith(f"{prefix}.to_out") for p, _ in module_stack(n))]
     image_outputs = projected or image_outputs
     if not image_outputs:
-        raise UnsupportedModelError(f"{prefix}: found no output with the image-token shape {node_shape(entry.args[0])}")
+        raise _unsupported(f"{prefix}: found no output with the image-token shape {node_shape(entry.args[0])}")
     return Branch(prefix, entry.args[0], image_outputs[-1], inside)
 
 
@@ -123,13 +135,13 @@ def find_mmdit_blocks(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMod
         attn = _branch(path, "attn", nodes, f"{path}.attn.to_q")
         ff = _branch(path, "ff", nodes, f"{path}.ff.net.0.proj")
         if attn is None or ff is None:
-            raise UnsupportedModelError(f"block {path} has no {'attn' if attn is None else 'ff'} region in the graph")
+            raise _unsupported(f"block {path} has no {'attn' if attn is None else 'ff'} region in the graph")
         attn2 = _branch(path, "attn2", nodes, f"{path}.attn2.to_q")
         blocks.append(BlockSites(index, path, attn, ff, attn2))
 
     shapes = {node_shape(b.input) for block in blocks for b in block.branches}
     if len(shapes) != 1 or len(next(iter(shapes)) or ()) != 3:
-        raise UnsupportedModelError(f"merge sites disagree on the image-token shape [B, N, C]: {shapes}")
+        raise _unsupported(f"merge sites disagree on the image-token shape [B, N, C]: {shapes}")
     num_tokens = next(iter(shapes))[1]  # type: ignore[index]
 
     text_tokens = None
@@ -141,16 +153,25 @@ def find_mmdit_blocks(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMod
     latent_index = _placeholder_feeding(gm, "pos_embed.proj", "hidden_states")
     timestep_index = _placeholder_feeding(gm, "time_text_embed.time_proj", "timestep")
     if latent_index is None or timestep_index is None:
-        raise UnsupportedModelError("could not find the latent and timestep inputs of the traced transformer")
+        raise _unsupported(
+            "could not find the latent and timestep inputs of the traced transformer (call it with the "
+            "hidden_states and timestep arguments of SD3Transformer2DModel.forward)"
+        )
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     latent_shape = node_shape(placeholders[latent_index])
     if latent_shape is None or len(latent_shape) != 4:
-        raise UnsupportedModelError(f"expected a latent [B, C, H, W], got shape {latent_shape}")
+        raise _unsupported(
+            f"expected a latent hidden_states [B, C, H, W], got shape {latent_shape}: pass the unpatchified "
+            "latent, as diffusers' SD3 pipelines do"
+        )
     height, width = latent_shape[-2:]
     patch = round(math.sqrt(height * width / num_tokens))
     grid = (height // patch, width // patch)
     if grid[0] * grid[1] != num_tokens:
-        raise UnsupportedModelError(f"latent {height}x{width} does not map onto {num_tokens} image tokens")
+        raise _unsupported(
+            f"latent {height}x{width} does not map onto {num_tokens} image tokens: use a latent whose sides are "
+            "multiples of the transformer's patch_size"
+        )
 
     gm.meta["sdtm_sites"] = ModelSites(blocks, num_tokens, text_tokens, grid, latent_index, timestep_index)
     logger.info(

@@ -89,7 +89,12 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> 
     try:
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
     except Exception as err:  # the failing node is in the message of torch's interpreter
-        raise TokenShapeError(f"the rewritten graph does not type-check: {err}") from err
+        raise TokenShapeError(
+            f"the rewritten graph does not type-check: {err}. A token-count constant inside a merged region was "
+            "not recognised (a block customised beyond diffusers' SD3 / SD3.5 layout?). Pass "
+            "options={'on_unsupported': 'fallback'} to compile the model without token merging, or run the "
+            "'eager' engine with logging at DEBUG to see which nodes fix_token_shapes rewrote"
+        ) from err
     for node in gm.graph.nodes:
         if "val" in node.meta:
             node.meta["example_value"] = node.meta["val"]

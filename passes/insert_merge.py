@@ -7,8 +7,9 @@ import operator
 
 from torch import fx
 
-from sdtm_compile.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
-from sdtm_compile.schedule import Stage, idm_sources_merged, ssm_windows_merged
+from sdtm_compile.merge import plan_spec
+from sdtm_compile.ops import PLAN_OUTPUTS, sdtm_merge, sdtm_plan, sdtm_unmerge
+from sdtm_compile.schedule import Stage
 
 from .find_blocks import Branch, ModelSites
 from .settings import PassSettings
@@ -29,7 +30,8 @@ def _copy_location(new: fx.Node, like: fx.Node, role: str) -> None:
 def _wrap_branch(graph: fx.Graph, branch: Branch, plan: list[fx.Node]) -> None:
     """Merge what enters ``branch`` and unmerge what leaves it; nodes outside the branch are untouched.
 
-    ``plan`` is ``[slot, inv_count, members, ...]``: getitem nodes of one ``sdtm_plan``, in ``sdtm_merge``'s order.
+    ``plan`` is ``[slot, inv_count, members, extra_tokens, extra_slots]``: getitem nodes of one ``sdtm_plan``, in
+    ``sdtm_merge``'s order.
     """
     inside = set(branch.nodes)
     slot, last = plan[0], plan[-1]
@@ -64,29 +66,18 @@ def insert_merge_nodes(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
     sites: ModelSites = gm.meta["sdtm_sites"]
     li: fx.Node = gm.meta["sdtm_li_input"]
     grid_h, grid_w = sites.grid
-    if key.stage is Stage.STRUCTURE:
-        method, count, weight = "ssm", ssm_windows_merged(key.bucket, grid_h, grid_w), settings.config.a_s
-    else:
-        method, count, weight = "idm", idm_sources_merged(key.bucket, grid_h, grid_w), settings.config.a_d
+    spec = plan_spec(key, grid_h, grid_w, settings.config)
     graph = gm.graph
     for block in sites.blocks:
         with graph.inserting_after(block.attn.input):
-            plan = graph.call_function(sdtm_plan, (block.attn.input, li, grid_h, grid_w, method, count, weight))
-        with graph.inserting_after(plan):
-            slot = graph.call_function(operator.getitem, (plan, 0))
-        with graph.inserting_after(slot):
-            inv_count = graph.call_function(operator.getitem, (plan, 1))
-        with graph.inserting_after(inv_count):
-            li = graph.call_function(operator.getitem, (plan, 2))
-        merge_args = [slot, inv_count]
-        # the plan's gather form (members; IDM also extra_tokens, extra_slots): see sdtm_compile.merge
-        gather_form = [3] if method == "ssm" else ([3, 4, 5] if count > 0 else [3])
-        last = li
-        for index in gather_form:
+            plan = graph.call_function(sdtm_plan, (block.attn.input, li, grid_h, grid_w, *spec))
+        parts, last = {}, plan
+        for index, name in enumerate(PLAN_OUTPUTS):  # every part; a method without one returns None there
             with graph.inserting_after(last):
-                last = graph.call_function(operator.getitem, (plan, index))
-            merge_args.append(last)
-        for node in (plan, li, *merge_args):
+                last = parts[name] = graph.call_function(operator.getitem, (plan, index))
+        li = parts["li"]
+        merge_args = [parts[name] for name in PLAN_OUTPUTS if name != "li"]  # sdtm_merge's order
+        for node in (plan, *parts.values()):
             _copy_location(node, block.attn.input, "plan")
         branches = [block.attn, block.attn2, block.ff] if key.stage is Stage.STRUCTURE else [block.ff]
         for branch in branches:
@@ -95,5 +86,7 @@ def insert_merge_nodes(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = ((*output.args[0][:-1], li),)
     gm.recompile()
-    logger.debug("insert_merge_nodes: %s (%s, %d per block) in %d blocks", key, method, count, len(sites.blocks))
+    logger.debug(
+        "insert_merge_nodes: %s (%s, %d per block) in %d blocks", key, spec.method, spec.count, len(sites.blocks)
+    )
     return gm

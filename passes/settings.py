@@ -1,4 +1,4 @@
-"""What every pass receives: the SDTM config, the engine (stage, bucket) being built and the token grid."""
+"""What every pass receives: the SDTM config and the engine (stage, bucket) being built."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ class PassSettings:
     Attributes:
         config: the SDTM configuration.
         key: the (stage, bucket) this graph is rewritten for; ``FULL`` leaves the blocks unmerged.
-        grid: the image-token grid ``(grid_h, grid_w)``; ``None`` until :func:`find_mmdit_blocks` infers it.
+
+    What the passes find in the graph (blocks, token grid, inputs) is not a setting: :func:`find_mmdit_blocks`
+    stores it as a :class:`~sdtm_compile.passes.ModelSites` in ``gm.meta["sdtm_sites"]``.
     """
 
     config: SDTMConfig = SDTMConfig()
     key: EngineKey = FULL
-    grid: tuple[int, int] | None = None

@@ -19,14 +19,20 @@ def thread_li_state(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModul
     """Add the ``[B, N]`` int32 ``sdtm_li`` input after the last input and return it as the last output."""
     graph = gm.graph
     if any(n.op == "placeholder" and n.name == LI_INPUT_NAME for n in graph.nodes):
-        raise ValueError("the graph already has an sdtm_li input: thread_li_state ran twice")
+        raise ValueError(
+            "the graph already has an sdtm_li input: thread_li_state ran twice. Rewrite a fresh copy of the traced "
+            "graph (rewrite_for_engine copies it for you) instead of rewriting a rewritten one"
+        )
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_after(placeholders[-1]):
         li = graph.placeholder(LI_INPUT_NAME)
     output = next(n for n in graph.nodes if n.op == "output")
     outputs = output.args[0]
     if not isinstance(outputs, (tuple, list)):
-        raise ValueError(f"expected the graph to return a tuple, got {type(outputs).__name__}")
+        raise ValueError(
+            f"expected the traced graph to return a tuple, got {type(outputs).__name__}: trace the transformer "
+            "with torch.compile / capture_dynamo_graph, whose graphs return their outputs as a tuple"
+        )
     output.args = ((*outputs, li),)
     gm.meta["sdtm_li_input"] = li
     gm.recompile()

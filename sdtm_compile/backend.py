@@ -65,9 +65,11 @@ class BackendSettings:
         engine: ``"auto"`` (``sdtm``: Inductor; ``sdtm_trt``: TensorRT if torch-tensorrt and CUDA are there,
             else Inductor with a warning), ``"tensorrt"`` (error if unavailable), ``"inductor"`` or ``"eager"``
             (the rewritten graph op by op, for debugging).
-        on_unsupported: what to do with a model without MMDiT blocks: ``"error"`` (default) raises
-            :class:`~sdtm_compile.passes.UnsupportedModelError`; ``"fallback"`` warns and compiles the
-            unmodified graph with the chosen engine.
+        on_unsupported: what to do with a model the passes cannot rewrite (no MMDiT block found, or any
+            pass failing on a bucket graph): ``"error"`` (default) raises the pass's error
+            (:class:`~sdtm_compile.passes.UnsupportedModelError`, ``TokenShapeError``, ...); ``"fallback"``
+            warns, naming the reason, and compiles the unmodified graph with the chosen engine. A failed engine
+            *build* is not covered: it falls back along the engine order, or raises ``EngineBuildError``.
         tensorrt: extra torch-tensorrt ``CompilationSettings`` fields for the TensorRT engines (checked
             against torch-tensorrt 2.13's fields before building; see :mod:`sdtm_compile.tensorrt`).
         cache_dir: where built engines are cached (:mod:`sdtm_compile.cache`): a path, ``None`` for the
@@ -90,7 +92,7 @@ class BackendSettings:
 
     def __post_init__(self) -> None:
         if isinstance(self.sdtm, Mapping):
-            object.__setattr__(self, "sdtm", SDTMConfig(**self.sdtm))
+            object.__setattr__(self, "sdtm", SDTMConfig.from_dict(self.sdtm))
         if not isinstance(self.sdtm, SDTMConfig):
             raise ValueError(f"option 'sdtm' must be an SDTMConfig or a dict of its fields, got {self.sdtm!r}")
         if self.engine not in _ENGINE_CHOICES:
@@ -209,6 +211,15 @@ class SDTMBackend:
                 )
         raise AssertionError("unreachable")
 
+    def _unmodified(self, gm: fx.GraphModule, example_inputs: list[torch.Tensor], order: list[str], reason: str):
+        """``on_unsupported='fallback'``: warn, naming why, and build the unmodified graph with the chosen engine."""
+        warnings.warn(
+            f"{self.name}: {reason}. Compiling the model WITHOUT token merging (on_unsupported='fallback').",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return self._build(FULL, gm, example_inputs, order)[1]
+
     def __call__(self, gm: fx.GraphModule, example_inputs: list[torch.Tensor], **kwargs: Any) -> Callable[..., Any]:
         if "options" in kwargs:  # torch.compile(backend=<this object>, options=...) is not how we take options
             raise ValueError("pass options to SDTMBackend(options) or use backend='sdtm' with options={...}")
@@ -226,13 +237,7 @@ class SDTMBackend:
         except UnsupportedModelError as err:
             if self.settings.on_unsupported == "error":
                 raise
-            warnings.warn(
-                f"{self.name}: {err.args[0].split('. Pass')[0]}. Compiling the model WITHOUT token merging "
-                "(on_unsupported='fallback').",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return self._build(FULL, gm, example_inputs, order)[1]
+            return self._unmodified(gm, example_inputs, order, err.args[0].split(". Pass")[0])
 
         keys = engines_for_trajectory(config)
         batch = example_inputs[sites.latent_index].shape[0]
@@ -259,7 +264,13 @@ class SDTMBackend:
                 order[0],
             )
             start = time.perf_counter()
-            rewritten = rewrite_for_engine(gm, example_inputs, PassSettings(config, key))
+            try:
+                rewritten = rewrite_for_engine(gm, example_inputs, PassSettings(config, key))
+            except Exception as err:  # any pass failure: the graph is not one we can rewrite
+                if self.settings.on_unsupported == "error":
+                    raise
+                reason = f"rewriting the graph for {key} failed ({type(err).__name__}: {str(err).split('. Pass')[0]})"
+                return self._unmodified(gm, example_inputs, order, reason)
             names[key], engines[key] = self._build(key, rewritten, [*example_inputs, li], order)
             built[(key.stage, counts)] = key
             logger.info("  %s built in %.1f s", key, time.perf_counter() - start)

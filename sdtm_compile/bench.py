@@ -110,7 +110,7 @@ class BenchConfig:
         if self.model not in MODEL_PRESETS:
             raise ValueError(f"unknown model {self.model!r}: choose one of {sorted(MODEL_PRESETS)}")
         if isinstance(self.sdtm, dict):
-            object.__setattr__(self, "sdtm", SDTMConfig(**self.sdtm))
+            object.__setattr__(self, "sdtm", SDTMConfig.from_dict(self.sdtm))
         object.__setattr__(self, "sweep", tuple(float(r) for r in self.sweep))
         checks = [
             (self.latent is None or (self.latent >= 4 and self.latent % 2 == 0), "latent", "an even side >= 4"),

@@ -4,9 +4,12 @@ Location: ``BackendSettings.cache_dir``, else ``$SDTM_CACHE_DIR``, else ``~/.cac
 ``cache_dir=False`` (or ``SDTM_CACHE_DIR=off``) turns it off.
 
 An entry is ``<key>.bin`` (the engine) beside ``<key>.json`` (what it is and the blob's sha256). The key hashes
-the bucket graph's code (which holds every SDTM constant of the engine), the input shapes and dtypes, the
-Inductor config and the versions of torch, torch-tensorrt and sdtm-compile; weights are graph *inputs*, not
-part of the engine, so one entry serves any checkpoint of the same architecture. A truncated or corrupt entry
+the engine name, the bucket graph's code (which holds every SDTM constant of the engine), each input's shape,
+stride, dtype and device, whether gradients are on (Inductor then compiles a different graph), the
+compiler's config (Inductor's), a digest of the source of the merge ops
+(``ops.py`` and ``merge.py``, which the graph's code only names) and the versions of torch, torch-tensorrt and
+sdtm-compile; weights are graph *inputs*, not part of the engine, so one entry serves any checkpoint of the
+same architecture. A truncated or corrupt entry
 is reported once (a warning), deleted and rebuilt - never loaded. TensorRT engines use torch-tensorrt's own
 engine cache in ``<cache>/tensorrt``.
 """
@@ -91,11 +94,11 @@ class EngineCache:
         self.directory = Path(directory)
 
     def key(self, gm: fx.GraphModule, example_inputs: list[Any], engine: str) -> str:
-        """Hash of the bucket graph, input shapes/strides/dtypes, engine name, compiler config, the source of
-        the merge ops and versions.
+        """Hash of the bucket graph, input shapes/strides/dtypes/devices, grad mode, engine name, compiler config,
+        the source of the merge ops and versions.
 
         The SDTM config is not hashed on its own: every constant it puts into an engine (token counts,
-        ``a_s``/``a_d``, the grid) is in the graph's code, while the schedule-only fields (``ratio``,
+        ``a_s``, the grid) is in the graph's code, while the schedule-only fields (``ratio``,
         ``deviation``, ``switch_at``) only choose *which* buckets are built. So a second ratio reuses the
         buckets it shares with the first.
         """
@@ -110,6 +113,8 @@ class EngineCache:
                 "engine": engine,
                 "code": gm.code,
                 "inputs": inputs,
+                # grad mode decides what Inductor compiles: an inference graph, or a forward that saves for backward
+                "grad": torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in example_inputs),
                 "compiler": _compiler_config(engine),
                 "graph_ops": _graph_ops_digest(),
                 "versions": versions(),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 __all__ = ["SDTMConfig", "DEFAULT_BUCKETS", "MAX_RATIO"]
 
@@ -13,6 +15,14 @@ DEFAULT_BUCKETS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 #: Neither stage can remove more than 3 of every 4 tokens: SSM keeps one token per 2x2 window and IDM keeps
 #: every window's destination.
 MAX_RATIO = 0.75
+
+
+#: Names a user of the authors' release may pass, with why they are not fields here.
+_NOT_FIELDS = {
+    "a_d": "a_d is declared by the release's apply_SDTM but never read (its FIDM ranks sources by similarity "
+    "alone): drop it.",
+    "switch_step": "Use switch_at, a fraction of the trajectory (the release's switch_step=20 of 50 is 0.4).",
+}
 
 
 def _fail(name: str, value: object, allowed: str) -> None:
@@ -38,8 +48,8 @@ class SDTMConfig:
         window: Merge window on the token grid ``(height, width)``. Only ``(2, 2)`` is implemented, as in the
             release.
         a_s: Weight of the "not attended" counter ``li`` in the SSM window score. Range ``[0, 10]``.
-        a_d: Weight of ``li`` in the IDM source score (in the release, not in the paper's abstract).
-            Range ``[0, 10]``.
+            (There is no ``a_d``: the release's ``apply_SDTM`` accepts one and stores it, but no line of it is
+            ever read; its detail stage ranks sources by their best similarity alone, and so does ours.)
         buckets: Compression ratios that get a compiled engine, strictly increasing, each in ``(0, 0.75]``.
             The scheduled ratio is rounded down to the nearest bucket (below the smallest bucket the full
             model runs). More buckets follow the schedule more closely but build more engines.
@@ -54,7 +64,6 @@ class SDTMConfig:
     switch_at: float = 0.4
     window: tuple[int, int] = (2, 2)
     a_s: float = 0.05
-    a_d: float = 0.05
     buckets: tuple[float, ...] = field(default=DEFAULT_BUCKETS)
     timestep_shift: float = 3.0
     num_train_timesteps: int = 1000
@@ -79,9 +88,8 @@ class SDTMConfig:
         if tuple(self.window) != (2, 2):
             _fail("window", self.window, "(2, 2) only: the SSM/IDM windows of the release")
         object.__setattr__(self, "window", (2, 2))
-        for name in ("a_s", "a_d"):
-            if not 0.0 <= getattr(self, name) <= 10.0:
-                _fail(name, getattr(self, name), "0 <= value <= 10")
+        if not 0.0 <= self.a_s <= 10.0:
+            _fail("a_s", self.a_s, "0 <= value <= 10")
         buckets = tuple(self.buckets) if isinstance(self.buckets, (list, tuple)) else None
         if not buckets:
             _fail("buckets", self.buckets, "a non-empty tuple of ratios in (0, 0.75], strictly increasing")
@@ -104,6 +112,16 @@ class SDTMConfig:
     def enabled(self) -> bool:
         """False when ``ratio == 0``: the model then runs unmodified."""
         return self.ratio > 0.0
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> SDTMConfig:
+        """Build from a dict of fields (options, manifests); an unknown key is a ``ValueError`` naming it."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            hints = "".join(f" {_NOT_FIELDS[name]}" for name in unknown if name in _NOT_FIELDS)
+            raise ValueError(f"SDTMConfig has no field(s) {unknown}; valid fields: {valid}.{hints}")
+        return cls(**values)
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (tuples become lists)."""

@@ -64,7 +64,11 @@ def build_eager(gm: fx.GraphModule, example_inputs: list[torch.Tensor], settings
     return gm
 
 
-@register_engine("inductor", unavailable_reason=_always, description="TorchInductor (default on CPU), disk-cached")
+@register_engine(
+    "inductor",
+    unavailable_reason=_always,
+    description="TorchInductor (the sdtm backend's default on every device), disk-cached",
+)
 def build_inductor(gm: fx.GraphModule, example_inputs: list[torch.Tensor], settings: Any) -> CompiledEngine:
     """Lower to aten with ``make_fx``, compile with ``standalone_compile``; load/store it in the engine cache."""
     from torch._inductor import CompiledArtifact, standalone_compile

@@ -88,10 +88,11 @@ def export_onnx(
             the batch size and resolution to deploy (shapes are static, as in the compiled backend).
         config: the SDTM configuration; its schedule decides which engines are exported.
         out_dir: created if missing; existing files of the same names are overwritten.
-        external_data: passed to ``torch.onnx.export``: weights in a ``.onnx.data`` file beside each graph
-            (needed past ONNX's 2 GB protobuf limit, e.g. SD3.5-large; the exporter may still keep small
-            weights inline). Default: only when the weights exceed 1.5 GB. Any ``.data`` files written are
-            listed and checksummed in the manifest. Not tested on a model that large here.
+        external_data: passed to ``torch.onnx.export``: the weights go to a ``<file>.onnx.data`` file beside
+            each graph (needed past ONNX's 2 GB protobuf limit, e.g. SD3.5-large). Default: only when the
+            weights exceed 1.5 GB. Every ``.data`` file is listed and checksummed in the manifest, and
+            :class:`OnnxTransformer` checks it on load. Tested on a tiny model with the flag forced on, not on a
+            model past 2 GB.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -123,6 +124,7 @@ def export_onnx(
             start = time.perf_counter()
             module = _BucketModule(rewritten, flat, input_positions).eval()
             args = tuple(flat[i] for i in input_positions) + (li,)
+            (out / f"{file_name}.data").unlink(missing_ok=True)  # a stale one from an earlier export
             with _quiet("onnx_ir", "onnxscript", "torch.onnx"):
                 torch.onnx.export(
                     module,
@@ -132,7 +134,7 @@ def export_onnx(
                     opset_version=opset,
                     input_names=[*input_names, LI_NAME],
                     output_names=["sample", f"{LI_NAME}_out"],
-                    external_data=False,
+                    external_data=external_data,
                     verbose=False,
                 )
             files_for_graph[graph_id] = file_name
@@ -166,6 +168,7 @@ def export_onnx(
             }
         ],
         "engines": engines,
+        "external_data": bool(external_data),
         "files": {
             path.name: sha256_file(path)
             for name in sorted(set(files_for_graph.values()))
@@ -254,7 +257,10 @@ class OnnxTransformer(nn.Module):
                     "(file corrupt or replaced); re-export the bundle"
                 )
         self.manifest = manifest
-        self.sdtm_config = SDTMConfig(**manifest["config"])
+        try:
+            self.sdtm_config = SDTMConfig.from_dict(manifest["config"])
+        except ValueError as err:
+            raise BundleError(f"{manifest_path}: invalid SDTM config ({err}); re-export the bundle") from err
         self.config = _Config(manifest["transformer_config"])
         self.inputs = manifest["inputs"]
         self.state = manifest["state"][0]

@@ -45,6 +45,10 @@ __all__ = [
     "leftover_token_index",
     "ssm_plan",
     "idm_plan",
+    "PlanSpec",
+    "PLAN_METHODS",
+    "plan_spec",
+    "make_plan",
     "plan_for",
     "merge",
     "unmerge",
@@ -196,7 +200,7 @@ def ssm_plan(
 
 
 def idm_plan(
-    x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, num_sources: int, a_d: float
+    x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, num_sources: int
 ) -> tuple[MergePlan, torch.Tensor]:
     """Inattentive-prioritized detail merging (the release's "FIDM"): merge ``num_sources`` tokens.
 
@@ -204,14 +208,14 @@ def idm_plan(
         x: ``[B, N, C]`` the block's attention input.
         li: ``[B, N]`` int32 "not attended" counter.
         num_sources: sources to merge, ``r`` (a static int).
-        a_d: weight of a source's ``li / mean(li over sources)`` in its score (the release's ``a_d``).
 
     Each 2x2 window's destination is its token with the largest ``li`` (ties: the first). Every other token
     (and every leftover token of an odd side) is a source and finds its most cosine-similar destination
-    over all destinations; the ``r`` best-scoring sources are averaged with their destination (unweighted
-    mean of the destination and all sources merged into it). Output order: unmerged sources (by rank), then
-    the ``G`` destinations. Returns the plan (``M = N - r``) and the updated ``li`` (destinations and merged
-    sources ``+1``, unmerged sources ``0``).
+    over all destinations; the ``r`` sources with the highest best similarity are averaged with their
+    destination (unweighted mean of the destination and all sources merged into it). As in the release's
+    ``FIDM``, a source's score is its best similarity alone: ``li`` picks the destinations, not the sources.
+    Output order: unmerged sources (by rank), then the ``G`` destinations. Returns the plan (``M = N - r``) and
+    the updated ``li`` (destinations and merged sources ``+1``, unmerged sources ``0``).
     """
     _check_tokens(x, li, grid_h, grid_w)
     batch, n = li.shape
@@ -234,11 +238,7 @@ def idm_plan(
     similarity = src @ dst.transpose(-1, -2)  # [B, S, G]
     # argmax, not max(dim): torch-tensorrt has no converter for max.dim when its indices are used
     best_dst = similarity.argmax(dim=-1)  # [B, S]
-    # score = max_g(similarity) + a_d * li_priority, with the li term added *inside* the amax (the same value:
-    # rounding is monotonic). That makes the score a reduction output, which Inductor stores once; written as
-    # amax(...) + term, Inductor inlines the term's gather chain into _rank's S x S loop (5x slower plan).
-    li_term = a_d * _li_priority(li.gather(1, src_tok))
-    score = (similarity + li_term[..., None]).amax(dim=-1)  # [B, S]
+    score = similarity.amax(dim=-1)  # [B, S]: a reduction output, which Inductor stores once before _rank
     rank = _rank(score)
     is_merged = rank < r
     src_slot = torch.where(is_merged, (num_src - r) + best_dst, rank - r)
@@ -259,15 +259,42 @@ def idm_plan(
     return plan, update_li(li, merged)
 
 
+class PlanSpec(NamedTuple):
+    """Which plan one engine makes: ``method`` (a key of :data:`PLAN_METHODS`) and its static arguments."""
+
+    method: str
+    count: int  #: windows (SSM) or sources (IDM) to merge
+    options: tuple[tuple[str, float], ...] = ()  #: keyword arguments of the plan function, e.g. ``a_s``
+
+
+def plan_spec(key: EngineKey, grid_h: int, grid_w: int, config: SDTMConfig) -> PlanSpec:
+    """The stage -> plan mapping, in one place: SSM for structure, IDM for detail, at the bucket's count."""
+    if key.stage is Stage.STRUCTURE:
+        return PlanSpec("ssm", ssm_windows_merged(key.bucket, grid_h, grid_w), (("a_s", config.a_s),))
+    if key.stage is Stage.DETAIL:
+        return PlanSpec("idm", idm_sources_merged(key.bucket, grid_h, grid_w))
+    raise ValueError(f"stage {key.stage.value!r} has no merge plan")
+
+
+#: Plan functions by method name: ``plan(x, li, grid_h, grid_w, count, **options) -> (MergePlan, li)``.
+PLAN_METHODS = {"ssm": ssm_plan, "idm": idm_plan}
+
+
+def make_plan(
+    spec: PlanSpec, x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int
+) -> tuple[MergePlan, torch.Tensor]:
+    """Run the plan function ``spec`` names on ``x`` ``[B, N, C]`` and ``li`` ``[B, N]``."""
+    plan = PLAN_METHODS.get(spec.method)
+    if plan is None:
+        raise ValueError(f"unknown merge method {spec.method!r}: expected one of {sorted(PLAN_METHODS)}")
+    return plan(x, li, grid_h, grid_w, spec.count, **dict(spec.options))
+
+
 def plan_for(
     key: EngineKey, x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, config: SDTMConfig
 ) -> tuple[MergePlan, torch.Tensor]:
-    """The plan of one engine's stage and bucket (SSM for structure, IDM for detail), with its new ``li``."""
-    if key.stage is Stage.STRUCTURE:
-        return ssm_plan(x, li, grid_h, grid_w, ssm_windows_merged(key.bucket, grid_h, grid_w), config.a_s)
-    if key.stage is Stage.DETAIL:
-        return idm_plan(x, li, grid_h, grid_w, idm_sources_merged(key.bucket, grid_h, grid_w), config.a_d)
-    raise ValueError(f"stage {key.stage.value!r} has no merge plan")
+    """The plan of one engine's stage and bucket (see :func:`plan_spec`), with its new ``li``."""
+    return make_plan(plan_spec(key, grid_h, grid_w, config), x, li, grid_h, grid_w)
 
 
 def _sum_into_slots(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:

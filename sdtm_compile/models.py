@@ -129,11 +129,15 @@ def tiny_sd3_transformer(spec: TinySpec = TINY_SD3, seed: int = 0, dtype: torch.
 def example_inputs(
     spec: TinySpec, batch: int = 1, latent_hw: tuple[int, int] = (32, 32), seed: int = 0, timestep: float = 500.0
 ) -> dict[str, torch.Tensor]:
-    """Seeded random transformer inputs: latent ``[B, C, H, W]``, prompt ``[B, T, D]``, pooled, timestep."""
+    """Seeded random transformer inputs: latent ``[B, C, H, W]``, prompt ``[B, T, D]``, pooled, timestep ``[B]``.
+
+    The timestep is one value expanded to the batch (stride 0), as diffusers' SD3 pipelines pass it, so engines
+    built from these inputs (and cached) are the ones a generation uses: compiled engines assert input strides.
+    """
     g = torch.Generator().manual_seed(seed)
     return {
         "hidden_states": torch.randn(batch, spec.in_channels, *latent_hw, generator=g),
         "encoder_hidden_states": torch.randn(batch, spec.text_tokens, spec.joint_attention_dim, generator=g),
         "pooled_projections": torch.randn(batch, spec.pooled_projection_dim, generator=g),
-        "timestep": torch.full((batch,), float(timestep)),
+        "timestep": torch.full((1,), float(timestep)).expand(batch),
     }

@@ -3,34 +3,38 @@
 They are plain Python functions over tensors and static ints, so every engine sees through them: the eager
 engine runs them, Inductor and torch-tensorrt trace them into aten ops (``gather``, ``scatter``,
 ``index_put``, compares, matmul), ONNX export turns them into ``GatherElements`` / ``ScatterElements``.
-A method other than SDTM plugs in by adding a ``method`` value to :func:`sdtm_plan`.
+
+Adding a plan method today means: its plan function (returning a :class:`~sdtm_compile.merge.MergePlan`)
+registered in :data:`sdtm_compile.merge.PLAN_METHODS`, and the stage that uses it in
+:func:`sdtm_compile.merge.plan_spec`. The passes, these ops and the engines need no change: ``sdtm_plan``
+always returns every part of a plan (``None`` where a method has none) and ``insert_merge_nodes`` hands all of
+them to ``sdtm_merge``. A method with a different merge or unmerge (a soft assignment, pruning) is not
+covered yet.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .merge import MergePlan, idm_plan, merge, ssm_plan
+from .merge import MergePlan, PlanSpec, make_plan, merge
 
-__all__ = ["sdtm_plan", "sdtm_merge", "sdtm_unmerge", "GRAPH_OPS"]
+__all__ = ["sdtm_plan", "sdtm_merge", "sdtm_unmerge", "GRAPH_OPS", "PLAN_OUTPUTS"]
+
+#: What :func:`sdtm_plan` returns, in order (``insert_merge_nodes`` reads them by these positions).
+PLAN_OUTPUTS = ("slot", "inv_count", "li", "members", "extra_tokens", "extra_slots")
 
 
 def sdtm_plan(
-    x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, method: str, count: int, weight: float
+    x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, method: str, count: int, options: tuple = ()
 ) -> tuple[torch.Tensor | None, ...]:
     """Plan one block: ``x`` ``[B, N, C]``, ``li`` ``[B, N]`` ->
-    ``(slot, inv_count, li, members, extra_tokens, extra_slots)``.
+    ``(slot, inv_count, li, members, extra_tokens, extra_slots)`` (:data:`PLAN_OUTPUTS`).
 
     Shapes: ``slot [B, N]``, ``inv_count [B, M]``, ``li [B, N]``; the last three are the plan's gather form
-    (see :class:`~sdtm_compile.merge.MergePlan`; ``None`` where a method has no such part). ``method`` is
-    ``"ssm"`` (``count`` windows, ``weight`` = ``a_s``) or ``"idm"`` (``count`` sources, ``weight`` = ``a_d``).
+    (see :class:`~sdtm_compile.merge.MergePlan`; ``None`` where a method has no such part). ``method``,
+    ``count`` and ``options`` are a :class:`~sdtm_compile.merge.PlanSpec` (static, baked into the graph).
     """
-    if method == "ssm":
-        plan, li = ssm_plan(x, li, grid_h, grid_w, count, weight)
-    elif method == "idm":
-        plan, li = idm_plan(x, li, grid_h, grid_w, count, weight)
-    else:
-        raise ValueError(f"unknown merge method {method!r}: expected 'ssm' or 'idm'")
+    plan, li = make_plan(PlanSpec(method, count, options), x, li, grid_h, grid_w)
     return plan.slot, plan.inv_count, li, plan.members, plan.extra_tokens, plan.extra_slots
 
 

@@ -86,7 +86,10 @@ def cra_ratio(position: float, config: SDTMConfig) -> float:
 def position_at_step(step: int, num_steps: int) -> float:
     """Trajectory position of step ``step`` (0-based) of ``num_steps``, as in the release: ``s / (S - 1)``."""
     if num_steps < 1 or not 0 <= step < num_steps:
-        raise ValueError(f"step {step} is outside 0..{num_steps - 1} (num_steps={num_steps})")
+        raise ValueError(
+            f"step {step} is outside 0..{num_steps - 1} (num_steps={num_steps}): pass a 0-based step index below "
+            "num_steps, and num_steps >= 1"
+        )
     return 0.0 if num_steps == 1 else step / (num_steps - 1)
 
 
@@ -100,9 +103,12 @@ def position_from_timestep(timestep: float | torch.Tensor, config: SDTMConfig) -
     if isinstance(timestep, torch.Tensor):
         flat = timestep.detach().reshape(-1)
         if flat.numel() == 0:
-            raise ValueError("the timestep tensor is empty")
+            raise ValueError("the timestep tensor is empty: pass the scheduler's timestep, one value per batch row")
         if flat.numel() > 1 and not bool((flat == flat[0]).all()):
-            raise ValueError(f"all batch rows must share one timestep to pick one SDTM stage; got {flat.tolist()}")
+            raise ValueError(
+                f"all batch rows must share one timestep to pick one SDTM stage; got {flat.tolist()}. Run rows at "
+                "different timesteps as separate calls (one batch per timestep)"
+            )
         t = float(flat[0])
     else:
         t = float(timestep)
@@ -153,7 +159,10 @@ def idm_sources_merged(bucket: float, grid_h: int, grid_w: int) -> int:
 def token_counts(key: EngineKey, grid_h: int, grid_w: int) -> TokenCounts:
     """Exact token counts of one engine on a token grid of ``grid_h x grid_w`` (N = grid_h * grid_w)."""
     if grid_h < 1 or grid_w < 1:
-        raise ValueError(f"token grid must be at least 1x1, got {grid_h}x{grid_w}")
+        raise ValueError(
+            f"token grid must be at least 1x1, got {grid_h}x{grid_w}: pass the image-token grid (latent height "
+            "and width divided by the patch size)"
+        )
     n = grid_h * grid_w
     if key.stage is Stage.FULL:
         return TokenCounts(n, n, n, 0)

@@ -93,7 +93,10 @@ def test_key_follows_the_graph_and_the_compiler_settings_not_the_schedule(tmp_pa
 
     base = key(SDTMConfig(ratio=0.3, deviation=0.0, buckets=(0.3,)))
     assert key(SDTMConfig(ratio=0.5, deviation=0.2)) == base  # same bucket graph under another schedule
-    assert key(SDTMConfig(a_d=0.1)) != base  # a constant inside the graph
+    with torch.no_grad():  # an inference build is another engine than a grad-mode one (weights require grad)
+        assert key(SDTMConfig(ratio=0.3, deviation=0.0, buckets=(0.3,))) != base
+    structure = key(SDTMConfig(), stage=Stage.STRUCTURE)
+    assert key(SDTMConfig(a_s=0.1), stage=Stage.STRUCTURE) != structure  # a constant inside the graph
     assert key(SDTMConfig(), bucket=0.5) != base and key(SDTMConfig(), stage=Stage.STRUCTURE) != base
     with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
         assert key(SDTMConfig()) != base  # the compiler's own settings

@@ -32,7 +32,10 @@ def test_sd3_pipeline_with_the_compiled_transformer_makes_an_image(tmp_path):
 def test_sd3_pipeline_script_prints_times_and_tokens(tmp_path):
     out = tmp_path / "image.png"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "sd3_pipeline.py"), "--steps", "3", "--size", "64", "--out", str(out)],
+        # the eager engine: the script's path end to end without Inductor builds (the README's main job, with
+        # Inductor engines, is what the backend tests check engine by engine)
+        [sys.executable, str(ROOT / "examples" / "sd3_pipeline.py"), "--steps", "3", "--size", "64",
+         "--engine", "eager", "--out", str(out)],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=600,
@@ -40,4 +43,4 @@ def test_sd3_pipeline_script_prints_times_and_tokens(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SDTM ratio 0.5, backend=sdtm_trt" in result.stdout and "baseline, eager" in result.stdout
     assert "attn tok" in result.stdout and out.exists()
-    assert "TensorRT is not usable here" in result.stderr  # the one warning of sdtm_trt without CUDA
+    assert "on ['eager']" in result.stdout  # the engine asked for, not TensorRT's Inductor fallback

@@ -1,3 +1,5 @@
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,11 +38,11 @@ def test_window_index_covers_grid_once():
 def test_static_output_shapes(grid, bucket, batch):
     n = grid[0] * grid[1]
     x, li = torch.randn(batch, n, 16), random_li(batch, n)
-    for stage, make_plan, count in (
-        (Stage.STRUCTURE, ssm_plan, ssm_windows_merged),
-        (Stage.DETAIL, idm_plan, idm_sources_merged),
+    for stage, make_plan, count, options in (
+        (Stage.STRUCTURE, ssm_plan, ssm_windows_merged, {"a_s": 0.05}),
+        (Stage.DETAIL, idm_plan, idm_sources_merged, {}),
     ):
-        plan, li_new = make_plan(x, li, *grid, count(bucket, *grid), 0.05)
+        plan, li_new = make_plan(x, li, *grid, count(bucket, *grid), **options)
         merged_len = token_counts(EngineKey(stage, bucket), *grid).feed_forward
         assert plan.slot.shape == (batch, n) and plan.slot.dtype == torch.int64
         assert plan.inv_count.shape == (batch, merged_len)
@@ -68,7 +70,7 @@ def test_static_output_shapes(grid, bucket, batch):
 @pytest.mark.parametrize("make_plan", [ssm_plan, idm_plan])
 def test_ratio_zero_is_the_identity(make_plan):
     x, li = torch.randn(2, 256, 8), random_li(2, 256)
-    plan, li_new = make_plan(x, li, 16, 16, 0, 0.05)
+    plan, li_new = make_plan(x, li, 16, 16, 0, **({"a_s": 0.05} if make_plan is ssm_plan else {}))
     y = merge(x, plan)
     assert torch.equal(unmerge(y, plan), x)
     assert torch.equal(y.sort(dim=1).values, x.sort(dim=1).values)  # a permutation, nothing averaged
@@ -132,15 +134,22 @@ def test_li_hand_made_example_idm():
     li = torch.tensor([[0, 3, 1, 1, 0, 0, 1, 5]], dtype=torch.int32)
     x = torch.randn(1, 8, 4)
     x[0, 0] = x[0, 1] * 2.0  # token 0 points exactly like destination 1: similarity 1, the best source
-    plan, li_new = idm_plan(x, li, 2, 4, 1, 0.0)
+    plan, li_new = idm_plan(x, li, 2, 4, 1)
     assert plan.slot[0, 0] == plan.slot[0, 1]  # token 0 merged into destination 1
     assert plan.slot[0].unique().numel() == 7
     # destinations 1 and 7 and merged source 0: +1; unmerged sources: 0
     assert li_new.tolist() == [[1, 4, 0, 0, 0, 0, 0, 6]]
 
 
-def slow_idm(x, li, grid_h, grid_w, r, a_d):
-    """IDM straight from DESIGN §3 with Python loops: returns (value of every token after merge+unmerge, li)."""
+def slow_idm(x, li, grid_h, grid_w, r):
+    """IDM as the release's ``FIDM`` does it, with Python loops: returns (every token after merge+unmerge, li).
+
+    Release lines followed (``TR_SDTM.py``): ``dst_pos = li_flat_win.argmax(dim=-1, keepdim=True)`` (one
+    destination per window, the largest ``li``); ``node_max, node_idx = scores.max(dim=-1)`` and
+    ``edge_idx = node_max.argsort(dim=-1, descending=True)`` (sources ranked by their best cosine similarity
+    *alone*: ``a_d`` is never read); ``dst.scatter_reduce(..., src, reduce="mean")`` (a plain mean with the
+    destination); ``last_ind.add_(1)`` then zeros at the unmerged sources.
+    """
     n = grid_h * grid_w
     windows = [
         [(2 * gy + dy) * grid_w + 2 * gx + dx for dy in (0, 1) for dx in (0, 1)]
@@ -156,13 +165,11 @@ def slow_idm(x, li, grid_h, grid_w, r, a_d):
         srcs += [t for t in w if t != d]
     srcs += [t for t in range(n) if t not in covered]
     unit = F.normalize(x, dim=-1)
-    li_src = [float(li[s]) for s in srcs]
-    mean_li = sum(li_src) / len(li_src)
     scored = []
     for i, s in enumerate(srcs):
         sims = [float(unit[s] @ unit[d]) for d in dsts]
         best = max(range(len(dsts)), key=lambda j: (sims[j], -j))
-        scored.append((sims[best] + a_d * li_src[i] / (mean_li + 1e-6), i, s, dsts[best]))
+        scored.append((sims[best], i, s, dsts[best]))
     ranked = sorted(scored, key=lambda item: (-item[0], item[1]))
     groups = {d: [d] for d in dsts}
     for _, _, s, d in ranked[:r]:
@@ -184,32 +191,49 @@ def test_idm_matches_slow_loop(grid, r, seed):
     n = grid[0] * grid[1]
     x = torch.randn(2, n, 6, dtype=torch.float64)
     li = random_li(2, n, high=4)
-    plan, li_new = idm_plan(x, li, *grid, r, 0.05)
+    plan, li_new = idm_plan(x, li, *grid, r)
     back = unmerge(merge(x, plan), plan)
     for b in range(2):
-        expected, expected_li = slow_idm(x[b], li[b], *grid, r, 0.05)
+        expected, expected_li = slow_idm(x[b], li[b], *grid, r)
         torch.testing.assert_close(back[b], expected, rtol=1e-12, atol=1e-12)
         assert li_new[b].tolist() == expected_li
 
 
+def test_idm_ranks_sources_by_similarity_alone():
+    """A long-unmerged source is not promoted (the release reads no ``a_d``): the most similar source wins."""
+    # 2x4 grid: windows {0,1,4,5} and {2,3,6,7}; li makes 1 and 7 the destinations. Source 2 has li 4, four
+    # times the sources' mean; a 0.05 * li / mean(li) bonus would lift it (0.9 + 0.3) above source 0 (0.99).
+    li = torch.tensor([[0, 3, 4, 0, 0, 0, 0, 5]], dtype=torch.int32)
+    x = torch.randn(1, 8, 64)
+    unit = F.normalize(x[0], dim=-1)
+    x[0, 0] = 0.99 * unit[1] + (1 - 0.99**2) ** 0.5 * F.normalize(unit[3] - (unit[3] @ unit[1]) * unit[1], dim=0)
+    x[0, 2] = 0.90 * unit[7] + (1 - 0.90**2) ** 0.5 * F.normalize(unit[6] - (unit[6] @ unit[7]) * unit[7], dim=0)
+    similarity = F.normalize(x[0], dim=-1) @ F.normalize(x[0, [1, 7]], dim=-1).T
+    assert similarity[0].max() == pytest.approx(0.99, abs=1e-4) and similarity[2].max() == pytest.approx(0.9, abs=1e-4)
+    assert similarity[[3, 4, 5, 6]].max() < 0.9  # the other sources are far less similar
+    plan, _ = idm_plan(x, li, 2, 4, 1)
+    assert plan.slot[0, 0] == plan.slot[0, 1]  # source 0 is merged into destination 1
+    assert plan.slot[0].unique().numel() == 7 and plan.slot[0, 2] != plan.slot[0, 7]
+
+
 def test_batch_rows_pick_different_tokens_same_count():
     x = torch.randn(2, 256, 8)
-    for make_plan, k in ((ssm_plan, 32), (idm_plan, 96)):
-        plan, _ = make_plan(x, init_li(2, 256), 16, 16, k, 0.05)
+    for make_plan, k in ((partial(ssm_plan, a_s=0.05), 32), (idm_plan, 96)):
+        plan, _ = make_plan(x, init_li(2, 256), 16, 16, k)
         assert not torch.equal(plan.slot[0], plan.slot[1])
         assert plan.inv_count.shape[1] == merge(x, plan).shape[1]
 
 
 def test_same_inputs_same_plan():
     x, li = torch.randn(2, 256, 8), random_li(2, 256)
-    for make_plan, k in ((ssm_plan, 32), (idm_plan, 96)):
-        first, second = make_plan(x, li, 16, 16, k, 0.05), make_plan(x.clone(), li.clone(), 16, 16, k, 0.05)
+    for make_plan, k in ((partial(ssm_plan, a_s=0.05), 32), (idm_plan, 96)):
+        first, second = make_plan(x, li, 16, 16, k), make_plan(x.clone(), li.clone(), 16, 16, k)
         assert torch.equal(first[0].slot, second[0].slot) and torch.equal(first[1], second[1])
 
 
 def test_half_precision_inputs():
     x = torch.randn(2, 256, 8).to(torch.bfloat16)
-    plan, _ = idm_plan(x, init_li(2, 256), 16, 16, 64, 0.05)
+    plan, _ = idm_plan(x, init_li(2, 256), 16, 16, 64)
     y = merge(x, plan)
     assert y.dtype == torch.bfloat16 and unmerge(y, plan).dtype == torch.bfloat16
 
@@ -218,10 +242,10 @@ def test_bad_shapes_have_clear_errors():
     with pytest.raises(ValueError, match="do not fill the 8x8 token grid"):
         ssm_plan(torch.randn(1, 60, 4), init_li(1, 60), 8, 8, 1, 0.05)
     with pytest.raises(ValueError, match=r"expected image tokens \[B, N, C\]"):
-        idm_plan(torch.randn(64, 4), init_li(1, 64), 8, 8, 1, 0.05)
+        idm_plan(torch.randn(64, 4), init_li(1, 64), 8, 8, 1)
     with pytest.raises(ValueError, match="li must be"):
-        idm_plan(torch.randn(1, 64, 4), init_li(2, 64), 8, 8, 1, 0.05)
+        idm_plan(torch.randn(1, 64, 4), init_li(2, 64), 8, 8, 1)
     with pytest.raises(ValueError, match="cannot merge 17 of 16 windows"):
         ssm_plan(torch.randn(1, 64, 4), init_li(1, 64), 8, 8, 17, 0.05)
     with pytest.raises(ValueError, match="cannot merge 49 of 48 sources"):
-        idm_plan(torch.randn(1, 64, 4), init_li(1, 64), 8, 8, 49, 0.05)
+        idm_plan(torch.randn(1, 64, 4), init_li(1, 64), 8, 8, 49)

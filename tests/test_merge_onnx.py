@@ -13,9 +13,10 @@ class PlanMergeUnmerge(torch.nn.Module):
     def __init__(self, make_plan, grid, count):
         super().__init__()
         self.make_plan, self.grid, self.count = make_plan, grid, count
+        self.options = {"a_s": 0.05} if make_plan is ssm_plan else {}
 
     def forward(self, x, li):
-        plan, li_new = self.make_plan(x, li, *self.grid, self.count, 0.05)
+        plan, li_new = self.make_plan(x, li, *self.grid, self.count, **self.options)
         merged = merge(x, plan)
         # a stand-in for the attention/FF branch between merge and unmerge
         return merged, unmerge(torch.tanh(merged) * 2.0, plan), li_new, plan.slot

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sdtm_compile import SDTMConfig
-from sdtm_compile.merge import init_li
+from sdtm_compile.merge import MergePlan, init_li
 from sdtm_compile.models import TinySpec, example_inputs, tiny_sd3_transformer
 from sdtm_compile.reference import reference_forward, sdtm_block_forward, token_grid
 from sdtm_compile.schedule import FULL, EngineKey, Stage, token_counts
@@ -119,3 +119,68 @@ def test_odd_token_grid_runs():
         for stage in (Stage.STRUCTURE, Stage.DETAIL):
             out, _ = reference_forward(model, **inputs, key=EngineKey(stage, 0.7), li=init_li(2, 99), config=CONFIG)
             assert out.shape == inputs["hidden_states"].shape
+
+
+def release_fidm_plan(x, li, grid_h, grid_w, r):
+    """The detail-stage plan written the way the release's ``FIDM`` (``TR_SDTM.py``) computes it, as a slot-form
+    :class:`MergePlan`: an independent oracle for ours (even grids only, like the release).
+
+    Release steps kept: destination = window argmax of ``li``; a sentinel buffer argsorted into dst|src;
+    ``node_max, node_idx = scores.max(dim=-1)``; ``edge_idx = node_max.argsort(dim=-1, descending=True)``
+    (no ``a_d`` anywhere); the first ``r`` edges merged into their destination with a plain mean; ``li + 1``
+    everywhere, then 0 at the unmerged sources.
+    """
+    batch, n, channels = x.shape
+    hsy, wsx = grid_h // 2, grid_w // 2
+    windows = hsy * wsx
+    li_windows = li.view(batch, hsy, 2, wsx, 2).permute(0, 1, 3, 2, 4).reshape(batch, hsy, wsx, 4)
+    dst_pos = li_windows.argmax(dim=-1, keepdim=True)
+    sentinel = torch.zeros(batch, hsy, wsx, 4, dtype=torch.int64).scatter_(3, dst_pos, -1)
+    sentinel = sentinel.view(batch, hsy, wsx, 2, 2).transpose(2, 3).reshape(batch, n, 1)
+    order = sentinel.argsort(dim=1)
+    a_idx, b_idx = order[:, windows:], order[:, :windows]  # sources, destinations
+    metric = x / x.norm(dim=-1, keepdim=True)
+    a = metric.gather(1, a_idx.expand(-1, -1, channels))
+    b = metric.gather(1, b_idx.expand(-1, -1, channels))
+    node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+    dst_idx = node_idx[..., None].gather(1, src_idx)
+    unmerged_tokens = a_idx.gather(1, unm_idx)[..., 0]
+    kept = unmerged_tokens.shape[1]
+    slot = torch.empty(batch, n, dtype=torch.int64)
+    slot.scatter_(1, unmerged_tokens, torch.arange(kept).expand(batch, -1))
+    slot.scatter_(1, b_idx[..., 0], (kept + torch.arange(windows)).expand(batch, -1))
+    slot.scatter_(1, a_idx.gather(1, src_idx)[..., 0], kept + dst_idx[..., 0])
+    count = torch.zeros(batch, kept + windows).scatter_add_(1, slot, torch.ones(batch, n))
+    new_li = (li + 1).scatter_(1, unmerged_tokens, 0)
+    return MergePlan(slot, 1.0 / count), new_li
+
+
+@pytest.mark.parametrize("spec_name", ["sd3", "sd35"])
+@torch.no_grad()
+def test_detail_stage_follows_the_release_rule(request, spec_name, monkeypatch):
+    """A whole model at a detail-stage bucket, with ``li`` left by two structure-stage calls (non-zero), equals the
+    same forward with the release's FIDM rule plugged in."""
+    import sdtm_compile.reference as reference
+
+    spec, model = request.getfixturevalue(spec_name)
+    inputs = example_inputs(spec, 2, (32, 32))
+    li = init_li(2, 256)
+    for _ in range(2):
+        _, li = reference_forward(model, **inputs, key=EngineKey(Stage.STRUCTURE, 0.7), li=li, config=CONFIG)
+    assert li.any() and (li > 1).any()
+    for bucket in (0.3, 0.5):
+        key = EngineKey(Stage.DETAIL, bucket)
+        ours, our_li = reference_forward(model, **inputs, key=key, li=li, config=CONFIG)
+        with monkeypatch.context() as patch:
+            count = token_counts(key, 16, 16).removed
+
+            def release_plan(key_, x, li_, grid_h, grid_w, config):
+                assert key_ == key
+                return release_fidm_plan(x, li_, grid_h, grid_w, count)
+
+            patch.setattr(reference, "plan_for", release_plan)
+            theirs, their_li = reference_forward(model, **inputs, key=key, li=li, config=CONFIG)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+        assert torch.equal(our_li, their_li)
