@@ -68,12 +68,12 @@ def test_generation_through_onnx_equals_compiled_and_reference(bundle):
         got = generate(transformer_call(runner), inputs, num_steps=28)
         want = generate(reference_dispatcher(model, CONFIG), inputs, num_steps=28)
         torch._dynamo.reset()
-        # Inductor on SD3.5, whose engines the backend tests left in the session's engine cache; eager on SD3
-        engine = "inductor" if spec is TINY_SD35 else "eager"
-        backend = SDTMBackend({"sdtm": CONFIG, "engine": engine})
+        # the eager engine: the backend's own capture, passes and dispatcher without Inductor builds (Inductor's
+        # generation parity is in test_backend, whose engine cache this file's worker does not share)
+        backend = SDTMBackend({"sdtm": CONFIG, "engine": "eager"})
         compiled = torch.compile(model, backend=backend, dynamic=False)
         via_backend = generate(transformer_call(compiled), inputs, num_steps=28)
-    # ONNX Runtime, Inductor and eager PyTorch order float ops differently: 1e-4 over 28 steps
+    # ONNX Runtime and eager PyTorch order float ops differently: 1e-4 over 28 steps
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got, via_backend, rtol=1e-4, atol=1e-4)
     steps = [r.key for r in runner.dispatcher.history]

@@ -3,7 +3,7 @@ import torch
 from sdtm_compile import SDTMConfig
 from sdtm_compile.models import example_inputs
 from sdtm_compile.reference import reference_dispatcher
-from sdtm_compile.sampling import generate, make_generation_inputs, make_scheduler
+from sdtm_compile.sampling import cosine_similarity, generate, make_generation_inputs, make_scheduler
 from sdtm_compile.schedule import Stage
 
 
@@ -76,7 +76,7 @@ def test_generation_is_reproducible_and_follows_the_schedule(sd3):
     second = generate(dispatcher, inputs, num_steps=10)  # same dispatcher: a new generation resets state
     assert torch.equal(first, second)
     assert sum(rec.new_generation for rec in dispatcher.history) == 2
-    # the schedule really merged: the same generation without SDTM ends elsewhere (but close: random weights)
+    # the schedule really merged: the same generation without SDTM ends elsewhere, though near it
     unmerged = generate(reference_dispatcher(model, SDTMConfig(ratio=0.0, deviation=0.0)), inputs, num_steps=10)
     assert not torch.allclose(first, unmerged, rtol=0, atol=1e-6)
-    torch.testing.assert_close(first, unmerged, rtol=0.1, atol=0.1)
+    assert cosine_similarity(first, unmerged) > 0.99
