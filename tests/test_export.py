@@ -115,6 +115,14 @@ def test_wrong_format_version(bundle_copy):
         OnnxTransformer(path)
 
 
+def test_config_the_release_never_reads_is_refused(bundle_copy):
+    # a bundle written when SDTMConfig still had a_d (our old detail-stage term) has other graphs: re-export it
+    path, manifest = bundle_copy
+    (path / "manifest.json").write_text(json.dumps({**manifest, "config": {**manifest["config"], "a_d": 0.05}}))
+    with pytest.raises(BundleError, match=r"manifest.json: invalid SDTM config .*\['a_d'\].*re-export the bundle"):
+        OnnxTransformer(path)
+
+
 def test_missing_file(bundle_copy):
     path, _ = bundle_copy
     (path / "detail_r0.4.onnx").unlink()
