@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from ._graph import copy_graph_module, module_path, module_stack
-from .find_blocks import BlockSites, Branch, ModelSites, UnsupportedModelError, find_mmdit_blocks
+from .find_blocks import FALLBACK_HINT, BlockSites, Branch, ModelSites, UnsupportedModelError, find_mmdit_blocks
 from .fix_token_shapes import TokenShapeError, fix_token_shapes, propagate_shapes
 from .insert_merge import insert_merge_nodes
 from .lint_tensorrt import LintFinding, TensorRTLintError, lint_report, lint_tensorrt, to_aten
@@ -25,6 +25,7 @@ from .settings import PassSettings
 from .thread_li import LI_INPUT_NAME, thread_li_state
 
 __all__ = [
+    "FALLBACK_HINT",
     "BlockSites",
     "Branch",
     "LI_INPUT_NAME",
@@ -65,8 +66,7 @@ def rewrite_for_engine(
     if after[:-1] != before or after[-1] != (batch, sites.num_tokens):
         raise TokenShapeError(
             f"{settings.key}: the rewrite changed the graph's output shapes {before} -> {after}; a merged region "
-            "leaks merged tokens into an output. Pass options={'on_unsupported': 'fallback'} to compile the model "
-            "without token merging"
+            f"leaks merged tokens into an output. {FALLBACK_HINT}"
         )
     return out
 

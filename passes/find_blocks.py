@@ -12,7 +12,15 @@ from torch import fx
 from ._graph import module_stack, node_shape
 from .settings import PassSettings
 
-__all__ = ["find_mmdit_blocks", "Branch", "BlockSites", "ModelSites", "UnsupportedModelError", "BLOCK_CLASSES"]
+__all__ = [
+    "FALLBACK_HINT",
+    "find_mmdit_blocks",
+    "Branch",
+    "BlockSites",
+    "ModelSites",
+    "UnsupportedModelError",
+    "BLOCK_CLASSES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +67,13 @@ class ModelSites:
     timestep_index: int  #: position of the timestep among the graph's placeholders
 
 
+#: The advice every "cannot rewrite this graph" error ends with; the backend's fallback warning cuts it off.
+FALLBACK_HINT = "Pass options={'on_unsupported': 'fallback'} to compile the model without token merging"
+
 _FALLBACK_ADVICE = (
     "sdtm-compile knows diffusers' SD3 / SD3.5 JointTransformerBlock; a customised block or another diffusers "
-    "version may be laid out differently. Pass options={'on_unsupported': 'fallback'} to compile the model "
-    "without token merging, and report the model so that its layout can be supported."
+    f"version may be laid out differently. {FALLBACK_HINT}, and report the model so that its layout can be "
+    "supported."
 )
 
 
@@ -127,8 +138,7 @@ def find_mmdit_blocks(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMod
     if not by_block:
         raise UnsupportedModelError(
             f"no MMDiT block found: looked for {' / '.join(BLOCK_CLASSES)} modules (diffusers SD3 / SD3.5) in the "
-            f"traced graph's nn_module_stack; the graph holds: {_describe_modules(gm)}. Pass "
-            "options={'on_unsupported': 'fallback'} to compile it without SDTM instead."
+            f"traced graph's nn_module_stack; the graph holds: {_describe_modules(gm)}. {FALLBACK_HINT}."
         )
     blocks = []
     for index, (path, nodes) in enumerate(by_block.items()):

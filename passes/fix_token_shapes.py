@@ -20,7 +20,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from sdtm_compile.schedule import Stage, token_counts
 
 from ._graph import node_shape
-from .find_blocks import ModelSites
+from .find_blocks import FALLBACK_HINT, ModelSites
 from .settings import PassSettings
 
 __all__ = ["fix_token_shapes", "TokenShapeError", "propagate_shapes"]
@@ -91,9 +91,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> 
     except Exception as err:  # the failing node is in the message of torch's interpreter
         raise TokenShapeError(
             f"the rewritten graph does not type-check: {err}. A token-count constant inside a merged region was "
-            "not recognised (a block customised beyond diffusers' SD3 / SD3.5 layout?). Pass "
-            "options={'on_unsupported': 'fallback'} to compile the model without token merging, or run the "
-            "'eager' engine with logging at DEBUG to see which nodes fix_token_shapes rewrote"
+            f"not recognised (a block customised beyond diffusers' SD3 / SD3.5 layout?). {FALLBACK_HINT}, or run "
+            "the 'eager' engine with logging at DEBUG to see which nodes fix_token_shapes rewrote"
         ) from err
     for node in gm.graph.nodes:
         if "val" in node.meta:

@@ -31,7 +31,14 @@ from torch import fx
 from .cache import default_cache_dir
 from .config import SDTMConfig
 from .engines import ENGINES, EngineBuildError, engine_available
-from .passes import ModelSites, PassSettings, UnsupportedModelError, find_mmdit_blocks, rewrite_for_engine
+from .passes import (
+    FALLBACK_HINT,
+    ModelSites,
+    PassSettings,
+    UnsupportedModelError,
+    find_mmdit_blocks,
+    rewrite_for_engine,
+)
 from .passes.lint_tensorrt import lint_tensorrt, to_aten
 from .runtime import StageDispatcher
 from .schedule import FULL, EngineKey, engines_for_trajectory, token_counts
@@ -237,7 +244,7 @@ class SDTMBackend:
         except UnsupportedModelError as err:
             if self.settings.on_unsupported == "error":
                 raise
-            return self._unmodified(gm, example_inputs, order, err.args[0].split(". Pass")[0])
+            return self._unmodified(gm, example_inputs, order, _without_hint(err))
 
         keys = engines_for_trajectory(config)
         batch = example_inputs[sites.latent_index].shape[0]
@@ -269,7 +276,7 @@ class SDTMBackend:
             except Exception as err:  # any pass failure: the graph is not one we can rewrite
                 if self.settings.on_unsupported == "error":
                     raise
-                reason = f"rewriting the graph for {key} failed ({type(err).__name__}: {str(err).split('. Pass')[0]})"
+                reason = f"rewriting the graph for {key} failed ({type(err).__name__}: {_without_hint(err)})"
                 return self._unmodified(gm, example_inputs, order, reason)
             names[key], engines[key] = self._build(key, rewritten, [*example_inputs, li], order)
             built[(key.stage, counts)] = key
@@ -286,6 +293,11 @@ class SDTMBackend:
         _RECENT.append(weakref.ref(compiled))
         del _RECENT[:-16]
         return compiled
+
+
+def _without_hint(err: Exception) -> str:
+    """A pass's error message without its "pass on_unsupported='fallback'" advice (the fallback is running)."""
+    return str(err).split(f". {FALLBACK_HINT}")[0]
 
 
 def _no_extra_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:

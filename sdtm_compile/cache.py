@@ -5,11 +5,10 @@ Location: ``BackendSettings.cache_dir``, else ``$SDTM_CACHE_DIR``, else ``~/.cac
 
 An entry is ``<key>.bin`` (the engine) beside ``<key>.json`` (what it is and the blob's sha256). The key hashes
 the engine name, the bucket graph's code (which holds every SDTM constant of the engine), each input's shape,
-stride, dtype and device, whether gradients are on (Inductor then compiles a different graph), the
-compiler's config (Inductor's), a digest of the source of the merge ops
-(``ops.py`` and ``merge.py``, which the graph's code only names) and the versions of torch, torch-tensorrt and
-sdtm-compile; weights are graph *inputs*, not part of the engine, so one entry serves any checkpoint of the
-same architecture. A truncated or corrupt entry
+stride, dtype and device, whether gradients are on (Inductor then compiles a different graph), the compiler's
+config (Inductor's), a digest of the source of the merge ops (``ops.py`` and ``merge.py``, which the graph's
+code only names) and the versions of torch, torch-tensorrt and sdtm-compile; weights are graph *inputs*, not
+part of the engine, so one entry serves any checkpoint of the same architecture. A truncated or corrupt entry
 is reported once (a warning), deleted and rebuilt - never loaded. TensorRT engines use torch-tensorrt's own
 engine cache in ``<cache>/tensorrt``.
 """
