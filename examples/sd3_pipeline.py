@@ -15,6 +15,7 @@ import time
 
 import torch
 
+import sdtm_compile
 from sdtm_compile import SDTMConfig
 from sdtm_compile.models import TINY_SD3, tiny_sd3_transformer
 from sdtm_compile.sampling import make_generation_inputs
@@ -112,18 +113,19 @@ def main(argv: list[str] | None = None) -> None:
             image = generate(pipe, args.steps, args.size, args.seed)  # the first call compiles
             first = time.perf_counter() - start
             start = time.perf_counter()
-            image = generate(pipe, args.steps, args.size, args.seed)
+            # A generation context owns this generation's SDTM state (and, here, a record of its calls)
+            with sdtm_compile.generation(transformer, history=2 * args.steps) as run:
+                image = generate(pipe, args.steps, args.size, args.seed)
             seconds[name] = (first, time.perf_counter() - start)
 
-    from sdtm_compile.backend import last_compiled
-
-    compiled = last_compiled()
+    sdtm_transformer = list(variants.values())[-1]
+    (compiled,) = sdtm_compile.compiled_graphs(sdtm_transformer)  # what the backend built for this model
     grid = compiled.sites.grid
     print(
         f"\nimage {args.size}x{args.size}, {grid[0]}x{grid[1]} = {grid[0] * grid[1]} image tokens, {args.steps} steps"
     )
     print(f"{'step':>4} {'timestep':>8}  {'engine':<15} {'attn tok':>8} {'ff tok':>6}")
-    steps = [rec for rec in compiled.dispatcher.history if rec.new_step][-args.steps :]
+    steps = [rec for rec in run.history if rec.new_step]
     for step, rec in enumerate(steps):
         counts = token_counts(rec.key, *grid)
         print(f"{step:>4} {rec.timestep:>8.1f}  {str(rec.key):<15} {counts.attention:>8} {counts.feed_forward:>6}")

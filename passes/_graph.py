@@ -7,7 +7,7 @@ import re
 import torch
 from torch import fx
 
-__all__ = ["module_path", "module_stack", "node_shape", "copy_graph_module"]
+__all__ = ["module_path", "module_stack", "node_shape", "copy_graph_module", "copy_with_node_map"]
 
 
 def module_path(raw: str) -> str:
@@ -37,11 +37,21 @@ def node_shape(node: object) -> tuple[int, ...] | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule with a copied graph (node metadata included), so each bucket rewrites its own copy."""
+def copy_with_node_map(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A new GraphModule with a copied graph (node metadata included) and the map old node -> its copy.
+
+    Each bucket rewrites its own copy; the map carries what was found on the original (e.g.
+    :meth:`~sdtm_compile.passes.ModelSites.remapped`) over to the copy's nodes.
+    """
     graph = fx.Graph()
-    output = graph.graph_copy(gm.graph, {})
+    node_map: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(gm.graph, node_map)
     graph.output(output)
     copied = fx.GraphModule(gm, graph)
     copied.meta = dict(getattr(gm, "meta", {}))
-    return copied
+    return copied, node_map
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with a copied graph (node metadata included)."""
+    return copy_with_node_map(gm)[0]

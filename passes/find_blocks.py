@@ -1,16 +1,20 @@
-"""Find every MMDiT block in a Dynamo graph: its attention, ``attn2`` and feed-forward boundaries."""
+"""Find every MMDiT block in a Dynamo graph: its attention, ``attn2`` and feed-forward boundaries.
+
+This is an analysis, not a rewrite: :func:`find_mmdit_blocks` returns a :class:`ModelSites` (a typed value the
+rewrite passes take as an argument) and leaves the graph untouched. Sites name nodes of the graph they were
+found on; :meth:`ModelSites.remapped` carries them over to a copy.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import fx
 
 from ._graph import module_stack, node_shape
-from .settings import PassSettings
 
 __all__ = [
     "FALLBACK_HINT",
@@ -41,6 +45,9 @@ class Branch:
     output: fx.Node
     nodes: list[fx.Node] = field(default_factory=list)
 
+    def remapped(self, node_map: dict[fx.Node, fx.Node]) -> Branch:
+        return Branch(self.module, node_map[self.input], node_map[self.output], [node_map[n] for n in self.nodes])
+
 
 @dataclass
 class BlockSites:
@@ -54,10 +61,15 @@ class BlockSites:
     def branches(self) -> list[Branch]:
         return [b for b in (self.attn, self.attn2, self.ff) if b is not None]
 
+    def remapped(self, node_map: dict[fx.Node, fx.Node]) -> BlockSites:
+        attn2 = self.attn2.remapped(node_map) if self.attn2 is not None else None
+        return BlockSites(self.index, self.path, self.attn.remapped(node_map), self.ff.remapped(node_map), attn2)
 
-@dataclass
+
+@dataclass(frozen=True)
 class ModelSites:
-    """What :func:`find_mmdit_blocks` found; stored in ``gm.meta["sdtm_sites"]``."""
+    """What :func:`find_mmdit_blocks` found in one graph: the blocks' merge sites (nodes of that graph), the token
+    grid and where the latent and timestep are among the graph's inputs."""
 
     blocks: list[BlockSites]
     num_tokens: int  #: image tokens N
@@ -65,6 +77,10 @@ class ModelSites:
     grid: tuple[int, int]
     latent_index: int  #: position of the latent among the graph's placeholders
     timestep_index: int  #: position of the timestep among the graph's placeholders
+
+    def remapped(self, node_map: dict[fx.Node, fx.Node]) -> ModelSites:
+        """The same sites on a copy of the graph (``node_map``: original node -> copy, see ``copy_with_node_map``)."""
+        return replace(self, blocks=[block.remapped(node_map) for block in self.blocks])
 
 
 #: The advice every "cannot rewrite this graph" error ends with; the backend's fallback warning cuts it off.
@@ -125,8 +141,8 @@ def _placeholder_feeding(gm: fx.GraphModule, module_suffix: str, name_hint: str)
     return None
 
 
-def find_mmdit_blocks(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
-    """Locate each MMDiT block's attention / ``attn2`` / FF inputs and outputs; store them in ``gm.meta``."""
+def find_mmdit_blocks(gm: fx.GraphModule) -> ModelSites:
+    """Locate each MMDiT block's attention / ``attn2`` / FF inputs and outputs (raises UnsupportedModelError)."""
     by_block: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":  # weights carry their module's stack too; they are inputs, not regions
@@ -183,7 +199,7 @@ def find_mmdit_blocks(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMod
             "multiples of the transformer's patch_size"
         )
 
-    gm.meta["sdtm_sites"] = ModelSites(blocks, num_tokens, text_tokens, grid, latent_index, timestep_index)
+    sites = ModelSites(blocks, num_tokens, text_tokens, grid, latent_index, timestep_index)
     logger.info(
         "found %d MMDiT blocks (%d with attn2), %d image tokens on a %dx%d grid, %s text tokens",
         len(blocks),
@@ -194,4 +210,4 @@ def find_mmdit_blocks(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMod
     )
     for block in blocks:
         logger.debug("  %s: merge sites %s", block.path, [b.module for b in block.branches])
-    return gm
+    return sites

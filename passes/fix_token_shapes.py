@@ -99,12 +99,11 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> 
             node.meta["example_value"] = node.meta["val"]
 
 
-def fix_token_shapes(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
+def fix_token_shapes(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:
     """Rewrite token-count constants in merged regions (attention in the structure stage only)."""
     key = settings.key
     if key.stage is Stage.FULL:
         return gm
-    sites: ModelSites = gm.meta["sdtm_sites"]
     counts = token_counts(key, *sites.grid)
     changed: list[str] = []
     for block in sites.blocks:

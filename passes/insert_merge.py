@@ -13,6 +13,7 @@ from sdtm_compile.schedule import Stage
 
 from .find_blocks import Branch, ModelSites
 from .settings import PassSettings
+from .thread_li import li_input
 
 __all__ = ["insert_merge_nodes"]
 
@@ -57,14 +58,15 @@ def _after(a: fx.Node, b: fx.Node) -> bool:
     return False
 
 
-def insert_merge_nodes(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
+def insert_merge_nodes(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:
     """For every block: plan once from the attention input, merge/unmerge attention (structure) and FF."""
     key = settings.key
     if key.stage is Stage.FULL:
         logger.debug("insert_merge_nodes: %s engine, nothing to insert", key)
         return gm
-    sites: ModelSites = gm.meta["sdtm_sites"]
-    li: fx.Node = gm.meta["sdtm_li_input"]
+    li = li_input(gm)
+    if li is None:
+        raise ValueError("insert_merge_nodes needs the sdtm_li input: run thread_li_state first (see REWRITE_PIPELINE)")
     grid_h, grid_w = sites.grid
     spec = plan_spec(key, grid_h, grid_w, settings.config)
     graph = gm.graph

@@ -1,6 +1,7 @@
 """TensorRT-readiness lint: every aten op of a bucket graph against torch-tensorrt 2.13's converters.
 
-TensorRT cannot be installed on our CI machines, so this is how we know a bucket graph will convert: lower it
+A check on an aten graph, not a pass: it changes nothing. TensorRT cannot be installed on our CI machines,
+so this is how we know a bucket graph will convert: lower it
 to aten ops exactly as torch-tensorrt's backend sees them (``make_fx`` with node metadata preserved, so every
 finding names its source module) and check each op against the rules below, read from torch-tensorrt
 2.13's ``aten_ops_converters.py`` and ``lowering/_decompositions.py``.
@@ -17,7 +18,6 @@ import torch
 from torch import fx
 
 from ._graph import module_stack
-from .settings import PassSettings
 
 __all__ = ["LintFinding", "TensorRTLintError", "lint_tensorrt", "lint_report", "to_aten", "TOPK_LIMIT"]
 
@@ -153,17 +153,16 @@ def lint_report(aten_gm: fx.GraphModule) -> list[LintFinding]:
     return findings
 
 
-def lint_tensorrt(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
-    """Raise :class:`TensorRTLintError` if the aten graph in ``gm.meta["aten_graph"]`` has an error finding."""
-    aten_gm = gm.meta.get("aten_graph")
-    if aten_gm is None:
-        raise ValueError("lint_tensorrt needs gm.meta['aten_graph'] (see to_aten)")
+def lint_tensorrt(aten_gm: fx.GraphModule, what: object = "graph") -> list[LintFinding]:
+    """Check an aten-level graph (see :func:`to_aten`): its findings, or :class:`TensorRTLintError` on an error.
+
+    A check, not a rewrite: the graph is not changed. ``what`` names the graph in the debug log (e.g. its key).
+    """
     findings = lint_report(aten_gm)
-    gm.meta["tensorrt_lint"] = findings
     for finding in findings:
-        logger.debug("lint %s: %s", settings.key, finding)
+        logger.debug("lint %s: %s", what, finding)
     errors = [f for f in findings if f.severity == "error"]
     if errors:
         raise TensorRTLintError(errors)
-    logger.debug("lint_tensorrt: %s passes (%d warnings)", settings.key, len(findings))
-    return gm
+    logger.debug("lint_tensorrt: %s passes (%d warnings)", what, len(findings))
+    return findings

@@ -18,8 +18,8 @@ class PassSettings:
         config: the SDTM configuration.
         key: the (stage, bucket) this graph is rewritten for; ``FULL`` leaves the blocks unmerged.
 
-    What the passes find in the graph (blocks, token grid, inputs) is not a setting: :func:`find_mmdit_blocks`
-    stores it as a :class:`~sdtm_compile.passes.ModelSites` in ``gm.meta["sdtm_sites"]``.
+    What is found in the graph (blocks, token grid, inputs) is not a setting: :func:`find_mmdit_blocks` returns
+    it as a :class:`~sdtm_compile.passes.ModelSites`, which every rewrite pass takes as its second argument.
     """
 
     config: SDTMConfig = SDTMConfig()

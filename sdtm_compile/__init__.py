@@ -7,21 +7,26 @@ Public API::
     merge.ssm_plan / idm_plan / merge / unmerge
     reference.sdtm_block_forward     # the eager reference (the oracle)
     StageDispatcher                  # picks the engine from the timestep, carries li
+    generation(model)                # a context owning one generation's state (li, history)
+    compiled_graphs(model)           # the SDTM graphs torch.compile built for a model (engines, dispatcher)
     export_onnx / OnnxTransformer    # ONNX bundles and their ONNX Runtime runner
 """
 
 from __future__ import annotations
 
+from .backend import compiled_graphs
 from .config import DEFAULT_BUCKETS, SDTMConfig
 from .export import BundleError, OnnxTransformer, export_onnx
 from .merge import MergePlan, idm_plan, merge, ssm_plan, unmerge
-from .runtime import StageDispatcher
+from .runtime import ConcurrentUseError, Generation, StageDispatcher, generation
 from .schedule import EngineKey, Stage
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BundleError",
+    "ConcurrentUseError",
+    "Generation",
     "DEFAULT_BUCKETS",
     "EngineKey",
     "MergePlan",
@@ -29,7 +34,9 @@ __all__ = [
     "SDTMConfig",
     "Stage",
     "StageDispatcher",
+    "compiled_graphs",
     "export_onnx",
+    "generation",
     "idm_plan",
     "merge",
     "ssm_plan",

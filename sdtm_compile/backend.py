@@ -28,36 +28,33 @@ from typing import Any
 import torch
 from torch import fx
 
+from .buckets import BucketGraphs
 from .cache import default_cache_dir
 from .config import SDTMConfig
 from .engines import ENGINES, EngineBuildError, engine_available
-from .passes import (
-    FALLBACK_HINT,
-    ModelSites,
-    PassSettings,
-    UnsupportedModelError,
-    find_mmdit_blocks,
-    rewrite_for_engine,
-)
+from .passes import FALLBACK_HINT, ModelSites, UnsupportedModelError
 from .passes.lint_tensorrt import lint_tensorrt, to_aten
+from .regions import RegionalBuilder
 from .runtime import StageDispatcher
-from .schedule import FULL, EngineKey, engines_for_trajectory, token_counts
+from .schedule import FULL, EngineKey
 
-__all__ = ["BackendSettings", "SDTMBackend", "SDTMCompiledGraph", "last_compiled", "sdtm", "sdtm_trt"]
+__all__ = ["BackendSettings", "SDTMBackend", "SDTMCompiledGraph", "compiled_graphs", "sdtm", "sdtm_trt"]
 
 logger = logging.getLogger(__name__)
 
-_RECENT: list[weakref.ref] = []  # compiled graphs of the string backends, newest last (for inspection)
+_GRAPHS: weakref.WeakSet[SDTMCompiledGraph] = weakref.WeakSet()  # every live SDTM graph, for compiled_graphs()
 
 
-def last_compiled() -> SDTMCompiledGraph | None:
-    """The :class:`SDTMCompiledGraph` most recently built by any SDTM backend in this process, if alive."""
-    while _RECENT:
-        compiled = _RECENT[-1]()
-        if compiled is not None:
-            return compiled
-        _RECENT.pop()
-    return None
+def compiled_graphs(model: torch.nn.Module) -> list[SDTMCompiledGraph]:
+    """The :class:`SDTMCompiledGraph` s built for ``model`` (the ``torch.compile`` result or the module itself).
+
+    Matched by the model's parameters, which Dynamo passes to the backend as graph inputs: correct with any
+    number of compiled models in the process, whichever backend object or name built them. Empty before the
+    first call (``torch.compile`` builds lazily).
+    """
+    module = getattr(model, "_orig_mod", model)
+    params = {id(p) for p in module.parameters()}
+    return [graph for graph in list(_GRAPHS) if graph.parameter_ids & params]
 
 
 _ENGINE_CHOICES = ("auto", "tensorrt", "inductor", "eager")
@@ -81,6 +78,11 @@ class BackendSettings:
             against torch-tensorrt 2.13's fields before building; see :mod:`sdtm_compile.tensorrt`).
         cache_dir: where built engines are cached (:mod:`sdtm_compile.cache`): a path, ``None`` for the
             default (``$SDTM_CACHE_DIR`` or ``~/.cache/sdtm_compile``) or ``False`` for no cache.
+        history: how many recent calls each compiled graph records outside a :func:`sdtm_compile.generation`
+            context (``dispatcher.history``; 0, the default, records none). A context has its own history.
+        regional: build engines region by region (:mod:`sdtm_compile.regions`): one engine per distinct block
+            prefix / merged part / glue region, shared by every block and bucket with the same structure (much
+            faster builds; the weights are engine inputs). ``False`` builds each bucket graph whole.
     """
 
     sdtm: SDTMConfig = field(default_factory=SDTMConfig)
@@ -88,6 +90,8 @@ class BackendSettings:
     on_unsupported: str = "error"
     tensorrt: Mapping[str, Any] = field(default_factory=dict)
     cache_dir: str | os.PathLike[str] | bool | None = None
+    history: int = 0
+    regional: bool = True
 
     def resolved_cache_dir(self) -> Path | None:
         """The engine cache directory in force, or ``None`` when caching is off."""
@@ -106,6 +110,10 @@ class BackendSettings:
             raise ValueError(f"option 'engine'={self.engine!r} is invalid: choose one of {list(_ENGINE_CHOICES)}")
         if self.on_unsupported not in ("error", "fallback"):
             raise ValueError(f"option 'on_unsupported'={self.on_unsupported!r} is invalid: 'error' or 'fallback'")
+        if not isinstance(self.history, int) or self.history < 0:
+            raise ValueError(f"option 'history' must be a number of calls >= 0, got {self.history!r}")
+        if not isinstance(self.regional, bool):
+            raise ValueError(f"option 'regional' must be True or False, got {self.regional!r}")
         if not isinstance(self.tensorrt, Mapping):
             raise ValueError(f"option 'tensorrt' must be a dict of torch-tensorrt settings, got {self.tensorrt!r}")
         from .tensorrt import tensorrt_options
@@ -136,12 +144,17 @@ class SDTMCompiledGraph:
         engine_names: dict[EngineKey, str],
         sites: ModelSites,
         config: SDTMConfig,
+        example_inputs: list[torch.Tensor] = (),  # type: ignore[assignment]
+        history: int = 0,
     ) -> None:
         self.engines = engines
         self.engine_names = engine_names
         self.sites = sites
         self.config = config
-        self.dispatcher = StageDispatcher(config)
+        self.dispatcher = StageDispatcher(config, history=history)
+        #: ids of the model parameters among the graph's inputs (how :func:`compiled_graphs` finds the model);
+        #: the graph's engines keep the parameters alive, so the ids cannot be reused while it lives.
+        self.parameter_ids = {id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)}
 
     def __call__(self, *args: Any) -> Any:
         latent = args[self.sites.latent_index]
@@ -159,7 +172,7 @@ class SDTMCompiledGraph:
         )
 
     def reset(self) -> None:
-        """Forget the generation state (``li``) explicitly."""
+        """Forget the default generation state (``li``) explicitly (``generation`` contexts keep theirs)."""
         self.dispatcher.reset()
 
 
@@ -200,18 +213,18 @@ class SDTMBackend:
             raise EngineBuildError(f"engine {choice!r} cannot be used: {reason}")
         return [choice] + (["inductor"] if choice == "tensorrt" else [])
 
-    def _build(self, key: EngineKey, gm: fx.GraphModule, inputs: list[torch.Tensor], order: list[str]):
+    def _build(self, what: object, gm: fx.GraphModule, inputs: list[torch.Tensor], order: list[str]):
+        """Build ``gm`` (a bucket graph or a region, named ``what``) with the first engine in ``order`` that works."""
         for position, name in enumerate(order):
             try:
                 if name == "tensorrt":  # lint first: a graph TensorRT cannot convert must not half-build
-                    gm.meta["aten_graph"] = to_aten(gm, inputs)
-                    lint_tensorrt(gm, PassSettings(self.settings.sdtm, key))
+                    lint_tensorrt(to_aten(gm, inputs), what)
                 return name, ENGINES[name].build(gm, inputs, self.settings)
             except Exception as err:
                 if position == len(order) - 1:
-                    raise EngineBuildError(f"building the {name} engine for {key} failed: {err}") from err
+                    raise EngineBuildError(f"building the {name} engine for {what} failed: {err}") from err
                 warnings.warn(
-                    f"building the {name} engine for {key} failed ({type(err).__name__}: {err}); "
+                    f"building the {name} engine for {what} failed ({type(err).__name__}: {err}); "
                     f"falling back to {order[position + 1]} for this engine",
                     RuntimeWarning,
                     stacklevel=2,
@@ -240,58 +253,61 @@ class SDTMBackend:
         order = self._engine_order(example_inputs)
         config = self.settings.sdtm
         try:
-            sites: ModelSites = find_mmdit_blocks(gm, PassSettings(config)).meta["sdtm_sites"]
+            buckets = BucketGraphs(gm, example_inputs, config)
         except UnsupportedModelError as err:
             if self.settings.on_unsupported == "error":
                 raise
             return self._unmodified(gm, example_inputs, order, _without_hint(err))
 
-        keys = engines_for_trajectory(config)
-        batch = example_inputs[sites.latent_index].shape[0]
-        li = torch.zeros(batch, sites.num_tokens, dtype=torch.int32, device=example_inputs[sites.latent_index].device)
+        graphs = []
+        for keys in buckets.groups():  # rewrite every graph before building: a pass failure stops before any build
+            try:
+                graphs.append(buckets.distinct_graph(keys))
+            except Exception as err:  # any pass failure: the graph is not one we can rewrite
+                if self.settings.on_unsupported == "error":
+                    raise
+                reason = f"rewriting the graph for {keys[0]} failed ({type(err).__name__}: {_without_hint(err)})"
+                return self._unmodified(gm, example_inputs, order, reason)
+
+        engine_inputs = buckets.engine_inputs()
+        regional = RegionalBuilder(lambda region, inputs, name: self._build(name, region, inputs, order)[1])
         engines, names = {}, {}
-        # Buckets that round to the same token counts on this grid are the same graph: build it once.
-        built: dict[tuple, EngineKey] = {}
         total = time.perf_counter()
-        for number, key in enumerate(keys, 1):
-            counts = token_counts(key, *sites.grid)
-            same = built.get((key.stage, counts))
-            if same is not None:
-                engines[key], names[key] = engines[same], names[same]
-                logger.info("engine %d/%d: %s has the token counts of %s: sharing it", number, len(keys), key, same)
-                continue
+        for bucket in graphs:
+            key, counts = bucket.keys[0], bucket.counts
             logger.info(
-                "building engine %d/%d: %s (attention %d, FF %d of %d image tokens) with %s ...",
-                number,
-                len(keys),
-                key,
+                "building engine for %s (attention %d, FF %d of %d image tokens) with %s ...",
+                ", ".join(map(str, bucket.keys)),
                 counts.attention,
                 counts.feed_forward,
                 counts.tokens,
                 order[0],
             )
-            start = time.perf_counter()
-            try:
-                rewritten = rewrite_for_engine(gm, example_inputs, PassSettings(config, key))
-            except Exception as err:  # any pass failure: the graph is not one we can rewrite
-                if self.settings.on_unsupported == "error":
-                    raise
-                reason = f"rewriting the graph for {key} failed ({type(err).__name__}: {_without_hint(err)})"
-                return self._unmodified(gm, example_inputs, order, reason)
-            names[key], engines[key] = self._build(key, rewritten, [*example_inputs, li], order)
-            built[(key.stage, counts)] = key
-            logger.info("  %s built in %.1f s", key, time.perf_counter() - start)
+            start, built_before = time.perf_counter(), regional.stats.built
+            if self.settings.regional:
+                engine, name = regional.build(bucket.graph, engine_inputs), order[0]
+            else:
+                name, engine = self._build(key, bucket.graph.gm, engine_inputs, order)
+            for served in bucket.keys:
+                engines[served], names[served] = engine, name
+            logger.info(
+                "  %s ready in %.1f s (%d new regions)",
+                key,
+                time.perf_counter() - start,
+                regional.stats.built - built_before,
+            )
         logger.info(
-            "%s: %d engines (%d distinct graphs) ready in %.1f s",
+            "%s: %d engines (%d distinct graphs, %d distinct regions for %d call sites) ready in %.1f s",
             self.name,
-            len(keys),
-            len(built),
+            len(engines),
+            len(graphs),
+            regional.stats.built,
+            regional.stats.call_sites,
             time.perf_counter() - total,
         )
-        compiled = SDTMCompiledGraph(engines, names, sites, config)
+        compiled = SDTMCompiledGraph(engines, names, buckets.sites, config, example_inputs, self.settings.history)
         self.compiled.append(compiled)
-        _RECENT.append(weakref.ref(compiled))
-        del _RECENT[:-16]
+        _GRAPHS.add(compiled)
         return compiled
 
 

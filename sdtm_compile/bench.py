@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from .buckets import BucketGraphs
 from .config import SDTMConfig
 from .flops import count_flops, mmdit_block_flops
 from .models import MODEL_PRESETS, ModelPreset, tiny_sd3_transformer
@@ -227,7 +228,9 @@ class _Compiled:
     def __init__(self, model: torch.nn.Module, sdtm: SDTMConfig | None, engine: str, probe: dict[str, Any]):
         from .backend import SDTMBackend
 
-        self.backend = None if sdtm is None else SDTMBackend({"sdtm": sdtm, "engine": engine}, name="sdtm")
+        # history: the step table reads the engines of the last generation's calls
+        options = {"sdtm": sdtm, "engine": engine, "history": 1024}
+        self.backend = None if sdtm is None else SDTMBackend(options, name="sdtm")
         if self.backend is None:
             self.module = torch.compile(model, dynamic=False)
         else:
@@ -247,25 +250,26 @@ class _Compiled:
 
 
 class _BucketGraphs:
-    """The model's Dynamo graph, rewritten per engine key on demand (for FLOPs and the merge profile)."""
+    """The model's Dynamo graph and its :class:`~sdtm_compile.buckets.BucketGraphs` per SDTM config (for FLOPs
+    and the merge profile)."""
 
     def __init__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> None:
         from .capture import capture_dynamo_graph
 
         self.gm, self.flat = capture_dynamo_graph(model, inputs)
-        self._graphs: dict[tuple[EngineKey, SDTMConfig], fx.GraphModule] = {}
+        self._buckets: dict[SDTMConfig, BucketGraphs] = {}
         self._flops: dict[tuple[EngineKey, SDTMConfig], Any] = {}
 
-    def graph(self, key: EngineKey, config: SDTMConfig) -> fx.GraphModule:
-        from .passes import PassSettings, rewrite_for_engine
+    def buckets(self, config: SDTMConfig) -> BucketGraphs:
+        if config not in self._buckets:
+            self._buckets[config] = BucketGraphs(self.gm, self.flat, config)
+        return self._buckets[config]
 
-        if (key, config) not in self._graphs:
-            self._graphs[(key, config)] = rewrite_for_engine(self.gm, self.flat, PassSettings(config, key))
-        return self._graphs[(key, config)]
+    def graph(self, key: EngineKey, config: SDTMConfig) -> fx.GraphModule:
+        return self.buckets(config).graph(key).gm
 
     def li(self, key: EngineKey, config: SDTMConfig) -> torch.Tensor:
-        sites = self.graph(key, config).meta["sdtm_sites"]
-        return torch.zeros(self.flat[sites.latent_index].shape[0], sites.num_tokens, dtype=torch.int32)
+        return self.buckets(config).new_li()
 
     def flops(self, key: EngineKey, config: SDTMConfig):
         """FLOPs of one call of ``key``'s bucket graph (a :class:`~sdtm_compile.flops.FlopCount`)."""
@@ -468,8 +472,9 @@ def run_benchmark(config: BenchConfig, command: str | None = None) -> dict[str, 
         config.warmup,
     )
     wall_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="sdtm_bench_") as scratch, _compiler_caches(
-        config.cold_caches, Path(scratch)
+    with (
+        tempfile.TemporaryDirectory(prefix="sdtm_bench_") as scratch,
+        _compiler_caches(config.cold_caches, Path(scratch)),
     ):
         # 1. compile: cold (fresh caches), then warm (same caches, Dynamo reset) - the warm ones are timed
         logger.info("compiling the Inductor baseline and the sdtm backend (cold) ...")

@@ -173,22 +173,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {engine['key']:<15} {engine['file']:<22} tokens {engine['tokens']}")
         return 0
     if args.command == "lint":
+        from .buckets import BucketGraphs
         from .capture import capture_dynamo_graph
-        from .passes import PassSettings, lint_report, rewrite_for_engine, to_aten
-        from .schedule import FULL, engines_for_trajectory
+        from .passes import lint_report, to_aten
 
         model, inputs, config, torch = _load_model(args)
-        gm, flat = capture_dynamo_graph(model, inputs)
+        buckets = BucketGraphs(*capture_dynamo_graph(model, inputs), config, include_full=True)
         errors = 0
-        for key in [FULL, *engines_for_trajectory(config)]:
-            rewritten = rewrite_for_engine(gm, flat, PassSettings(config, key))
-            sites = rewritten.meta["sdtm_sites"]
-            li = torch.zeros(args.batch, sites.num_tokens, dtype=torch.int32)
-            aten_graph = to_aten(rewritten, [*flat, li])
+        for bucket in buckets.distinct():
+            aten_graph = to_aten(bucket.graph.gm, buckets.engine_inputs())
             findings = lint_report(aten_graph)
             errors += sum(f.severity == "error" for f in findings)
             ops = len([n for n in aten_graph.graph.nodes if n.op == "call_function"])
-            print(f"{str(key):<15} {ops:>5} aten ops: " + ("OK" if not findings else f"{len(findings)} findings"))
+            name = ", ".join(map(str, bucket.keys))
+            print(f"{name:<15} {ops:>5} aten ops: " + ("OK" if not findings else f"{len(findings)} findings"))
             for finding in findings:
                 print(f"    {finding}")
         return 1 if errors else 0

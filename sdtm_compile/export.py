@@ -1,9 +1,10 @@
 """ONNX export of every engine, a manifest, and :class:`OnnxTransformer`, a drop-in for ``pipe.transformer``.
 
-The exported graphs are the backend's own per-bucket graphs (:func:`sdtm_compile.passes.rewrite_for_engine`
-on the graph Dynamo traces), with the weights stored in the ONNX files. ``manifest.json`` says which file
-serves which (stage, bucket), the inputs, outputs and the ``li`` state tensor, the SDTM config and schedule, and
-the sha256 of every file. :class:`OnnxTransformer` runs them with ONNX Runtime through the same
+The exported graphs are the backend's own per-bucket graphs (:class:`~sdtm_compile.buckets.BucketGraphs` of
+the graph Dynamo traces, whole: ONNX Runtime and TensorRT's ONNX parser want one graph per engine), with the
+weights stored in the ONNX files. ``manifest.json`` says which file serves which (stage, bucket), the inputs,
+outputs and the ``li`` state tensor, the SDTM config and schedule, and the sha256 of every file.
+:class:`OnnxTransformer` runs them with ONNX Runtime through the same
 :class:`~sdtm_compile.runtime.StageDispatcher` as the compiled backend.
 """
 
@@ -21,12 +22,12 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from .buckets import BucketGraphs
 from .cache import sha256_file
 from .capture import capture_dynamo_graph
 from .config import SDTMConfig
-from .passes import PassSettings, rewrite_for_engine
 from .runtime import StageDispatcher
-from .schedule import FULL, EngineKey, Stage, engines_for_trajectory, token_counts
+from .schedule import EngineKey, Stage
 
 __all__ = ["FORMAT_VERSION", "export_onnx", "OnnxTransformer", "BundleError"]
 
@@ -104,53 +105,53 @@ def export_onnx(
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     input_positions = [i for i, t in enumerate(flat) if id(t) not in constants]
     input_names = [_input_name(placeholders[i].name) for i in input_positions]
-    keys = [FULL, *[k for k in engines_for_trajectory(config) if k != FULL]]
+    buckets = BucketGraphs(gm, flat, config, include_full=True)
+    sites = buckets.sites
     if external_data is None:
         external_data = sum(flat[i].nbytes for i in range(len(flat)) if i not in input_positions) > 1.5 * 2**30
 
     engines: list[dict[str, Any]] = []
-    files_for_graph: dict[tuple, str] = {}
-    sites = None
+    files: list[str] = []
     started = time.perf_counter()
-    for number, key in enumerate(keys, 1):
-        rewritten = rewrite_for_engine(gm, flat, PassSettings(config, key))
-        sites = rewritten.meta["sdtm_sites"]
-        counts = token_counts(key, *sites.grid)
-        li = torch.zeros(flat[sites.latent_index].shape[0], sites.num_tokens, dtype=torch.int32)
-        graph_id = (key.stage, counts)
-        if graph_id not in files_for_graph:
-            file_name = f"{key.slug}.onnx"
-            logger.info("exporting %d/%d: %s -> %s ...", number, len(keys), key, file_name)
-            start = time.perf_counter()
-            module = _BucketModule(rewritten, flat, input_positions).eval()
-            args = tuple(flat[i] for i in input_positions) + (li,)
-            (out / f"{file_name}.data").unlink(missing_ok=True)  # a stale one from an earlier export
-            with _quiet("onnx_ir", "onnxscript", "torch.onnx"):
-                torch.onnx.export(
-                    module,
-                    args,
-                    str(out / file_name),
-                    dynamo=True,
-                    opset_version=opset,
-                    input_names=[*input_names, LI_NAME],
-                    output_names=["sample", f"{LI_NAME}_out"],
-                    external_data=external_data,
-                    verbose=False,
-                )
-            files_for_graph[graph_id] = file_name
-            logger.info("  %s written in %.1f s", file_name, time.perf_counter() - start)
-        engines.append(
-            {
-                "key": str(key),
-                "stage": key.stage.value,
-                "bucket": key.bucket,
-                "file": files_for_graph[graph_id],
-                "tokens": {"image": counts.tokens, "attention": counts.attention, "feed_forward": counts.feed_forward},
-            }
-        )
-    assert sites is not None
+    groups = buckets.groups()
+    for number, keys in enumerate(groups, 1):
+        bucket = buckets.distinct_graph(keys)
+        file_name = f"{keys[0].slug}.onnx"
+        logger.info("exporting %d/%d: %s -> %s ...", number, len(groups), ", ".join(map(str, keys)), file_name)
+        start = time.perf_counter()
+        module = _BucketModule(bucket.graph.gm, flat, input_positions).eval()
+        args = tuple(flat[i] for i in input_positions) + (buckets.new_li(),)
+        (out / f"{file_name}.data").unlink(missing_ok=True)  # a stale one from an earlier export
+        with _quiet("onnx_ir", "onnxscript", "torch.onnx"):
+            torch.onnx.export(
+                module,
+                args,
+                str(out / file_name),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[*input_names, LI_NAME],
+                output_names=["sample", f"{LI_NAME}_out"],
+                external_data=external_data,
+                verbose=False,
+            )
+        files.append(file_name)
+        logger.info("  %s written in %.1f s", file_name, time.perf_counter() - start)
+        counts = bucket.counts
+        for key in keys:
+            engines.append(
+                {
+                    "key": str(key),
+                    "stage": key.stage.value,
+                    "bucket": key.bucket,
+                    "file": file_name,
+                    "tokens": {
+                        "image": counts.tokens,
+                        "attention": counts.attention,
+                        "feed_forward": counts.feed_forward,
+                    },
+                }
+            )
     sample = transformer(**example_inputs, return_dict=False)[0]
-    batch = flat[sites.latent_index].shape[0]
     manifest = {
         "format_version": FORMAT_VERSION,
         "producer": {"sdtm_compile": _version(), "torch": torch.__version__},
@@ -162,7 +163,7 @@ def export_onnx(
         "outputs": [_spec("sample", sample)],
         "state": [
             {
-                **_spec(LI_NAME, torch.zeros(batch, sites.num_tokens, dtype=torch.int32)),
+                **_spec(LI_NAME, buckets.new_li()),
                 "output": f"{LI_NAME}_out",
                 "reset": "zeros at the start of every generation (a timestep above the previous one)",
             }
@@ -171,7 +172,7 @@ def export_onnx(
         "external_data": bool(external_data),
         "files": {
             path.name: sha256_file(path)
-            for name in sorted(set(files_for_graph.values()))
+            for name in sorted(files)
             for path in (out / name, out / f"{name}.data")
             if path.exists()
         },
@@ -226,9 +227,10 @@ class OnnxTransformer(nn.Module):
     same :class:`StageDispatcher` as the compiled backend. Loading checks the manifest's format version, that
     every file exists and matches its sha256; calls check the input shapes against the manifest.
     ``skip_layers``, ControlNet residuals and ``joint_attention_kwargs`` are not supported (a clear error).
+    ``history``: how many recent calls ``dispatcher.history`` keeps outside a ``generation`` context (0: none).
     """
 
-    def __init__(self, bundle_dir: str | Path, providers: list[str] | None = None) -> None:
+    def __init__(self, bundle_dir: str | Path, providers: list[str] | None = None, history: int = 0) -> None:
         super().__init__()
         import onnxruntime as ort
 
@@ -271,7 +273,7 @@ class OnnxTransformer(nn.Module):
             if name.endswith(".onnx")
         }
         self.files = {self._key(e): e["file"] for e in manifest["engines"]}
-        self.dispatcher = StageDispatcher(self.sdtm_config)
+        self.dispatcher = StageDispatcher(self.sdtm_config, history=history)
 
     @staticmethod
     def _key(entry: dict[str, Any]) -> EngineKey:

@@ -41,8 +41,15 @@ def plot_schedule(result: dict[str, Any], path: str | Path) -> str:
     ax.stairs([s["ff_tokens"] for s in steps], edges, color="#a0451b", lw=2, ls="--", label="feed-forward")
     ax.axhline(n, color="black", lw=0.8, ls=":", label=f"unmerged ({n})")
     for s in steps:
-        ax.annotate(f"{s['bucket']:g}", (s["step"], s["ff_tokens"]), textcoords="offset points", xytext=(0, -12),
-                    ha="center", fontsize=7, color="#444444")
+        ax.annotate(
+            f"{s['bucket']:g}",
+            (s["step"], s["ff_tokens"]),
+            textcoords="offset points",
+            xytext=(0, -12),
+            ha="center",
+            fontsize=7,
+            color="#444444",
+        )
     ax.set_xlabel("sampling step")
     ax.set_ylabel("image tokens per block")
     ax.set_ylim(0, n * 1.08)
@@ -76,8 +83,9 @@ def plot_speedup_vs_fidelity(result: dict[str, Any], path: str | Path) -> str:
     ax.plot(psnrs, [p["speedup_vs_inductor"] for p in sweep], "o-", color="#1f3b73", label="measured speed-up")
     ax.plot(psnrs, [p["flop_ratio"] for p in sweep], "s--", color="#999999", mfc="none", label="FLOP ratio (limit)")
     for p, y in zip(sweep, psnrs):
-        ax.annotate(f"r={p['ratio']:g}", (y, p["speedup_vs_inductor"]), textcoords="offset points", xytext=(4, 6),
-                    fontsize=8)
+        ax.annotate(
+            f"r={p['ratio']:g}", (y, p["speedup_vs_inductor"]), textcoords="offset points", xytext=(4, 6), fontsize=8
+        )
     ax.axhline(1.0, color="black", lw=0.8, ls=":")
     eager = result["variants"]["eager"]["speedup_vs_inductor"]
     ax.axhline(eager, color="#a0451b", lw=0.8, ls="-.", label=f"unmodified eager ({eager:.2f}x)")

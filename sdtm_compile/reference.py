@@ -213,15 +213,16 @@ class ReferenceTransformer:
     """The eager reference behind a :class:`~sdtm_compile.runtime.StageDispatcher`, called like ``sampling``'s
     transformer: ``(hidden_states, encoder_hidden_states, pooled_projections, timestep) -> sample``.
 
-    ``engine_for(key)`` returns the engine of a key (replaceable, e.g. to observe calls); ``history`` and
+    ``engine_for(key)`` returns the engine of a key (replaceable, e.g. to observe calls); ``history`` (the last
+    ``history`` calls outside a ``generation`` context; this is a test and debugging oracle, so it is on) and
     ``reset`` are the dispatcher's.
     """
 
-    def __init__(self, transformer: nn.Module, config: SDTMConfig) -> None:
+    def __init__(self, transformer: nn.Module, config: SDTMConfig, history: int = 1024) -> None:
         from .runtime import StageDispatcher
 
         self.transformer = transformer
-        self.dispatcher = StageDispatcher(config)
+        self.dispatcher = StageDispatcher(config, history=history)
         self.engine_for = lambda key: reference_engine(transformer, key, config)
 
     @property
@@ -244,6 +245,6 @@ class ReferenceTransformer:
         )
 
 
-def reference_dispatcher(transformer: nn.Module, config: SDTMConfig) -> ReferenceTransformer:
+def reference_dispatcher(transformer: nn.Module, config: SDTMConfig, history: int = 1024) -> ReferenceTransformer:
     """The eager reference with the stage schedule and ``li`` state of the compiled paths."""
-    return ReferenceTransformer(transformer, config)
+    return ReferenceTransformer(transformer, config, history)

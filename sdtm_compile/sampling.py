@@ -7,7 +7,7 @@ Used by the demo, the tests and the benchmarks to run whole generations through 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ __all__ = [
     "GenerationInputs",
     "make_generation_inputs",
     "generate",
+    "denoising",
     "diffusers_call",
     "cfg_prompts",
     "cfg_batch",
@@ -91,6 +92,29 @@ def make_scheduler(shift: float = 3.0):
     return FlowMatchEulerDiscreteScheduler(shift=shift)
 
 
+def denoising(
+    call: TransformerCall,
+    inputs: GenerationInputs,
+    num_steps: int = 28,
+    guidance_scale: float = 7.0,
+    shift: float = 3.0,
+) -> Iterator[tuple[float, torch.Tensor]]:
+    """The CFG denoising loop of :func:`generate` one step at a time: yields ``(timestep, latent)`` after every
+    step (one batch-2 call each), so callers can interleave generations call by call. Runs under ``no_grad``."""
+    scheduler = make_scheduler(shift)
+    scheduler.set_timesteps(num_steps)
+    latents = inputs.latents.clone()
+    prompt, pooled = cfg_prompts(inputs)
+    for t in scheduler.timesteps:
+        with torch.no_grad():
+            latent_in, timestep = cfg_batch(latents, t)
+            noise = call(latent_in, prompt, pooled, timestep)
+            uncond, cond = noise.chunk(2)
+            noise = uncond + guidance_scale * (cond - uncond)
+            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        yield float(t), latents
+
+
 @torch.no_grad()
 def generate(
     call: TransformerCall,
@@ -104,18 +128,10 @@ def generate(
 
     Returns the final latent ``[1, C, H, W]``. ``on_step(step, timestep)`` runs after every step.
     """
-    scheduler = make_scheduler(shift)
-    scheduler.set_timesteps(num_steps)
     latents = inputs.latents.clone()
-    prompt, pooled = cfg_prompts(inputs)
-    for step, t in enumerate(scheduler.timesteps):
-        latent_in, timestep = cfg_batch(latents, t)
-        noise = call(latent_in, prompt, pooled, timestep)
-        uncond, cond = noise.chunk(2)
-        noise = uncond + guidance_scale * (cond - uncond)
-        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+    for step, (t, latents) in enumerate(denoising(call, inputs, num_steps, guidance_scale, shift)):
         if on_step is not None:
-            on_step(step, float(t))
+            on_step(step, t)
     return latents
 
 

@@ -16,6 +16,7 @@ from sdtm_compile.engines import ENGINES, EngineBuildError, engine_available
 from sdtm_compile.merge import init_li
 from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_transformer
 from sdtm_compile.reference import reference_dispatcher, reference_forward
+from sdtm_compile.regions import RegionalBuilder
 from sdtm_compile.sampling import generate, make_generation_inputs
 from sdtm_compile.schedule import FULL, EngineKey, Stage, engines_for_trajectory
 from tests.helpers import capture_dynamo_graph, transformer_call
@@ -58,15 +59,25 @@ def test_every_bucket_matches_the_eager_reference(engine_case):
     n = (latent[0] // 2) * (latent[1] // 2)
     li = torch.randint(0, 4, (batch, n), dtype=torch.int32)  # a mid-generation counter, not zeros
     assert len(KEYS) == 7 and set(keys) <= set(KEYS)
+    settings = BackendSettings(engine=engine)
+    # Regional engines, as the backend builds them: one builder for every key, so regions are shared across them
+    regional = RegionalBuilder(
+        lambda region, region_inputs, name: ENGINES[engine].build(region, region_inputs, settings)
+    )
     for key in keys:
         rewritten = rewrite_for_engine(gm, flat, PassSettings(CONFIG, key))
         # no_grad as in a pipeline: engines are built for inference (a grad-mode build compiles a backward too)
         with torch.no_grad():
-            built = ENGINES[engine].build(rewritten, [*flat, li], BackendSettings(engine=engine))
-            sample, li_out = built(*flat, li.clone())
+            builds = {"regional": regional.build(rewritten, [*flat, li])}
+            if engine == "eager":  # the whole-graph build (option regional=False) too; cheap on this engine
+                builds["whole"] = ENGINES[engine].build(rewritten.gm, [*flat, li], settings)
             want, want_li = reference_forward(model, **inputs, key=key, li=li.clone(), config=CONFIG)
-        torch.testing.assert_close(sample, want, **TOLERANCE[engine], msg=lambda m, k=key: f"{engine} {k}: {m}")
-        assert torch.equal(li_out, want_li), f"{engine} {key}: li differs"
+            for how, built in builds.items():
+                sample, li_out = built(*flat, li.clone())
+                torch.testing.assert_close(sample, want, **TOLERANCE[engine], msg=lambda m, k=key: f"{how} {k}: {m}")
+                assert torch.equal(li_out, want_li), f"{engine} {how} {key}: li differs"
+    if keys is KEYS:  # block prefixes are shared by the detail buckets, glue regions by every bucket
+        assert regional.stats.built < regional.stats.call_sites / 2
 
 
 # Inductor: SD3.5 at batch 2 / 32x32 loads the engines the parity test built from the session's engine cache.
@@ -76,7 +87,7 @@ def test_every_bucket_matches_the_eager_reference(engine_case):
 def test_whole_generation_matches_reference_without_recompiles(spec, engine):
     model = tiny_sd3_transformer(spec, seed=2)
     inputs = make_generation_inputs(spec, (32, 32), seed=5)
-    backend = SDTMBackend({"sdtm": CONFIG, "engine": engine})
+    backend = SDTMBackend({"sdtm": CONFIG, "engine": engine, "history": 64})
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
@@ -121,8 +132,9 @@ def test_backends_are_found_by_name_in_a_fresh_process():
                            pooled_projections=torch.randn(1, 16), timestep=torch.tensor([900.0]),
                            return_dict=False)[0]
         assert "sdtm_compile" in sys.modules and out.shape == (1, 4, 16, 16)
-        from sdtm_compile.backend import last_compiled
-        print("engines:", len(last_compiled().engines))
+        import sdtm_compile
+        (graph,) = sdtm_compile.compiled_graphs(compiled)
+        print("engines:", len(graph.engines))
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -135,7 +147,7 @@ def test_unknown_options_list_the_valid_ones():
         SDTMBackend({"ratio": 0.5, "enabled_precisions": {torch.half}})
     message = str(info.value)
     assert "['enabled_precisions', 'ratio']" in message
-    assert "valid options: ['sdtm', 'engine', 'on_unsupported', 'tensorrt', 'cache_dir']" in message
+    assert "valid options: ['sdtm', 'engine', 'on_unsupported', 'tensorrt', 'cache_dir', 'history', 'regional']" in message
     with pytest.raises(ValueError, match="'engine'='fast' is invalid"):
         SDTMBackend({"engine": "fast"})
     with pytest.raises(ValueError, match="SDTMConfig.ratio=2.0"):
@@ -179,16 +191,21 @@ def test_unsupported_model_is_a_clear_error_or_a_loud_fallback():
 def test_a_pass_failing_on_one_bucket_is_an_error_or_a_loud_fallback(monkeypatch):
     """A pass that fails on a bucket graph (injected here: no real diffusers SD3 graph makes one fail) aborts
     with ``on_unsupported="error"`` and compiles the unmodified model, with a warning, under ``"fallback"``."""
-    import sdtm_compile.passes as passes
+    import dataclasses
 
-    real = passes.fix_token_shapes
+    import sdtm_compile.passes.pipeline as pipeline
+    from sdtm_compile.passes import TokenShapeError
 
-    def failing_on_structure(gm, settings):
+    def failing_on_structure(gm, sites, settings):
         if settings.key.stage.value == "structure":
-            raise passes.TokenShapeError("injected: a token-count constant was not recognised")
-        return real(gm, settings)
+            raise TokenShapeError("injected: a token-count constant was not recognised")
+        return gm
 
-    monkeypatch.setattr(passes, "fix_token_shapes", failing_on_structure)
+    failing = [
+        dataclasses.replace(p, run=failing_on_structure) if p.name == "fix_token_shapes" else p
+        for p in pipeline.REWRITE_PIPELINE
+    ]
+    monkeypatch.setattr(pipeline, "REWRITE_PIPELINE", tuple(failing))
     model = tiny_sd3_transformer(TINY_SD3)
     inputs = example_inputs(TINY_SD3, 1, (16, 16))
     torch._dynamo.reset()
@@ -235,7 +252,11 @@ def test_tensorrt_engines_match_the_reference():  # pragma: no cover - needs a G
     li = init_li(2, 256, "cuda")
     for key in [FULL, *engines_for_trajectory(CONFIG)]:
         rewritten = rewrite_for_engine(gm, flat, PassSettings(CONFIG, key))
-        built = ENGINES["tensorrt"].build(rewritten, [*flat, li], BackendSettings(engine="tensorrt"))
+        settings = BackendSettings(engine="tensorrt")
+        regional = RegionalBuilder(
+            lambda region, region_inputs, name: ENGINES["tensorrt"].build(region, region_inputs, settings)
+        )
+        built = regional.build(rewritten, [*flat, li])
         with torch.no_grad():
             sample, li_out = built(*flat, li)
             want, want_li = reference_forward(model, **inputs, key=key, li=li, config=CONFIG)

@@ -19,7 +19,7 @@ def test_sd3_pipeline_with_the_compiled_transformer_makes_an_image(tmp_path):
 
     pipe = tiny_sd3_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    backend = SDTMBackend({"engine": "eager"})
+    backend = SDTMBackend({"engine": "eager", "history": 16})
     torch._dynamo.reset()  # earlier tests compiled SD3Transformer2DModel.forward with other shapes
     pipe.transformer = torch.compile(pipe.transformer, backend=backend, dynamic=False)
     with torch.no_grad():
@@ -34,8 +34,18 @@ def test_sd3_pipeline_script_prints_times_and_tokens(tmp_path):
     result = subprocess.run(
         # the eager engine: the script's path end to end without Inductor builds (the README's main job, with
         # Inductor engines, is what the backend tests check engine by engine)
-        [sys.executable, str(ROOT / "examples" / "sd3_pipeline.py"), "--steps", "3", "--size", "64",
-         "--engine", "eager", "--out", str(out)],  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "examples" / "sd3_pipeline.py"),
+            "--steps",
+            "3",
+            "--size",
+            "64",
+            "--engine",
+            "eager",
+            "--out",
+            str(out),
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=600,

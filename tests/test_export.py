@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sdtm_compile
 from sdtm_compile import SDTMConfig
 from sdtm_compile.backend import SDTMBackend
 from sdtm_compile.export import BundleError, OnnxTransformer, export_onnx
@@ -63,14 +64,14 @@ def test_manifest_describes_every_engine(bundle):
 def test_generation_through_onnx_equals_compiled_and_reference(bundle):
     spec, model, out, _ = bundle
     inputs = make_generation_inputs(spec, (32, 32), seed=7)
-    runner = OnnxTransformer(out)
+    runner = OnnxTransformer(out, history=64)
     with torch.no_grad():
         got = generate(transformer_call(runner), inputs, num_steps=28)
         want = generate(reference_dispatcher(model, CONFIG), inputs, num_steps=28)
         torch._dynamo.reset()
         # the eager engine: the backend's own capture, passes and dispatcher without Inductor builds (Inductor's
         # generation parity is in test_backend, whose engine cache this file's worker does not share)
-        backend = SDTMBackend({"sdtm": CONFIG, "engine": "eager"})
+        backend = SDTMBackend({"sdtm": CONFIG, "engine": "eager", "history": 64})
         compiled = torch.compile(model, backend=backend, dynamic=False)
         via_backend = generate(transformer_call(compiled), inputs, num_steps=28)
     # ONNX Runtime and eager PyTorch order float ops differently: 1e-4 over 28 steps
@@ -94,10 +95,10 @@ def test_onnx_transformer_in_a_real_pipeline(bundle):
     pipe = tiny_sd3_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
     pipe.transformer = OnnxTransformer(out)
-    with torch.no_grad():
+    with torch.no_grad(), sdtm_compile.generation(pipe.transformer, history=16) as run:
         image = pipeline_generate(pipe, steps=5, size=128, seed=0)  # 128 px -> 32x32 latent: the bundle's shape
     assert image.size == (128, 128)
-    assert len(pipe.transformer.dispatcher.history) == 5
+    assert len(run.history) == 5 and pipe.transformer.dispatcher.history == []  # the context owned the state
 
 
 @pytest.fixture

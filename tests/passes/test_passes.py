@@ -6,10 +6,13 @@ import pytest
 import torch
 from sdtm_compile.passes import (
     LI_INPUT_NAME,
+    REWRITE_PIPELINE,
+    PassOrderError,
     PassSettings,
     TokenShapeError,
     UnsupportedModelError,
     copy_graph_module,
+    copy_with_node_map,
     find_mmdit_blocks,
     fix_token_shapes,
     insert_merge_nodes,
@@ -54,8 +57,7 @@ def test_module_path_normalisation():
 
 def test_find_blocks_sd35(sd35_graph):
     gm, _ = sd35_graph
-    gm = find_mmdit_blocks(copy_graph_module(gm), PassSettings())
-    sites = gm.meta["sdtm_sites"]
+    sites = find_mmdit_blocks(gm)
     assert [b.path for b in sites.blocks] == [f"transformer_blocks.{i}" for i in range(3)]
     assert [b.attn2 is not None for b in sites.blocks] == [True, True, False]
     assert (sites.num_tokens, sites.grid, sites.text_tokens) == (240, (12, 20), 8)
@@ -66,14 +68,19 @@ def test_find_blocks_sd35(sd35_graph):
         assert module_stack(block.attn.output)[-1][0].startswith(f"{block.path}.attn.to_out")
         assert any(module_stack(u)[-1][0] == f"{block.path}.ff.net.0.proj" for u in block.ff.input.users)
         assert module_stack(block.ff.output)[-1][0] == f"{block.path}.ff.net.2"
-    # the pass only annotates
+    # an analysis: the graph is unchanged, and the sites carry over to a copy's nodes
     assert count(gm, sdtm_plan) == 0
+    copy, node_map = copy_with_node_map(gm)
+    moved = sites.remapped(node_map)
+    copied_nodes = set(copy.graph.nodes)
+    assert all(b.input in copied_nodes and set(b.nodes) <= copied_nodes for blk in moved.blocks for b in blk.branches)
+    assert [b.attn.input.name for b in moved.blocks] == [b.attn.input.name for b in sites.blocks]
 
 
 def test_find_blocks_logs_what_it_found(sd3_graph, caplog):
     gm, _ = sd3_graph
     with caplog.at_level("INFO", logger="sdtm_compile.passes.find_blocks"):
-        find_mmdit_blocks(copy_graph_module(gm), PassSettings())
+        find_mmdit_blocks(gm)
     assert "found 2 MMDiT blocks (0 with attn2), 256 image tokens on a 16x16 grid" in caplog.text
 
 
@@ -88,14 +95,16 @@ def test_find_blocks_rejects_a_model_without_mmdit_blocks():
     torch._dynamo.reset()
     torch.compile(mlp, backend=keep)(torch.randn(2, 8))
     with pytest.raises(UnsupportedModelError) as info:
-        find_mmdit_blocks(captured["gm"], PassSettings())
+        find_mmdit_blocks(captured["gm"])
     message = str(info.value)
     assert "JointTransformerBlock" in message and "Linear" in message and "on_unsupported" in message
 
 
 def test_thread_li_adds_one_input_and_one_output(sd3_graph):
     gm, inputs = sd3_graph
-    out = thread_li_state(find_mmdit_blocks(copy_graph_module(gm), PassSettings()), PassSettings())
+    out, node_map = copy_with_node_map(gm)
+    sites = find_mmdit_blocks(gm).remapped(node_map)
+    out = thread_li_state(out, sites, PassSettings())
     placeholders = [n for n in out.graph.nodes if n.op == "placeholder"]
     assert placeholders[-1].name == LI_INPUT_NAME
     assert len(placeholders) == len(inputs) + 1
@@ -106,20 +115,41 @@ def test_thread_li_adds_one_input_and_one_output(sd3_graph):
         result = out(*inputs, li)
     assert result[-1] is li  # the full engine passes li through untouched
     with pytest.raises(ValueError, match="ran twice"):
-        thread_li_state(out, PassSettings())
+        thread_li_state(out, sites, PassSettings())
 
 
 def _through_insert(gm, key):
+    """The graph after thread_li_state and insert_merge_nodes, and its sites."""
     settings = PassSettings(SDTMConfig(), key)
-    out = copy_graph_module(gm)
-    for rewrite in (find_mmdit_blocks, thread_li_state, insert_merge_nodes):
-        out = rewrite(out, settings)
-    return out
+    out, node_map = copy_with_node_map(gm)
+    sites = find_mmdit_blocks(gm).remapped(node_map)
+    for rewrite in (thread_li_state, insert_merge_nodes):
+        out = rewrite(out, sites, settings)
+    return out, sites
+
+
+def test_the_pipeline_is_declared_in_order_and_checked():
+    assert [p.name for p in REWRITE_PIPELINE] == ["thread_li_state", "insert_merge_nodes", "fix_token_shapes"]
+    established = set()
+    for graph_pass in REWRITE_PIPELINE:
+        assert set(graph_pass.requires) <= established, graph_pass.name
+        established |= set(graph_pass.ensures)
+
+
+def test_a_pass_run_out_of_order_is_refused(sd3_graph):
+    gm, inputs = sd3_graph
+    sites = find_mmdit_blocks(gm)
+    out, node_map = copy_with_node_map(gm)
+    with pytest.raises(ValueError, match="run thread_li_state first"):
+        insert_merge_nodes(out, sites.remapped(node_map), PassSettings(SDTMConfig(), STRUCTURE))
+    skipping = tuple(p for p in REWRITE_PIPELINE if p.name != "thread_li_state")
+    with pytest.raises(PassOrderError, match="before insert_merge_nodes: fact 'li_threaded'"):
+        rewrite_for_engine(gm, inputs, PassSettings(SDTMConfig(), STRUCTURE), pipeline=skipping)
 
 
 def test_insert_merge_structure_stage(sd35_graph):
     gm, _ = sd35_graph
-    out = _through_insert(gm, STRUCTURE)
+    out, sites = _through_insert(gm, STRUCTURE)
     blocks, with_attn2 = 3, 2
     assert count(out, sdtm_plan) == blocks  # one plan per block, reused by attention and FF
     assert count(out, sdtm_merge) == count(out, sdtm_unmerge) == 2 * blocks + with_attn2
@@ -132,7 +162,6 @@ def test_insert_merge_structure_stage(sd35_graph):
         assert li_node.target is operator.getitem and li_node.args == (prev, 2)
     output = next(n for n in out.graph.nodes if n.op == "output")
     assert output.args[0][-1].args == (plans[-1], 2)
-    sites = out.meta["sdtm_sites"]
     for block in sites.blocks:
         for branch in block.branches:
             # everything inside the branch now reads the merged tokens; everything outside the unmerged output
@@ -142,7 +171,7 @@ def test_insert_merge_structure_stage(sd35_graph):
 
 def test_insert_merge_detail_stage_merges_only_ff(sd35_graph):
     gm, _ = sd35_graph
-    out = _through_insert(gm, DETAIL)
+    out, _ = _through_insert(gm, DETAIL)
     assert count(out, sdtm_plan) == 3
     assert count(out, sdtm_merge) == count(out, sdtm_unmerge) == 3
     for node in out.graph.nodes:
@@ -153,17 +182,17 @@ def test_insert_merge_detail_stage_merges_only_ff(sd35_graph):
 
 def test_insert_merge_full_engine_inserts_nothing(sd35_graph):
     gm, _ = sd35_graph
-    out = _through_insert(gm, FULL)
+    out, _ = _through_insert(gm, FULL)
     assert count(out, sdtm_plan) == count(out, sdtm_merge) == count(out, sdtm_unmerge) == 0
 
 
 def test_fix_token_shapes_rewrites_the_joint_split(sd35_graph):
     gm, inputs = sd35_graph
-    out = _through_insert(gm, STRUCTURE)
+    out, sites = _through_insert(gm, STRUCTURE)
     li = torch.zeros(2, 240, dtype=torch.int32)
     with pytest.raises(TokenShapeError, match="does not type-check"):
         propagate_shapes(copy_graph_module(out), [*inputs, li])  # before the fix: split at N, shapes break
-    out = fix_token_shapes(out, PassSettings(SDTMConfig(), STRUCTURE))
+    out = fix_token_shapes(out, sites, PassSettings(SDTMConfig(), STRUCTURE))
     merged = token_counts(STRUCTURE, 12, 20).attention
     splits = [
         n
@@ -185,9 +214,10 @@ def test_fix_token_shapes_rewrites_the_joint_split(sd35_graph):
 @pytest.mark.parametrize("key", [FULL, STRUCTURE, DETAIL], ids=str)
 def test_rewrite_for_engine_keeps_output_shapes(sd35_graph, key):
     gm, inputs = sd35_graph
-    out = rewrite_for_engine(gm, inputs, PassSettings(SDTMConfig(), key))
+    rewritten = rewrite_for_engine(gm, inputs, PassSettings(SDTMConfig(), key))
+    out = rewritten.gm
     with torch.no_grad():
         sample, li = out(*inputs, torch.zeros(2, 240, dtype=torch.int32))
-    assert sample.shape == inputs[out.meta["sdtm_sites"].latent_index].shape
+    assert rewritten.key == key and sample.shape == inputs[rewritten.sites.latent_index].shape
     assert li.shape == (2, 240) and li.dtype == torch.int32
     assert gm is not out and count(gm, sdtm_plan) == 0  # the original graph is untouched

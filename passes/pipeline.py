@@ -1,0 +1,137 @@
+"""The rewrite pipeline: which passes run, in which order, and what each needs and guarantees.
+
+Like ``torch.fx``'s ``PassBase.requires`` / ``ensures``, every pass declares the facts it needs before it runs
+and the facts it establishes; :func:`rewrite_for_engine` checks both *on the graph* (the facts are functions
+of the graph, not bookkeeping), so a pass run out of order, or one that silently did nothing, fails loudly
+and names itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from sdtm_compile.ops import sdtm_merge, sdtm_plan
+from sdtm_compile.schedule import EngineKey, Stage
+
+from ._graph import copy_with_node_map, node_shape
+from .find_blocks import FALLBACK_HINT, ModelSites, find_mmdit_blocks
+from .fix_token_shapes import TokenShapeError, fix_token_shapes, propagate_shapes
+from .insert_merge import insert_merge_nodes
+from .settings import PassSettings
+from .thread_li import li_input, thread_li_state
+
+__all__ = ["GraphPass", "REWRITE_PIPELINE", "FACTS", "PassOrderError", "RewrittenGraph", "rewrite_for_engine"]
+
+logger = logging.getLogger(__name__)
+
+Pass = Callable[[fx.GraphModule, ModelSites, PassSettings], fx.GraphModule]
+
+
+class PassOrderError(RuntimeError):
+    """A pass ran without a fact it requires, or did not establish a fact it promises."""
+
+
+def _has_li(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> bool:
+    return li_input(gm) is not None
+
+
+def _merged_as_planned(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> bool:
+    """One plan per block and a merge per merged branch (none for the FULL engine)."""
+    plans = sum(n.target is sdtm_plan for n in gm.graph.nodes)
+    merges = sum(n.target is sdtm_merge for n in gm.graph.nodes)
+    if settings.key.stage is Stage.FULL:
+        return plans == merges == 0
+    per_block = [len(b.branches) if settings.key.stage is Stage.STRUCTURE else 1 for b in sites.blocks]
+    return plans == len(sites.blocks) and merges == sum(per_block)
+
+
+#: Facts a pass may require or ensure: ``name -> check(gm, sites, settings)``.
+FACTS: dict[str, Callable[[fx.GraphModule, ModelSites, PassSettings], bool]] = {
+    "li_threaded": _has_li,
+    "merge_nodes_inserted": _merged_as_planned,
+}
+
+
+@dataclass(frozen=True)
+class GraphPass:
+    """One rewrite pass: ``run(gm, sites, settings) -> gm`` with the facts it requires and ensures."""
+
+    name: str
+    run: Pass
+    requires: tuple[str, ...] = ()
+    ensures: tuple[str, ...] = ()
+
+
+#: The rewrite of one bucket graph, in order. ``find_mmdit_blocks`` (an analysis) runs before it; after it,
+#: :func:`rewrite_for_engine` propagates fake tensors through the result (every shape must fit, the outputs keep
+#: their shapes), and the TensorRT lint (a check on the aten graph) runs before TensorRT builds.
+REWRITE_PIPELINE: tuple[GraphPass, ...] = (
+    GraphPass("thread_li_state", thread_li_state, ensures=("li_threaded",)),
+    GraphPass("insert_merge_nodes", insert_merge_nodes, requires=("li_threaded",), ensures=("merge_nodes_inserted",)),
+    GraphPass("fix_token_shapes", fix_token_shapes, requires=("merge_nodes_inserted",)),
+)
+
+
+@dataclass(frozen=True)
+class RewrittenGraph:
+    """One engine's graph: takes the traced graph's inputs plus ``li`` and returns its outputs plus ``li``."""
+
+    key: EngineKey
+    gm: fx.GraphModule
+    sites: ModelSites  #: the merge sites, as nodes of ``gm``
+
+
+def _check(facts: tuple[str, ...], gm: fx.GraphModule, sites: ModelSites, settings: PassSettings, what: str) -> None:
+    for fact in facts:
+        if not FACTS[fact](gm, sites, settings):
+            raise PassOrderError(f"{what}: fact {fact!r} does not hold on the graph ({settings.key})")
+
+
+def rewrite_for_engine(
+    gm: fx.GraphModule,
+    example_inputs: list[torch.Tensor],
+    settings: PassSettings,
+    sites: ModelSites | None = None,
+    pipeline: tuple[GraphPass, ...] | None = None,
+) -> RewrittenGraph:
+    """A copy of ``gm`` rewritten for ``settings.key`` by ``pipeline``; output shapes checked.
+
+    ``sites`` (from :func:`find_mmdit_blocks` on ``gm``) is found when not given; ``pipeline`` defaults to
+    :data:`REWRITE_PIPELINE` (read at call time). ``gm`` is not modified.
+    """
+    pipeline = REWRITE_PIPELINE if pipeline is None else pipeline
+    sites = sites if sites is not None else find_mmdit_blocks(gm)
+    out, node_map = copy_with_node_map(gm)
+    sites = sites.remapped(node_map)
+    for graph_pass in pipeline:
+        _check(graph_pass.requires, out, sites, settings, f"before {graph_pass.name}")
+        out = graph_pass.run(out, sites, settings)
+        _check(graph_pass.ensures, out, sites, settings, f"after {graph_pass.name}")
+    _check_shapes(gm, out, example_inputs, sites, settings)
+    return RewrittenGraph(settings.key, out, sites)
+
+
+def _check_shapes(
+    traced: fx.GraphModule, out: fx.GraphModule, inputs: list[torch.Tensor], sites: ModelSites, settings: PassSettings
+) -> None:
+    """Propagate fake tensors through ``out``; its outputs must keep the traced graph's shapes (plus ``li``)."""
+    batch = inputs[sites.latent_index].shape[0]
+    li = torch.zeros(batch, sites.num_tokens, dtype=torch.int32)
+    before = _output_shapes(traced)
+    propagate_shapes(out, [*inputs, li])
+    after = _output_shapes(out)
+    if after[:-1] != before or after[-1] != (batch, sites.num_tokens):
+        raise TokenShapeError(
+            f"{settings.key}: the rewrite changed the graph's output shapes {before} -> {after}; a merged region "
+            f"leaks merged tokens into an output. {FALLBACK_HINT}"
+        )
+
+
+def _output_shapes(gm: fx.GraphModule) -> list[tuple[int, ...] | None]:
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    return [node_shape(value) for value in output.args[0]]
