@@ -61,6 +61,10 @@ class BlockSites:
     def branches(self) -> list[Branch]:
         return [b for b in (self.attn, self.attn2, self.ff) if b is not None]
 
+    def branches_named(self, names: tuple[str, ...]) -> list[tuple[str, Branch]]:
+        """``(name, branch)`` for each of ``names`` (``attn``, ``attn2``, ``ff``) this block has."""
+        return [(name, branch) for name in names if (branch := getattr(self, name)) is not None]
+
     def remapped(self, node_map: dict[fx.Node, fx.Node]) -> BlockSites:
         attn2 = self.attn2.remapped(node_map) if self.attn2 is not None else None
         return BlockSites(self.index, self.path, self.attn.remapped(node_map), self.ff.remapped(node_map), attn2)

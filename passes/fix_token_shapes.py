@@ -17,6 +17,7 @@ import torch
 from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from sdtm_compile.merge import MERGED_BRANCHES
 from sdtm_compile.schedule import Stage, token_counts
 
 from ._graph import node_shape
@@ -100,17 +101,15 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> 
 
 
 def fix_token_shapes(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:
-    """Rewrite token-count constants in merged regions (attention in the structure stage only)."""
+    """Rewrite token-count constants in the stage's merged branches (``MERGED_BRANCHES``)."""
     key = settings.key
     if key.stage is Stage.FULL:
         return gm
     counts = token_counts(key, *sites.grid)
     changed: list[str] = []
     for block in sites.blocks:
-        regions = [(block.ff, counts.feed_forward)]
-        if key.stage is Stage.STRUCTURE:
-            regions += [(b, counts.attention) for b in (block.attn, block.attn2) if b is not None]
-        for branch, merged in regions:
+        for name, branch in block.branches_named(MERGED_BRANCHES[key.stage]):
+            merged = counts.feed_forward if name == "ff" else counts.attention
             n = sites.num_tokens
             mapping = {n: merged}
             if sites.text_tokens is not None:

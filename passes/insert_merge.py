@@ -7,7 +7,7 @@ import operator
 
 from torch import fx
 
-from sdtm_compile.merge import plan_spec
+from sdtm_compile.merge import MERGED_BRANCHES, plan_spec
 from sdtm_compile.ops import PLAN_OUTPUTS, sdtm_merge, sdtm_plan, sdtm_unmerge
 from sdtm_compile.schedule import Stage
 
@@ -59,7 +59,7 @@ def _after(a: fx.Node, b: fx.Node) -> bool:
 
 
 def insert_merge_nodes(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:
-    """For every block: plan once from the attention input, merge/unmerge attention (structure) and FF."""
+    """For every block: plan once from the attention input, merge/unmerge the stage's branches (MERGED_BRANCHES)."""
     key = settings.key
     if key.stage is Stage.FULL:
         logger.debug("insert_merge_nodes: %s engine, nothing to insert", key)
@@ -81,10 +81,8 @@ def insert_merge_nodes(gm: fx.GraphModule, sites: ModelSites, settings: PassSett
         merge_args = [parts[name] for name in PLAN_OUTPUTS if name != "li"]  # sdtm_merge's order
         for node in (plan, *parts.values()):
             _copy_location(node, block.attn.input, "plan")
-        branches = [block.attn, block.attn2, block.ff] if key.stage is Stage.STRUCTURE else [block.ff]
-        for branch in branches:
-            if branch is not None:
-                _wrap_branch(graph, branch, merge_args)
+        for _, branch in block.branches_named(MERGED_BRANCHES[key.stage]):
+            _wrap_branch(graph, branch, merge_args)
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = ((*output.args[0][:-1], li),)
     gm.recompile()

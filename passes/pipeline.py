@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from sdtm_compile.merge import MERGED_BRANCHES
 from sdtm_compile.ops import sdtm_merge, sdtm_plan
 from sdtm_compile.schedule import EngineKey, Stage
 
@@ -46,7 +47,7 @@ def _merged_as_planned(gm: fx.GraphModule, sites: ModelSites, settings: PassSett
     merges = sum(n.target is sdtm_merge for n in gm.graph.nodes)
     if settings.key.stage is Stage.FULL:
         return plans == merges == 0
-    per_block = [len(b.branches) if settings.key.stage is Stage.STRUCTURE else 1 for b in sites.blocks]
+    per_block = [len(b.branches_named(MERGED_BRANCHES[settings.key.stage])) for b in sites.blocks]
     return plans == len(sites.blocks) and merges == sum(per_block)
 
 

@@ -31,7 +31,7 @@ from torch import fx
 from .buckets import BucketGraphs
 from .cache import default_cache_dir
 from .config import SDTMConfig
-from .engines import ENGINES, EngineBuildError, engine_available
+from .engines import ENGINES, EngineBuildError, build_inductor_parallel, engine_available
 from .passes import FALLBACK_HINT, ModelSites, UnsupportedModelError
 from .passes.lint_tensorrt import lint_tensorrt, to_aten
 from .regions import RegionalBuilder
@@ -80,6 +80,8 @@ class BackendSettings:
             default (``$SDTM_CACHE_DIR`` or ``~/.cache/sdtm_compile``) or ``False`` for no cache.
         history: how many recent calls each compiled graph records outside a :func:`sdtm_compile.generation`
             context (``dispatcher.history``; 0, the default, records none). A context has its own history.
+        build_workers: compiler processes that build Inductor region engines in parallel (``None``: as many as
+            CPU cores, at most 4; 1: build in this process). Used for CPU inference builds of regional engines.
         regional: build engines region by region (:mod:`sdtm_compile.regions`): one engine per distinct block
             prefix / merged part / glue region, shared by every block and bucket with the same structure (much
             faster builds; the weights are engine inputs). ``False`` builds each bucket graph whole.
@@ -92,6 +94,7 @@ class BackendSettings:
     cache_dir: str | os.PathLike[str] | bool | None = None
     history: int = 0
     regional: bool = True
+    build_workers: int | None = None
 
     def resolved_cache_dir(self) -> Path | None:
         """The engine cache directory in force, or ``None`` when caching is off."""
@@ -100,6 +103,12 @@ class BackendSettings:
         if self.cache_dir is None or self.cache_dir is True:
             return default_cache_dir()
         return Path(self.cache_dir)
+
+    def resolved_build_workers(self) -> int:
+        """Compiler processes for parallel region builds (see ``build_workers``)."""
+        if self.build_workers is not None:
+            return self.build_workers
+        return max(1, min(4, os.cpu_count() or 1))
 
     def __post_init__(self) -> None:
         if isinstance(self.sdtm, Mapping):
@@ -112,6 +121,8 @@ class BackendSettings:
             raise ValueError(f"option 'on_unsupported'={self.on_unsupported!r} is invalid: 'error' or 'fallback'")
         if not isinstance(self.history, int) or self.history < 0:
             raise ValueError(f"option 'history' must be a number of calls >= 0, got {self.history!r}")
+        if self.build_workers is not None and (not isinstance(self.build_workers, int) or self.build_workers < 1):
+            raise ValueError(f"option 'build_workers' must be None or a number >= 1, got {self.build_workers!r}")
         if not isinstance(self.regional, bool):
             raise ValueError(f"option 'regional' must be True or False, got {self.regional!r}")
         if not isinstance(self.tensorrt, Mapping):
@@ -270,32 +281,45 @@ class SDTMBackend:
                 return self._unmodified(gm, example_inputs, order, reason)
 
         engine_inputs = buckets.engine_inputs()
-        regional = RegionalBuilder(lambda region, inputs, name: self._build(name, region, inputs, order)[1])
+        workers = self.settings.resolved_build_workers()
+        parallel = (
+            self.settings.regional
+            and order == ["inductor"]
+            and workers > 1
+            and not torch.is_grad_enabled()  # the compiler processes build inference engines
+            and all(t.device.type == "cpu" for t in engine_inputs if isinstance(t, torch.Tensor))
+        )
+        regional = RegionalBuilder(
+            lambda region, inputs, name: self._build(name, region, inputs, order)[1],
+            (lambda jobs: build_inductor_parallel(jobs, self.settings, workers)) if parallel else None,
+        )
         engines, names = {}, {}
         total = time.perf_counter()
         for bucket in graphs:
-            key, counts = bucket.keys[0], bucket.counts
+            counts = bucket.counts
             logger.info(
-                "building engine for %s (attention %d, FF %d of %d image tokens) with %s ...",
+                "%s %s (attention %d, FF %d of %d image tokens) with %s",
+                "preparing" if self.settings.regional else "building",
                 ", ".join(map(str, bucket.keys)),
                 counts.attention,
                 counts.feed_forward,
                 counts.tokens,
                 order[0],
             )
-            start, built_before = time.perf_counter(), regional.stats.built
             if self.settings.regional:
-                engine, name = regional.build(bucket.graph, engine_inputs), order[0]
+                engine, name = regional.add(bucket.graph, engine_inputs), order[0]
             else:
-                name, engine = self._build(key, bucket.graph.gm, engine_inputs, order)
+                name, engine = self._build(bucket.keys[0], bucket.graph.gm, engine_inputs, order)
             for served in bucket.keys:
                 engines[served], names[served] = engine, name
+        if self.settings.regional:
             logger.info(
-                "  %s ready in %.1f s (%d new regions)",
-                key,
-                time.perf_counter() - start,
-                regional.stats.built - built_before,
+                "building %d distinct regions for %d call sites%s ...",
+                regional.pending,
+                regional.stats.call_sites,
+                f" in {workers} compiler processes" if parallel else "",
             )
+            regional.finish()
         logger.info(
             "%s: %d engines (%d distinct graphs, %d distinct regions for %d call sites) ready in %.1f s",
             self.name,

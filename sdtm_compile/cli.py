@@ -83,13 +83,11 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench(args, argv) -> int:
-    import json
-
-    from .bench import BenchConfig, markdown_report, render, run_benchmark
+    from .bench import BenchConfig, BenchResult, markdown_report, render, run_benchmark, update_readme
     from .config import SDTMConfig
 
     if args.from_json:
-        result = json.loads(Path(args.from_json).read_text())
+        result = BenchResult.load(args.from_json)
         render(result, args.out)
     else:
         config = BenchConfig(
@@ -107,36 +105,14 @@ def _bench(args, argv) -> int:
         )
         result = run_benchmark(config, command="sdtm-compile " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(markdown_report(result))
-    print(f"wrote {', '.join(result['files'].values())} to {args.out}")
+    print(f"wrote {', '.join(result.files.values())} to {args.out}")
     if args.update_readme:
-        _update_readme(Path(args.update_readme), result, Path(args.out))
+        try:
+            update_readme(args.update_readme, result, args.out)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        print(f"updated the Results block of {Path(args.update_readme)}")
     return 0
-
-
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
-
-
-def _update_readme(readme: Path, result: dict, out: Path) -> None:
-    """Replace the text between the README's bench markers with the tables and the pictures."""
-    import os
-
-    from .bench import markdown_report
-
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise SystemExit(f"{readme} has no {README_START} ... {README_END} block to replace")
-    rel = Path(os.path.relpath(out, readme.parent))
-    pictures = "\n".join(
-        f"![{name}]({(rel / result['files'][name]).as_posix()})"
-        for name in ("schedule", "speedup_vs_fidelity", "merge_maps")
-    )
-    block = (
-        f"{README_START}\n`{result.get('command') or 'sdtm-compile bench'}` "
-        f"({result['wall_time_s'] / 60:.0f} min):\n\n{markdown_report(result)}\n{pictures}\n{README_END}"
-    )
-    head, rest = text.split(README_START, 1)
-    readme.write_text(head + block + rest.split(README_END, 1)[1])
-    print(f"updated the Results block of {readme}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -267,6 +267,15 @@ class PlanSpec(NamedTuple):
     options: tuple[tuple[str, float], ...] = ()  #: keyword arguments of the plan function, e.g. ``a_s``
 
 
+#: The stage -> merged branches mapping, in one place (``attn2``: SD3.5's second attention): the structure stage
+#: merges attention and FF with one plan, the detail stage only the FF. The passes and their checks read this.
+MERGED_BRANCHES: dict[Stage, tuple[str, ...]] = {
+    Stage.FULL: (),
+    Stage.STRUCTURE: ("attn", "attn2", "ff"),
+    Stage.DETAIL: ("ff",),
+}
+
+
 def plan_spec(key: EngineKey, grid_h: int, grid_w: int, config: SDTMConfig) -> PlanSpec:
     """The stage -> plan mapping, in one place: SSM for structure, IDM for detail, at the bucket's count."""
     if key.stage is Stage.STRUCTURE:

@@ -1,8 +1,8 @@
 """Pictures of a benchmark result: the per-step schedule, speed-up vs fidelity, and merge maps.
 
-Each function takes :func:`sdtm_compile.bench.run_benchmark`'s result (and, for merge maps, the recorded
-plans), writes one PNG and returns its path. matplotlib is needed (``pip install 'sdtm-compile[examples]'``)
-and runs headless (Agg).
+Each function takes a benchmark result as a dict (:meth:`sdtm_compile.bench.BenchResult.to_dict`, or a loaded
+``bench.json``; and, for merge maps, the recorded plans), writes one PNG and returns its path. matplotlib is
+needed (``pip install 'sdtm-compile[examples]'``) and runs headless (Agg).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import operator
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,7 @@ from torch.fx.passes.split_module import split_module
 from .ops import sdtm_merge, sdtm_plan
 from .passes import RewrittenGraph, module_stack
 
-__all__ = ["RegionalBuilder", "RegionStats", "region_partitions", "split_into_regions"]
+__all__ = ["RegionalBuilder", "RegionJob", "RegionStats", "region_partitions", "split_into_regions"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,42 +146,78 @@ def _example(value: Any, real: dict[int, torch.Tensor]) -> Any:
 
 
 class RegionEngine(nn.Module):
-    """Calls a shared region engine with this call site's tensor arguments."""
+    """Calls a shared region engine with this call site's tensor arguments (bound by :meth:`RegionalBuilder.finish`)."""
 
-    def __init__(self, engine: Callable[..., Any], positions: list[int], single: bool, signature: str) -> None:
+    def __init__(self, positions: list[int], single: bool, signature: str) -> None:
         super().__init__()
-        self.engine = engine
+        self.engine: Callable[..., Any] | None = None
         self.positions = positions
         self.single = single
         self.signature = signature
 
     def forward(self, *args: Any) -> Any:
+        if self.engine is None:
+            raise RuntimeError("region engine not built yet: call RegionalBuilder.finish() before running")
         outputs = self.engine(*[args[i] for i in self.positions])
         return outputs[0] if self.single else tuple(outputs)
 
 
 @dataclass
+class RegionJob:
+    """One distinct region to build: its canonical graph, example inputs and a name for logs."""
+
+    signature: str
+    region: fx.GraphModule
+    inputs: list[torch.Tensor]
+    name: str
+
+
+@dataclass
 class RegionStats:
-    """How much was shared: call sites assembled, distinct engines built (or loaded), build seconds."""
+    """How much was shared: call sites assembled, distinct engines built (or loaded)."""
 
     call_sites: int = 0
     built: int = 0
     names: dict[str, str] = field(default_factory=dict)  #: signature -> the region that was built for it
 
 
+#: ``build_regions(jobs) -> engines`` (same order): builds many regions at once, e.g. in parallel processes.
+BuildRegions = Callable[[list[RegionJob]], list[Callable[..., Any]]]
+
+
 class RegionalBuilder:
     """Builds bucket engines region by region, sharing one engine per distinct region signature.
 
     One builder serves every bucket graph of a compile, so regions shared across buckets are built once.
+    :meth:`add` splits a bucket graph and records its regions; :meth:`finish` builds every region not built
+    yet - one by one with ``build_region``, or all at once with ``build_regions`` when given (parallel
+    builds) - and binds them. :meth:`build` is both for one graph.
     """
 
-    def __init__(self, build_region: BuildRegion) -> None:
+    def __init__(self, build_region: BuildRegion, build_regions: BuildRegions | None = None) -> None:
         self.build_region = build_region
+        self.build_regions = build_regions
         self.engines: dict[str, Callable[..., Any]] = {}
         self.stats = RegionStats()
+        self._pending: dict[str, RegionJob] = {}
+        self._call_sites: list[RegionEngine] = []
+
+    @property
+    def pending(self) -> int:
+        """Distinct regions queued for :meth:`finish`."""
+        return len(self._pending)
 
     def build(self, rewritten: RewrittenGraph, engine_inputs: list[torch.Tensor]) -> fx.GraphModule:
-        """The engine of one bucket graph: its region graph with every submodule bound to a shared engine."""
+        """The engine of one bucket graph, built now (see :meth:`add` and :meth:`finish`)."""
+        engine = self.add(rewritten, engine_inputs)
+        self.finish()
+        return engine
+
+    def add(self, rewritten: RewrittenGraph, engine_inputs: list[torch.Tensor]) -> fx.GraphModule:
+        """The engine of one bucket graph: its region graph, whose submodules call shared region engines.
+
+        Regions not seen before are queued for :meth:`finish`; the returned engine runs once it was called.
+        """
         split = split_into_regions(rewritten)
         placeholders = [n for n in split.graph.nodes if n.op == "placeholder"]
         # A region's inputs are graph inputs (real tensors: weights, latent, li) or values another region makes.
@@ -193,13 +230,12 @@ class RegionalBuilder:
                 region, positions, single = _canonical(sub, args)
                 inputs = [args[i] for i in positions]
                 signature = _signature(region, inputs)
-                engine = self.engines.get(signature)
-                if engine is None:
+                if signature not in self.engines and signature not in self._pending:
                     name = f"{rewritten.key} {node.target} ({_describe(sub)})"
-                    engine = self.engines[signature] = self.build_region(region, inputs, name)
-                    self.stats.built += 1
-                    self.stats.names[signature] = name
-                setattr(split, str(node.target), RegionEngine(engine, positions, single, signature))
+                    self._pending[signature] = RegionJob(signature, region, inputs, name)
+                call_site = RegionEngine(positions, single, signature)
+                setattr(split, str(node.target), call_site)
+                self._call_sites.append(call_site)
                 self.stats.call_sites += 1
                 output = next(n for n in sub.graph.nodes if n.op == "output").args[0]
                 values[node] = fx.node.map_aggregate(output, _value)
@@ -208,6 +244,27 @@ class RegionalBuilder:
                 values[node] = values[source][index]  # type: ignore[index]
         split.recompile()
         return split
+
+    def finish(self) -> None:
+        """Build every queued region and bind every call site to its engine."""
+        jobs = list(self._pending.values())
+        if jobs:
+            if self.build_regions is not None and len(jobs) > 1:
+                engines = self.build_regions(jobs)
+            else:
+                engines = []
+                for number, job in enumerate(jobs, 1):
+                    start = time.perf_counter()
+                    engines.append(self.build_region(job.region, job.inputs, job.name))
+                    seconds = time.perf_counter() - start
+                    logger.info("  region %d/%d: %s in %.1f s", number, len(jobs), job.name, seconds)
+            for job, engine in zip(jobs, engines):
+                self.engines[job.signature] = engine
+                self.stats.names[job.signature] = job.name
+            self.stats.built += len(jobs)
+            self._pending.clear()
+        for call_site in self._call_sites:
+            call_site.engine = self.engines[call_site.signature]
 
 
 def _describe(sub: fx.GraphModule) -> str:

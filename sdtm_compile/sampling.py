@@ -129,7 +129,8 @@ def generate(
     Returns the final latent ``[1, C, H, W]``. ``on_step(step, timestep)`` runs after every step.
     """
     latents = inputs.latents.clone()
-    for step, (t, latents) in enumerate(denoising(call, inputs, num_steps, guidance_scale, shift)):
+    for step, (t, latent) in enumerate(denoising(call, inputs, num_steps, guidance_scale, shift)):
+        latents = latent
         if on_step is not None:
             on_step(step, t)
     return latents

@@ -2,12 +2,16 @@
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from sdtm_compile import SDTMConfig
-from sdtm_compile.bench import VARIANTS, BenchConfig, markdown_report, peak_rss, run_benchmark
+from sdtm_compile.bench import VARIANTS, BenchConfig, BenchResult, markdown_report, peak_rss, run_benchmark
+from sdtm_compile.bench.harness import compiler_caches
+from sdtm_compile.bench.readme import update_readme
 from sdtm_compile.cli import main
 from sdtm_compile.flops import count_flops
 from sdtm_compile.models import TINY_SD3, tiny_sd3_transformer
@@ -15,6 +19,7 @@ from sdtm_compile.reference import ReferenceTransformer
 from sdtm_compile.sampling import cosine_similarity, generate, make_generation_inputs, psnr
 
 PNG = b"\x89PNG\r\n\x1a\n"
+EXAMPLE_JSON = Path(__file__).parents[1] / "examples" / "bench_results" / "bench.json"
 
 
 def test_psnr_and_cosine():
@@ -77,7 +82,10 @@ def tiny_result(tmp_path_factory):
 
 def test_json_has_every_field(tiny_result):
     result, out = tiny_result
-    saved = json.loads((out / "bench.json").read_text())
+    text = (out / "bench.json").read_text()
+    saved = json.loads(text)
+    assert isinstance(result, BenchResult) and result.to_json() == text  # the returned result is the file
+    assert BenchResult.from_json(text).to_json() == text
     assert TOP_FIELDS <= set(saved)
     assert list(saved["variants"]) == list(VARIANTS)
     for name, row in saved["variants"].items():
@@ -103,8 +111,10 @@ def test_json_has_every_field(tiny_result):
 
 
 def test_the_numbers_mean_what_they_say(tiny_result):
-    result, _ = tiny_result
+    typed, _ = tiny_result
+    result = typed.to_dict()
     rows = result["variants"]
+    assert typed.variants["sdtm"].flop_ratio == rows["sdtm"]["flop_ratio"] and typed.sweep[0].ratio == 0.3
     # SDTM merges tokens in this run (structure and detail), so it does fewer FLOPs than the full model
     assert {s["stage"] for s in result["schedule"]} == {"structure", "detail"}
     assert rows["sdtm"]["flops_per_generation"] < rows["eager"]["flops_per_generation"]
@@ -120,7 +130,7 @@ def test_the_numbers_mean_what_they_say(tiny_result):
 
 def test_bucket_graph_flops_add_up_to_a_whole_generation(tiny_result):
     """FLOPs per step come from the bucket graphs; counting a whole eager generation must give the same sum."""
-    result, _ = tiny_result
+    result = tiny_result[0].to_dict()
     model = tiny_sd3_transformer(TINY_SD3)
     inputs = make_generation_inputs(TINY_SD3, (32, 32), seed=0)
     config = SDTMConfig(**result["sdtm"])
@@ -146,3 +156,35 @@ def test_cli_rerenders_a_saved_result_and_updates_a_readme(tiny_result, tmp_path
     assert "![merge_maps](again/merge_maps.png)" in text
     assert (tmp_path / "again" / "speedup_vs_fidelity.png").read_bytes()[:8] == PNG
     assert "speed-up vs Inductor" in capsys.readouterr().out
+
+
+def test_cold_caches_leave_the_environment_alone(tmp_path):
+    """The engine cache goes to the backend as its cache_dir option, not through $SDTM_CACHE_DIR."""
+    before = os.environ.get("SDTM_CACHE_DIR")
+    with compiler_caches(True, tmp_path) as engine_cache:
+        assert engine_cache == tmp_path / "sdtm"
+        assert os.environ.get("SDTM_CACHE_DIR") == before
+    with compiler_caches(False, tmp_path) as engine_cache:
+        assert engine_cache is None
+
+
+def test_a_saved_result_reads_back_and_renders_the_same():
+    """The JSON of a result from an earlier release (the README's) reads back field for field."""
+    text = EXAMPLE_JSON.read_text()
+    result = BenchResult.from_json(text)
+    assert result.to_json() == text
+    assert markdown_report(result) == markdown_report(json.loads(text))
+    assert set(result.merge_maps) == {int(step) for step in json.loads(text)["merge_maps"]}
+    old = json.loads(text)  # before peak_above_start_mib was recorded
+    for row in old["variants"].values():
+        del row["peak_above_start_mib"]
+    assert "(+n/a)" in markdown_report(old)
+    with pytest.raises(ValueError, match="field 'variants' is missing"):
+        BenchResult.from_dict({k: v for k, v in old.items() if k != "variants"})
+
+
+def test_update_readme_needs_the_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nno results block\n")
+    with pytest.raises(ValueError, match="no <!-- bench:start -->"):
+        update_readme(readme, BenchResult.load(EXAMPLE_JSON), tmp_path)

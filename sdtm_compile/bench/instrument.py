@@ -1,0 +1,145 @@
+"""Instrumentation: FLOPs per bucket graph, the share of time the merge ops take, and merge maps.
+
+* :class:`CapturedBucketGraphs`: the model's Dynamo graph and its bucket graphs per SDTM config, with FLOPs
+  of one call of each (``FlopCounterMode``, attention included; see :mod:`sdtm_compile.flops`).
+* :func:`merge_time_share`: seconds per call in ``sdtm_plan`` / ``sdtm_merge`` / ``sdtm_unmerge``, measured
+  with the profiler on a bucket graph run op by op (inside compiled Inductor kernels the merge ops fuse
+  with their neighbours and cannot be told apart); :func:`generation_share` sums them over a generation.
+* :func:`record_merge_maps`: which tokens were merged, per step and block, from one reference generation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..buckets import BucketGraphs
+from ..config import SDTMConfig
+from ..flops import FlopCount, count_flops
+from ..ops import sdtm_merge, sdtm_plan, sdtm_unmerge
+from ..sampling import GenerationInputs, generate
+from ..schedule import EngineKey
+from .config import BenchConfig
+
+__all__ = ["CapturedBucketGraphs", "MERGE_OPS", "generation_share", "merge_time_share", "record_merge_maps"]
+
+#: The merge ops whose time :func:`merge_time_share` measures, and their labels in the profile.
+MERGE_OPS = {sdtm_plan: "plan", sdtm_merge: "merge", sdtm_unmerge: "unmerge"}
+
+
+class CapturedBucketGraphs:
+    """The model's Dynamo graph and its :class:`~sdtm_compile.buckets.BucketGraphs` per SDTM config (for FLOPs
+    and the merge profile)."""
+
+    def __init__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+        from ..capture import capture_dynamo_graph
+
+        self.gm, self.flat = capture_dynamo_graph(model, inputs)
+        self._buckets: dict[SDTMConfig, BucketGraphs] = {}
+        self._flops: dict[tuple[EngineKey, SDTMConfig], FlopCount] = {}
+
+    def buckets(self, config: SDTMConfig) -> BucketGraphs:
+        """The bucket graphs of ``config`` (built once per config)."""
+        if config not in self._buckets:
+            self._buckets[config] = BucketGraphs(self.gm, self.flat, config)
+        return self._buckets[config]
+
+    def graph(self, key: EngineKey, config: SDTMConfig) -> fx.GraphModule:
+        """``key``'s rewritten bucket graph."""
+        return self.buckets(config).graph(key).gm
+
+    def li(self, key: EngineKey, config: SDTMConfig) -> torch.Tensor:
+        """A fresh ``li`` state input for ``key``'s bucket graph."""
+        return self.buckets(config).new_li()
+
+    def flops(self, key: EngineKey, config: SDTMConfig) -> FlopCount:
+        """FLOPs of one call of ``key``'s bucket graph (a :class:`~sdtm_compile.flops.FlopCount`)."""
+        if (key, config) not in self._flops:
+            with torch.no_grad():
+                count, _ = count_flops(self.graph(key, config), *self.flat, self.li(key, config))
+            self._flops[(key, config)] = count
+        return self._flops[(key, config)]
+
+
+def _labelled(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+    """``fn`` run inside ``record_function("sdtm::<label>")``, so the profiler attributes its time."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.profiler.record_function(f"sdtm::{label}"):
+            return fn(*args, **kwargs)
+
+    run.__name__ = f"{fn.__name__}_labelled"
+    return run
+
+
+def merge_time_share(gm: fx.GraphModule, inputs: list[torch.Tensor], calls: int = 3) -> dict[str, float]:
+    """Seconds per call spent in ``sdtm_plan`` / ``sdtm_merge`` / ``sdtm_unmerge`` and in all, op by op.
+
+    Runs a copy of the bucket graph whose merge ops are wrapped in ``record_function`` under the profiler.
+    """
+    from ..passes import copy_graph_module
+
+    labelled = copy_graph_module(gm)
+    for node in labelled.graph.nodes:
+        if node.op == "call_function" and node.target in MERGE_OPS:
+            node.target = _labelled(node.target, MERGE_OPS[node.target])
+    labelled.recompile()
+    with torch.no_grad():
+        labelled(*inputs)  # warm-up
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(calls):
+                labelled(*inputs)
+            total = (time.perf_counter() - start) / calls
+    share = {"total_s": total}
+    for label in MERGE_OPS.values():
+        share[f"{label}_s"] = sum(e.cpu_time_total for e in prof.key_averages() if e.key == f"sdtm::{label}") / (
+            1e6 * calls
+        )
+    return share
+
+
+def generation_share(step_keys: list[EngineKey], shares: dict[EngineKey, dict[str, float]]) -> dict[str, float]:
+    """Merge-op seconds and shares over one generation's calls (each step's bucket graph, op by op)."""
+    total = sum(shares[key]["total_s"] for key in step_keys)
+    result = {"generation_total_s": total}
+    for label in MERGE_OPS.values():
+        seconds = sum(shares[key][f"{label}_s"] for key in step_keys)
+        result[f"{label}_s"] = seconds
+        result[f"{label}_share"] = seconds / total
+    result["all_merge_ops_share"] = sum(result[f"{label}_share"] for label in MERGE_OPS.values())
+    return result
+
+
+def record_merge_maps(
+    model: torch.nn.Module, inputs: GenerationInputs, config: BenchConfig, blocks: tuple[int, ...]
+) -> dict[int, dict[int, torch.Tensor]]:
+    """``{step: {block: slot [N]}}`` of the conditional batch row, from one reference generation."""
+    from ..reference import ReferenceTransformer, reference_engine
+
+    reference = ReferenceTransformer(model, config.sdtm)
+    current: dict[str, int] = {"step": 0}
+    maps: dict[int, dict[int, torch.Tensor]] = {}
+
+    def record(block: int, plan) -> None:
+        if block in blocks:
+            maps.setdefault(current["step"], {})[block] = plan.slot[-1].clone()
+
+    reference.engine_for = lambda key: reference_engine(model, key, config.sdtm, on_plan=record)
+
+    def on_step(step: int, timestep: float) -> None:
+        current["step"] = step + 1
+
+    generate(
+        reference,
+        inputs,
+        num_steps=config.steps,
+        guidance_scale=config.guidance_scale,
+        shift=config.sdtm.timestep_shift,
+        on_step=on_step,
+    )
+    return maps

@@ -1,0 +1,50 @@
+"""Updating a README's Results section from a benchmark result, as a step of its own.
+
+The README marks the block to replace with ``<!-- bench:start -->`` and ``<!-- bench:end -->``;
+:func:`update_readme` puts the command line, the wall time, the tables of
+:func:`~sdtm_compile.bench.markdown_report` and links to the pictures (relative to the README) between them.
+``sdtm-compile bench --update-readme README.md`` runs it after the benchmark (or after ``--from-json``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .report import markdown_report
+from .result import BenchResult, as_bench_result
+
+__all__ = ["README_END", "README_START", "results_block", "update_readme"]
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+#: The pictures linked under the tables, by their key in ``BenchResult.files``.
+_PICTURES = ("schedule", "speedup_vs_fidelity", "merge_maps")
+
+
+def results_block(result: BenchResult | Mapping[str, Any], readme: str | Path, out_dir: str | Path) -> str:
+    """The README block, markers included, for a rendered ``result`` whose files are in ``out_dir``."""
+    result = as_bench_result(result)
+    rel = Path(os.path.relpath(out_dir, Path(readme).parent))
+    pictures = "\n".join(f"![{name}]({(rel / result.files[name]).as_posix()})" for name in _PICTURES)
+    return (
+        f"{README_START}\n`{result.command or 'sdtm-compile bench'}` "
+        f"({result.wall_time_s / 60:.0f} min):\n\n{markdown_report(result)}\n{pictures}\n{README_END}"
+    )
+
+
+def update_readme(readme: str | Path, result: BenchResult | Mapping[str, Any], out_dir: str | Path) -> None:
+    """Replace the text between the README's bench markers with the tables and the pictures.
+
+    ``result`` must have been rendered into ``out_dir`` (:func:`~sdtm_compile.bench.render` records its files).
+    Raises ``ValueError`` when the README has no marked block.
+    """
+    readme = Path(readme)
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} block to replace")
+    block = results_block(result, readme, out_dir)
+    head, rest = text.split(README_START, 1)
+    readme.write_text(head + block + rest.split(README_END, 1)[1])

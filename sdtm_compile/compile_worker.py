@@ -1,0 +1,56 @@
+"""A compiler process for parallel region builds (:func:`sdtm_compile.engines.build_inductor_parallel`).
+
+Started as ``python <path of this file>``: it imports torch only, not this package. It reads one job per stdin
+line (``<job file>\\t<artifact file>``; the job file holds an aten graph written by :func:`pickle_job` and its
+input layouts), compiles it with Inductor's ``standalone_compile`` and answers one line on stdout: ``ok`` or
+``error\\t<message>``. A separate interpreter, not ``multiprocessing``: spawned multiprocessing workers
+re-import the user's ``__main__``, which breaks every script without an ``if __name__ == "__main__"`` guard.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+
+
+def pickle_job(path: str, aten_graph, layouts: list[tuple]) -> None:
+    """Write a job file: the aten graph (``torch.fx._graph_pickler``, node metadata kept) and its input layouts."""
+    from torch.fx._graph_pickler import GraphPickler
+
+    with open(path, "wb") as f:
+        pickle.dump((GraphPickler.dumps(aten_graph), layouts), f)
+
+
+def compile_job(job_path: str, out_path: str) -> None:
+    """Compile the aten graph in ``job_path`` and save the artifact to ``out_path``."""
+    import torch
+    from torch._inductor import standalone_compile
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx._graph_pickler import GraphPickler
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    with open(job_path, "rb") as f:
+        pickled_graph, layouts = pickle.load(f)
+    # GraphPickler keeps the node metadata (fake values) that standalone_compile's saved artifact relies on
+    graph = GraphPickler.loads(pickled_graph, FakeTensorMode(shape_env=ShapeEnv()))
+    graph.recompile()
+    inputs = [torch.empty_strided(shape, stride, dtype=dtype).zero_() for shape, stride, dtype in layouts]
+    with torch.no_grad():
+        artifact = standalone_compile(graph, inputs, dynamic_shapes="from_example_inputs", donate_graph_module=True)
+    artifact.save(path=out_path)
+
+
+def main() -> None:
+    for line in sys.stdin:
+        job_path, out_path = line.rstrip("\n").split("\t")
+        try:
+            compile_job(job_path, out_path)
+            answer = "ok"
+        except Exception as err:  # reported to the parent, which builds the region itself
+            answer = f"error\t{type(err).__name__}: {err}".replace("\n", " ")[:2000]
+        sys.stdout.write(answer + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
