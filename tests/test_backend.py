@@ -147,7 +147,7 @@ def test_unknown_options_list_the_valid_ones():
         SDTMBackend({"ratio": 0.5, "enabled_precisions": {torch.half}})
     message = str(info.value)
     assert "['enabled_precisions', 'ratio']" in message
-    valid = "['sdtm', 'engine', 'on_unsupported', 'tensorrt', 'cache_dir', 'history', 'regional']"
+    valid = "['sdtm', 'engine', 'on_unsupported', 'tensorrt', 'cache_dir', 'history', 'regional', 'build_workers']"
     assert f"valid options: {valid}" in message
     with pytest.raises(ValueError, match="'engine'='fast' is invalid"):
         SDTMBackend({"engine": "fast"})
