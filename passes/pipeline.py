@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from sdtm_compile.merge import MERGED_BRANCHES
+from sdtm_compile.merge import MERGED_BRANCHES, init_li
 from sdtm_compile.ops import sdtm_merge, sdtm_plan
 from sdtm_compile.schedule import EngineKey, Stage
 
@@ -122,7 +122,7 @@ def _check_shapes(
 ) -> None:
     """Propagate fake tensors through ``out``; its outputs must keep the traced graph's shapes (plus ``li``)."""
     batch = inputs[sites.latent_index].shape[0]
-    li = torch.zeros(batch, sites.num_tokens, dtype=torch.int32)
+    li = init_li(batch, sites.num_tokens)  # on the CPU: only its shape and dtype matter to fake propagation
     before = _output_shapes(traced)
     merged = MERGED_BRANCHES[settings.key.stage]
     changed = {n for n in out.graph.nodes if "sdtm" in n.meta}  # plan, merge, unmerge and the plan's parts

@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
 
         model, inputs, config, torch = _load_model(args)
         buckets = BucketGraphs(*capture_dynamo_graph(model, inputs), config, include_full=True)
-        errors = 0
+        errors, engine_inputs = 0, buckets.engine_inputs()
         for bucket in buckets.distinct():
-            aten_graph = to_aten(bucket.graph.gm, buckets.engine_inputs())
+            aten_graph = to_aten(bucket.graph.gm, engine_inputs)
             findings = lint_report(aten_graph)
             errors += sum(f.severity == "error" for f in findings)
             ops = len([n for n in aten_graph.graph.nodes if n.op == "call_function"])

@@ -79,27 +79,45 @@ def build_eager(gm: fx.GraphModule, example_inputs: list[torch.Tensor], settings
 )
 def build_inductor(gm: fx.GraphModule, example_inputs: list[torch.Tensor], settings: Any) -> CompiledEngine:
     """Lower to aten with ``make_fx``, compile with ``standalone_compile``; load/store it in the engine cache."""
-    from torch._inductor import CompiledArtifact, standalone_compile
-    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch._inductor import standalone_compile
 
+    cache = _engine_cache(settings)
+    key = cache.key(gm, example_inputs, "inductor") if cache else ""
+    artifact = _load_inductor(cache, key)
+    if artifact is not None:
+        return artifact
+    artifact = standalone_compile(
+        _aten_graph(gm, example_inputs), example_inputs, dynamic_shapes="from_example_inputs", donate_graph_module=True
+    )
+    _store_inductor(cache, key, lambda path: artifact.save(path=path))
+    return artifact
+
+
+def _engine_cache(settings: Any) -> Any:
+    """The :class:`~sdtm_compile.cache.EngineCache` the settings ask for, or ``None`` (caching off)."""
     from .cache import EngineCache
 
     cache_dir = settings.resolved_cache_dir() if hasattr(settings, "resolved_cache_dir") else None
-    cache = EngineCache(cache_dir) if cache_dir is not None else None
-    key = cache.key(gm, example_inputs, "inductor") if cache else ""
-    if cache is not None:
-        artifact = cache.load(key, lambda path: CompiledArtifact.load(path=path))
-        if artifact is not None:
-            return artifact
-    # An aten-only graph (our plan ops traced through) is what Inductor can serialise into the cache.
+    return EngineCache(cache_dir) if cache_dir is not None else None
+
+
+def _aten_graph(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> fx.GraphModule:
+    """``gm`` lowered to aten: an aten-only graph (our plan ops traced through) is what Inductor can serialise."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
     with torch.no_grad():
-        aten_graph = make_fx(gm)(*example_inputs)
-    artifact = standalone_compile(
-        aten_graph, example_inputs, dynamic_shapes="from_example_inputs", donate_graph_module=True
-    )
+        return make_fx(gm)(*example_inputs)
+
+
+def _load_inductor(cache: Any, key: str) -> CompiledEngine | None:
+    from torch._inductor import CompiledArtifact
+
+    return cache.load(key, lambda path: CompiledArtifact.load(path=path)) if cache is not None else None
+
+
+def _store_inductor(cache: Any, key: str, save: Callable[[str], Any]) -> None:
     if cache is not None:
-        cache.store(key, lambda path: artifact.save(path=path), {"engine": "inductor", "torch": torch.__version__})
-    return artifact
+        cache.store(key, save, {"engine": "inductor", "torch": torch.__version__})
 
 
 def build_inductor_parallel(jobs: list[Any], settings: Any, workers: int) -> list[CompiledEngine]:
@@ -115,21 +133,13 @@ def build_inductor_parallel(jobs: list[Any], settings: Any, workers: int) -> lis
     import tempfile
 
     from torch._inductor import CompiledArtifact
-    from torch.fx.experimental.proxy_tensor import make_fx
 
-    from .cache import EngineCache
     from .compile_worker import pickle_job
 
-    cache_dir = settings.resolved_cache_dir() if hasattr(settings, "resolved_cache_dir") else None
-    cache = EngineCache(cache_dir) if cache_dir is not None else None
-    engines: list[CompiledEngine | None] = [None] * len(jobs)
+    cache = _engine_cache(settings)
     keys = [cache.key(job.region, job.inputs, "inductor") if cache else "" for job in jobs]
-    pending = []
-    for index in range(len(jobs)):
-        if cache is not None:
-            engines[index] = cache.load(keys[index], lambda path: CompiledArtifact.load(path=path))
-        if engines[index] is None:
-            pending.append(index)
+    engines = [_load_inductor(cache, key) for key in keys]
+    pending = [index for index, engine in enumerate(engines) if engine is None]
     logger.info("%d regions: %d from the engine cache, %d to build", len(jobs), len(jobs) - len(pending), len(pending))
     if len(pending) <= 1:  # nothing to parallelise: no compiler processes to start
         for index in pending:
@@ -141,10 +151,8 @@ def build_inductor_parallel(jobs: list[Any], settings: Any, workers: int) -> lis
     with tempfile.TemporaryDirectory() as scratch, _CompilerPool(min(workers, len(pending))) as pool:
         for index in pending:  # lowering here overlaps with the compiler processes already at work
             job = jobs[index]
-            with torch.no_grad():
-                aten_graph = make_fx(job.region)(*job.inputs)
             layouts = [(tuple(t.shape), tuple(t.stride()), t.dtype) for t in job.inputs]
-            pickle_job(f"{scratch}/{index}.job", aten_graph, layouts)
+            pickle_job(f"{scratch}/{index}.job", _aten_graph(job.region, job.inputs), layouts)
             pool.submit(index, f"{scratch}/{index}.job", f"{scratch}/{index}.bin")
         for done, (index, error) in enumerate(pool.results(), 1):
             job, path = jobs[index], f"{scratch}/{index}.bin"
@@ -160,14 +168,13 @@ def build_inductor_parallel(jobs: list[Any], settings: Any, workers: int) -> lis
                 )
                 engines[index] = build_inductor(job.region, job.inputs, settings)
                 continue
-            if cache is not None:
-                cache.store(keys[index], lambda out, p=path: shutil.copyfile(p, out), {"engine": "inductor"})
+            _store_inductor(cache, keys[index], lambda out, p=path: shutil.copyfile(p, out))
             logger.info("  region %d/%d built: %s", done, len(pending), job.name)
     return engines  # type: ignore[return-value]
 
 
 class _CompilerPool:
-    """``workers`` long-lived ``python -m sdtm_compile.compile_worker`` processes fed one job at a time."""
+    """``workers`` long-lived compiler processes (``python .../compile_worker.py``) fed one job at a time."""
 
     def __init__(self, workers: int) -> None:
         import subprocess

@@ -32,7 +32,7 @@ import logging
 import operator
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -178,7 +178,6 @@ class RegionStats:
 
     call_sites: int = 0
     built: int = 0
-    names: dict[str, str] = field(default_factory=dict)  #: signature -> the region that was built for it
 
 
 #: ``build_regions(jobs) -> engines`` (same order): builds many regions at once, e.g. in parallel processes.
@@ -260,7 +259,6 @@ class RegionalBuilder:
                     logger.info("  region %d/%d: %s in %.1f s", number, len(jobs), job.name, seconds)
             for job, engine in zip(jobs, engines):
                 self.engines[job.signature] = engine
-                self.stats.names[job.signature] = job.name
             self.stats.built += len(jobs)
             self._pending.clear()
         for call_site in self._call_sites:
