@@ -3,8 +3,10 @@
 1. :func:`find_mmdit_blocks` - an analysis: each block's attention / ``attn2`` / FF boundaries, returned as a
    :class:`ModelSites` that the passes take as an argument;
 2. :data:`REWRITE_PIPELINE` - the rewrite passes, ``pass(gm, sites, settings) -> gm``, each declaring the facts
-   it requires and ensures (:mod:`.pipeline`): :func:`thread_li_state` (the ``sdtm_li`` input and output),
+   it requires and ensures (:mod:`.pipeline`): :func:`split_single_stream` (Flux single-stream blocks:
+   ``proj_out`` split into attention and MLP columns), :func:`thread_li_state` (the ``sdtm_li`` input and output),
    :func:`insert_merge_nodes` (plan once per block, merge / unmerge around the branches of the stage),
+   :func:`gather_rotary_positions` (merged Flux attention: RoPE rows per merged token),
    :func:`fix_token_shapes` (token-count constants in merged regions, then every shape re-checked);
 3. :func:`lint_tensorrt` - a check on the aten graph (:func:`to_aten`) before TensorRT builds.
 
@@ -14,12 +16,22 @@
 from __future__ import annotations
 
 from ._graph import copy_graph_module, copy_with_node_map, module_path, module_stack
-from .find_blocks import FALLBACK_HINT, BlockSites, Branch, ModelSites, UnsupportedModelError, find_mmdit_blocks
+from .find_blocks import (
+    FALLBACK_HINT,
+    BlockSites,
+    Branch,
+    ModelSites,
+    UnsupportedModelError,
+    find_mmdit_blocks,
+    image_grid,
+)
 from .fix_token_shapes import TokenShapeError, fix_token_shapes, propagate_shapes
+from .gather_rotary import gather_rotary_positions
 from .insert_merge import insert_merge_nodes
 from .lint_tensorrt import LintFinding, TensorRTLintError, lint_report, lint_tensorrt, to_aten
 from .pipeline import FACTS, REWRITE_PIPELINE, GraphPass, PassOrderError, RewrittenGraph, rewrite_for_engine
 from .settings import PassSettings
+from .split_single_stream import split_single_stream
 from .thread_li import LI_INPUT_NAME, li_input, thread_li_state
 
 __all__ = [
@@ -41,7 +53,9 @@ __all__ = [
     "copy_graph_module",
     "copy_with_node_map",
     "find_mmdit_blocks",
+    "image_grid",
     "fix_token_shapes",
+    "gather_rotary_positions",
     "insert_merge_nodes",
     "li_input",
     "lint_report",
@@ -50,6 +64,7 @@ __all__ = [
     "module_stack",
     "propagate_shapes",
     "rewrite_for_engine",
+    "split_single_stream",
     "thread_li_state",
     "to_aten",
 ]

@@ -3,6 +3,16 @@
 This is an analysis, not a rewrite: :func:`find_mmdit_blocks` returns a :class:`ModelSites` (a typed value the
 rewrite passes take as an argument) and leaves the graph untouched. Sites name nodes of the graph they were
 found on; :meth:`ModelSites.remapped` carries them over to a copy.
+
+Two model families (DESIGN §8):
+
+* ``sd3``: diffusers' ``JointTransformerBlock`` (SD3 / SD3.5); the latent arrives as ``[B, C, H, W]``.
+* ``flux``: ``FluxTransformerBlock`` (double-stream: ``attn`` and ``ff`` as in SD3, text first in the joint
+  sequence) and ``FluxSingleTransformerBlock`` (single-stream: text and image concatenated, attention and MLP in
+  parallel, one ``proj_out`` over both). A single block's MLP site is a :class:`SingleStream` (the nodes around
+  ``proj_out``); the ``split_single_stream`` pass turns it into a merge-able ``mlp`` :class:`Branch`. The latent
+  arrives packed ``[B, N, C_in]``; the token grid is read from the ``img_ids`` input's *values*, so Flux needs
+  the example inputs.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import fx
 
 from ._graph import module_stack, node_shape
@@ -24,12 +35,20 @@ __all__ = [
     "ModelSites",
     "UnsupportedModelError",
     "BLOCK_CLASSES",
+    "BLOCK_FAMILIES",
+    "SingleStream",
+    "image_grid",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Module classes we know how to rewrite (diffusers SD3 / SD3.5).
-BLOCK_CLASSES = ("JointTransformerBlock",)
+#: Module classes we know how to rewrite, and the family each belongs to.
+BLOCK_FAMILIES = {
+    "JointTransformerBlock": "sd3",
+    "FluxTransformerBlock": "flux",
+    "FluxSingleTransformerBlock": "flux",
+}
+BLOCK_CLASSES = tuple(BLOCK_FAMILIES)
 
 
 class UnsupportedModelError(ValueError):
@@ -50,24 +69,67 @@ class Branch:
 
 
 @dataclass
+class SingleStream:
+    """The nodes of a ``FluxSingleTransformerBlock`` that ``split_single_stream`` rewrites.
+
+    ``norm_output`` ``[B, T+N, C]`` feeds ``proj_mlp`` (a linear, then ``act`` ``[B, T+N, 4C]``) and the attention
+    (output ``attn_output`` ``[B, T+N, C]``); ``concat`` = ``cat([attn_output, act], -1)`` feeds ``proj_out``.
+    """
+
+    norm_output: fx.Node
+    proj_mlp: fx.Node
+    act: fx.Node
+    attn_output: fx.Node
+    concat: fx.Node
+    proj_out: fx.Node
+
+    def remapped(self, node_map: dict[fx.Node, fx.Node]) -> SingleStream:
+        return SingleStream(*(node_map[getattr(self, name)] for name in self.__dataclass_fields__))
+
+
+@dataclass
 class BlockSites:
+    """One block's merge sites. ``kind``: ``joint`` (SD3), ``double`` or ``single`` (Flux).
+
+    ``attn`` / ``attn2`` / ``ff``: the image-token branches (a single block has none of them). ``stream``: a
+    single block's :class:`SingleStream`; its ``mlp`` branch (image part of the MLP) exists only once
+    ``split_single_stream`` has run on the graph, which sets it on this (per-rewrite) copy of the sites.
+    """
+
     index: int
     path: str
-    attn: Branch
-    ff: Branch
+    attn: Branch | None
+    ff: Branch | None
     attn2: Branch | None = None
+    kind: str = "joint"
+    stream: SingleStream | None = None
+    mlp: Branch | None = None
 
     @property
     def branches(self) -> list[Branch]:
-        return [b for b in (self.attn, self.attn2, self.ff) if b is not None]
+        return [b for b in (self.attn, self.attn2, self.ff, self.mlp) if b is not None]
+
+    @property
+    def plan_input(self) -> fx.Node:
+        """The image tokens ``[B, N, C]`` the block's merge plan is made from (DESIGN §3, §8)."""
+        if self.attn is not None:
+            return self.attn.input
+        if self.mlp is None:
+            raise ValueError(f"{self.path}: a single-stream block has no plan input before split_single_stream")
+        return self.mlp.input
 
     def branches_named(self, names: tuple[str, ...]) -> list[tuple[str, Branch]]:
-        """``(name, branch)`` for each of ``names`` (``attn``, ``attn2``, ``ff``) this block has."""
+        """``(name, branch)`` for each of ``names`` (``attn``, ``attn2``, ``ff``, ``mlp``) this block has."""
         return [(name, branch) for name in names if (branch := getattr(self, name)) is not None]
 
     def remapped(self, node_map: dict[fx.Node, fx.Node]) -> BlockSites:
-        attn2 = self.attn2.remapped(node_map) if self.attn2 is not None else None
-        return BlockSites(self.index, self.path, self.attn.remapped(node_map), self.ff.remapped(node_map), attn2)
+        def copy(branch: Branch | None) -> Branch | None:
+            return branch.remapped(node_map) if branch is not None else None
+
+        stream = self.stream.remapped(node_map) if self.stream is not None else None
+        return BlockSites(
+            self.index, self.path, copy(self.attn), copy(self.ff), copy(self.attn2), self.kind, stream, copy(self.mlp)
+        )
 
 
 @dataclass(frozen=True)
@@ -81,6 +143,8 @@ class ModelSites:
     grid: tuple[int, int]
     latent_index: int  #: position of the latent among the graph's placeholders
     timestep_index: int  #: position of the timestep among the graph's placeholders
+    family: str = "sd3"  #: ``sd3`` or ``flux`` (see the module docstring)
+    image_ids_index: int | None = None  #: Flux: position of ``img_ids`` (the grid's source) among the placeholders
 
     def remapped(self, node_map: dict[fx.Node, fx.Node]) -> ModelSites:
         """The same sites on a copy of the graph (``node_map``: original node -> copy, see ``copy_with_node_map``)."""
@@ -91,7 +155,8 @@ class ModelSites:
 FALLBACK_HINT = "Pass options={'on_unsupported': 'fallback'} to compile the model without token merging"
 
 _FALLBACK_ADVICE = (
-    "sdtm-compile knows diffusers' SD3 / SD3.5 JointTransformerBlock; a customised block or another diffusers "
+    "sdtm-compile knows diffusers' SD3 / SD3.5 JointTransformerBlock and Flux's FluxTransformerBlock / "
+    "FluxSingleTransformerBlock; a customised block or another diffusers "
     f"version may be laid out differently. {FALLBACK_HINT}, and report the model so that its layout can be "
     "supported."
 )
@@ -134,84 +199,180 @@ def _branch(block_path: str, name: str, nodes: list[fx.Node], entry_path: str) -
 
 
 def _placeholder_feeding(gm: fx.GraphModule, module_suffix: str, name_hint: str) -> int | None:
+    """Position of the input that feeds ``module_suffix`` (by name first: the module's weights feed it too)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for index, node in enumerate(placeholders):
-        for user in node.users:
-            if any(path.endswith(module_suffix) for path, _ in module_stack(user)):
-                return index
-    for index, node in enumerate(placeholders):
-        if name_hint in node.name:
-            return index
+    feeding = [
+        index
+        for index, node in enumerate(placeholders)
+        if any(any(path.endswith(module_suffix) for path, _ in module_stack(user)) for user in node.users)
+    ]
+    named = [index for index, node in enumerate(placeholders) if name_hint in node.name]
+    for index in [i for i in feeding if i in named] + named + feeding:
+        return index
     return None
 
 
-def find_mmdit_blocks(gm: fx.GraphModule) -> ModelSites:
-    """Locate each MMDiT block's attention / ``attn2`` / FF inputs and outputs (raises UnsupportedModelError)."""
+_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+def _single_stream(path: str, nodes: list[fx.Node]) -> SingleStream:
+    """The ``proj_out(cat([attn, act(proj_mlp(norm))], -1))`` nodes of a ``FluxSingleTransformerBlock``."""
+    proj_out = next(
+        (n for n in nodes if n.target in _LINEAR and module_stack(n)[-1][0] == f"{path}.proj_out"), None
+    )
+    concat = proj_out.args[0] if proj_out is not None else None
+    if (
+        not isinstance(concat, fx.Node)
+        or concat.target is not torch.cat
+        or len(concat.args[0]) != 2
+        or (concat.args[1] if len(concat.args) > 1 else concat.kwargs.get("dim", 0)) not in (-1, 2)
+    ):
+        raise _unsupported(f"{path}: expected proj_out(cat([attention, mlp], dim=-1)), found {concat}")
+    attn_output, act = concat.args[0]
+    proj_mlp = act.args[0] if isinstance(act, fx.Node) and act.args else None
+    if not (
+        isinstance(proj_mlp, fx.Node)
+        and proj_mlp.target in _LINEAR
+        and module_stack(proj_mlp)[-1][0] == f"{path}.proj_mlp"
+        and len(act.users) == 1
+    ):
+        raise _unsupported(f"{path}: expected the MLP branch act(proj_mlp(norm)) as proj_out's second input")
+    return SingleStream(proj_mlp.args[0], proj_mlp, act, attn_output, concat, proj_out)
+
+
+def image_grid(ids: torch.Tensor, num_tokens: int) -> tuple[int, int]:
+    """The ``(grid_h, grid_w)`` of Flux ``img_ids`` ``[N, 3]`` (row, column in columns 1 and 2), row-major only."""
+    if ids.dim() != 2 or ids.shape != (num_tokens, 3):
+        raise _unsupported(f"img_ids must be [N, 3] = [{num_tokens}, 3], got {tuple(ids.shape)}")
+    rows, cols = ids[:, 1].round().long(), ids[:, 2].round().long()
+    grid_h, grid_w = int(rows.max()) + 1, int(cols.max()) + 1
+    n = torch.arange(num_tokens, device=ids.device)
+    if grid_h * grid_w != num_tokens or not (torch.equal(rows, n // grid_w) and torch.equal(cols, n % grid_w)):
+        raise _unsupported(
+            f"img_ids do not describe a row-major {grid_h}x{grid_w} grid of the {num_tokens} image tokens (as "
+            "FluxPipeline's _prepare_latent_image_ids makes them); extra image tokens such as Kontext's "
+            "reference image are not supported"
+        )
+    return grid_h, grid_w
+
+
+def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) -> ModelSites:
+    """Locate each MMDiT block's attention / ``attn2`` / FF inputs and outputs (raises UnsupportedModelError).
+
+    ``example_inputs`` (the graph's inputs) are needed for Flux, whose token grid is in the ``img_ids`` values.
+    """
     by_block: dict[str, list[fx.Node]] = {}
+    kinds: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":  # weights carry their module's stack too; they are inputs, not regions
             continue
         for path, cls in module_stack(node):
             if cls in BLOCK_CLASSES:
                 by_block.setdefault(path, []).append(node)
+                kinds[path] = cls
                 break
     if not by_block:
         raise UnsupportedModelError(
-            f"no MMDiT block found: looked for {' / '.join(BLOCK_CLASSES)} modules (diffusers SD3 / SD3.5) in the "
-            f"traced graph's nn_module_stack; the graph holds: {_describe_modules(gm)}. {FALLBACK_HINT}."
+            f"no MMDiT block found: looked for {' / '.join(BLOCK_CLASSES)} modules (diffusers SD3 / SD3.5 and "
+            f"Flux) in the traced graph's nn_module_stack; the graph holds: {_describe_modules(gm)}. "
+            f"{FALLBACK_HINT}."
         )
+    families = {BLOCK_FAMILIES[cls] for cls in kinds.values()}
+    if len(families) != 1:
+        raise _unsupported(f"the graph mixes blocks of several model families: {sorted(set(kinds.values()))}")
+    family = families.pop()
     blocks = []
     for index, (path, nodes) in enumerate(by_block.items()):
+        if kinds[path] == "FluxSingleTransformerBlock":
+            blocks.append(BlockSites(index, path, None, None, kind="single", stream=_single_stream(path, nodes)))
+            continue
         attn = _branch(path, "attn", nodes, f"{path}.attn.to_q")
         ff = _branch(path, "ff", nodes, f"{path}.ff.net.0.proj")
         if attn is None or ff is None:
             raise _unsupported(f"block {path} has no {'attn' if attn is None else 'ff'} region in the graph")
         attn2 = _branch(path, "attn2", nodes, f"{path}.attn2.to_q")
-        blocks.append(BlockSites(index, path, attn, ff, attn2))
+        kind = "double" if family == "flux" else "joint"
+        blocks.append(BlockSites(index, path, attn, ff, attn2, kind=kind))
 
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    image_ids_index = None
+    if family == "flux":
+        image_ids_index = next((i for i, n in enumerate(placeholders) if "img_ids" in n.name), None)
+        ids_shape = node_shape(placeholders[image_ids_index]) if image_ids_index is not None else None
+        if ids_shape is None or len(ids_shape) != 2:
+            raise _unsupported("found no 2-D img_ids input: call the Flux transformer with img_ids [N, 3]")
+        num_tokens = ids_shape[0]
     shapes = {node_shape(b.input) for block in blocks for b in block.branches}
-    if len(shapes) != 1 or len(next(iter(shapes)) or ()) != 3:
+    if family == "sd3" and (len(shapes) != 1 or len(next(iter(shapes)) or ()) != 3):
         raise _unsupported(f"merge sites disagree on the image-token shape [B, N, C]: {shapes}")
-    num_tokens = next(iter(shapes))[1]  # type: ignore[index]
+    if family == "flux" and any(shape is None or len(shape) != 3 or shape[1] != num_tokens for shape in shapes):
+        raise _unsupported(f"double-block merge sites {shapes} do not hold the {num_tokens} image tokens of img_ids")
+    if family == "sd3":
+        num_tokens = next(iter(shapes))[1]  # type: ignore[index]
 
     text_tokens = None
-    for node in blocks[0].attn.nodes:
+    for node in next((b.attn.nodes for b in blocks if b.attn is not None), []):
         if node.op == "call_function" and module_stack(node)[-1][0].endswith(".attn.add_q_proj") and node_shape(node):
             text_tokens = node_shape(node)[1]  # type: ignore[index]
             break
+    for block in blocks:
+        if block.stream is not None:
+            joint = node_shape(block.stream.norm_output)
+            if joint is None or len(joint) != 3 or joint[1] <= num_tokens:
+                raise _unsupported(f"{block.path}: the single-stream input {joint} is not [B, T + N, C]")
+            if text_tokens not in (None, joint[1] - num_tokens):
+                raise _unsupported(f"{block.path}: {joint[1] - num_tokens} text tokens, the double blocks have {text_tokens}")
+            text_tokens = joint[1] - num_tokens
 
-    latent_index = _placeholder_feeding(gm, "pos_embed.proj", "hidden_states")
+    embedder = "pos_embed.proj" if family == "sd3" else "x_embedder"
+    latent_index = _placeholder_feeding(gm, embedder, "hidden_states")
     timestep_index = _placeholder_feeding(gm, "time_text_embed.time_proj", "timestep")
     if latent_index is None or timestep_index is None:
         raise _unsupported(
             "could not find the latent and timestep inputs of the traced transformer (call it with the "
-            "hidden_states and timestep arguments of SD3Transformer2DModel.forward)"
+            "hidden_states and timestep arguments of the diffusers transformer's forward)"
         )
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     latent_shape = node_shape(placeholders[latent_index])
-    if latent_shape is None or len(latent_shape) != 4:
-        raise _unsupported(
-            f"expected a latent hidden_states [B, C, H, W], got shape {latent_shape}: pass the unpatchified "
-            "latent, as diffusers' SD3 pipelines do"
-        )
-    height, width = latent_shape[-2:]
-    patch = round(math.sqrt(height * width / num_tokens))
-    grid = (height // patch, width // patch)
-    if grid[0] * grid[1] != num_tokens:
-        raise _unsupported(
-            f"latent {height}x{width} does not map onto {num_tokens} image tokens: use a latent whose sides are "
-            "multiples of the transformer's patch_size"
-        )
+    if family == "flux":
+        if latent_shape is None or len(latent_shape) != 3 or latent_shape[1] != num_tokens:
+            raise _unsupported(
+                f"expected a packed latent hidden_states [B, N, C] with N = {num_tokens} (the rows of img_ids), got "
+                f"shape {latent_shape}: pass the latent packed as FluxPipeline does"
+            )
+        if example_inputs is None:
+            raise ValueError(
+                "find_mmdit_blocks needs the graph's example inputs for a Flux model: its token grid is read from "
+                "the img_ids values"
+            )
+        grid = image_grid(example_inputs[image_ids_index], num_tokens)  # type: ignore[index]
+    else:
+        if latent_shape is None or len(latent_shape) != 4:
+            raise _unsupported(
+                f"expected a latent hidden_states [B, C, H, W], got shape {latent_shape}: pass the unpatchified "
+                "latent, as diffusers' SD3 pipelines do"
+            )
+        height, width = latent_shape[-2:]
+        patch = round(math.sqrt(height * width / num_tokens))
+        grid = (height // patch, width // patch)
+        if grid[0] * grid[1] != num_tokens:
+            raise _unsupported(
+                f"latent {height}x{width} does not map onto {num_tokens} image tokens: use a latent whose sides are "
+                "multiples of the transformer's patch_size"
+            )
 
-    sites = ModelSites(blocks, num_tokens, text_tokens, grid, latent_index, timestep_index)
+    sites = ModelSites(
+        blocks, num_tokens, text_tokens, grid, latent_index, timestep_index, family, image_ids_index
+    )
     logger.info(
-        "found %d MMDiT blocks (%d with attn2), %d image tokens on a %dx%d grid, %s text tokens",
+        "found %d %s blocks (%d with attn2, %d single-stream), %d image tokens on a %dx%d grid, %s text tokens",
         len(blocks),
+        family,
         sum(b.attn2 is not None for b in blocks),
+        sum(b.kind == "single" for b in blocks),
         num_tokens,
         *grid,
         text_tokens,
     )
     for block in blocks:
-        logger.debug("  %s: merge sites %s", block.path, [b.module for b in block.branches])
+        logger.debug("  %s (%s): merge sites %s", block.path, block.kind, [b.module for b in block.branches])
     return sites

@@ -1,8 +1,8 @@
 """Make token-count constants inside merged regions agree with the bucket, then re-check every shape.
 
 Dynamo specialises shapes, so a merged region still holds the unmerged token count as constants: the joint
-attention's split point (``hidden_states[:, :N]`` and ``[:, N:]``) and explicit sizes in ``view`` /
-``reshape``. This pass rewrites an int only where it *is* the token axis: a slice bound on a dimension whose
+attention's split point (SD3: ``hidden_states[:, :N]`` and ``[:, N:]``; Flux: ``split_with_sizes([T, N])``) and
+explicit sizes in ``view`` / ``reshape``. This pass rewrites an int only where it *is* the token axis: a slice bound on a dimension whose
 recorded size was ``N`` or ``N + T`` (T = text tokens), or a size argument at a position whose recorded size
 was ``N`` or ``N + T``. It then propagates fake tensors through the whole graph; any shape that does not fit
 raises :class:`TokenShapeError` naming the node, and the graph's outputs must keep their original shapes.
@@ -17,7 +17,7 @@ import torch
 from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from sdtm_compile.merge import MERGED_BRANCHES
+from sdtm_compile.merge import merged_branches
 from sdtm_compile.schedule import Stage, token_counts
 
 from ._graph import node_shape
@@ -43,8 +43,30 @@ def _remap_slice(item: object, old_size: int, mapping: dict[int, int]) -> object
     return slice(bounds[0], bounds[1], item.step)
 
 
+def _rewrite_split(node: fx.Node, mapping: dict[int, int]) -> bool:
+    """``x.split_with_sizes([T, N], dim)`` on a joint ``T + N`` axis -> ``[T, M]`` (Flux: text first, so the image
+    part is the last entry equal to ``N``; the new sizes must add up to the merged joint length)."""
+    source, sizes = node.args[0], node.args[1]
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    old = node_shape(source)
+    if old is None or not isinstance(sizes, (list, tuple)) or old[dim] not in mapping:
+        return False
+    total = mapping[old[dim]]
+    new = list(sizes)
+    for position in reversed(range(len(new))):
+        if new[position] in mapping and new[position] != old[dim]:
+            new[position] = mapping[new[position]]
+            break
+    if sum(new) != total or new == list(sizes):
+        return False
+    node.args = (source, type(sizes)(new), *node.args[2:])
+    return True
+
+
 def _rewrite_node(node: fx.Node, mapping: dict[int, int]) -> bool:
     """Rewrite token-count constants of one node in place; True if anything changed."""
+    if node.op == "call_method" and node.target in ("split_with_sizes", "split") and len(node.args) >= 2:
+        return _rewrite_split(node, mapping)
     if node.op == "call_function" and node.target is operator.getitem:
         source, index = node.args
         old = node_shape(source)
@@ -157,15 +179,16 @@ def _propagate_changed(gm: fx.GraphModule, example_inputs: list[torch.Tensor], c
 
 
 def fix_token_shapes(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:
-    """Rewrite token-count constants in the stage's merged branches (``MERGED_BRANCHES``)."""
+    """Rewrite token-count constants in the stage's merged branches (:func:`~sdtm_compile.merge.merged_branches`)."""
     key = settings.key
     if key.stage is Stage.FULL:
         return gm
-    counts = token_counts(key, *sites.grid)
+    merged_names = merged_branches(key.stage, sites.family, settings.config)
+    counts = token_counts(key, *sites.grid, merges_attention="attn" in merged_names)
     changed: list[str] = []
     for block in sites.blocks:
-        for name, branch in block.branches_named(MERGED_BRANCHES[key.stage]):
-            merged = counts.feed_forward if name == "ff" else counts.attention
+        for name, branch in block.branches_named(merged_names):
+            merged = counts.feed_forward if name in ("ff", "mlp") else counts.attention
             n = sites.num_tokens
             mapping = {n: merged}
             if sites.text_tokens is not None:

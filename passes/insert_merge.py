@@ -7,7 +7,7 @@ import operator
 
 from torch import fx
 
-from sdtm_compile.merge import MERGED_BRANCHES, plan_spec
+from sdtm_compile.merge import merged_branches, plan_spec
 from sdtm_compile.ops import PLAN_OUTPUTS, sdtm_merge, sdtm_plan, sdtm_unmerge
 from sdtm_compile.schedule import Stage
 
@@ -59,7 +59,8 @@ def _after(a: fx.Node, b: fx.Node) -> bool:
 
 
 def insert_merge_nodes(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:
-    """For every block: plan once from the attention input, merge/unmerge the stage's branches (MERGED_BRANCHES)."""
+    """For every block: plan once from its image tokens (``plan_input``), merge/unmerge the stage's branches
+    (:func:`~sdtm_compile.merge.merged_branches`)."""
     key = settings.key
     if key.stage is Stage.FULL:
         logger.debug("insert_merge_nodes: %s engine, nothing to insert", key)
@@ -70,9 +71,10 @@ def insert_merge_nodes(gm: fx.GraphModule, sites: ModelSites, settings: PassSett
     grid_h, grid_w = sites.grid
     spec = plan_spec(key, grid_h, grid_w, settings.config)
     graph = gm.graph
+    merged = merged_branches(key.stage, sites.family, settings.config)
     for block in sites.blocks:
-        with graph.inserting_after(block.attn.input):
-            plan = graph.call_function(sdtm_plan, (block.attn.input, li, grid_h, grid_w, *spec))
+        with graph.inserting_after(block.plan_input):
+            plan = graph.call_function(sdtm_plan, (block.plan_input, li, grid_h, grid_w, *spec))
         parts, last = {}, plan
         for index, name in enumerate(PLAN_OUTPUTS):  # every part; a method without one returns None there
             with graph.inserting_after(last):
@@ -80,8 +82,8 @@ def insert_merge_nodes(gm: fx.GraphModule, sites: ModelSites, settings: PassSett
         li = parts["li"]
         merge_args = [parts[name] for name in PLAN_OUTPUTS if name != "li"]  # sdtm_merge's order
         for node in (plan, *parts.values()):
-            _copy_location(node, block.attn.input, "plan")
-        for _, branch in block.branches_named(MERGED_BRANCHES[key.stage]):
+            _copy_location(node, block.plan_input, "plan")
+        for _, branch in block.branches_named(merged):
             _wrap_branch(graph, branch, merge_args)
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = ((*output.args[0][:-1], li),)

@@ -15,15 +15,17 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from sdtm_compile.merge import MERGED_BRANCHES, init_li
+from sdtm_compile.merge import init_li, merged_branches
 from sdtm_compile.ops import sdtm_merge, sdtm_plan
 from sdtm_compile.schedule import EngineKey, Stage
 
 from ._graph import copy_with_node_map, node_shape
 from .find_blocks import FALLBACK_HINT, ModelSites, find_mmdit_blocks
+from .gather_rotary import gather_rotary_positions, rotary_reads
 from .fix_token_shapes import TokenShapeError, fix_token_shapes, propagate_shapes
 from .insert_merge import insert_merge_nodes
 from .settings import PassSettings
+from .split_single_stream import split_single_stream
 from .thread_li import li_input, thread_li_state
 
 __all__ = ["GraphPass", "REWRITE_PIPELINE", "FACTS", "PassOrderError", "RewrittenGraph", "rewrite_for_engine"]
@@ -47,14 +49,35 @@ def _merged_as_planned(gm: fx.GraphModule, sites: ModelSites, settings: PassSett
     merges = sum(n.target is sdtm_merge for n in gm.graph.nodes)
     if settings.key.stage is Stage.FULL:
         return plans == merges == 0
-    per_block = [len(b.branches_named(MERGED_BRANCHES[settings.key.stage])) for b in sites.blocks]
+    merged = merged_branches(settings.key.stage, sites.family, settings.config)
+    per_block = [len(b.branches_named(merged)) for b in sites.blocks]
     return plans == len(sites.blocks) and merges == sum(per_block)
+
+
+def _rotary_per_token(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> bool:
+    """No merged attention reads the RoPE table of the unmerged sequence."""
+    if "attn" not in merged_branches(settings.key.stage, sites.family, settings.config) or not sites.text_tokens:
+        return True
+    joint = sites.num_tokens + sites.text_tokens
+    return not any(rotary_reads(b.attn.nodes, joint) for b in sites.blocks if b.attn is not None)
+
+
+def _single_streams_split(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> bool:
+    """Every single-stream block has its ``mlp`` branch and no ``proj_out`` over ``cat([attn, mlp])`` is left
+    (nothing to split for the FULL engine, or for a model without single-stream blocks)."""
+    if settings.key.stage is Stage.FULL:
+        return True
+    singles = [b for b in sites.blocks if b.stream is not None]
+    left = [b for b in singles if b.stream.proj_out in gm.graph.nodes]  # type: ignore[union-attr]
+    return all(b.mlp is not None for b in singles) and not left
 
 
 #: Facts a pass may require or ensure: ``name -> check(gm, sites, settings)``.
 FACTS: dict[str, Callable[[fx.GraphModule, ModelSites, PassSettings], bool]] = {
     "li_threaded": _has_li,
     "merge_nodes_inserted": _merged_as_planned,
+    "single_streams_split": _single_streams_split,
+    "rotary_per_token": _rotary_per_token,
 }
 
 
@@ -72,9 +95,21 @@ class GraphPass:
 #: :func:`rewrite_for_engine` propagates fake tensors through the result (every shape must fit, the outputs keep
 #: their shapes), and the TensorRT lint (a check on the aten graph) runs before TensorRT builds.
 REWRITE_PIPELINE: tuple[GraphPass, ...] = (
+    GraphPass("split_single_stream", split_single_stream, ensures=("single_streams_split",)),
     GraphPass("thread_li_state", thread_li_state, ensures=("li_threaded",)),
-    GraphPass("insert_merge_nodes", insert_merge_nodes, requires=("li_threaded",), ensures=("merge_nodes_inserted",)),
-    GraphPass("fix_token_shapes", fix_token_shapes, requires=("merge_nodes_inserted",)),
+    GraphPass(
+        "insert_merge_nodes",
+        insert_merge_nodes,
+        requires=("li_threaded", "single_streams_split"),
+        ensures=("merge_nodes_inserted",),
+    ),
+    GraphPass(
+        "gather_rotary_positions",
+        gather_rotary_positions,
+        requires=("merge_nodes_inserted",),
+        ensures=("rotary_per_token",),
+    ),
+    GraphPass("fix_token_shapes", fix_token_shapes, requires=("merge_nodes_inserted", "rotary_per_token")),
 )
 
 
@@ -106,7 +141,7 @@ def rewrite_for_engine(
     :data:`REWRITE_PIPELINE` (read at call time). ``gm`` is not modified.
     """
     pipeline = REWRITE_PIPELINE if pipeline is None else pipeline
-    sites = sites if sites is not None else find_mmdit_blocks(gm)
+    sites = sites if sites is not None else find_mmdit_blocks(gm, example_inputs)
     out, node_map = copy_with_node_map(gm)
     sites = sites.remapped(node_map)
     for graph_pass in pipeline:
@@ -124,8 +159,8 @@ def _check_shapes(
     batch = inputs[sites.latent_index].shape[0]
     li = init_li(batch, sites.num_tokens)  # on the CPU: only its shape and dtype matter to fake propagation
     before = _output_shapes(traced)
-    merged = MERGED_BRANCHES[settings.key.stage]
-    changed = {n for n in out.graph.nodes if "sdtm" in n.meta}  # plan, merge, unmerge and the plan's parts
+    merged = merged_branches(settings.key.stage, sites.family, settings.config)
+    changed = {n for n in out.graph.nodes if "sdtm" in n.meta}  # plan, merge, unmerge, the plan's parts, splits
     changed |= {n for block in sites.blocks for _, branch in block.branches_named(merged) for n in branch.nodes}
     propagate_shapes(out, [*inputs, li], changed)
     after = _output_shapes(out)

@@ -166,10 +166,28 @@ class SDTMCompiledGraph:
         #: ids of the model parameters among the graph's inputs (how :func:`compiled_graphs` finds the model);
         #: the graph's engines keep the parameters alive, so the ids cannot be reused while it lives.
         self.parameter_ids = {id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)}
+        #: Flux: the ``img_ids`` the token grid was read from; every call must bring the same ones
+        self.image_ids = None
+        if sites.image_ids_index is not None and example_inputs:
+            self.image_ids = example_inputs[sites.image_ids_index].detach().clone()
+
+    def _check_image_ids(self, ids: torch.Tensor) -> None:
+        """Flux: the merge windows were laid on the grid of the compile-time ``img_ids``; a new layout with the
+        same token count (e.g. 32x32 -> 16x64) would not recompile, so check the values."""
+        assert self.image_ids is not None
+        if ids.shape != self.image_ids.shape or not torch.equal(ids.to(self.image_ids.device), self.image_ids):
+            raise ValueError(
+                f"img_ids differ from the ones this model was compiled with (a {self.sites.grid[0]}x"
+                f"{self.sites.grid[1]} token grid): the SDTM merge windows are laid on that grid. Keep the image "
+                "height and width, or compile again for the new size (torch._dynamo.reset(), then a new "
+                "torch.compile)"
+            )
 
     def __call__(self, *args: Any) -> Any:
         latent = args[self.sites.latent_index]
         timestep = args[self.sites.timestep_index]
+        if self.image_ids is not None:
+            self._check_image_ids(args[self.sites.image_ids_index])  # type: ignore[index]
 
         def call(key: EngineKey, li: torch.Tensor) -> tuple[Any, torch.Tensor]:
             engine = self.engines.get(key)
@@ -329,7 +347,9 @@ class SDTMBackend:
             regional.stats.call_sites,
             time.perf_counter() - total,
         )
-        compiled = SDTMCompiledGraph(engines, names, buckets.sites, config, example_inputs, self.settings.history)
+        compiled = SDTMCompiledGraph(
+            engines, names, buckets.sites, buckets.config, example_inputs, self.settings.history
+        )
         self.compiled.append(compiled)
         _GRAPHS.add(compiled)
         return compiled

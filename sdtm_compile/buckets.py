@@ -20,9 +20,9 @@ import torch
 from torch import fx
 
 from .config import SDTMConfig
-from .merge import init_li
+from .merge import init_li, merged_branches
 from .passes import ModelSites, PassSettings, RewrittenGraph, find_mmdit_blocks, rewrite_for_engine
-from .schedule import FULL, EngineKey, TokenCounts, engines_for_trajectory, token_counts
+from .schedule import FULL, EngineKey, TokenCounts, engines_for_trajectory, resolve_for_model, token_counts
 
 __all__ = ["BucketGraphs", "DistinctGraph"]
 
@@ -60,9 +60,10 @@ class BucketGraphs:
     ) -> None:
         self.traced = gm
         self.example_inputs = list(example_inputs)
-        self.config = config
-        self.sites: ModelSites = find_mmdit_blocks(gm)
-        keys = engines_for_trajectory(config)
+        self.sites: ModelSites = find_mmdit_blocks(gm, self.example_inputs)
+        #: ``config`` with the timestep mapping of this model filled in (see ``resolve_for_model``)
+        self.config = resolve_for_model(config, self.sites.family, self.sites.num_tokens)
+        keys = engines_for_trajectory(self.config)
         if include_full:
             keys = [FULL, *keys]
         self.keys: list[EngineKey] = list(dict.fromkeys(keys))
@@ -85,7 +86,8 @@ class BucketGraphs:
         return [*self.example_inputs, self.new_li()]
 
     def counts(self, key: EngineKey) -> TokenCounts:
-        return token_counts(key, *self.grid)
+        merged = merged_branches(key.stage, self.sites.family, self.config)
+        return token_counts(key, *self.grid, merges_attention="attn" in merged)
 
     def _graph_id(self, key: EngineKey) -> tuple:
         return (key.stage, self.counts(key))

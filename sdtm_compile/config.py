@@ -53,10 +53,25 @@ class SDTMConfig:
         buckets: Compression ratios that get a compiled engine, strictly increasing, each in ``(0, 0.75]``.
             The scheduled ratio is rounded down to the nearest bucket (below the smallest bucket the full
             model runs). More buckets follow the schedule more closely but build more engines.
-        timestep_shift: The flow-matching ``shift`` of the scheduler that produces the timesteps (SD3 / SD3.5
-            pipelines: 3.0; an unshifted scheduler: 1.0). The dispatcher undoes the shift to turn a timestep
-            into a trajectory position that matches the step fraction. Range ``[0.1, 100]``.
-        num_train_timesteps: Timestep scale of the scheduler (diffusers: 1000). Range ``>= 1``.
+        merge_attention: Whether the structure stage merges the attention too. ``None`` (default): the model
+            family's choice - SD3 / SD3.5 yes (as released), Flux no (the authors left attention unmerged on
+            RoPE models, DESIGN §8). ``True`` on Flux merges the double blocks' joint attention, each merged token
+            taking its representative token's rotary position; ``False`` on SD3 merges only the feed-forward.
+        timestep_shift: The flow-matching shift ``k`` of the scheduler that produces the timesteps
+            (``sigma' = k sigma / (1 + (k - 1) sigma)``); the dispatcher undoes it to turn a timestep into a
+            trajectory position. ``None`` (default): from the model and ``scheduler`` - SD3 / SD3.5 pipelines
+            3.0; Flux ``e^mu`` with ``mu`` from the image token count and FLUX.1's scheduler settings (dynamic
+            shifting), computed by the backend from the traced shapes. Range ``[0.1, 100]``.
+        num_train_timesteps: What a timestep of 1.0 sigma is fed to the model as: SD3 pipelines pass
+            ``t = 1000 sigma``, Flux pipelines pass ``sigma`` itself (1). ``None`` (default): the model's.
+        scheduler: The diffusers scheduler config (a ``FlowMatchEulerDiscreteScheduler`` or its ``.config``, or
+            a dict) whose shift settings produce the timesteps: ``shift``, or ``use_dynamic_shifting`` with
+            ``base_shift``, ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len`` (exponential shift).
+            Only these keys are kept. Ignored when ``timestep_shift`` is given. ``None``: the family's defaults.
+
+    Direct calls of the schedule helpers with ``timestep_shift`` / ``num_train_timesteps`` left at ``None`` use
+    SD3's values (3.0, 1000); the backend, the ONNX export and the references resolve them for their model
+    (:func:`sdtm_compile.schedule.resolve_for_model`).
     """
 
     ratio: float = 0.5
@@ -65,13 +80,17 @@ class SDTMConfig:
     window: tuple[int, int] = (2, 2)
     a_s: float = 0.05
     buckets: tuple[float, ...] = field(default=DEFAULT_BUCKETS)
-    timestep_shift: float = 3.0
-    num_train_timesteps: int = 1000
+    merge_attention: bool | None = None
+    timestep_shift: float | None = None
+    num_train_timesteps: int | None = None
+    scheduler: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("window", "buckets", "num_train_timesteps"):
+            if f.name in ("window", "buckets", "num_train_timesteps", "merge_attention", "scheduler"):
+                continue
+            if f.name == "timestep_shift" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 _fail(f.name, value, "a finite number")
@@ -99,14 +118,17 @@ class SDTMConfig:
         if any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:])):  # type: ignore[index,arg-type]
             _fail("buckets", self.buckets, "strictly increasing ratios, no duplicates")
         object.__setattr__(self, "buckets", tuple(float(b) for b in buckets))  # type: ignore[union-attr]
-        if not 0.1 <= self.timestep_shift <= 100.0:
-            _fail("timestep_shift", self.timestep_shift, "0.1 <= timestep_shift <= 100")
-        if (
+        if self.timestep_shift is not None and not 0.1 <= self.timestep_shift <= 100.0:
+            _fail("timestep_shift", self.timestep_shift, "0.1 <= timestep_shift <= 100, or None (the model's)")
+        if self.num_train_timesteps is not None and (
             isinstance(self.num_train_timesteps, bool)
             or not isinstance(self.num_train_timesteps, int)
             or self.num_train_timesteps < 1
         ):
-            _fail("num_train_timesteps", self.num_train_timesteps, "an int >= 1")
+            _fail("num_train_timesteps", self.num_train_timesteps, "an int >= 1, or None (the model's)")
+        if self.merge_attention not in (None, True, False):
+            _fail("merge_attention", self.merge_attention, "None (the model family's choice), True or False")
+        object.__setattr__(self, "scheduler", _scheduler_settings(self.scheduler))
 
     @property
     def enabled(self) -> bool:
@@ -124,5 +146,42 @@ class SDTMConfig:
         return cls(**values)
 
     def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict (tuples become lists)."""
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+        """A JSON-ready dict (tuples become lists, the scheduler settings a dict)."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = dict(value) if f.name == "scheduler" and value is not None else (
+                list(value) if isinstance(value, tuple) else value
+            )
+        return out
+
+
+#: The scheduler settings that decide the timestep shift (diffusers ``FlowMatchEulerDiscreteScheduler``).
+SCHEDULER_KEYS = (
+    "shift",
+    "use_dynamic_shifting",
+    "base_shift",
+    "max_shift",
+    "base_image_seq_len",
+    "max_image_seq_len",
+    "time_shift_type",
+)
+
+
+def _scheduler_settings(scheduler: Any) -> tuple[tuple[str, Any], ...] | None:
+    """The shift settings of a scheduler, its config or a dict, as sorted ``(key, value)`` pairs (hashable)."""
+    if scheduler is None:
+        return None
+    values = getattr(scheduler, "config", scheduler)
+    if isinstance(values, tuple):  # already normalised (dataclasses.replace passes it through again)
+        values = dict(values)
+    if not isinstance(values, Mapping):
+        _fail("scheduler", scheduler, "a diffusers scheduler, its .config, or a dict of its shift settings")
+    settings = {key: values[key] for key in SCHEDULER_KEYS if key in values}
+    if settings.get("time_shift_type", "exponential") != "exponential":
+        _fail("scheduler", scheduler, "time_shift_type 'exponential' (the FLUX.1 / SD3 schedulers'); 'linear' is not supported")
+    for key in ("shift", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len"):
+        value = settings.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            _fail("scheduler", scheduler, f"a number for {key}, got {value!r}")
+    return tuple(sorted(settings.items()))

@@ -84,10 +84,13 @@ def export_onnx(
     """Export one ONNX model per engine (full + each (stage, bucket)) and ``manifest.json`` to ``out_dir``.
 
     Args:
-        transformer: a diffusers ``SD3Transformer2DModel`` (eval mode).
-        example_inputs: ``hidden_states``, ``encoder_hidden_states``, ``pooled_projections``, ``timestep`` with
-            the batch size and resolution to deploy (shapes are static, as in the compiled backend).
-        config: the SDTM configuration; its schedule decides which engines are exported.
+        transformer: a diffusers ``SD3Transformer2DModel`` or ``FluxTransformer2DModel`` (eval mode).
+        example_inputs: the transformer's keyword inputs with the batch size and resolution to deploy (shapes
+            are static, as in the compiled backend): ``hidden_states``, ``encoder_hidden_states``,
+            ``pooled_projections``, ``timestep``; for Flux also ``img_ids``, ``txt_ids`` and (FLUX.1-dev)
+            ``guidance``. Every tensor input becomes an input of every ONNX graph.
+        config: the SDTM configuration; its schedule decides which engines are exported. The manifest stores it
+            with the model's timestep mapping filled in (``resolve_for_model``).
         out_dir: created if missing; existing files of the same names are overwritten.
         external_data: passed to ``torch.onnx.export``: the weights go to a ``<file>.onnx.data`` file beside
             each graph (needed past ONNX's 2 GB protobuf limit, e.g. SD3.5-large). Default: only when the
@@ -155,7 +158,7 @@ def export_onnx(
     manifest = {
         "format_version": FORMAT_VERSION,
         "producer": {"sdtm_compile": _version(), "torch": torch.__version__},
-        "config": config.to_dict(),
+        "config": buckets.config.to_dict(),
         "transformer_class": type(transformer).__name__,
         "transformer_config": {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")},
         "grid": list(sites.grid),
@@ -221,12 +224,14 @@ class _Config(dict):
 
 
 class OnnxTransformer(nn.Module):
-    """An ONNX Runtime replacement for ``pipe.transformer`` (``SD3Transformer2DModel``) from an exported bundle.
+    """An ONNX Runtime replacement for ``pipe.transformer`` (``SD3Transformer2DModel`` or
+    ``FluxTransformer2DModel``) from an exported bundle.
 
-    Same call signature and return type as the diffusers transformer; the engine of each call is picked by the
+    Same keyword inputs and return type as the diffusers transformer; the engine of each call is picked by the
     same :class:`StageDispatcher` as the compiled backend. Loading checks the manifest's format version, that
-    every file exists and matches its sha256; calls check the input shapes against the manifest.
-    ``skip_layers``, ControlNet residuals and ``joint_attention_kwargs`` are not supported (a clear error).
+    every file exists and matches its sha256; calls check the input shapes against the manifest (and, for Flux,
+    that ``img_ids`` lay out the exported token grid). ``skip_layers``, ControlNet residuals and
+    ``joint_attention_kwargs`` are not supported (a clear error).
     ``history``: how many recent calls ``dispatcher.history`` keeps outside a ``generation`` context (0: none).
     """
 
@@ -297,12 +302,18 @@ class OnnxTransformer(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         pooled_projections: torch.Tensor | None = None,
         timestep: torch.Tensor | None = None,
+        img_ids: torch.Tensor | None = None,
+        txt_ids: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
         block_controlnet_hidden_states: list | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
         skip_layers: list[int] | None = None,
+        controlnet_block_samples: list | None = None,
+        controlnet_single_block_samples: list | None = None,
     ):
-        if block_controlnet_hidden_states is not None or skip_layers or joint_attention_kwargs:
+        controlnet = (block_controlnet_hidden_states, controlnet_block_samples, controlnet_single_block_samples)
+        if any(c is not None for c in controlnet) or skip_layers or joint_attention_kwargs:
             raise ValueError(
                 "OnnxTransformer runs the exported graphs only: ControlNet residuals, skip_layers and "
                 "joint_attention_kwargs are not supported"
@@ -312,7 +323,22 @@ class OnnxTransformer(nn.Module):
             "encoder_hidden_states": encoder_hidden_states,
             "pooled_projections": pooled_projections,
             "timestep": timestep,
+            "img_ids": img_ids,
+            "txt_ids": txt_ids,
+            "guidance": guidance,
         }
+        if img_ids is not None:
+            from .passes import UnsupportedModelError, image_grid
+
+            try:
+                grid = list(image_grid(img_ids.detach().cpu(), hidden_states.shape[1]))
+            except UnsupportedModelError as err:
+                raise BundleError(f"{self.bundle_dir / MANIFEST}: {str(err).split('. sdtm-compile')[0]}") from err
+            if grid != self.manifest["grid"]:
+                raise BundleError(
+                    f"{self.bundle_dir / MANIFEST}: img_ids lay out a {grid[0]}x{grid[1]} token grid, the bundle was "
+                    f"exported for {self.manifest['grid'][0]}x{self.manifest['grid'][1]}; export a bundle for this size"
+                )
         feeds: dict[str, np.ndarray] = {}
         for spec in self.inputs:
             value = given.get(spec["name"])

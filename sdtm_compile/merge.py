@@ -47,11 +47,14 @@ __all__ = [
     "idm_plan",
     "PlanSpec",
     "PLAN_METHODS",
+    "MERGED_BRANCHES",
+    "merged_branches",
     "plan_spec",
     "make_plan",
     "plan_for",
     "merge",
     "unmerge",
+    "merged_rotary_table",
     "update_li",
     "init_li",
 ]
@@ -267,13 +270,30 @@ class PlanSpec(NamedTuple):
     options: tuple[tuple[str, float], ...] = ()  #: keyword arguments of the plan function, e.g. ``a_s``
 
 
-#: The stage -> merged branches mapping, in one place (``attn2``: SD3.5's second attention): the structure stage
-#: merges attention and FF with one plan, the detail stage only the FF. The passes and their checks read this.
-MERGED_BRANCHES: dict[Stage, tuple[str, ...]] = {
-    Stage.FULL: (),
-    Stage.STRUCTURE: ("attn", "attn2", "ff"),
-    Stage.DETAIL: ("ff",),
+#: The stage -> merged branches mapping per model family, in one place. Branch names: ``attn`` (joint attention),
+#: ``attn2`` (SD3.5's second attention), ``ff`` (feed-forward; Flux double blocks: the image FF), ``mlp`` (Flux
+#: single blocks: the image part of the MLP branch). SD3, as released: the structure stage merges attention and
+#: FF with one plan, the detail stage only the FF. Flux (DESIGN §8): both stages merge the feed-forward only; the
+#: authors left attention unmerged on RoPE models. ``SDTMConfig.merge_attention`` overrides the attention part
+#: (see :func:`merged_branches`). The passes and their checks read this through :func:`merged_branches`.
+MERGED_BRANCHES: dict[str, dict[Stage, tuple[str, ...]]] = {
+    "sd3": {Stage.FULL: (), Stage.STRUCTURE: ("attn", "attn2", "ff"), Stage.DETAIL: ("ff",)},
+    "flux": {Stage.FULL: (), Stage.STRUCTURE: ("ff", "mlp"), Stage.DETAIL: ("ff", "mlp")},
 }
+_ATTENTION = ("attn", "attn2")
+
+
+def merged_branches(stage: Stage, family: str, config: SDTMConfig) -> tuple[str, ...]:
+    """The branches merged in ``stage`` for a model of ``family`` (``sd3`` / ``flux``) under ``config``.
+
+    ``config.merge_attention``: ``None`` keeps the family's default; ``True`` merges the attention in the
+    structure stage (never in the detail stage, which is SDTM's definition of it); ``False`` never merges it.
+    """
+    names = MERGED_BRANCHES[family][stage]
+    if config.merge_attention is None or stage is Stage.FULL:
+        return names
+    rest = tuple(name for name in names if name not in _ATTENTION)
+    return (_ATTENTION + rest) if config.merge_attention and stage is Stage.STRUCTURE else rest
 
 
 def plan_spec(key: EngineKey, grid_h: int, grid_w: int, config: SDTMConfig) -> PlanSpec:
@@ -315,6 +335,20 @@ def _sum_into_slots(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torc
     """
     rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(slot)
     return x.new_zeros(x.shape[0], num_slots, x.shape[-1]).index_put((rows, slot), x, accumulate=True)
+
+
+def merged_rotary_table(table: torch.Tensor, members: torch.Tensor, text_tokens: int) -> torch.Tensor:
+    """A RoPE table (``cos`` or ``sin``) ``[T + N, D]`` for merged attention -> ``[B, T + M, 1, D]``.
+
+    Text rows stay; merged token ``m`` takes the row of its representative ``members[:, m, 0]`` (IDM: the kept
+    token or destination; SSM: a kept token, or a merged window's first token). A merged token needs *one*
+    rotation: averaging cos/sin would not be one (DESIGN §8). ``index_select`` rather than advanced indexing:
+    it has a TensorRT converter and exports to one ONNX ``Gather``.
+    """
+    batch, slots = members.shape[:2]
+    image = table[text_tokens:].index_select(0, members[..., 0].reshape(-1)).reshape(batch, slots, table.shape[-1])
+    text = table[:text_tokens].expand(batch, -1, -1)
+    return torch.cat([text, image], 1)[:, :, None, :]
 
 
 def merge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:

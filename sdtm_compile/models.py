@@ -21,6 +21,14 @@ __all__ = [
     "ModelPreset",
     "tiny_sd3_transformer",
     "example_inputs",
+    "FluxSpec",
+    "TINY_FLUX",
+    "TINY_FLUX_SCHNELL",
+    "FLUX_1024",
+    "tiny_flux_transformer",
+    "flux_image_ids",
+    "flux_example_inputs",
+    "build_model",
 ]
 
 
@@ -85,10 +93,62 @@ SD3M_4096 = TinySpec(
 
 
 @dataclass(frozen=True)
+class FluxSpec:
+    """Config of a ``FluxTransformer2DModel`` built from config (inner dim = heads x head_dim).
+
+    ``guidance_embeds``: FLUX.1-dev's guidance-distilled embedding (``True``) or FLUX.1-schnell's (``False``).
+    ``axes_dims_rope`` must sum to ``attention_head_dim``. Latents are packed: 2x2 latent patches of
+    ``latent_channels`` become one token of ``in_channels = 4 * latent_channels`` features.
+    """
+
+    num_layers: int = 2  #: double-stream blocks
+    num_single_layers: int = 2  #: single-stream blocks
+    num_attention_heads: int = 2
+    attention_head_dim: int = 16
+    latent_channels: int = 4
+    joint_attention_dim: int = 32
+    pooled_projection_dim: int = 32
+    text_tokens: int = 8
+    guidance_embeds: bool = True
+    axes_dims_rope: tuple[int, int, int] = (4, 6, 6)
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def in_channels(self) -> int:
+        return 4 * self.latent_channels
+
+
+#: FLUX.1-dev's layout in miniature: 2 double + 2 single blocks, guidance embedding, 3-axis RoPE.
+TINY_FLUX = FluxSpec()
+#: FLUX.1-schnell's layout: no guidance embedding.
+TINY_FLUX_SCHNELL = FluxSpec(guidance_embeds=False)
+#: FLUX.1-dev's proportions at 1024^2, scaled like :data:`SD3M_1024`: what SDTM can save depends on
+#: ``(N + T) / C``; FLUX.1-dev at 1024^2 has N = 4096 image tokens, T = 512 text tokens and C = 3072, so
+#: ``(N + T) / C = 1.5``. Scaled by 1/4: N = 1024 (a 512^2 image), T = 128, C = 768 (6 heads x 128, Flux's head
+#: size, RoPE axes 16/56/56 as FLUX.1). Double and single blocks in FLUX.1's 1:2 ratio (19:38 -> 2:4); latent
+#: channels 16 as FLUX.1; prompt and pooled widths FLUX.1's divided by 4.
+FLUX_1024 = FluxSpec(
+    num_layers=2,
+    num_single_layers=4,
+    num_attention_heads=6,
+    attention_head_dim=128,
+    latent_channels=16,
+    joint_attention_dim=1024,
+    pooled_projection_dim=192,
+    text_tokens=128,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+
+@dataclass(frozen=True)
 class ModelPreset:
     """A named model built from config and the latent side it runs at (image side / 8)."""
 
-    spec: TinySpec
+    spec: TinySpec | FluxSpec
     latent: int
     description: str
 
@@ -99,6 +159,8 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
     "tiny-sd35": ModelPreset(TINY_SD35, 64, "tiny SD3.5 (3 blocks, dual attention, RMS q/k norm)"),
     "sd3m-1024": ModelPreset(SD3M_1024, 64, "SD3-medium's block proportions at 1024^2, scaled: 6 blocks, hidden 384"),
     "sd3m-4096": ModelPreset(SD3M_4096, 128, "SD3-medium's blocks at 1024^2: 2 blocks, hidden 1536"),
+    "tiny-flux": ModelPreset(TINY_FLUX, 16, "tiny FLUX.1-dev layout (2 double + 2 single blocks, hidden 32)"),
+    "flux-1024": ModelPreset(FLUX_1024, 64, "FLUX.1-dev's proportions at 1024^2, scaled: 2+4 blocks, hidden 768"),
 }
 
 
@@ -141,3 +203,64 @@ def example_inputs(
         "pooled_projections": torch.randn(batch, spec.pooled_projection_dim, generator=g),
         "timestep": torch.full((1,), float(timestep)).expand(batch),
     }
+
+
+def tiny_flux_transformer(spec: FluxSpec = TINY_FLUX, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``FluxTransformer2DModel`` of ``spec`` with seeded random weights, in eval mode."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=spec.in_channels,
+            num_layers=spec.num_layers,
+            num_single_layers=spec.num_single_layers,
+            attention_head_dim=spec.attention_head_dim,
+            num_attention_heads=spec.num_attention_heads,
+            joint_attention_dim=spec.joint_attention_dim,
+            pooled_projection_dim=spec.pooled_projection_dim,
+            guidance_embeds=spec.guidance_embeds,
+            axes_dims_rope=spec.axes_dims_rope,
+        )
+    return (model if dtype == torch.float32 else model.to(dtype)).eval()
+
+
+def flux_image_ids(grid_h: int, grid_w: int) -> torch.Tensor:
+    """``[N, 3]`` position ids of a row-major ``grid_h x grid_w`` token grid, as ``FluxPipeline`` makes them."""
+    ids = torch.zeros(grid_h, grid_w, 3)
+    ids[..., 1] = torch.arange(grid_h)[:, None]
+    ids[..., 2] = torch.arange(grid_w)[None, :]
+    return ids.reshape(grid_h * grid_w, 3)
+
+
+def flux_example_inputs(
+    spec: FluxSpec, batch: int = 1, latent_hw: tuple[int, int] = (16, 16), seed: int = 0, sigma: float = 0.5
+) -> dict[str, torch.Tensor]:
+    """Seeded random ``FluxTransformer2DModel`` inputs, laid out as ``FluxPipeline`` passes them.
+
+    ``latent_hw`` is the *unpacked* latent side (image side / 8); the packed latent has
+    ``(H / 2) * (W / 2)`` tokens. The timestep is sigma in ``(0, 1]``, one per batch row (``FluxPipeline`` passes
+    ``t.expand(B) / 1000``, a new contiguous tensor); guidance (FLUX.1-dev only) is 3.5 expanded (stride 0), as
+    the pipeline passes it. Compiled engines guard on strides, so these match what a generation sends.
+    """
+    g = torch.Generator().manual_seed(seed)
+    grid_h, grid_w = latent_hw[0] // 2, latent_hw[1] // 2
+    inputs = {
+        "hidden_states": torch.randn(batch, grid_h * grid_w, spec.in_channels, generator=g),
+        "encoder_hidden_states": torch.randn(batch, spec.text_tokens, spec.joint_attention_dim, generator=g),
+        "pooled_projections": torch.randn(batch, spec.pooled_projection_dim, generator=g),
+        "timestep": torch.full((batch,), float(sigma)),
+        "img_ids": flux_image_ids(grid_h, grid_w),
+        "txt_ids": torch.zeros(spec.text_tokens, 3),
+    }
+    if spec.guidance_embeds:
+        inputs["guidance"] = torch.full((1,), 3.5).expand(batch)
+    return inputs
+
+
+def build_model(spec: TinySpec | FluxSpec, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """The diffusers transformer of ``spec`` (SD3 or Flux) with seeded random weights."""
+    if isinstance(spec, FluxSpec):
+        return tiny_flux_transformer(spec, seed, dtype)
+    return tiny_sd3_transformer(spec, seed, dtype)

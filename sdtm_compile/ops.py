@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from .merge import MergePlan, PlanSpec, make_plan, merge
+from .merge import MergePlan, PlanSpec, make_plan, merge, merged_rotary_table
 
-__all__ = ["sdtm_plan", "sdtm_merge", "sdtm_unmerge", "GRAPH_OPS", "PLAN_OUTPUTS"]
+__all__ = ["sdtm_plan", "sdtm_merge", "sdtm_unmerge", "sdtm_rotary", "GRAPH_OPS", "PLAN_OUTPUTS"]
 
 #: What :func:`sdtm_plan` returns, in order (``insert_merge_nodes`` reads them by these positions).
 PLAN_OUTPUTS = ("slot", "inv_count", "li", "members", "extra_tokens", "extra_slots")
@@ -55,5 +55,11 @@ def sdtm_unmerge(y: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     return y.gather(1, slot[..., None].expand(-1, -1, y.shape[-1]))
 
 
+def sdtm_rotary(table: torch.Tensor, members: torch.Tensor, text_tokens: int) -> torch.Tensor:
+    """A RoPE table ``[T + N, D]`` for merged attention -> ``[B, T + M, 1, D]`` (see
+    :func:`sdtm_compile.merge.merged_rotary_table`)."""
+    return merged_rotary_table(table, members, text_tokens)
+
+
 #: Every call_function target the passes insert.
-GRAPH_OPS = (sdtm_plan, sdtm_merge, sdtm_unmerge)
+GRAPH_OPS = (sdtm_plan, sdtm_merge, sdtm_unmerge, sdtm_rotary)

@@ -1,7 +1,12 @@
-"""A flow-matching Euler sampling loop with classifier-free guidance, as the SD3 pipeline runs it.
+"""Flow-matching Euler sampling loops as the SD3 and FLUX pipelines run them, without a text encoder.
 
-Used by the demo, the tests and the benchmarks to run whole generations through any transformer callable
-``call(hidden_states, encoder_hidden_states, pooled_projections, timestep) -> sample`` without a text encoder.
+* SD3 (:func:`generate`): classifier-free guidance, one batch-2 call per step, through any transformer callable
+  ``call(hidden_states, encoder_hidden_states, pooled_projections, timestep) -> sample``.
+* Flux (:func:`flux_generate`): FLUX.1-dev's guidance-distilled loop (batch 1, ``guidance`` embedded), sigmas
+  ``linspace(1, 1/S, S)`` shifted by ``mu`` from the token count, through anything called like the diffusers
+  ``FluxTransformer2DModel`` (the model, a compiled one, ``OnnxTransformer``, ``FluxReferenceTransformer``).
+
+Used by the demo, the tests and the benchmarks.
 """
 
 from __future__ import annotations
@@ -23,6 +28,13 @@ __all__ = [
     "cfg_batch",
     "psnr",
     "cosine_similarity",
+    "FLUX_SCHEDULER_CONFIG",
+    "FluxGenerationInputs",
+    "make_flux_generation_inputs",
+    "make_flux_scheduler",
+    "flux_set_timesteps",
+    "flux_denoising",
+    "flux_generate",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,11 +97,12 @@ def cfg_batch(latents: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tens
     return torch.cat([latents, latents]), timestep.expand(2)
 
 
-def make_scheduler(shift: float = 3.0):
-    """The SD3 scheduler (``FlowMatchEulerDiscreteScheduler``, shift 3.0), built from config."""
+def make_scheduler(shift: float | None = 3.0):
+    """The SD3 scheduler (``FlowMatchEulerDiscreteScheduler``, shift 3.0; ``None`` also means 3.0, as an
+    ``SDTMConfig.timestep_shift`` left to the model does on SD3), built from config."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(shift=shift)
+    return FlowMatchEulerDiscreteScheduler(shift=3.0 if shift is None else shift)
 
 
 def denoising(
@@ -97,7 +110,7 @@ def denoising(
     inputs: GenerationInputs,
     num_steps: int = 28,
     guidance_scale: float = 7.0,
-    shift: float = 3.0,
+    shift: float | None = 3.0,
 ) -> Iterator[tuple[float, torch.Tensor]]:
     """The CFG denoising loop of :func:`generate` one step at a time: yields ``(timestep, latent)`` after every
     step (one batch-2 call each), so callers can interleave generations call by call. Runs under ``no_grad``."""
@@ -121,7 +134,7 @@ def generate(
     inputs: GenerationInputs,
     num_steps: int = 28,
     guidance_scale: float = 7.0,
-    shift: float = 3.0,
+    shift: float | None = 3.0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> torch.Tensor:
     """Denoise ``inputs.latents`` for ``num_steps`` steps with CFG (one batch-2 call per step).
@@ -148,3 +161,109 @@ def psnr(x: torch.Tensor, reference: torch.Tensor) -> float:
 def cosine_similarity(x: torch.Tensor, reference: torch.Tensor) -> float:
     """Cosine similarity of two tensors, flattened."""
     return torch.nn.functional.cosine_similarity(x.double().reshape(1, -1), reference.double().reshape(1, -1)).item()
+
+
+#: FLUX.1-dev's ``scheduler/scheduler_config.json`` (a ``FlowMatchEulerDiscreteScheduler``).
+FLUX_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+
+
+@dataclass(frozen=True)
+class FluxGenerationInputs:
+    """Packed noise ``[1, N, C_in]``, prompt embeddings, position ids and the distilled guidance (``None``: schnell)."""
+
+    latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    img_ids: torch.Tensor
+    txt_ids: torch.Tensor
+    guidance: float | None
+
+
+def make_flux_generation_inputs(spec, latent_hw: tuple[int, int] = (16, 16), seed: int = 0) -> FluxGenerationInputs:
+    """Seeded packed noise and random "prompt embeddings" for a model of ``spec`` (a ``FluxSpec``); ``latent_hw``
+    is the unpacked latent (image side / 8), packed into ``(H / 2) * (W / 2)`` tokens."""
+    from .models import flux_image_ids
+
+    g = torch.Generator().manual_seed(seed)
+    grid_h, grid_w = latent_hw[0] // 2, latent_hw[1] // 2
+    return FluxGenerationInputs(
+        latents=torch.randn(1, grid_h * grid_w, spec.in_channels, generator=g),
+        prompt_embeds=torch.randn(1, spec.text_tokens, spec.joint_attention_dim, generator=g),
+        pooled_prompt_embeds=torch.randn(1, spec.pooled_projection_dim, generator=g),
+        img_ids=flux_image_ids(grid_h, grid_w),
+        txt_ids=torch.zeros(spec.text_tokens, 3),
+        guidance=3.5 if spec.guidance_embeds else None,
+    )
+
+
+def make_flux_scheduler():
+    """FLUX.1-dev's scheduler, built from its config."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
+
+
+def flux_set_timesteps(scheduler, num_steps: int, num_tokens: int) -> None:
+    """What ``FluxPipeline`` does: sigmas ``linspace(1, 1/S, S)`` and ``mu = calculate_shift(N, ...)``."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = scheduler.config
+    mu = calculate_shift(
+        num_tokens,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+
+
+def flux_denoising(
+    transformer: Callable[..., Any], inputs: FluxGenerationInputs, num_steps: int = 20
+) -> Iterator[tuple[float, torch.Tensor]]:
+    """The FLUX.1 denoising loop one step at a time (one batch-1 call per step): yields ``(timestep, latent)``."""
+    scheduler = make_flux_scheduler()
+    latents = inputs.latents.clone()
+    flux_set_timesteps(scheduler, num_steps, latents.shape[1])
+    batch = latents.shape[0]
+    guidance = None if inputs.guidance is None else torch.full((1,), inputs.guidance).expand(batch)
+    for t in scheduler.timesteps:
+        with torch.no_grad():
+            timestep = t.expand(batch).to(latents.dtype)
+            noise = transformer(
+                hidden_states=latents,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                pooled_projections=inputs.pooled_prompt_embeds,
+                encoder_hidden_states=inputs.prompt_embeds,
+                txt_ids=inputs.txt_ids,
+                img_ids=inputs.img_ids,
+                return_dict=False,
+            )[0]
+            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        yield float(t), latents
+
+
+@torch.no_grad()
+def flux_generate(
+    transformer: Callable[..., Any],
+    inputs: FluxGenerationInputs,
+    num_steps: int = 20,
+    on_step: Callable[[int, float], None] | None = None,
+) -> torch.Tensor:
+    """Denoise ``inputs.latents`` for ``num_steps`` FLUX.1 steps; returns the packed latent ``[1, N, C_in]``."""
+    latents = inputs.latents.clone()
+    for step, (t, latent) in enumerate(flux_denoising(transformer, inputs, num_steps)):
+        latents = latent
+        if on_step is not None:
+            on_step(step, t)
+    return latents

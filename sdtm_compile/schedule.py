@@ -10,6 +10,7 @@ generation.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ __all__ = [
     "engines_for_steps",
     "engines_for_trajectory",
     "WINDOW_TOKENS",
+    "FAMILY_TIMESTEPS",
+    "timestep_shift_for",
+    "resolve_for_model",
 ]
 
 #: Tokens per 2x2 merge window.
@@ -77,6 +81,63 @@ class TokenCounts:
     removed: int  #: tokens merged away (N - merged length) by this stage's plan
 
 
+#: How each model family's pipelines feed timesteps, when the config leaves it to the model:
+#: ``num_train_timesteps`` (SD3: ``t = 1000 sigma``; Flux: ``sigma``) and the scheduler's shift settings
+#: (SD3: a fixed shift of 3.0; FLUX.1: dynamic, exponential, with these sequence lengths and shifts).
+FAMILY_TIMESTEPS: dict[str, dict[str, object]] = {
+    "sd3": {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False},
+    "flux": {
+        "num_train_timesteps": 1,
+        "shift": 1.0,
+        "use_dynamic_shifting": True,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+    },
+}
+
+
+def timestep_shift_for(num_tokens: int, settings: dict[str, object]) -> float:
+    """The shift ``k`` a flow-matching scheduler with ``settings`` applies at ``num_tokens`` image tokens.
+
+    Dynamic shifting (FLUX.1, diffusers' ``calculate_shift``): ``mu`` is linear in the token count between
+    ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)``, and the exponential time shift
+    ``e^mu / (e^mu + 1/sigma - 1)`` is the fixed-shift formula with ``k = e^mu``. Otherwise ``k = shift``.
+    """
+    if not settings.get("use_dynamic_shifting"):
+        return float(settings.get("shift", 1.0))  # type: ignore[arg-type]
+    flux = FAMILY_TIMESTEPS["flux"]
+    base_len = float(settings.get("base_image_seq_len", flux["base_image_seq_len"]))  # type: ignore[arg-type]
+    max_len = float(settings.get("max_image_seq_len", flux["max_image_seq_len"]))  # type: ignore[arg-type]
+    base_shift = float(settings.get("base_shift", flux["base_shift"]))  # type: ignore[arg-type]
+    max_shift = float(settings.get("max_shift", flux["max_shift"]))  # type: ignore[arg-type]
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    mu = num_tokens * slope + (base_shift - slope * base_len)
+    return math.exp(mu)
+
+
+def resolve_for_model(config: SDTMConfig, family: str, num_tokens: int) -> SDTMConfig:
+    """``config`` with ``timestep_shift`` and ``num_train_timesteps`` filled in for a model of ``family`` at
+    ``num_tokens`` image tokens (fields the user set are kept; ``config.scheduler`` overrides the family's
+    scheduler settings)."""
+    defaults = FAMILY_TIMESTEPS[family]
+    settings = {**defaults, **dict(config.scheduler or ())}
+    if config.scheduler is not None and "use_dynamic_shifting" not in dict(config.scheduler):
+        settings["use_dynamic_shifting"] = False  # a scheduler config without the key shifts by its ``shift``
+    shift = config.timestep_shift if config.timestep_shift is not None else timestep_shift_for(num_tokens, settings)
+    scale = config.num_train_timesteps if config.num_train_timesteps is not None else defaults["num_train_timesteps"]
+    return dataclasses.replace(config, timestep_shift=round(shift, 12), num_train_timesteps=int(scale))  # type: ignore[arg-type]
+
+
+def _timestep_scale(config: SDTMConfig) -> tuple[float, float]:
+    """``(shift k, num_train_timesteps)``; a field left at ``None`` takes SD3's (see ``SDTMConfig``)."""
+    sd3 = FAMILY_TIMESTEPS["sd3"]
+    k = config.timestep_shift if config.timestep_shift is not None else sd3["shift"]
+    scale = config.num_train_timesteps if config.num_train_timesteps is not None else sd3["num_train_timesteps"]
+    return float(k), float(scale)  # type: ignore[arg-type]
+
+
 def cra_ratio(position: float, config: SDTMConfig) -> float:
     """CRA: ``(ratio - dev) + 2 dev cos(pi/2 p)``, falling from ``ratio + dev`` (p=0) to ``ratio - dev`` (p=1)."""
     p = min(max(float(position), 0.0), 1.0)
@@ -97,7 +158,10 @@ def position_from_timestep(timestep: float | torch.Tensor, config: SDTMConfig) -
     """Trajectory position of a flow-matching timestep (``t = sigma * num_train_timesteps``).
 
     The scheduler spaces *unshifted* sigmas ``u`` evenly and feeds the model ``sigma = k u / (1 + (k-1) u)``
-    (``k`` = ``config.timestep_shift``); we invert that and return ``1 - u``, clamped to ``[0, 1]``.
+    (``k`` = ``config.timestep_shift``); we invert that and return ``1 - u``, clamped to ``[0, 1]``. For SD3's
+    scheduler (``u`` from 1 to ~0) that is ``s / (S - 1)``; FLUX pipelines space ``u`` as
+    ``linspace(1, 1/S, S)``, so on Flux it is ``s / S`` (the schedule runs at most one step's fraction behind the
+    step index; the stage switch lands on the same step for the usual step counts).
     A tensor timestep is read once (one host sync); a batch must share one timestep.
     """
     if isinstance(timestep, torch.Tensor):
@@ -112,8 +176,8 @@ def position_from_timestep(timestep: float | torch.Tensor, config: SDTMConfig) -
         t = float(flat[0])
     else:
         t = float(timestep)
-    sigma = min(max(t / config.num_train_timesteps, 0.0), 1.0)
-    k = config.timestep_shift
+    k, scale = _timestep_scale(config)
+    sigma = min(max(t / scale, 0.0), 1.0)
     unshifted = sigma / (k - (k - 1.0) * sigma)
     return min(max(1.0 - unshifted, 0.0), 1.0)
 
@@ -156,8 +220,12 @@ def idm_sources_merged(bucket: float, grid_h: int, grid_w: int) -> int:
     return min(sources, math.floor(n * bucket + _EPS)) // 16 * 16
 
 
-def token_counts(key: EngineKey, grid_h: int, grid_w: int) -> TokenCounts:
-    """Exact token counts of one engine on a token grid of ``grid_h x grid_w`` (N = grid_h * grid_w)."""
+def token_counts(key: EngineKey, grid_h: int, grid_w: int, merges_attention: bool = True) -> TokenCounts:
+    """Exact token counts of one engine on a token grid of ``grid_h x grid_w`` (N = grid_h * grid_w).
+
+    ``merges_attention``: whether the structure stage merges the attention (SD3 yes; Flux by default no, see
+    :func:`~sdtm_compile.merge.merged_branches`).
+    """
     if grid_h < 1 or grid_w < 1:
         raise ValueError(
             f"token grid must be at least 1x1, got {grid_h}x{grid_w}: pass the image-token grid (latent height "
@@ -168,7 +236,7 @@ def token_counts(key: EngineKey, grid_h: int, grid_w: int) -> TokenCounts:
         return TokenCounts(n, n, n, 0)
     if key.stage is Stage.STRUCTURE:
         removed = 3 * ssm_windows_merged(key.bucket, grid_h, grid_w)
-        return TokenCounts(n, n - removed, n - removed, removed)
+        return TokenCounts(n, n - removed if merges_attention else n, n - removed, removed)
     removed = idm_sources_merged(key.bucket, grid_h, grid_w)
     return TokenCounts(n, n, n - removed, removed)
 
@@ -202,5 +270,5 @@ def engines_for_trajectory(config: SDTMConfig) -> list[EngineKey]:
 def timestep_at_position(position: float, config: SDTMConfig) -> float:
     """Inverse of :func:`position_from_timestep`: the flow-matching timestep at trajectory position ``p``."""
     unshifted = 1.0 - min(max(float(position), 0.0), 1.0)
-    k = config.timestep_shift
-    return k * unshifted / (1.0 + (k - 1.0) * unshifted) * config.num_train_timesteps
+    k, scale = _timestep_scale(config)
+    return k * unshifted / (1.0 + (k - 1.0) * unshifted) * scale

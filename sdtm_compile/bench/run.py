@@ -23,7 +23,7 @@ import torch
 
 from ..models import tiny_sd3_transformer
 from ..sampling import GenerationInputs, diffusers_call, generate, make_generation_inputs
-from ..schedule import FULL
+from ..schedule import FULL, resolve_for_model
 from .config import BASELINE, FIDELITY_REFERENCE, BenchConfig
 from .harness import Compiled, cfg_call_inputs, compiler_caches
 from .instrument import CapturedBucketGraphs, generation_share, merge_time_share, record_merge_maps
@@ -145,7 +145,7 @@ def run_benchmark(config: BenchConfig, command: str | None = None) -> BenchResul
     inputs = make_generation_inputs(spec, (latent, latent), seed=config.seed)
     grid = (latent // 2, latent // 2)
     n = grid[0] * grid[1]
-    probe = cfg_call_inputs(inputs, config.sdtm.num_train_timesteps)
+    probe = cfg_call_inputs(inputs, resolve_for_model(config.sdtm, "sd3", n).num_train_timesteps)
     logger.info(
         "benchmark: %s (%s), %dx%d latent = %d image tokens, %d steps, CFG batch 2, %d runs after %d warm-up",
         config.model,

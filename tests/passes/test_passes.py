@@ -81,7 +81,7 @@ def test_find_blocks_logs_what_it_found(sd3_graph, caplog):
     gm, _ = sd3_graph
     with caplog.at_level("INFO", logger="sdtm_compile.passes.find_blocks"):
         find_mmdit_blocks(gm)
-    assert "found 2 MMDiT blocks (0 with attn2), 256 image tokens on a 16x16 grid" in caplog.text
+    assert "found 2 sd3 blocks (0 with attn2, 0 single-stream), 256 image tokens on a 16x16 grid" in caplog.text
 
 
 def test_find_blocks_rejects_a_model_without_mmdit_blocks():

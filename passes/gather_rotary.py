@@ -1,0 +1,83 @@
+"""Give merged attention its rotary positions: RoPE rows gathered per merged token (Flux, ``merge_attention``).
+
+Flux computes ``(cos, sin)`` ``[T + N, D]`` once, outside the blocks, and every attention reads them as
+``table[None, :, None, :]`` ``[1, T + N, 1, D]``. Once a double block's image queries and keys are merged to
+``M`` tokens, those reads must become ``[B, T + M, 1, D]``: text rows as they are, merged token ``m`` rotated by
+its representative token's row (``sdtm_rotary``; see :func:`sdtm_compile.merge.merged_rotary_table`). The
+representative comes from the plan (``members[:, :, 0]``), so the rows differ per batch row.
+
+A no-op for graphs whose merged attention has no RoPE read (SD3) and for stages that do not merge attention.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+from torch import fx
+
+from sdtm_compile.merge import merged_branches
+from sdtm_compile.ops import PLAN_OUTPUTS, sdtm_merge, sdtm_rotary
+
+from ._graph import node_shape
+from .find_blocks import ModelSites
+from .settings import PassSettings
+
+__all__ = ["gather_rotary_positions", "rotary_reads"]
+
+logger = logging.getLogger(__name__)
+
+_MEMBERS = PLAN_OUTPUTS.index("members") - 1  # position among sdtm_merge's plan arguments (li is not one)
+
+
+def rotary_reads(nodes: list[fx.Node], joint_tokens: int) -> list[fx.Node]:
+    """The ``table[None, :, None, :]`` reads among ``nodes`` of a table ``[T + N, D]`` made outside them."""
+    inside = set(nodes)
+    found = []
+    for node in nodes:
+        if node.op != "call_function" or node.target is not operator.getitem:
+            continue
+        table, index = node.args
+        shape = node_shape(table)
+        if (
+            isinstance(table, fx.Node)
+            and table not in inside
+            and shape is not None
+            and len(shape) == 2
+            and shape[0] == joint_tokens
+            and index == (None, slice(None), None, slice(None))
+        ):
+            found.append(node)
+    return found
+
+
+def gather_rotary_positions(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:
+    """Replace every RoPE read inside a merged attention with ``sdtm_rotary(table, members, T)``."""
+    if "attn" not in merged_branches(settings.key.stage, sites.family, settings.config) or not sites.text_tokens:
+        return gm
+    joint = sites.num_tokens + sites.text_tokens
+    replaced = 0
+    for block in sites.blocks:
+        if block.attn is None:
+            continue
+        reads = rotary_reads(block.attn.nodes, joint)
+        if not reads:
+            continue
+        merge_node = next((u for u in block.attn.input.users if u.target is sdtm_merge), None)
+        if merge_node is None:
+            raise ValueError(f"{block.path}: merged attention without an sdtm_merge node: run insert_merge_nodes first")
+        members = merge_node.args[1 + _MEMBERS]
+        if members is None:
+            raise ValueError(f"{block.path}: this merge plan has no representative tokens to take RoPE rows from")
+        for read in reads:
+            with gm.graph.inserting_after(read):
+                rotary = gm.graph.call_function(sdtm_rotary, (read.args[0], members, sites.text_tokens))
+            rotary.meta.update({k: v for k, v in read.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            rotary.meta["sdtm"] = "rotary"
+            read.replace_all_uses_with(rotary)
+            gm.graph.erase_node(read)
+            block.attn.nodes[block.attn.nodes.index(read)] = rotary
+            replaced += 1
+    gm.recompile()
+    logger.debug("gather_rotary_positions: %s: %d RoPE reads gathered per merged token", settings.key, replaced)
+    return gm

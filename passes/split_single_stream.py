@@ -1,0 +1,112 @@
+"""Split a Flux single-stream block's ``proj_out`` into its attention and MLP column blocks.
+
+``FluxSingleTransformerBlock`` runs attention and an MLP in parallel on ``norm(cat([text, image]))`` and
+projects both with one Linear: ``proj_out(cat([attn, act(proj_mlp(x))], -1))`` (input ``C + 4C``). Merging only
+the MLP's image tokens needs the MLP on its own path to ``proj_out``'s output, so this pass rewrites::
+
+    proj_out(cat([attn, mlp], -1))   ->   linear(attn, W[:, :C], b) + cat([m[:, :T], m[:, T:]], 1)
+                                          where m = linear(act(proj_mlp(cat([x[:, :T], x[:, T:]], 1))), W[:, C:])
+
+The slices and concatenations of the text (``[:, :T]``) and image (``[:, T:]``) tokens are the seams
+``insert_merge_nodes`` uses: ``x[:, T:]`` ``[B, N, C]`` is the block's plan input and the ``mlp`` branch's input,
+``m[:, T:]`` its output; text tokens pass through the MLP with the image tokens (one matmul) and are never
+merged. The attention keeps every token (its RoPE positions untouched). Numerically the split equals the original
+up to float summation order (one ``C + 4C`` dot product becomes a ``C`` and a ``4C`` one, then a sum).
+
+Runs only for merging engines: the ``FULL`` engine keeps the unmodified graph. Sets ``block.mlp`` on the
+rewrite's own copy of the sites (:meth:`ModelSites.remapped` gives every rewrite fresh ``BlockSites``).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+import torch
+from torch import fx
+
+from sdtm_compile.schedule import Stage
+
+from ._graph import node_shape
+from .find_blocks import Branch, ModelSites
+from .settings import PassSettings
+
+__all__ = ["split_single_stream"]
+
+logger = logging.getLogger(__name__)
+
+
+def _located(node: fx.Node, like: fx.Node) -> fx.Node:
+    """Give a new node ``like``'s module stack (so regions and profiles put it in the block) and mark it ours."""
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    node.meta["sdtm"] = "split"
+    return node
+
+
+def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+    """``(input, weight, bias)`` of a traced linear call."""
+    args = list(node.args) + [None] * (3 - len(node.args))
+    weight = node.kwargs.get("weight", args[1])
+    bias = node.kwargs.get("bias", args[2])
+    return args[0], weight, bias
+
+
+def split_single_stream(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:
+    """Split every single-stream block's ``proj_out``; record each block's image MLP as its ``mlp`` branch."""
+    if settings.key.stage is Stage.FULL:
+        return gm
+    singles = [block for block in sites.blocks if block.stream is not None]
+    if not singles:
+        return gm
+    graph = gm.graph
+    text = sites.text_tokens
+    assert text is not None  # find_mmdit_blocks sets it whenever there is a single-stream block
+    for block in singles:
+        stream = block.stream
+        assert stream is not None
+        if block.mlp is not None:
+            raise ValueError(f"{block.path}: split_single_stream already ran on these sites")
+        norm, linear = stream.norm_output, stream.proj_out.target
+        _, weight, bias = _linear_args(stream.proj_out)
+        channels = node_shape(stream.attn_output)[-1]  # type: ignore[index]
+
+        def call(target, args, like):
+            return _located(graph.call_function(target, args), like)
+
+        # The MLP's input: text and image tokens, cut apart so the image part can be merged.
+        with graph.inserting_after(norm):
+            text_in = call(operator.getitem, (norm, (slice(None), slice(None, text))), stream.proj_mlp)
+        with graph.inserting_after(text_in):
+            image_in = call(operator.getitem, (norm, (slice(None), slice(text, None))), stream.proj_mlp)
+        with graph.inserting_after(image_in):
+            mlp_in = call(torch.cat, ([text_in, image_in], 1), stream.proj_mlp)
+        stream.proj_mlp.replace_input_with(norm, mlp_in)
+
+        # proj_out by column blocks: attention columns (with the bias) + MLP columns, text and image apart.
+        with graph.inserting_after(stream.proj_out):
+            w_attn = call(operator.getitem, (weight, (slice(None), slice(None, channels))), stream.proj_out)
+        with graph.inserting_after(w_attn):
+            w_mlp = call(operator.getitem, (weight, (slice(None), slice(channels, None))), stream.proj_out)
+        with graph.inserting_after(w_mlp):
+            mlp_out = call(linear, (stream.act, w_mlp, None), stream.proj_out)
+        with graph.inserting_after(mlp_out):
+            text_out = call(operator.getitem, (mlp_out, (slice(None), slice(None, text))), stream.proj_out)
+        with graph.inserting_after(text_out):
+            image_out = call(operator.getitem, (mlp_out, (slice(None), slice(text, None))), stream.proj_out)
+        with graph.inserting_after(image_out):
+            mlp_joint = call(torch.cat, ([text_out, image_out], 1), stream.proj_out)
+        with graph.inserting_after(mlp_joint):
+            attn_out = call(linear, (stream.attn_output, w_attn, bias), stream.proj_out)
+        with graph.inserting_after(attn_out):
+            projected = call(operator.add, (attn_out, mlp_joint), stream.proj_out)
+        stream.proj_out.replace_all_uses_with(projected)
+        graph.erase_node(stream.proj_out)
+        graph.erase_node(stream.concat)
+        block.mlp = Branch(
+            f"{block.path}.proj_mlp", image_in, image_out, [mlp_in, stream.proj_mlp, stream.act, mlp_out]
+        )
+    gm.recompile()
+    logger.debug("split_single_stream: %s: split proj_out of %d single-stream blocks", settings.key, len(singles))
+    return gm
