@@ -19,7 +19,6 @@ import sdtm_compile
 from sdtm_compile import SDTMConfig
 from sdtm_compile.models import TINY_SD3, tiny_sd3_transformer
 from sdtm_compile.sampling import make_generation_inputs
-from sdtm_compile.schedule import token_counts
 
 
 def tiny_sd3_pipeline(seed: int = 0):
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'step':>4} {'timestep':>8}  {'engine':<15} {'attn tok':>8} {'ff tok':>6}")
     steps = [rec for rec in run.history if rec.new_step]
     for step, rec in enumerate(steps):
-        counts = token_counts(rec.key, *grid)
+        counts = compiled.token_counts(rec.key)
         print(f"{step:>4} {rec.timestep:>8.1f}  {str(rec.key):<15} {counts.attention:>8} {counts.feed_forward:>6}")
     print(f"\nwall time per image ({args.steps} steps, CFG batch 2); first call includes compiling:")
     for name, (first, warm) in seconds.items():

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .buckets import BucketGraphs
+from .buckets import BucketGraphs, engine_token_counts
 from .cache import default_cache_dir
 from .config import SDTMConfig
 from .engines import ENGINES, EngineBuildError, build_inductor_parallel, engine_available
@@ -36,7 +36,7 @@ from .passes import FALLBACK_HINT, ModelSites, UnsupportedModelError
 from .passes.lint_tensorrt import lint_tensorrt, to_aten
 from .regions import RegionalBuilder
 from .runtime import StageDispatcher
-from .schedule import FULL, EngineKey
+from .schedule import FULL, EngineKey, TokenCounts
 
 __all__ = ["BackendSettings", "SDTMBackend", "SDTMCompiledGraph", "compiled_graphs", "sdtm", "sdtm_trt"]
 
@@ -203,6 +203,10 @@ class SDTMCompiledGraph:
     def reset(self) -> None:
         """Forget the default generation state (``li``) explicitly (``generation`` contexts keep theirs)."""
         self.dispatcher.reset()
+
+    def token_counts(self, key: EngineKey) -> TokenCounts:
+        """Image tokens the attention and the feed-forward see in the engine of ``key`` (for tables and plots)."""
+        return engine_token_counts(key, self.sites, self.config)
 
 
 def _has_symbolic_shapes(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> bool:

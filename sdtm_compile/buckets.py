@@ -24,9 +24,16 @@ from .merge import init_li, merged_branches
 from .passes import ModelSites, PassSettings, RewrittenGraph, find_mmdit_blocks, rewrite_for_engine
 from .schedule import FULL, EngineKey, TokenCounts, engines_for_trajectory, resolve_for_model, token_counts
 
-__all__ = ["BucketGraphs", "DistinctGraph"]
+__all__ = ["BucketGraphs", "DistinctGraph", "engine_token_counts"]
 
 logger = logging.getLogger(__name__)
+
+
+def engine_token_counts(key: EngineKey, sites: ModelSites, config: SDTMConfig) -> TokenCounts:
+    """Image tokens each part of a block sees in the engine of ``key``, on the grid and model family of ``sites``
+    (Flux's attention is merged only with ``merge_attention``)."""
+    merged = merged_branches(key.stage, sites.family, config)
+    return token_counts(key, *sites.grid, merges_attention="attn" in merged)
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,7 @@ class BucketGraphs:
         return [*self.example_inputs, self.new_li()]
 
     def counts(self, key: EngineKey) -> TokenCounts:
-        merged = merged_branches(key.stage, self.sites.family, self.config)
-        return token_counts(key, *self.grid, merges_attention="attn" in merged)
+        return engine_token_counts(key, self.sites, self.config)
 
     def _graph_id(self, key: EngineKey) -> tuple:
         return (key.stage, self.counts(key))

@@ -23,12 +23,12 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="tiny-sd3",
-        help="a preset built from config (tiny-sd3, tiny-sd35, sd3m-1024, sd3m-4096) or a local diffusers "
-        "SD3Transformer2DModel folder",
+        help="a preset built from config (tiny-sd3, tiny-sd35, sd3m-1024, sd3m-4096, tiny-flux, flux-1024) or a "
+        "local diffusers SD3Transformer2DModel folder",
     )
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--deviation", type=float, default=0.2)
-    parser.add_argument("--batch", type=int, default=2, help="2 for classifier-free guidance")
+    parser.add_argument("--batch", type=int, default=None, help="default: 2 for SD3 (CFG), 1 for Flux")
     parser.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
     parser.add_argument("--text-tokens", type=int, default=None, help="prompt tokens (default: the tiny spec's)")
 
@@ -38,12 +38,12 @@ def _load_model(args):
     import torch
 
     from .config import SDTMConfig
-    from .models import MODEL_PRESETS, TinySpec, example_inputs, tiny_sd3_transformer
+    from .models import MODEL_PRESETS, FluxSpec, TinySpec, build_model, example_inputs, flux_example_inputs
 
     config = SDTMConfig(ratio=args.ratio, deviation=args.deviation)
     if args.model in MODEL_PRESETS:
         spec = MODEL_PRESETS[args.model].spec
-        model = tiny_sd3_transformer(spec)
+        model = build_model(spec)
     else:
         from diffusers import SD3Transformer2DModel
 
@@ -56,8 +56,11 @@ def _load_model(args):
             text_tokens=args.text_tokens or 333,
         )
     if args.text_tokens:
-        spec = TinySpec(**{**spec.__dict__, "text_tokens": args.text_tokens})
-    inputs = example_inputs(spec, args.batch, (args.latent, args.latent), timestep=1000.0)
+        spec = type(spec)(**{**spec.__dict__, "text_tokens": args.text_tokens})
+    if isinstance(spec, FluxSpec):
+        inputs = flux_example_inputs(spec, args.batch or 1, (args.latent, args.latent), sigma=1.0)
+    else:
+        inputs = example_inputs(spec, args.batch or 2, (args.latent, args.latent), timestep=1000.0)
     return model, {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}, config, torch
 
 
@@ -68,7 +71,7 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latent", type=int, default=None, help="latent side (default: the model's)")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--deviation", type=float, default=0.2)
-    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's (SD3 28, Flux 20)")
     parser.add_argument("--runs", type=int, default=5, help="timed generations per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--sweep", type=_ratios, default=(0.3, 0.4, 0.6, 0.7), help="ratios; '' for none")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-__all__ = ["FlopCount", "count_flops", "EXTRA_FLOP_FORMULAS"]
+__all__ = ["FlopCount", "count_flops", "EXTRA_FLOP_FORMULAS", "mmdit_block_flops", "flux_block_flops"]
 
 aten = torch.ops.aten
 
@@ -71,5 +71,26 @@ def mmdit_block_flops(image_tokens: int, text_tokens: int, hidden: int, batch: i
         "attention": 4 * tokens * tokens * c,
         "feed_forward": 16 * tokens * c * c,
         "adaln": 24 * c * c,
+    }
+    return {name: batch * flops for name, flops in parts.items()}
+
+
+def flux_block_flops(
+    image_tokens: int, text_tokens: int, hidden: int, double: int, single: int, batch: int = 1
+) -> dict[str, int]:
+    """FLOPs of all of a Flux model's blocks (no merging), by part, counted like ``FlopCounterMode``.
+
+    Double-stream blocks are MMDiT blocks (:func:`mmdit_block_flops`). A single-stream block, per token: q/k/v
+    ``6 C^2``, ``proj_mlp`` (``C -> 4C``) ``8 C^2``, ``proj_out`` (``5C -> C``) ``10 C^2``, of which the MLP
+    columns (``4C -> C``) are ``8 C^2``; joint attention ``4 (N + T)^2 C``; AdaLN (``C -> 3C``) ``6 C^2``.
+    ``feed_forward`` is what SDTM merges on Flux by default: the double blocks' FF and the single blocks' MLP.
+    """
+    tokens, c = image_tokens + text_tokens, hidden
+    d = mmdit_block_flops(image_tokens, text_tokens, hidden)
+    parts = {
+        "projections": double * d["projections"] + single * (6 + 2) * tokens * c * c,
+        "attention": (double + single) * 4 * tokens * tokens * c,
+        "feed_forward": double * d["feed_forward"] + single * 16 * tokens * c * c,
+        "adaln": double * d["adaln"] + single * 6 * c * c,
     }
     return {name: batch * flops for name, flops in parts.items()}

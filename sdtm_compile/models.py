@@ -151,6 +151,8 @@ class ModelPreset:
     spec: TinySpec | FluxSpec
     latent: int
     description: str
+    steps: int = 28  #: sampling steps of a benchmark generation (SD3: 28; FLUX.1-dev: 20)
+    guidance_scale: float = 7.0  #: SD3: CFG scale; Flux: the embedded (distilled) guidance
 
 
 #: Models the CLI and the benchmark know by name.
@@ -159,8 +161,16 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
     "tiny-sd35": ModelPreset(TINY_SD35, 64, "tiny SD3.5 (3 blocks, dual attention, RMS q/k norm)"),
     "sd3m-1024": ModelPreset(SD3M_1024, 64, "SD3-medium's block proportions at 1024^2, scaled: 6 blocks, hidden 384"),
     "sd3m-4096": ModelPreset(SD3M_4096, 128, "SD3-medium's blocks at 1024^2: 2 blocks, hidden 1536"),
-    "tiny-flux": ModelPreset(TINY_FLUX, 16, "tiny FLUX.1-dev layout (2 double + 2 single blocks, hidden 32)"),
-    "flux-1024": ModelPreset(FLUX_1024, 64, "FLUX.1-dev's proportions at 1024^2, scaled: 2+4 blocks, hidden 768"),
+    "tiny-flux": ModelPreset(
+        TINY_FLUX, 32, "tiny FLUX.1-dev layout (2 double + 2 single blocks, hidden 32)", steps=20, guidance_scale=3.5
+    ),
+    "flux-1024": ModelPreset(
+        FLUX_1024,
+        64,
+        "FLUX.1-dev's proportions at 1024^2, scaled: 2 double + 4 single blocks, hidden 768",
+        steps=20,
+        guidance_scale=3.5,
+    ),
 }
 
 

@@ -213,7 +213,8 @@ class ReferenceTransformer:
     """The eager reference behind a :class:`~sdtm_compile.runtime.StageDispatcher`, called like ``sampling``'s
     transformer: ``(hidden_states, encoder_hidden_states, pooled_projections, timestep) -> sample``.
 
-    ``engine_for(key)`` returns the engine of a key (replaceable, e.g. to observe calls); ``history`` (the last
+    ``engine_for(key)`` returns the engine of a key (replaceable, e.g. to observe calls); ``on_plan``, when set,
+    is called as ``on_plan(block_index, plan)`` for every merging block (merge maps); ``history`` (the last
     ``history`` calls outside a ``generation`` context; this is a test and debugging oracle, so it is on) and
     ``reset`` are the dispatcher's.
     """
@@ -223,7 +224,8 @@ class ReferenceTransformer:
 
         self.transformer = transformer
         self.dispatcher = StageDispatcher(config, history=history)
-        self.engine_for = lambda key: reference_engine(transformer, key, config)
+        self.on_plan: Callable[[int, MergePlan], None] | None = None
+        self.engine_for = lambda key: reference_engine(transformer, key, config, on_plan=self.on_plan)
 
     @property
     def history(self):

@@ -233,8 +233,9 @@ class FluxReferenceTransformer:
     model (keyword arguments, ``return_dict``), so a Flux sampling loop or ``FluxPipeline`` can drive it.
 
     The config's timestep mapping is resolved for the token count of each call (``resolve_for_model``), as the
-    backend resolves it at compile time. ``engine_for(key)`` returns the engine of a key (replaceable, e.g. to
-    record merge maps); ``history`` keeps the last ``history`` calls (a debugging oracle: on by default).
+    backend resolves it at compile time. ``engine_for(key)`` returns the engine of a key (replaceable);
+    ``on_plan``, when set, is called as ``on_plan(block_index, plan)`` for every merging block (merge maps);
+    ``history`` keeps the last ``history`` calls (a debugging oracle: on by default).
     """
 
     def __init__(self, transformer: nn.Module, config: SDTMConfig, history: int = 1024) -> None:
@@ -243,9 +244,10 @@ class FluxReferenceTransformer:
         self.transformer = transformer
         self.config = config
         self.dispatcher = StageDispatcher(config, history=history)
+        self.on_plan: Callable[[int, MergePlan], None] | None = None
         self.engine_for: Callable[[EngineKey], Callable[..., Any]] = lambda key: (
-            lambda *args, li, **kwargs: flux_reference_forward(
-                transformer, *args, key=key, li=li, config=self.dispatcher.config, **kwargs
+            lambda *args, li: flux_reference_forward(
+                transformer, *args, key=key, li=li, config=self.dispatcher.config, on_plan=self.on_plan
             )
         )
 

@@ -180,7 +180,8 @@ def test_unsupported_model_is_a_clear_error_or_a_loud_fallback():
     # Dynamo may wrap our error; its message must survive: what was looked for, what the graph holds, what to do
     message = str(info.value)
     assert isinstance(info.value, UnsupportedModelError) or "UnsupportedModelError" in repr(info.value)
-    assert "no MMDiT block found: looked for JointTransformerBlock modules" in message
+    assert "no MMDiT block found: looked for JointTransformerBlock / FluxTransformerBlock" in message
+    assert "(diffusers SD3 / SD3.5 and Flux)" in message
     assert "the graph holds: Linear, GELU" in message
     assert "options={'on_unsupported': 'fallback'}" in message
     torch._dynamo.reset()

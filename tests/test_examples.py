@@ -54,3 +54,27 @@ def test_sd3_pipeline_script_prints_times_and_tokens(tmp_path):
     assert "SDTM ratio 0.5, backend=sdtm_trt" in result.stdout and "baseline, eager" in result.stdout
     assert "attn tok" in result.stdout and out.exists()
     assert "on ['eager']" in result.stdout  # the engine asked for, not TensorRT's Inductor fallback
+
+
+def test_flux_pipeline_with_the_compiled_transformer_makes_an_image():
+    """A real FluxPipeline (FLUX.1-dev's scheduler config: dynamic shifting) drives the SDTM-compiled Flux."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from flux_pipeline import generate, tiny_flux_pipeline
+    finally:
+        sys.path.pop(0)
+    import sdtm_compile
+
+    pipe = tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(pipe.transformer, backend="sdtm_trt", dynamic=False, options={"engine": "eager"})
+    pipe.transformer = compiled
+    with torch.no_grad(), sdtm_compile.generation(compiled, history=8) as run:
+        image = generate(pipe, steps=6, height=64, width=96, seed=0)
+    assert image.size == (96, 64)
+    (graph,) = sdtm_compile.compiled_graphs(compiled)
+    assert graph.sites.grid == (8, 12) and graph.sites.family == "flux"  # tiny VAE: 4x down, then 2x2 packing
+    keys = [str(record.key) for record in run.history]
+    assert len(keys) == 6 and keys[0].startswith("structure") and keys[-1].startswith("detail")
+    torch._dynamo.reset()

@@ -15,6 +15,7 @@ from sdtm_compile.export import BundleError, OnnxTransformer, export_onnx
 from sdtm_compile.models import TINY_SD3, TINY_SD35, TinySpec, example_inputs, tiny_sd3_transformer
 from sdtm_compile.reference import reference_dispatcher
 from sdtm_compile.sampling import generate, make_generation_inputs
+from sdtm_compile.schedule import resolve_for_model
 from tests.helpers import transformer_call
 
 pytest.importorskip("onnxruntime")
@@ -57,7 +58,9 @@ def test_manifest_describes_every_engine(bundle):
         "reset": None,
     }
     assert manifest["outputs"] == [{"name": "sample", "shape": [2, 4, 32, 32], "dtype": "float32"}]
-    assert SDTMConfig(**manifest["config"]) == CONFIG
+    # the config as given, with the model's timestep mapping filled in (SD3: shift 3.0, timesteps in [0, 1000])
+    assert SDTMConfig.from_dict(manifest["config"]) == resolve_for_model(CONFIG, "sd3", 256)
+    assert (manifest["config"]["timestep_shift"], manifest["config"]["num_train_timesteps"]) == (3.0, 1000)
     assert manifest["transformer_config"]["num_layers"] == spec.num_layers
 
 

@@ -31,8 +31,9 @@ class BenchConfig:
         model: a name of :data:`~sdtm_compile.models.MODEL_PRESETS` (``sd3m-1024`` is the benchmark model).
         sdtm: the SDTM configuration of the main measurement (the defaults unless given).
         latent: latent side (image side / 8); ``None`` takes the preset's.
-        steps: sampling steps per generation (28 as in SD3).
-        guidance_scale: classifier-free guidance scale (every step is one batch-2 call).
+        steps: sampling steps per generation; ``None``: the preset's (SD3 28, FLUX.1-dev 20).
+        guidance_scale: SD3: classifier-free guidance scale (every step is one batch-2 call); Flux: the
+            distilled guidance the model embeds (one batch-1 call per step). ``None``: the preset's (7.0 / 3.5).
         runs: timed generations per variant (after ``warmup``); the median is reported.
         warmup: untimed generations per variant before timing.
         sweep: ratios for the speed-up vs fidelity curve (besides ``sdtm.ratio``); ``()`` for none.
@@ -48,8 +49,8 @@ class BenchConfig:
     model: str = "sd3m-1024"
     sdtm: SDTMConfig = field(default_factory=SDTMConfig)
     latent: int | None = None
-    steps: int = 28
-    guidance_scale: float = 7.0
+    steps: int | None = None
+    guidance_scale: float | None = None
     runs: int = 5
     warmup: int = 1
     sweep: tuple[float, ...] = (0.3, 0.4, 0.6, 0.7)
@@ -65,6 +66,10 @@ class BenchConfig:
             raise ValueError(f"unknown model {self.model!r}: choose one of {sorted(MODEL_PRESETS)}")
         if isinstance(self.sdtm, dict):
             object.__setattr__(self, "sdtm", SDTMConfig.from_dict(self.sdtm))
+        if self.steps is None:
+            object.__setattr__(self, "steps", self.preset.steps)
+        if self.guidance_scale is None:
+            object.__setattr__(self, "guidance_scale", self.preset.guidance_scale)
         object.__setattr__(self, "sweep", tuple(float(r) for r in self.sweep))
         checks = [
             (self.latent is None or (self.latent >= 4 and self.latent % 2 == 0), "latent", "an even side >= 4"),
@@ -81,7 +86,8 @@ class BenchConfig:
                 raise ValueError(f"BenchConfig.{name}={getattr(self, name)!r} is invalid: expected {expected}")
         for ratio in self.sweep:
             self.sweep_config(ratio)  # an invalid sweep point fails now, not after an hour of timing
-        layers = MODEL_PRESETS[self.model].spec.num_layers
+        spec = MODEL_PRESETS[self.model].spec
+        layers = spec.num_layers + getattr(spec, "num_single_layers", 0)
         if any(not 0 <= b < layers for b in self.merge_map_blocks):
             raise ValueError(f"merge_map_blocks {self.merge_map_blocks} must be block indices below {layers}")
 

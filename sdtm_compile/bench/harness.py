@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import SDTMConfig
-from ..sampling import GenerationInputs, cfg_batch, cfg_prompts, diffusers_call
+from ..sampling import GenerationInputs, cfg_batch, cfg_prompts
 
 __all__ = ["Compiled", "cfg_call_inputs", "compiler_caches"]
 
@@ -65,7 +65,6 @@ class Compiled:
         backend: the :class:`~sdtm_compile.backend.SDTMBackend` (``None`` for the baseline).
         module: the compiled module.
         build_s: seconds of the first call (Dynamo capture, rewrite, engine builds).
-        call: the module as a ``(hidden, encoder, pooled, timestep) -> output`` callable for generations.
     """
 
     def __init__(
@@ -89,7 +88,6 @@ class Compiled:
         with torch.no_grad():
             self.module(**probe, return_dict=False)
         self.build_s = time.perf_counter() - start
-        self.call: Callable[..., torch.Tensor] = diffusers_call(self.module)
 
     @property
     def compiled_graph(self) -> Any:

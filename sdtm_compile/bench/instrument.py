@@ -21,7 +21,6 @@ from ..buckets import BucketGraphs
 from ..config import SDTMConfig
 from ..flops import FlopCount, count_flops
 from ..ops import sdtm_merge, sdtm_plan, sdtm_unmerge
-from ..sampling import GenerationInputs, generate
 from ..schedule import EngineKey
 from .config import BenchConfig
 
@@ -55,6 +54,11 @@ class CapturedBucketGraphs:
     def li(self, key: EngineKey, config: SDTMConfig) -> torch.Tensor:
         """A fresh ``li`` state input for ``key``'s bucket graph."""
         return self.buckets(config).new_li()
+
+    def linear_flops(self, key: EngineKey, config: SDTMConfig) -> int:
+        """FLOPs of ``key``'s bucket graph outside attention (the linear layers: what the paper counts as W-MACs)."""
+        count = self.flops(key, config)
+        return count.total - sum(flops for op, flops in count.by_op.items() if "attention" in op)
 
     def flops(self, key: EngineKey, config: SDTMConfig) -> FlopCount:
         """FLOPs of one call of ``key``'s bucket graph (a :class:`~sdtm_compile.flops.FlopCount`)."""
@@ -115,13 +119,10 @@ def generation_share(step_keys: list[EngineKey], shares: dict[EngineKey, dict[st
     return result
 
 
-def record_merge_maps(
-    model: torch.nn.Module, inputs: GenerationInputs, config: BenchConfig, blocks: tuple[int, ...]
-) -> dict[int, dict[int, torch.Tensor]]:
-    """``{step: {block: slot [N]}}`` of the conditional batch row, from one reference generation."""
-    from ..reference import ReferenceTransformer, reference_engine
-
-    reference = ReferenceTransformer(model, config.sdtm)
+def record_merge_maps(workload: Any, config: BenchConfig, blocks: tuple[int, ...]) -> dict[int, dict[int, torch.Tensor]]:
+    """``{step: {block: slot [N]}}`` of the last batch row (SD3: the conditional row), from one reference
+    generation of the benchmark's :class:`~sdtm_compile.bench.workload.Workload`."""
+    reference = workload.reference(config.sdtm)
     current: dict[str, int] = {"step": 0}
     maps: dict[int, dict[int, torch.Tensor]] = {}
 
@@ -129,17 +130,10 @@ def record_merge_maps(
         if block in blocks:
             maps.setdefault(current["step"], {})[block] = plan.slot[-1].clone()
 
-    reference.engine_for = lambda key: reference_engine(model, key, config.sdtm, on_plan=record)
+    reference.on_plan = record
 
     def on_step(step: int, timestep: float) -> None:
         current["step"] = step + 1
 
-    generate(
-        reference,
-        inputs,
-        num_steps=config.steps,
-        guidance_scale=config.guidance_scale,
-        shift=config.sdtm.timestep_shift,
-        on_step=on_step,
-    )
+    workload.generate(reference, config, on_step=on_step)
     return maps

@@ -63,13 +63,20 @@ def _flops(value: float) -> str:
     return f"{value:.0f}"
 
 
+def _calls(model: Any, bench: Any) -> str:
+    """How a generation calls the transformer (the model family's pipeline loop)."""
+    if "num_single_layers" in model.spec:
+        return f"batch 1 (guidance-distilled, guidance {bench.guidance_scale:g} embedded)"
+    return "CFG batch 2"
+
+
 def markdown_report(result: BenchResult | Mapping[str, Any]) -> str:
     """The tables of ``bench.md`` (and of the README's Results section) from a :func:`run_benchmark` result."""
     result = as_bench_result(result)
     model, bench, machine, sdtm = result.model, result.bench, result.machine, result.sdtm
     lines = [
         f"Model `{model.name}`: {model.description}; {model.image_tokens} image + {model.text_tokens} "
-        f"text tokens, hidden {model.hidden}. {bench.steps} steps, CFG batch 2, SDTM ratio "
+        f"text tokens, hidden {model.hidden}. {bench.steps} steps, {_calls(model, bench)}, SDTM ratio "
         f"{sdtm['ratio']} (deviation {sdtm['deviation']}), `sdtm` engines: {bench.engine}. "
         f"Median of {bench.runs} runs after {bench.warmup} warm-up. Machine: {machine.cpu}, "
         f"{machine.torch_threads} threads, torch {machine.torch}.",
@@ -99,7 +106,13 @@ def markdown_report(result: BenchResult | Mapping[str, Any]) -> str:
     lines += [
         "",
         "PSNR and cosine: final latent against `eager` with the same seed (inf = identical). FLOPs: "
-        "`FlopCounterMode` on each step's bucket graph, attention included, element-wise work not counted.",
+        "`FlopCounterMode` on each step's bucket graph, attention included, element-wise work not counted."
+        + (
+            f" Linear layers alone (attention excluded, the paper's W-MACs): FLOP ratio "
+            f"{result.flops.linear_ratio:.2f}x."
+            if result.flops.linear_ratio is not None
+            else ""
+        ),
         "",
         f"Merge ops (bucket graphs run op by op): plan {100 * share['plan_share']:.1f}%, merge "
         f"{100 * share['merge_share']:.1f}%, unmerge {100 * share['unmerge_share']:.1f}% of a generation's "

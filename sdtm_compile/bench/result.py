@@ -19,7 +19,7 @@ import json
 import os
 import platform
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,10 +27,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from ..config import SDTMConfig
-from ..flops import FlopCount, mmdit_block_flops
-from ..models import TinySpec
+from ..flops import FlopCount, flux_block_flops, mmdit_block_flops
 from ..sampling import cosine_similarity, psnr
-from ..schedule import EngineKey, token_counts
+from ..schedule import EngineKey, TokenCounts
 from .config import BASELINE, FIDELITY_REFERENCE, BenchConfig
 
 if TYPE_CHECKING:
@@ -117,9 +116,10 @@ class ModelInfo(_Record):
     """The benchmarked model and its token counts.
 
     Attributes:
-        spec: the :class:`~sdtm_compile.models.TinySpec` as a dict.
+        spec: the model's spec (:class:`~sdtm_compile.models.TinySpec` or ``FluxSpec``) as a dict.
         latent: latent side; ``grid`` is the token grid ``[H, W]`` (latent / 2 each).
-        block_flop_shares: each part's share of one MMDiT block's FLOPs (:func:`~sdtm_compile.flops.mmdit_block_flops`).
+        block_flop_shares: each part's share of the blocks' FLOPs (SD3: one MMDiT block,
+            :func:`~sdtm_compile.flops.mmdit_block_flops`; Flux: all blocks, :func:`~sdtm_compile.flops.flux_block_flops`).
     """
 
     name: str
@@ -191,6 +191,8 @@ class FlopSummary(_Record):
     full_by_op: dict[str, int]
     per_generation: dict[str, int]
     by_engine: dict[str, int]
+    #: the FLOP ratio of the linear layers alone (attention excluded; the paper's W-MACs ratio); None in old results
+    linear_ratio: float | None = None
 
 
 @dataclass
@@ -374,9 +376,11 @@ def _fidelity(latent: torch.Tensor, reference: torch.Tensor) -> dict[str, float]
     return {"psnr_db": psnr(latent, reference), "cosine": cosine_similarity(latent, reference)}
 
 
-def _schedule_step(key: EngineKey, grid: tuple[int, int], step: int, timestep: float, flops: int) -> ScheduleStep:
+def _schedule_step(
+    key: EngineKey, counts_of: Callable[[EngineKey], TokenCounts], step: int, timestep: float, flops: int
+) -> ScheduleStep:
     """The schedule row of one step run on ``key``'s engine."""
-    counts = token_counts(key, *grid)
+    counts = counts_of(key)
     return ScheduleStep(
         engine=str(key),
         stage=key.stage.value,
@@ -418,8 +422,9 @@ def assemble(
     shares: dict[EngineKey, dict[str, float]],
     merge_share: dict[str, float],
     sweep: list[SweepPoint],
-    grid: tuple[int, int],
-    spec: TinySpec,
+    workload: Any,
+    counts_of: Callable[[EngineKey], TokenCounts],
+    linear_flop_ratio: float | None = None,
 ) -> BenchResult:
     """The result of a run: one row per variant, the targets, FLOPs, schedule, merge share and sweep.
 
@@ -430,10 +435,14 @@ def assemble(
         step_flops: FLOPs of each step's bucket graph; ``full`` those of the full model per step.
         shares: merge-op seconds per engine; ``merge_share`` over a generation.
         sweep: the speed-up vs fidelity points, by ratio.
+        workload: the :class:`~sdtm_compile.bench.workload.Workload` (model family, spec, grid).
+        counts_of: the token counts of an engine key (the compiled graph's ``token_counts``).
+        linear_flop_ratio: the FLOP ratio of the linear layers alone (attention excluded).
 
     ``merge_maps``, ``wall_time_s`` and ``command`` are left to the caller; ``files`` to
     :func:`~sdtm_compile.bench.render`.
     """
+    grid, spec = workload.grid, workload.spec
     n = grid[0] * grid[1]
     base = variants[BASELINE]
     base_median = statistics.median(base.seconds)
@@ -488,7 +497,10 @@ def assemble(
             met=same_fidelity["psnr_db"] >= max(sdtm.psnr_db, reference.psnr_db) + 20.0,
         ),
     }
-    blocks = mmdit_block_flops(n, spec.text_tokens, spec.inner_dim)
+    if workload.family == "flux":
+        blocks = flux_block_flops(n, spec.text_tokens, spec.inner_dim, spec.num_layers, spec.num_single_layers)
+    else:
+        blocks = mmdit_block_flops(n, spec.text_tokens, spec.inner_dim)
     return BenchResult(
         format_version=1,
         machine=machine_info(),
@@ -522,12 +534,13 @@ def assemble(
             full_per_step=full.total,
             full_by_op=full.by_op,
             per_generation={"full": full_generation, "sdtm": sdtm_generation},
+            linear_ratio=linear_flop_ratio,
             by_engine={
                 str(key): graphs_flops
                 for key, graphs_flops in sorted({s["key"]: f for s, f in zip(steps, step_flops)}.items())
             },
         ),
-        schedule=[_schedule_step(s["key"], grid, s["step"], s["timestep"], f) for s, f in zip(steps, step_flops)],
+        schedule=[_schedule_step(s["key"], counts_of, s["step"], s["timestep"], f) for s, f in zip(steps, step_flops)],
         reference_schedule_matches=[str(k) for k in reference_steps] == [str(s["key"]) for s in steps],
         merge_time_share=MergeTimeShare(per_engine={str(k): v for k, v in shares.items()}, generation=merge_share),
         targets=targets,

@@ -21,15 +21,14 @@ from typing import Any
 
 import torch
 
-from ..models import tiny_sd3_transformer
-from ..sampling import GenerationInputs, diffusers_call, generate, make_generation_inputs
-from ..schedule import FULL, resolve_for_model
+from ..schedule import FULL
 from .config import BASELINE, FIDELITY_REFERENCE, BenchConfig
-from .harness import Compiled, cfg_call_inputs, compiler_caches
+from .harness import Compiled, compiler_caches
 from .instrument import CapturedBucketGraphs, generation_share, merge_time_share, record_merge_maps
 from .memory import peak_rss, resident_mib
 from .report import render
 from .result import BenchResult, SweepPoint, assemble, sweep_point
+from .workload import Workload, make_workload
 
 __all__ = ["Variant", "run_benchmark", "timed_rounds"]
 
@@ -60,20 +59,14 @@ class Variant:
         self.peak_above_start_mib = max(self.peak_above_start_mib or 0.0, peak - start)
 
 
-def _generate(variant: Variant, inputs: GenerationInputs, config: BenchConfig) -> tuple[torch.Tensor, float]:
+def _generate(variant: Variant, workload: Workload, config: BenchConfig) -> tuple[torch.Tensor, float]:
     """One whole generation with ``variant``; returns the final latent and its wall time."""
     start = time.perf_counter()
-    latent = generate(
-        variant.call,
-        inputs,
-        num_steps=config.steps,
-        guidance_scale=config.guidance_scale,
-        shift=config.sdtm.timestep_shift,
-    )
+    latent = workload.generate(variant.call, config)
     return latent, time.perf_counter() - start
 
 
-def timed_rounds(variants: list[Variant], inputs: GenerationInputs, config: BenchConfig, runs: int, what: str) -> None:
+def timed_rounds(variants: list[Variant], workload: Workload, config: BenchConfig, runs: int, what: str) -> None:
     """``warmup`` then ``runs`` generations per variant, round-robin; keeps latents, times and peak memory."""
     total = len(variants) * (config.warmup + runs)
     done = 0
@@ -81,7 +74,7 @@ def timed_rounds(variants: list[Variant], inputs: GenerationInputs, config: Benc
         timed = round_index >= config.warmup
         for variant in variants:
             start, read_peak = (resident_mib(), peak_rss()) if not timed else (None, None)
-            latent, seconds = _generate(variant, inputs, config)
+            latent, seconds = _generate(variant, workload, config)
             done += 1
             if read_peak is not None:
                 variant.record_peak(start, read_peak())
@@ -96,7 +89,7 @@ def timed_rounds(variants: list[Variant], inputs: GenerationInputs, config: Benc
     if config.warmup == 0:  # no untimed generation to read the peak from: take one more
         for variant in variants:
             start, read_peak = resident_mib(), peak_rss()
-            _generate(variant, inputs, config)
+            _generate(variant, workload, config)
             variant.record_peak(start, read_peak())
 
 
@@ -108,9 +101,7 @@ def _steps_of(compiled_graph: Any, num_steps: int) -> list[dict[str, Any]]:
 
 def _run_sweep_point(
     ratio: float,
-    model: torch.nn.Module,
-    inputs: GenerationInputs,
-    probe: dict[str, torch.Tensor],
+    workload: Workload,
     graphs: CapturedBucketGraphs,
     variants: dict[str, Variant],
     full_total: int,
@@ -120,12 +111,12 @@ def _run_sweep_point(
     """Compile SDTM at ``ratio`` and time it beside a fresh round of the baseline: one sweep point."""
     sdtm_config = config.sweep_config(ratio)
     logger.info("sweep: ratio %.2f (deviation %.2f): compiling ...", ratio, sdtm_config.deviation)
-    compiled = Compiled(model, sdtm_config, config.engine, probe, cache_dir)
-    point = Variant(f"sdtm@{ratio:g}", compiled.call)
+    compiled = Compiled(workload.model, sdtm_config, config.engine, workload.probe, cache_dir)
+    point = Variant(f"sdtm@{ratio:g}", workload.call_of(compiled.module))
     baseline = Variant(BASELINE, variants[BASELINE].call)
     with torch.no_grad():
         sweep_config = dataclasses.replace(config, warmup=1)
-        timed_rounds([baseline, point], inputs, sweep_config, config.sweep_runs, f"sweep {ratio:g}")
+        timed_rounds([baseline, point], workload, sweep_config, config.sweep_runs, f"sweep {ratio:g}")
     step_flops = [graphs.flops(s["key"], sdtm_config).total for s in _steps_of(compiled.compiled_graph, config.steps)]
     return sweep_point(sdtm_config, baseline, point, step_flops, full_total, variants[FIDELITY_REFERENCE])
 
@@ -139,21 +130,19 @@ def run_benchmark(config: BenchConfig, command: str | None = None) -> BenchResul
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     preset, latent = config.preset, config.latent_side
-    spec = preset.spec
     torch.manual_seed(config.seed)
-    model = tiny_sd3_transformer(spec, seed=config.seed)
-    inputs = make_generation_inputs(spec, (latent, latent), seed=config.seed)
-    grid = (latent // 2, latent // 2)
+    workload = make_workload(config)
+    model, probe, grid = workload.model, workload.probe, workload.grid
     n = grid[0] * grid[1]
-    probe = cfg_call_inputs(inputs, resolve_for_model(config.sdtm, "sd3", n).num_train_timesteps)
     logger.info(
-        "benchmark: %s (%s), %dx%d latent = %d image tokens, %d steps, CFG batch 2, %d runs after %d warm-up",
+        "benchmark: %s (%s), %dx%d latent = %d image tokens, %d steps, %s, %d runs after %d warm-up",
         config.model,
         preset.description,
         latent,
         latent,
         n,
         config.steps,
+        workload.description,
         config.runs,
         config.warmup,
     )
@@ -178,19 +167,17 @@ def run_benchmark(config: BenchConfig, command: str | None = None) -> BenchResul
             cold_sdtm.build_s,
             sdtm.build_s,
         )
-        from ..reference import ReferenceTransformer
-
-        reference = ReferenceTransformer(model, config.sdtm)
+        reference = workload.reference(config.sdtm)
         variants = {
-            "eager": Variant("eager", diffusers_call(model)),
-            "inductor": Variant("inductor", inductor.call, cold_inductor.build_s, inductor.build_s),
-            "sdtm": Variant("sdtm", sdtm.call, cold_sdtm.build_s, sdtm.build_s),
+            "eager": Variant("eager", workload.call_of(model)),
+            "inductor": Variant("inductor", workload.call_of(inductor.module), cold_inductor.build_s, inductor.build_s),
+            "sdtm": Variant("sdtm", workload.call_of(sdtm.module), cold_sdtm.build_s, sdtm.build_s),
             "reference": Variant("reference", reference),
         }
 
         # 2. timed generations, round-robin; a recompile here would be timed as part of a generation
         with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-            timed_rounds(list(variants.values()), inputs, config, config.runs, "main")
+            timed_rounds(list(variants.values()), workload, config, config.runs, "main")
         sdtm_steps = _steps_of(sdtm.compiled_graph, config.steps)
         reference_steps = [record.key for record in reference.history if record.new_step][-config.steps :]
 
@@ -199,6 +186,8 @@ def run_benchmark(config: BenchConfig, command: str | None = None) -> BenchResul
         graphs = CapturedBucketGraphs(model, probe)
         full = graphs.flops(FULL, config.sdtm)
         step_flops = [graphs.flops(s["key"], config.sdtm).total for s in sdtm_steps]
+        linear = graphs.linear_flops(FULL, config.sdtm) * len(sdtm_steps)
+        linear_ratio = linear / sum(graphs.linear_flops(s["key"], config.sdtm) for s in sdtm_steps)
         shares = {}
         for key in sorted({s["key"] for s in sdtm_steps}):
             gm = graphs.graph(key, config.sdtm)
@@ -211,17 +200,26 @@ def run_benchmark(config: BenchConfig, command: str | None = None) -> BenchResul
         for ratio in config.sweep:
             if abs(ratio - config.sdtm.ratio) < 1e-9:
                 continue
-            sweep.append(
-                _run_sweep_point(ratio, model, inputs, probe, graphs, variants, full.total, config, engine_cache)
-            )
+            sweep.append(_run_sweep_point(ratio, workload, graphs, variants, full.total, config, engine_cache))
         sweep.sort(key=lambda point: point.ratio)
 
         # 5. merge maps from a reference generation
         logger.info("recording merge maps ...")
-        maps = record_merge_maps(model, inputs, config, config.merge_map_blocks)
+        maps = record_merge_maps(workload, config, config.merge_map_blocks)
 
     result = assemble(
-        config, variants, sdtm_steps, reference_steps, step_flops, full, shares, merge_share, sweep, grid, spec
+        config,
+        variants,
+        sdtm_steps,
+        reference_steps,
+        step_flops,
+        full,
+        shares,
+        merge_share,
+        sweep,
+        workload,
+        sdtm.compiled_graph.token_counts,
+        linear_ratio,
     )
     from ..plots import merge_map_steps
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from sdtm_compile.passes import (
     REWRITE_PIPELINE,
+    PassOrderError,
     PassSettings,
     UnsupportedModelError,
     copy_with_node_map,
@@ -141,3 +142,14 @@ def test_flux_attention_merge_option_merges_the_double_blocks_attention(flux_gra
     # the detail stage never merges attention
     detail = rewrite_for_engine(gm, flat, PassSettings(config, DETAIL))
     assert count(detail.gm, sdtm_merge) == 4
+
+
+def test_flux_passes_out_of_order_are_refused(flux_graph):
+    _, _, gm, flat = flux_graph
+    config = SDTMConfig(merge_attention=True)
+    no_split = tuple(p for p in REWRITE_PIPELINE if p.name != "split_single_stream")
+    with pytest.raises(PassOrderError, match="before insert_merge_nodes: fact 'single_streams_split'"):
+        rewrite_for_engine(gm, flat, PassSettings(config, STRUCTURE), pipeline=no_split)
+    no_rotary = tuple(p for p in REWRITE_PIPELINE if p.name != "gather_rotary_positions")
+    with pytest.raises(PassOrderError, match="before fix_token_shapes: fact 'rotary_per_token'"):
+        rewrite_for_engine(gm, flat, PassSettings(config, STRUCTURE), pipeline=no_rotary)

@@ -129,7 +129,13 @@ def _through_insert(gm, key):
 
 
 def test_the_pipeline_is_declared_in_order_and_checked():
-    assert [p.name for p in REWRITE_PIPELINE] == ["thread_li_state", "insert_merge_nodes", "fix_token_shapes"]
+    assert [p.name for p in REWRITE_PIPELINE] == [
+        "split_single_stream",
+        "thread_li_state",
+        "insert_merge_nodes",
+        "gather_rotary_positions",
+        "fix_token_shapes",
+    ]
     established = set()
     for graph_pass in REWRITE_PIPELINE:
         assert set(graph_pass.requires) <= established, graph_pass.name

@@ -1,0 +1,132 @@
+"""What one benchmark generation is, per model family: :class:`Workload`.
+
+The benchmark times whole generations. An SD3 generation is the SD3 pipeline's loop: classifier-free guidance,
+one batch-2 call per step. A Flux generation is FLUX.1-dev's: guidance-distilled, one batch-1 call per step,
+sigmas shifted by ``mu`` from the token count. Everything else - compiling, timing, FLOPs, the sweep, the
+report - is the same, so it lives in :mod:`~sdtm_compile.bench.run` and only asks its workload for the model,
+the first call's inputs, a generation and the eager reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import SDTMConfig
+from ..models import FluxSpec, TinySpec, build_model
+from ..sampling import (
+    FluxGenerationInputs,
+    GenerationInputs,
+    diffusers_call,
+    flux_generate,
+    generate,
+    make_flux_generation_inputs,
+    make_generation_inputs,
+)
+from .config import BenchConfig
+
+__all__ = ["Workload", "make_workload"]
+
+
+@dataclass
+class Workload:
+    """One model family's benchmark generation.
+
+    Attributes:
+        family: ``sd3`` or ``flux``.
+        model: the transformer (seeded random weights).
+        inputs: noise and prompt embeddings of every generation.
+        grid: the image-token grid ``(H, W)``.
+        probe: the keyword inputs of one transformer call, laid out exactly as a generation passes them (the first,
+            timed call of a compile; a probe laid out differently would make the first generation recompile).
+        description: how a generation calls the transformer, for the report.
+    """
+
+    family: str
+    spec: TinySpec | FluxSpec
+    model: nn.Module
+    inputs: GenerationInputs | FluxGenerationInputs
+    grid: tuple[int, int]
+    probe: dict[str, Any]
+    description: str
+
+    @property
+    def text_tokens(self) -> int:
+        return self.spec.text_tokens
+
+    @property
+    def hidden(self) -> int:
+        return self.spec.inner_dim
+
+    @property
+    def num_blocks(self) -> int:
+        return self.spec.num_layers + getattr(self.spec, "num_single_layers", 0)
+
+    def call_of(self, module: Callable[..., Any]) -> Callable[..., Any]:
+        """What :meth:`generate` drives for a diffusers-signature module (the model, a compiled one)."""
+        return diffusers_call(module) if self.family == "sd3" else module
+
+    def reference(self, config: SDTMConfig) -> Any:
+        """The eager reference of SDTM for this model (it records its calls: ``history``), drivable by
+        :meth:`generate`."""
+        if self.family == "sd3":
+            from ..reference import ReferenceTransformer
+
+            return ReferenceTransformer(self.model, config)
+        from ..reference_flux import FluxReferenceTransformer
+
+        return FluxReferenceTransformer(self.model, config)
+
+    def generate(
+        self, call: Callable[..., Any], config: BenchConfig, on_step: Callable[[int, float], None] | None = None
+    ) -> torch.Tensor:
+        """One whole generation through ``call`` (from :meth:`call_of` or :meth:`reference`); the final latent."""
+        if self.family == "sd3":
+            return generate(
+                call,
+                self.inputs,  # type: ignore[arg-type]
+                num_steps=config.steps,
+                guidance_scale=config.guidance_scale,
+                shift=config.sdtm.timestep_shift,
+                on_step=on_step,
+            )
+        return flux_generate(call, self.inputs, num_steps=config.steps, on_step=on_step)  # type: ignore[arg-type]
+
+
+def _sd3_probe(inputs: GenerationInputs) -> dict[str, Any]:
+    from .harness import cfg_call_inputs
+
+    return cfg_call_inputs(inputs, 1000.0)
+
+
+def _flux_probe(inputs: FluxGenerationInputs) -> dict[str, Any]:
+    """One call of :func:`~sdtm_compile.sampling.flux_denoising`, laid out as it passes it."""
+    batch = inputs.latents.shape[0]
+    return {
+        "hidden_states": inputs.latents,
+        "timestep": torch.ones(batch, dtype=inputs.latents.dtype),  # sigma 1: t.expand(B) / 1000, contiguous
+        "guidance": None if inputs.guidance is None else torch.full((1,), inputs.guidance).expand(batch),
+        "pooled_projections": inputs.pooled_prompt_embeds,
+        "encoder_hidden_states": inputs.prompt_embeds,
+        "txt_ids": inputs.txt_ids,
+        "img_ids": inputs.img_ids,
+    }
+
+
+def make_workload(config: BenchConfig) -> Workload:
+    """The workload of ``config.model`` at ``config.latent_side``, seeded with ``config.seed``."""
+    spec, latent = config.preset.spec, config.latent_side
+    model = build_model(spec, seed=config.seed)
+    grid = (latent // 2, latent // 2)
+    if isinstance(spec, FluxSpec):
+        inputs = make_flux_generation_inputs(spec, (latent, latent), seed=config.seed)
+        guidance = "" if inputs.guidance is None else f", guidance {inputs.guidance} embedded"
+        return Workload(
+            "flux", spec, model, inputs, grid, _flux_probe(inputs), f"batch 1 (guidance-distilled{guidance})"
+        )
+    inputs = make_generation_inputs(spec, (latent, latent), seed=config.seed)
+    return Workload("sd3", spec, model, inputs, grid, _sd3_probe(inputs), "CFG batch 2")
