@@ -217,9 +217,7 @@ _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 
 def _single_stream(path: str, nodes: list[fx.Node]) -> SingleStream:
     """The ``proj_out(cat([attn, act(proj_mlp(norm))], -1))`` nodes of a ``FluxSingleTransformerBlock``."""
-    proj_out = next(
-        (n for n in nodes if n.target in _LINEAR and module_stack(n)[-1][0] == f"{path}.proj_out"), None
-    )
+    proj_out = next((n for n in nodes if n.target in _LINEAR and module_stack(n)[-1][0] == f"{path}.proj_out"), None)
     concat = proj_out.args[0] if proj_out is not None else None
     if (
         not isinstance(concat, fx.Node)
@@ -321,7 +319,9 @@ def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) ->
             if joint is None or len(joint) != 3 or joint[1] <= num_tokens:
                 raise _unsupported(f"{block.path}: the single-stream input {joint} is not [B, T + N, C]")
             if text_tokens not in (None, joint[1] - num_tokens):
-                raise _unsupported(f"{block.path}: {joint[1] - num_tokens} text tokens, the double blocks have {text_tokens}")
+                raise _unsupported(
+                    f"{block.path}: {joint[1] - num_tokens} text tokens, the double blocks have {text_tokens}"
+                )
             text_tokens = joint[1] - num_tokens
 
     embedder = "pos_embed.proj" if family == "sd3" else "x_embedder"
@@ -360,9 +360,7 @@ def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) ->
                 "multiples of the transformer's patch_size"
             )
 
-    sites = ModelSites(
-        blocks, num_tokens, text_tokens, grid, latent_index, timestep_index, family, image_ids_index
-    )
+    sites = ModelSites(blocks, num_tokens, text_tokens, grid, latent_index, timestep_index, family, image_ids_index)
     logger.info(
         "found %d %s blocks (%d with attn2, %d single-stream), %d image tokens on a %dx%d grid, %s text tokens",
         len(blocks),

@@ -2,10 +2,11 @@
 
 Dynamo specialises shapes, so a merged region still holds the unmerged token count as constants: the joint
 attention's split point (SD3: ``hidden_states[:, :N]`` and ``[:, N:]``; Flux: ``split_with_sizes([T, N])``) and
-explicit sizes in ``view`` / ``reshape``. This pass rewrites an int only where it *is* the token axis: a slice bound on a dimension whose
-recorded size was ``N`` or ``N + T`` (T = text tokens), or a size argument at a position whose recorded size
-was ``N`` or ``N + T``. It then propagates fake tensors through the whole graph; any shape that does not fit
-raises :class:`TokenShapeError` naming the node, and the graph's outputs must keep their original shapes.
+explicit sizes in ``view`` / ``reshape``. This pass rewrites an int only where it *is* the token axis: a slice
+bound on a dimension whose recorded size was ``N`` or ``N + T`` (T = text tokens), a size argument at a position
+whose recorded size was ``N`` or ``N + T``, or the image entry of a split of a joint ``N + T`` axis. It then
+propagates fake tensors through the whole graph; any shape that does not fit raises :class:`TokenShapeError`
+naming the node, and the graph's outputs must keep their original shapes.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from sdtm_compile.schedule import EngineKey, Stage
 
 from ._graph import copy_with_node_map, node_shape
 from .find_blocks import FALLBACK_HINT, ModelSites, find_mmdit_blocks
-from .gather_rotary import gather_rotary_positions, rotary_reads
 from .fix_token_shapes import TokenShapeError, fix_token_shapes, propagate_shapes
+from .gather_rotary import gather_rotary_positions, rotary_reads
 from .insert_merge import insert_merge_nodes
 from .settings import PassSettings
 from .split_single_stream import split_single_stream

@@ -68,6 +68,10 @@ class SDTMConfig:
             a dict) whose shift settings produce the timesteps: ``shift``, or ``use_dynamic_shifting`` with
             ``base_shift``, ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len`` (exponential shift).
             Only these keys are kept. Ignored when ``timestep_shift`` is given. ``None``: the family's defaults.
+        sigmas: The sigmas the model will be fed, one per step, in order (e.g. ``scheduler.sigmas[:-1]`` after
+            ``set_timesteps``). When given, a timestep's position is its step index ``s / (S - 1)`` (the nearest
+            sigma), exactly the release's step fraction, instead of the shift-derived ``1 - u``. Only right for
+            that step count and scheduler: compile again (or leave it ``None``) for another.
 
     Direct calls of the schedule helpers with ``timestep_shift`` / ``num_train_timesteps`` left at ``None`` use
     SD3's values (3.0, 1000); the backend, the ONNX export and the references resolve them for their model
@@ -84,11 +88,12 @@ class SDTMConfig:
     timestep_shift: float | None = None
     num_train_timesteps: int | None = None
     scheduler: Mapping[str, Any] | None = None
+    sigmas: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("window", "buckets", "num_train_timesteps", "merge_attention", "scheduler"):
+            if f.name in ("window", "buckets", "num_train_timesteps", "merge_attention", "scheduler", "sigmas"):
                 continue
             if f.name == "timestep_shift" and value is None:
                 continue
@@ -129,6 +134,14 @@ class SDTMConfig:
         if self.merge_attention not in (None, True, False):
             _fail("merge_attention", self.merge_attention, "None (the model family's choice), True or False")
         object.__setattr__(self, "scheduler", _scheduler_settings(self.scheduler))
+        if self.sigmas is not None:
+            try:
+                sigmas = tuple(float(v) for v in self.sigmas)
+            except (TypeError, ValueError):
+                sigmas = ()
+            if len(sigmas) < 2 or any(not 0.0 <= v <= 1.0 for v in sigmas) or list(sigmas) != sorted(sigmas)[::-1]:
+                _fail("sigmas", self.sigmas, "at least 2 sigmas in [0, 1], non-increasing (one per step), or None")
+            object.__setattr__(self, "sigmas", sigmas)
 
     @property
     def enabled(self) -> bool:
@@ -150,8 +163,10 @@ class SDTMConfig:
         out: dict[str, object] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = dict(value) if f.name == "scheduler" and value is not None else (
-                list(value) if isinstance(value, tuple) else value
+            out[f.name] = (
+                dict(value)
+                if f.name == "scheduler" and value is not None
+                else (list(value) if isinstance(value, tuple) else value)
             )
         return out
 
@@ -179,7 +194,11 @@ def _scheduler_settings(scheduler: Any) -> tuple[tuple[str, Any], ...] | None:
         _fail("scheduler", scheduler, "a diffusers scheduler, its .config, or a dict of its shift settings")
     settings = {key: values[key] for key in SCHEDULER_KEYS if key in values}
     if settings.get("time_shift_type", "exponential") != "exponential":
-        _fail("scheduler", scheduler, "time_shift_type 'exponential' (the FLUX.1 / SD3 schedulers'); 'linear' is not supported")
+        _fail(
+            "scheduler",
+            scheduler,
+            "time_shift_type 'exponential' (the FLUX.1 / SD3 schedulers'); 'linear' is not supported",
+        )
     for key in ("shift", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len"):
         value = settings.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):

@@ -178,6 +178,9 @@ def position_from_timestep(timestep: float | torch.Tensor, config: SDTMConfig) -
         t = float(timestep)
     k, scale = _timestep_scale(config)
     sigma = min(max(t / scale, 0.0), 1.0)
+    if config.sigmas is not None:  # the step index of the nearest given sigma: s / (S - 1)
+        step = min(range(len(config.sigmas)), key=lambda i: abs(config.sigmas[i] - sigma))  # type: ignore[index]
+        return step / (len(config.sigmas) - 1)
     unshifted = sigma / (k - (k - 1.0) * sigma)
     return min(max(1.0 - unshifted, 0.0), 1.0)
 

@@ -188,3 +188,33 @@ def test_update_readme_needs_the_markers(tmp_path):
     readme.write_text("# x\n\nno results block\n")
     with pytest.raises(ValueError, match="no <!-- bench:start -->"):
         update_readme(readme, BenchResult.load(EXAMPLE_JSON), tmp_path)
+
+
+def test_flux_workload_drives_flux_generations_and_merge_maps():
+    """The Flux benchmark's pieces without timing: FLUX.1-dev's loop (batch 1, guidance embedded, 20 steps by
+    default), a probe laid out like that loop's calls, the eager reference and merge maps of every block kind."""
+    from sdtm_compile.bench.instrument import record_merge_maps
+    from sdtm_compile.bench.workload import make_workload
+    from sdtm_compile.sampling import flux_generate
+
+    config = BenchConfig(model="tiny-flux", latent=16, steps=None, merge_map_blocks=(0, 3), engine="eager")
+    assert (config.steps, config.guidance_scale) == (20, 3.5)
+    config = BenchConfig(model="tiny-flux", latent=16, steps=4, merge_map_blocks=(0, 3), engine="eager")
+    workload = make_workload(config)
+    assert workload.family == "flux" and workload.grid == (8, 8) and workload.num_blocks == 4
+    calls = []
+
+    def spy(**kwargs):
+        calls.append({k: (tuple(v.shape), v.stride()) for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+        return workload.model(**kwargs)
+
+    latent = workload.generate(workload.call_of(spy), config)
+    assert len(calls) == 4
+    probe = {k: (tuple(v.shape), v.stride()) for k, v in workload.probe.items() if isinstance(v, torch.Tensor)}
+    assert calls[0] == probe  # a compile probed with it serves the generation without recompiling
+    assert torch.equal(latent, flux_generate(workload.model, workload.inputs, 4))
+    maps = record_merge_maps(workload, config, (0, 3))  # a double (0) and a single-stream (3) block
+    assert set(maps) == {0, 1, 2, 3} and all(set(m) == {0, 3} for m in maps.values())
+    assert all(slot.shape == (64,) for m in maps.values() for slot in m.values())
+    with pytest.raises(ValueError, match="block indices below 4"):
+        BenchConfig(model="tiny-flux", merge_map_blocks=(4,))

@@ -37,6 +37,11 @@ def test_defaults_are_the_release_defaults():
         ({"timestep_shift": 0.0}, "timestep_shift", "0.1 <= timestep_shift"),
         ({"num_train_timesteps": 0}, "num_train_timesteps", "int >= 1"),
         ({"num_train_timesteps": 1000.0}, "num_train_timesteps", "int >= 1"),
+        ({"merge_attention": "yes"}, "merge_attention", "None (the model family's choice), True or False"),
+        ({"scheduler": {"time_shift_type": "linear"}}, "scheduler", "'linear' is not supported"),
+        ({"scheduler": {"shift": "3"}}, "scheduler", "a number for shift"),
+        ({"sigmas": (0.5, 1.0)}, "sigmas", "non-increasing"),
+        ({"sigmas": (1.0,)}, "sigmas", "at least 2 sigmas"),
     ],
 )
 def test_bad_values_name_field_value_and_range(kwargs, field, fragment):
@@ -49,9 +54,11 @@ def test_bad_values_name_field_value_and_range(kwargs, field, fragment):
 
 
 def test_lists_are_normalised_to_tuples():
-    config = SDTMConfig(buckets=[0.25, 0.5], window=[2, 2])
-    assert config.buckets == (0.25, 0.5) and config.window == (2, 2)
+    config = SDTMConfig(buckets=[0.25, 0.5], window=[2, 2], sigmas=[1.0, 0.5], scheduler={"shift": 3.0, "x": 1})
+    assert config.buckets == (0.25, 0.5) and config.window == (2, 2) and config.sigmas == (1.0, 0.5)
+    assert config.scheduler == (("shift", 3.0),)  # only the shift settings are kept
     hash(config)  # frozen and hashable: usable as a cache key
+    assert SDTMConfig.from_dict(config.to_dict()) == config  # manifests round-trip
 
 
 def test_release_arguments_that_are_not_fields_say_what_to_do():

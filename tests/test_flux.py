@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from sdtm_compile.passes import lint_tensorrt, to_aten
 
 import sdtm_compile
 from sdtm_compile import SDTMConfig
@@ -19,7 +20,6 @@ from sdtm_compile.models import (
     flux_image_ids,
     tiny_flux_transformer,
 )
-from sdtm_compile.passes import lint_tensorrt, to_aten
 from sdtm_compile.reference_flux import FluxReferenceTransformer, flux_reference_forward
 from sdtm_compile.regions import RegionalBuilder
 from sdtm_compile.sampling import (
@@ -65,7 +65,9 @@ def _parity(engine, spec, batch, latent, config, keys=None):
     buckets = BucketGraphs(gm, flat, config, include_full=True)
     li = torch.randint(0, 4, (batch, buckets.sites.num_tokens), dtype=torch.int32)  # mid-generation, not zeros
     settings = BackendSettings(engine=engine)
-    regional = RegionalBuilder(lambda region, region_inputs, name: ENGINES[engine].build(region, region_inputs, settings))
+    regional = RegionalBuilder(
+        lambda region, region_inputs, name: ENGINES[engine].build(region, region_inputs, settings)
+    )
     keys = keys or buckets.keys
     for key in keys:
         rewritten = buckets.graph(key)
@@ -159,6 +161,10 @@ def test_flux_positions_follow_the_dynamic_shift(latent, steps):
         position = position_from_timestep(sigma, config)
         assert position == pytest.approx(step / steps, abs=1e-5)
         assert engine_key_at(position, config) in trajectory
+    # explicit sigmas give the release's step fraction s / (S - 1) exactly
+    exact = resolve_for_model(SDTMConfig(sigmas=scheduler.sigmas[:-1].tolist()), "flux", tokens)
+    for step, t in enumerate(scheduler.timesteps):
+        assert position_from_timestep(t.reshape(1) / 1000, exact) == pytest.approx(step / (steps - 1))
     # an explicit shift wins; SD3 keeps its 3.0 and 1000
     assert resolve_for_model(SDTMConfig(timestep_shift=2.0), "flux", tokens).timestep_shift == 2.0
     sd3 = resolve_for_model(CONFIG, "sd3", tokens)

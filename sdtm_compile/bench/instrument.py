@@ -119,7 +119,9 @@ def generation_share(step_keys: list[EngineKey], shares: dict[EngineKey, dict[st
     return result
 
 
-def record_merge_maps(workload: Any, config: BenchConfig, blocks: tuple[int, ...]) -> dict[int, dict[int, torch.Tensor]]:
+def record_merge_maps(
+    workload: Any, config: BenchConfig, blocks: tuple[int, ...]
+) -> dict[int, dict[int, torch.Tensor]]:
     """``{step: {block: slot [N]}}`` of the last batch row (SD3: the conditional row), from one reference
     generation of the benchmark's :class:`~sdtm_compile.bench.workload.Workload`."""
     reference = workload.reference(config.sdtm)

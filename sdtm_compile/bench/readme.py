@@ -28,6 +28,7 @@ def readme_markers(model: str) -> tuple[str, str]:
     """The README block a result of ``model`` (a preset name) goes to."""
     return (FLUX_START, FLUX_END) if model.startswith(("flux", "tiny-flux")) else (README_START, README_END)
 
+
 #: The pictures linked under the tables, by their key in ``BenchResult.files``.
 _PICTURES = ("schedule", "speedup_vs_fidelity", "merge_maps")
 

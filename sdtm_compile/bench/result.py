@@ -119,7 +119,8 @@ class ModelInfo(_Record):
         spec: the model's spec (:class:`~sdtm_compile.models.TinySpec` or ``FluxSpec``) as a dict.
         latent: latent side; ``grid`` is the token grid ``[H, W]`` (latent / 2 each).
         block_flop_shares: each part's share of the blocks' FLOPs (SD3: one MMDiT block,
-            :func:`~sdtm_compile.flops.mmdit_block_flops`; Flux: all blocks, :func:`~sdtm_compile.flops.flux_block_flops`).
+            :func:`~sdtm_compile.flops.mmdit_block_flops`; Flux: all blocks,
+            :func:`~sdtm_compile.flops.flux_block_flops`).
     """
 
     name: str
