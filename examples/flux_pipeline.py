@@ -15,11 +15,10 @@ merges the double blocks' attention in the structure stage.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import time
 
 import torch
+from compare import compare_arguments, compared_transformers, print_times, time_pipeline
 
 import sdtm_compile
 from sdtm_compile import SDTMConfig
@@ -72,50 +71,22 @@ def generate(pipe, steps: int, height: int, width: int, seed: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels (packed grid = size / 8)")
-    parser.add_argument("--ratio", type=float, default=0.5)
+    parser = compare_arguments(__doc__.splitlines()[0], 20, 128, "image side in pixels (packed grid = size / 8)")
     parser.add_argument("--merge-attention", action="store_true", help="also merge attention (structure stage)")
-    parser.add_argument("--backend", default="sdtm_trt", choices=["sdtm_trt", "sdtm"])
-    parser.add_argument(
-        "--engine",
-        default="auto",
-        choices=["auto", "tensorrt", "inductor", "eager"],
-        help="the backend's engine option (auto: TensorRT where possible, else Inductor)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="save the SDTM image here (PNG)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     pipe = tiny_flux_pipeline(args.seed)
     pipe.set_progress_bar_config(disable=True)
-    eager_transformer = pipe.transformer
     config = SDTMConfig(
         ratio=args.ratio, deviation=min(0.2, args.ratio), merge_attention=True if args.merge_attention else None
     )
-    variants = {
-        "baseline, eager": eager_transformer,
-        "baseline, torch.compile (Inductor)": torch.compile(eager_transformer, dynamic=False),
-        f"SDTM ratio {args.ratio}, backend={args.backend}": torch.compile(
-            eager_transformer, backend=args.backend, options={"sdtm": config, "engine": args.engine}, dynamic=False
-        ),
-    }
-    seconds: dict[str, tuple[float, float]] = {}
-    with torch.no_grad():
-        for name, transformer in variants.items():
-            pipe.transformer = transformer
-            start = time.perf_counter()
-            image = generate(pipe, args.steps, args.size, args.size, args.seed)  # the first call compiles
-            first = time.perf_counter() - start
-            start = time.perf_counter()
-            with sdtm_compile.generation(transformer, history=args.steps) as run:
-                image = generate(pipe, args.steps, args.size, args.size, args.seed)
-            seconds[name] = (first, time.perf_counter() - start)
+    variants = compared_transformers(pipe.transformer, args, config)
+    seconds, run, image = time_pipeline(
+        pipe, variants, lambda: generate(pipe, args.steps, args.size, args.size, args.seed), args.steps
+    )
 
-    sdtm_transformer = list(variants.values())[-1]
-    (compiled,) = sdtm_compile.compiled_graphs(sdtm_transformer)
+    (compiled,) = sdtm_compile.compiled_graphs(list(variants.values())[-1])
     grid = compiled.sites.grid
     print(
         f"\nimage {args.size}x{args.size}, {grid[0]}x{grid[1]} = {grid[0] * grid[1]} image tokens, {args.steps} steps, "
@@ -128,9 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{step:>4} {rec.timestep:>6.3f} {rec.position:>8.3f}  {str(rec.key):<15} {counts.attention:>8} "
             f"{counts.feed_forward:>6}"
         )
-    print(f"\nwall time per image ({args.steps} steps, batch 1, guidance-distilled); first call includes compiling:")
-    for name, (first, warm) in seconds.items():
-        print(f"  {name:<40} {warm:7.2f} s   (first call {first:.1f} s)")
+    print_times(seconds, f"{args.steps} steps, batch 1, guidance-distilled")
     print(f"SDTM engines: {len(compiled.engines)} on {sorted(set(compiled.engine_names.values()))}")
     if args.out:
         image.save(args.out)

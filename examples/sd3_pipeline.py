@@ -9,11 +9,10 @@ is noise-like (random weights); what this shows is the plumbing and the per-step
 
 from __future__ import annotations
 
-import argparse
 import logging
-import time
 
 import torch
+from compare import compare_arguments, compared_transformers, print_times, time_pipeline
 
 import sdtm_compile
 from sdtm_compile import SDTMConfig
@@ -77,45 +76,17 @@ def generate(pipe, steps: int, size: int, seed: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size / 4)")
-    parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--backend", default="sdtm_trt", choices=["sdtm_trt", "sdtm"])
-    parser.add_argument(
-        "--engine",
-        default="auto",
-        choices=["auto", "tensorrt", "inductor", "eager"],
-        help="the backend's engine option (auto: TensorRT where possible, else Inductor)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="save the SDTM image here (PNG)")
+    parser = compare_arguments(__doc__.splitlines()[0], 28, 256, "image side in pixels (latent = size / 4)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     pipe = tiny_sd3_pipeline(args.seed)
     pipe.set_progress_bar_config(disable=True)
-    eager_transformer = pipe.transformer
     config = SDTMConfig(ratio=args.ratio, deviation=min(0.2, args.ratio))
-    variants = {
-        "baseline, eager": eager_transformer,
-        "baseline, torch.compile (Inductor)": torch.compile(eager_transformer, dynamic=False),
-        f"SDTM ratio {args.ratio}, backend={args.backend}": torch.compile(
-            eager_transformer, backend=args.backend, options={"sdtm": config, "engine": args.engine}, dynamic=False
-        ),
-    }
-    seconds: dict[str, tuple[float, float]] = {}
-    with torch.no_grad():
-        for name, transformer in variants.items():
-            pipe.transformer = transformer
-            start = time.perf_counter()
-            image = generate(pipe, args.steps, args.size, args.seed)  # the first call compiles
-            first = time.perf_counter() - start
-            start = time.perf_counter()
-            # A generation context owns this generation's SDTM state (and, here, a record of its calls)
-            with sdtm_compile.generation(transformer, history=2 * args.steps) as run:
-                image = generate(pipe, args.steps, args.size, args.seed)
-            seconds[name] = (first, time.perf_counter() - start)
+    variants = compared_transformers(pipe.transformer, args, config)
+    seconds, run, image = time_pipeline(
+        pipe, variants, lambda: generate(pipe, args.steps, args.size, args.seed), 2 * args.steps
+    )
 
     sdtm_transformer = list(variants.values())[-1]
     (compiled,) = sdtm_compile.compiled_graphs(sdtm_transformer)  # what the backend built for this model
@@ -128,9 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     for step, rec in enumerate(steps):
         counts = compiled.token_counts(rec.key)
         print(f"{step:>4} {rec.timestep:>8.1f}  {str(rec.key):<15} {counts.attention:>8} {counts.feed_forward:>6}")
-    print(f"\nwall time per image ({args.steps} steps, CFG batch 2); first call includes compiling:")
-    for name, (first, warm) in seconds.items():
-        print(f"  {name:<40} {warm:7.2f} s   (first call {first:.1f} s)")
+    print_times(seconds, f"{args.steps} steps, CFG batch 2")
     print(f"SDTM engines: {len(compiled.engines)} on {sorted(set(compiled.engine_names.values()))}")
     if args.out:
         image.save(args.out)

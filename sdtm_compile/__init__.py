@@ -5,7 +5,7 @@ Public API::
     SDTMConfig                       # validated configuration
     schedule.*                       # CRA ratio, stages, buckets, token counts
     merge.ssm_plan / idm_plan / merge / unmerge
-    reference.sdtm_block_forward     # the eager reference (the oracle)
+    reference.sdtm_block_forward     # the eager reference (the oracle); reference_flux.* for Flux
     StageDispatcher                  # picks the engine from the timestep, carries li
     generation(model)                # a context owning one generation's state (li, history)
     compiled_graphs(model)           # the SDTM graphs torch.compile built for a model (engines, dispatcher)

@@ -90,8 +90,10 @@ def test_every_flux_bucket_matches_the_eager_reference(case):
 
 
 def test_flux_attention_merging_matches_the_reference():
-    """merge_attention=True: the double blocks' joint attention merged, RoPE gathered per merged token."""
-    buckets = _parity("eager", *CASES[1], SDTMConfig(merge_attention=True))
+    """merge_attention=True: the double blocks' joint attention merged, RoPE gathered per merged token (only the
+    structure stage merges attention; the detail buckets are the default's, tested above)."""
+    keys = [EngineKey(Stage.STRUCTURE, 0.6), EngineKey(Stage.STRUCTURE, 0.7)]
+    buckets = _parity("eager", *CASES[1], SDTMConfig(merge_attention=True), keys=keys)
     structure = buckets.counts(EngineKey(Stage.STRUCTURE, 0.7))
     assert structure.attention < structure.tokens  # attention really is merged
 
@@ -175,7 +177,8 @@ def test_flux_bucket_graphs_pass_the_tensorrt_lint():
     model = tiny_flux_transformer(TINY_FLUX, seed=1)
     inputs = flux_example_inputs(TINY_FLUX, 1, (24, 24))
     gm, flat = capture_dynamo_graph(model, inputs)
-    for config in (CONFIG, SDTMConfig(merge_attention=True, buckets=(0.7,))):
+    # every kind of bucket graph: unmerged, detail (IDM), structure (SSM) with and without merged attention
+    for config in (SDTMConfig(buckets=(0.5,)), SDTMConfig(merge_attention=True, buckets=(0.7,))):
         buckets = BucketGraphs(gm, flat, config, include_full=True)
         for bucket in buckets.distinct():
             with warnings.catch_warnings():
@@ -190,7 +193,8 @@ def test_onnx_bundle_runs_a_flux_generation(tmp_path):
 
     spec = TINY_FLUX
     model = tiny_flux_transformer(spec, seed=1)
-    config = SDTMConfig(buckets=(0.5,))  # 3 engines (full, structure@0.5, detail@0.5): export costs ~10 s each
+    # 3 engines (export costs ~10 s each): full, detail@0.5, structure@0.5 with merged attention (RoPE gathered)
+    config = SDTMConfig(buckets=(0.5,), merge_attention=True)
     manifest = export_onnx(model, flux_example_inputs(spec, 1, (24, 32)), config, tmp_path)
     assert [e["key"] for e in manifest["engines"]] == ["full", "detail@0.5", "structure@0.5"]
     names = sorted(i["name"] for i in manifest["inputs"])
