@@ -185,11 +185,18 @@ def position_from_timestep(timestep: float | torch.Tensor, config: SDTMConfig) -
     return min(max(1.0 - unshifted, 0.0), 1.0)
 
 
+#: Positions within this of ``switch_at`` count as reaching it: a position read back from a float32 sigma lands a
+#: few 1e-8 off the step fraction it stands for (FLUX at 20 steps: step 8 is exactly 0.4), and which stage a step
+#: gets must not hang on that rounding.
+SWITCH_TOLERANCE = 1e-6
+
+
 def stage_at(position: float, config: SDTMConfig) -> Stage:
-    """``STRUCTURE`` before ``config.switch_at``, ``DETAIL`` from it on; ``FULL`` when SDTM is off."""
+    """``STRUCTURE`` before ``config.switch_at``, ``DETAIL`` from it on (within :data:`SWITCH_TOLERANCE`);
+    ``FULL`` when SDTM is off."""
     if not config.enabled:
         return Stage.FULL
-    return Stage.STRUCTURE if position < config.switch_at else Stage.DETAIL
+    return Stage.STRUCTURE if position < config.switch_at - SWITCH_TOLERANCE else Stage.DETAIL
 
 
 def round_to_bucket(ratio: float, buckets: tuple[float, ...]) -> float:

@@ -2,6 +2,7 @@
 reference, ratio 0 against the model, whole generations without recompiles, the timestep mapping against
 diffusers' FLUX scheduler, the img_ids check, attention merging, ONNX."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -37,6 +38,7 @@ from sdtm_compile.schedule import (
     engines_for_trajectory,
     position_from_timestep,
     resolve_for_model,
+    stage_at,
 )
 from tests.helpers import capture_dynamo_graph
 
@@ -46,10 +48,12 @@ CASES = [  # (spec, batch, unpacked latent): dev (guidance) non-square batch 1, 
     (TINY_FLUX, 1, (20, 28)),  # 10x14 = 140 tokens
     (TINY_FLUX_SCHNELL, 2, (24, 24)),  # 12x12 = 144 tokens
 ]
-#: Inductor is the product engine; its regional build costs ~30-60 s cold on 2 cores, so it runs one
-#: representative key: the structure stage with merged attention (RoPE gathered per token, the joint split
-#: rewritten) and both feed-forwards merged (the single blocks' split proj_out).
+#: Inductor is the product engine; its regional build costs ~10 s per distinct region cold on 2 cores, so it runs
+#: one representative key on a 1 double + 1 single block model (every region kind, fewest regions): the structure
+#: stage with merged attention (RoPE gathered per token, the joint split rewritten) and both feed-forwards merged
+#: (the single block's split proj_out). The lint uses the same small model.
 INDUCTOR_KEYS = [EngineKey(Stage.STRUCTURE, 0.7)]
+ONE_OF_EACH = dataclasses.replace(TINY_FLUX_SCHNELL, num_layers=1, num_single_layers=1)
 TOLERANCE = {"eager": dict(rtol=0, atol=1e-6), "inductor": dict(rtol=1e-4, atol=1e-5)}
 
 
@@ -100,7 +104,7 @@ def test_flux_attention_merging_matches_the_reference():
 
 @pytest.mark.skipif(not INDUCTOR, reason="Inductor needs a C++ compiler")
 def test_flux_inductor_buckets_match_the_reference():
-    _parity("inductor", *CASES[1], SDTMConfig(merge_attention=True), keys=INDUCTOR_KEYS)
+    _parity("inductor", ONE_OF_EACH, 2, (24, 24), SDTMConfig(merge_attention=True), keys=INDUCTOR_KEYS)
 
 
 def test_flux_generation_has_no_recompiles_and_follows_the_reference():
@@ -146,7 +150,7 @@ def test_ratio_zero_is_the_unmodified_flux():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("latent", [(64, 64), (128, 128)], ids=["512px", "1024px"])
+@pytest.mark.parametrize("latent", [(32, 32), (128, 128)], ids=["256px", "1024px"])
 @pytest.mark.parametrize("steps", [4, 20, 28])
 def test_flux_positions_follow_the_dynamic_shift(latent, steps):
     """The dispatcher's position of every FLUX timestep is the unshifted sigma's 1 - u = s / S (mu derived from the
@@ -163,6 +167,8 @@ def test_flux_positions_follow_the_dynamic_shift(latent, steps):
         position = position_from_timestep(sigma, config)
         assert position == pytest.approx(step / steps, abs=1e-5)
         assert engine_key_at(position, config) in trajectory
+        # float32 sigmas never move a step across the switch (20 steps: step 8 sits exactly on 0.4)
+        assert stage_at(position, config) is stage_at(step / steps, config)
     # explicit sigmas give the release's step fraction s / (S - 1) exactly
     exact = resolve_for_model(SDTMConfig(sigmas=scheduler.sigmas[:-1].tolist()), "flux", tokens)
     for step, t in enumerate(scheduler.timesteps):
@@ -174,8 +180,8 @@ def test_flux_positions_follow_the_dynamic_shift(latent, steps):
 
 
 def test_flux_bucket_graphs_pass_the_tensorrt_lint():
-    model = tiny_flux_transformer(TINY_FLUX, seed=1)
-    inputs = flux_example_inputs(TINY_FLUX, 1, (24, 24))
+    model = tiny_flux_transformer(ONE_OF_EACH, seed=1)
+    inputs = flux_example_inputs(ONE_OF_EACH, 1, (24, 24))
     gm, flat = capture_dynamo_graph(model, inputs)
     # every kind of bucket graph: unmerged, detail (IDM), structure (SSM) with and without merged attention
     for config in (SDTMConfig(buckets=(0.5,)), SDTMConfig(merge_attention=True, buckets=(0.7,))):
