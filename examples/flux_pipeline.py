@@ -10,7 +10,7 @@ counts::
 
 SDTM on Flux merges the feed-forward of every block (the double blocks' image FF, the single blocks' image MLP)
 in both stages and leaves attention unmerged, as the authors did for RoPE models; ``--merge-attention`` also
-merges the double blocks' attention in the structure stage.
+merges every block's attention in the structure stage.
 """
 
 from __future__ import annotations

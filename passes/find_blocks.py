@@ -91,9 +91,10 @@ class SingleStream:
 class BlockSites:
     """One block's merge sites. ``kind``: ``joint`` (SD3), ``double`` or ``single`` (Flux).
 
-    ``attn`` / ``attn2`` / ``ff``: the image-token branches (a single block has none of them). ``stream``: a
-    single block's :class:`SingleStream`; its ``mlp`` branch (image part of the MLP) exists only once
-    ``split_single_stream`` has run on the graph, which sets it on this (per-rewrite) copy of the sites.
+    ``attn`` / ``attn2`` / ``ff``: the image-token branches (a single block has none of them when found).
+    ``stream``: a single block's :class:`SingleStream`; its ``mlp`` branch (image part of the MLP), and its
+    ``attn`` branch when the stage merges attention, exist only once ``split_single_stream`` has run on the graph,
+    which sets them on this (per-rewrite) copy of the sites.
     """
 
     index: int
@@ -112,11 +113,12 @@ class BlockSites:
     @property
     def plan_input(self) -> fx.Node:
         """The image tokens ``[B, N, C]`` the block's merge plan is made from (DESIGN §3, §8)."""
-        if self.attn is not None:
-            return self.attn.input
-        if self.mlp is None:
-            raise ValueError(f"{self.path}: a single-stream block has no plan input before split_single_stream")
-        return self.mlp.input
+        if self.stream is not None:
+            if self.mlp is None:
+                raise ValueError(f"{self.path}: a single-stream block has no plan input before split_single_stream")
+            return self.mlp.input
+        assert self.attn is not None
+        return self.attn.input
 
     def branches_named(self, names: tuple[str, ...]) -> list[tuple[str, Branch]]:
         """``(name, branch)`` for each of ``names`` (``attn``, ``attn2``, ``ff``, ``mlp``) this block has."""

@@ -10,8 +10,13 @@ the MLP's image tokens needs the MLP on its own path to ``proj_out``'s output, s
 The slices and concatenations of the text (``[:, :T]``) and image (``[:, T:]``) tokens are the seams
 ``insert_merge_nodes`` uses: ``x[:, T:]`` ``[B, N, C]`` is the block's plan input and the ``mlp`` branch's input,
 ``m[:, T:]`` its output; text tokens pass through the MLP with the image tokens (one matmul) and are never
-merged. The attention keeps every token (its RoPE positions untouched). Numerically the split equals the original
-up to float summation order (one ``C + 4C`` dot product becomes a ``C`` and a ``4C`` one, then a sum).
+merged. Numerically the split equals the original up to float summation order (one ``C + 4C`` dot product becomes
+a ``C`` and a ``4C`` one, then a sum).
+
+When the stage merges attention (``SDTMConfig.merge_attention``), the attention gets the same seams: its q/k/v
+read ``cat([x[:, :T], x[:, T:]], 1)`` and its output ``a`` reaches ``proj_out``'s attention columns as
+``cat([a[:, :T], a[:, T:]], 1)``; ``x[:, T:]`` to ``a[:, T:]`` is the block's ``attn`` branch (its RoPE reads are
+then gathered per merged token by ``gather_rotary_positions``). Otherwise the attention keeps every token.
 
 Runs only for merging engines: the ``FULL`` engine keeps the unmodified graph. Sets ``block.mlp`` on the
 rewrite's own copy of the sites (:meth:`ModelSites.remapped` gives every rewrite fresh ``BlockSites``).
@@ -25,9 +30,10 @@ import operator
 import torch
 from torch import fx
 
+from sdtm_compile.merge import merged_branches
 from sdtm_compile.schedule import Stage
 
-from ._graph import node_shape
+from ._graph import module_stack, node_shape
 from .find_blocks import Branch, ModelSites
 from .settings import PassSettings
 
@@ -54,7 +60,8 @@ def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
 
 
 def split_single_stream(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:
-    """Split every single-stream block's ``proj_out``; record each block's image MLP as its ``mlp`` branch."""
+    """Split every single-stream block's ``proj_out``; record each block's image MLP as its ``mlp`` branch (and,
+    when the stage merges attention, its image attention as its ``attn`` branch)."""
     if settings.key.stage is Stage.FULL:
         return gm
     singles = [block for block in sites.blocks if block.stream is not None]
@@ -63,6 +70,7 @@ def split_single_stream(gm: fx.GraphModule, sites: ModelSites, settings: PassSet
     graph = gm.graph
     text = sites.text_tokens
     assert text is not None  # find_mmdit_blocks sets it whenever there is a single-stream block
+    merge_attention = "attn" in merged_branches(settings.key.stage, sites.family, settings.config)
     for block in singles:
         stream = block.stream
         assert stream is not None
@@ -83,6 +91,13 @@ def split_single_stream(gm: fx.GraphModule, sites: ModelSites, settings: PassSet
         with graph.inserting_after(image_in):
             mlp_in = call(torch.cat, ([text_in, image_in], 1), stream.proj_mlp)
         stream.proj_mlp.replace_input_with(norm, mlp_in)
+        attention = [n for n in graph.nodes if any(p == f"{block.path}.attn" for p, _ in module_stack(n))]
+        attn_in = None
+        if merge_attention:  # the attention reads the joint sequence through the same seam
+            with graph.inserting_after(mlp_in):
+                attn_in = call(torch.cat, ([text_in, image_in], 1), stream.proj_mlp)
+            for user in [u for u in norm.users if u in set(attention)]:
+                user.replace_input_with(norm, attn_in)
 
         # proj_out by column blocks: attention columns (with the bias) + MLP columns, text and image apart.
         with graph.inserting_after(stream.proj_out):
@@ -97,8 +112,17 @@ def split_single_stream(gm: fx.GraphModule, sites: ModelSites, settings: PassSet
             image_out = call(operator.getitem, (mlp_out, (slice(None), slice(text, None))), stream.proj_out)
         with graph.inserting_after(image_out):
             mlp_joint = call(torch.cat, ([text_out, image_out], 1), stream.proj_out)
-        with graph.inserting_after(mlp_joint):
-            attn_out = call(linear, (stream.attn_output, w_attn, bias), stream.proj_out)
+        attn_joint = stream.attn_output
+        if merge_attention:
+            with graph.inserting_after(mlp_joint):
+                attn_text = call(operator.getitem, (attn_joint, (slice(None), slice(None, text))), stream.proj_out)
+            with graph.inserting_after(attn_text):
+                attn_image = call(operator.getitem, (attn_joint, (slice(None), slice(text, None))), stream.proj_out)
+            with graph.inserting_after(attn_image):
+                attn_joint = call(torch.cat, ([attn_text, attn_image], 1), stream.proj_out)
+            block.attn = Branch(f"{block.path}.attn", image_in, attn_image, [attn_in, *attention])
+        with graph.inserting_after(attn_joint if merge_attention else mlp_joint):
+            attn_out = call(linear, (attn_joint, w_attn, bias), stream.proj_out)
         with graph.inserting_after(attn_out):
             projected = call(operator.add, (attn_out, mlp_joint), stream.proj_out)
         stream.proj_out.replace_all_uses_with(projected)
@@ -108,5 +132,10 @@ def split_single_stream(gm: fx.GraphModule, sites: ModelSites, settings: PassSet
             f"{block.path}.proj_mlp", image_in, image_out, [mlp_in, stream.proj_mlp, stream.act, mlp_out]
         )
     gm.recompile()
-    logger.debug("split_single_stream: %s: split proj_out of %d single-stream blocks", settings.key, len(singles))
+    logger.debug(
+        "split_single_stream: %s: split proj_out of %d single-stream blocks%s",
+        settings.key,
+        len(singles),
+        " (and cut their attention for merging)" if merge_attention else "",
+    )
     return gm

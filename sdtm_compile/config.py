@@ -55,8 +55,9 @@ class SDTMConfig:
             model runs). More buckets follow the schedule more closely but build more engines.
         merge_attention: Whether the structure stage merges the attention too. ``None`` (default): the model
             family's choice - SD3 / SD3.5 yes (as released), Flux no (the authors left attention unmerged on
-            RoPE models, DESIGN §8). ``True`` on Flux merges the double blocks' joint attention, each merged token
-            taking its representative token's rotary position; ``False`` on SD3 merges only the feed-forward.
+            RoPE models, DESIGN §8). ``True`` on Flux merges every block's attention (double and single-stream),
+            each merged token taking its representative token's rotary position; ``False`` on SD3 merges only
+            the feed-forward.
         timestep_shift: The flow-matching shift ``k`` of the scheduler that produces the timesteps
             (``sigma' = k sigma / (1 + (k - 1) sigma)``); the dispatcher undoes it to turn a timestep into a
             trajectory position. ``None`` (default): from the model and ``scheduler`` - SD3 / SD3.5 pipelines

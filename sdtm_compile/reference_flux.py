@@ -12,9 +12,9 @@ diffusers model:
   MLP columns of ``proj_out``, unmerged before the sum with the attention columns and the bias);
 * attention runs on every token (the authors' choice for RoPE models); text is never merged.
 
-With ``SDTMConfig(merge_attention=True)`` the structure stage also merges the double blocks' joint attention
-(image queries, keys and values), each merged token rotated by its representative token's RoPE position
-(:func:`merged_rotary_emb`); the single blocks' attention stays unmerged.
+With ``SDTMConfig(merge_attention=True)`` the structure stage also merges the attention of every block (the image
+tokens of the joint sequence: queries, keys and values), each merged token rotated by its representative token's
+RoPE position (:func:`merged_rotary_emb`).
 
 Not handled: ControlNet residuals, IP-Adapter inputs, ``joint_attention_kwargs``.
 """
@@ -61,21 +61,37 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
 
 
-def _merged_joint_attention(attn: nn.Module, image: torch.Tensor, text: torch.Tensor, rotary: Rotary):
-    """``FluxAttnProcessor`` on merged image tokens ``[B, M, C]`` with per-row RoPE ``[B, T + M, 1, D]``."""
-    query, key, value = (proj(image).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-    query, key = attn.norm_q(query), attn.norm_k(key)
-    t_query, t_key, t_value = (
-        proj(text).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-    )
-    t_query, t_key = attn.norm_added_q(t_query), attn.norm_added_k(t_key)
-    query, key, value = (torch.cat(pair, dim=1) for pair in ((t_query, query), (t_key, key), (t_value, value)))
+def _heads(attn: nn.Module, x: torch.Tensor, projections: tuple, norms: tuple) -> list[torch.Tensor]:
+    """``[q, k, v]`` ``[B, S, H, D]`` of ``x`` through ``projections``, q and k through ``norms`` (RMS per head)."""
+    q, k, v = (proj(x).unflatten(-1, (-1, attn.head_dim)) for proj in projections)
+    return [norms[0](q), norms[1](k), v]
+
+
+def _rotated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """SDPA of ``[B, S, H, D]`` heads with per-row RoPE ``[B, S, 1, D]``, flattened back to ``[B, S, H * D]``."""
     cos, sin = rotary
     query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
     out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
-    out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+    return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+
+
+def _merged_joint_attention(attn: nn.Module, image: torch.Tensor, text: torch.Tensor, rotary: Rotary):
+    """``FluxAttnProcessor`` (double block) on merged image tokens ``[B, M, C]`` with per-row RoPE
+    ``[B, T + M, 1, D]``: ``(image output [B, M, C], text output [B, T, C])``."""
+    image_heads = _heads(attn, image, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
+    text_heads = _heads(
+        attn, text, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), (attn.norm_added_q, attn.norm_added_k)
+    )
+    query, key, value = (torch.cat(pair, dim=1) for pair in zip(text_heads, image_heads))
+    out = _rotated_attention(query, key, value, rotary)
     text_out, image_out = out.split_with_sizes([text.shape[1], image.shape[1]], dim=1)
     return attn.to_out[1](attn.to_out[0](image_out.contiguous())), attn.to_add_out(text_out.contiguous())
+
+
+def _merged_single_attention(attn: nn.Module, joint: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """``FluxAttnProcessor`` (single block, no output projection) on ``[B, T + M, C]`` with per-row RoPE."""
+    query, key, value = _heads(attn, joint, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
+    return _rotated_attention(query, key, value, rotary)
 
 
 def flux_double_block_forward(
@@ -155,10 +171,17 @@ def flux_single_block_forward(
         plan, li = plan_for(key, norm_hs[:, text:], li, grid[0], grid[1], config)
         if on_plan is not None:
             on_plan(plan)
-    merge_mlp = plan is not None and "mlp" in merged_branches(key.stage, "flux", config)
-    mlp_input = torch.cat([norm_hs[:, :text], merge(norm_hs[:, text:], plan)], 1) if merge_mlp else norm_hs
+    merged = merged_branches(key.stage, "flux", config)
+    merge_mlp = plan is not None and "mlp" in merged
+    image = merge(norm_hs[:, text:], plan) if plan is not None else None
+    mlp_input = torch.cat([norm_hs[:, :text], image], 1) if merge_mlp else norm_hs
     mlp_hidden_states = block.act_mlp(block.proj_mlp(mlp_input))
-    attn_output = block.attn(hidden_states=norm_hs, image_rotary_emb=rotary)
+    if plan is not None and "attn" in merged:  # the joint sequence with merged image tokens, RoPE rows per token
+        joint = torch.cat([norm_hs[:, :text], image], 1)
+        attn_output = _merged_single_attention(block.attn, joint, merged_rotary_emb(rotary, plan, text))
+        attn_output = torch.cat([attn_output[:, :text], unmerge(attn_output[:, text:], plan)], 1)
+    else:
+        attn_output = block.attn(hidden_states=norm_hs, image_rotary_emb=rotary)
     if merge_mlp:  # proj_out by column blocks (the split_single_stream pass): attention + bias, then the MLP
         channels = attn_output.shape[-1]
         weight, bias = block.proj_out.weight, block.proj_out.bias

@@ -94,7 +94,7 @@ def test_every_flux_bucket_matches_the_eager_reference(case):
 
 
 def test_flux_attention_merging_matches_the_reference():
-    """merge_attention=True: the double blocks' joint attention merged, RoPE gathered per merged token (only the
+    """merge_attention=True: every block's attention merged, RoPE gathered per merged token (only the
     structure stage merges attention; the detail buckets are the default's, tested above)."""
     keys = [EngineKey(Stage.STRUCTURE, 0.6), EngineKey(Stage.STRUCTURE, 0.7)]
     buckets = _parity("eager", *CASES[1], SDTMConfig(merge_attention=True), keys=keys)

@@ -20,7 +20,7 @@ from torch import fx
 
 from sdtm_compile import SDTMConfig
 from sdtm_compile.models import TINY_FLUX, flux_example_inputs, tiny_flux_transformer
-from sdtm_compile.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
+from sdtm_compile.ops import sdtm_merge, sdtm_plan, sdtm_rotary, sdtm_unmerge
 from sdtm_compile.schedule import FULL, EngineKey, Stage
 from tests.helpers import capture_dynamo_graph
 
@@ -126,22 +126,27 @@ def test_flux_rewrite_merges_the_feed_forwards_only(flux_graph, key):
     merged_inputs = [n.args[0] for n in out.graph.nodes if n.target is sdtm_merge]
     blocks = rewritten.sites.blocks
     assert merged_inputs == [blocks[0].ff.input, blocks[1].ff.input, blocks[2].mlp.input, blocks[3].mlp.input]
-    # the double blocks' joint attention is untouched: its split keeps [T, N]
+    # by default the double blocks' joint attention is untouched: its split keeps [T, N]
     splits = [n for n in out.graph.nodes if n.op == "call_method" and n.target == "split_with_sizes"]
     assert [list(n.args[1]) for n in splits] == [[TINY_FLUX.text_tokens, 60]] * 2
 
 
-def test_flux_attention_merge_option_merges_the_double_blocks_attention(flux_graph):
+def test_flux_attention_merge_option_merges_every_attention(flux_graph):
     _, _, gm, flat = flux_graph
     config = SDTMConfig(merge_attention=True)
     rewritten = rewrite_for_engine(gm, flat, PassSettings(config, STRUCTURE))
     out, blocks = rewritten.gm, rewritten.sites.blocks
-    assert count(out, sdtm_merge) == 6  # double: attn + ff; single: MLP only
+    assert count(out, sdtm_merge) == 8  # double: attn + ff; single: attention + MLP (both from x[:, T:])
     merged = [n.args[0] for n in out.graph.nodes if n.target is sdtm_merge]
-    assert blocks[0].attn.input in merged and blocks[1].attn.input in merged
+    assert all(block.attn.input in merged for block in blocks)
+    for block in blocks[2:]:  # the single block's attention reads the seam, its q/k/v no longer the joint norm
+        assert block.attn.input is block.mlp.input is block.plan_input
+        assert not any(module_stack(u)[-1][0].startswith(f"{block.path}.attn") for u in block.stream.norm_output.users)
+    # every RoPE read inside a merged attention is gathered per merged token
+    assert count(out, sdtm_rotary) == 4 * 4  # 4 attentions, each reads cos and sin for q and for k
     # the detail stage never merges attention
     detail = rewrite_for_engine(gm, flat, PassSettings(config, DETAIL))
-    assert count(detail.gm, sdtm_merge) == 4
+    assert count(detail.gm, sdtm_merge) == 4 and count(detail.gm, sdtm_rotary) == 0
 
 
 def test_flux_passes_out_of_order_are_refused(flux_graph):
