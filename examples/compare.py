@@ -1,5 +1,5 @@
-"""What the pipeline examples share: their command line, the three transformers they compare (eager, plain
-Inductor, SDTM) and the timing of one pipeline call with each.
+"""What the pipeline examples share: a tiny VAE, their command line, the three transformers they compare (eager,
+plain Inductor, SDTM) and the timing of one pipeline call with each.
 
 Not an example of its own: ``sd3_pipeline.py`` and ``flux_pipeline.py`` import it (they run from this folder).
 """
@@ -15,6 +15,26 @@ import torch
 
 import sdtm_compile
 from sdtm_compile import SDTMConfig
+
+
+def tiny_vae(latent_channels: int, shift_factor: float, scaling_factor: float):
+    """A tiny ``AutoencoderKL`` built from config (4x downsampling, seeded by the caller's ``torch.manual_seed``)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
 
 
 def compare_arguments(description: str, steps: int, size: int, size_help: str) -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from compare import compare_arguments, compared_transformers, print_times, time_pipeline
+from compare import compare_arguments, compared_transformers, print_times, time_pipeline, tiny_vae
 
 import sdtm_compile
 from sdtm_compile import SDTMConfig
@@ -28,23 +28,10 @@ from sdtm_compile.sampling import FLUX_SCHEDULER_CONFIG, make_flux_generation_in
 
 def tiny_flux_pipeline(seed: int = 0):
     """A ``FluxPipeline`` made of tiny components built from config (no text encoders)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        latent_channels=TINY_FLUX.latent_channels,
-        norm_num_groups=4,
-        shift_factor=0.1159,  # FLUX.1's VAE
-        scaling_factor=0.3611,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    vae = tiny_vae(TINY_FLUX.latent_channels, shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's VAE factors
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
         vae=vae,

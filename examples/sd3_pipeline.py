@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from compare import compare_arguments, compared_transformers, print_times, time_pipeline
+from compare import compare_arguments, compared_transformers, print_times, time_pipeline, tiny_vae
 
 import sdtm_compile
 from sdtm_compile import SDTMConfig
@@ -22,23 +22,10 @@ from sdtm_compile.sampling import make_generation_inputs
 
 def tiny_sd3_pipeline(seed: int = 0):
     """A ``StableDiffusion3Pipeline`` made of tiny components built from config (no text encoders)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        latent_channels=TINY_SD3.in_channels,
-        norm_num_groups=4,
-        shift_factor=0.0609,
-        scaling_factor=1.5305,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    vae = tiny_vae(TINY_SD3.in_channels, shift_factor=0.0609, scaling_factor=1.5305)
     return StableDiffusion3Pipeline(
         transformer=tiny_sd3_transformer(TINY_SD3, seed=seed),
         vae=vae,
