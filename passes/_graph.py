@@ -7,7 +7,7 @@ import re
 import torch
 from torch import fx
 
-__all__ = ["module_path", "module_stack", "node_shape", "copy_graph_module", "copy_with_node_map"]
+__all__ = ["module_path", "module_stack", "node_shape", "copy_graph_module", "copy_with_node_map", "copy_location"]
 
 
 def module_path(raw: str) -> str:
@@ -35,6 +35,16 @@ def node_shape(node: object) -> tuple[int, ...] | None:
         return None
     value = node.meta.get("val", node.meta.get("example_value"))
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def copy_location(new: fx.Node, like: fx.Node, role: str) -> fx.Node:
+    """Give a node a pass inserted ``like``'s module stack (so regions, the lint and profiles put it in that block)
+    and mark it as ours: ``meta["sdtm"] = role`` (the shape check re-propagates every node so marked)."""
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in like.meta:
+            new.meta[key] = like.meta[key]
+    new.meta["sdtm"] = role
+    return new
 
 
 def copy_with_node_map(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:

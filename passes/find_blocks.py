@@ -73,7 +73,8 @@ class SingleStream:
     """The nodes of a ``FluxSingleTransformerBlock`` that ``split_single_stream`` rewrites.
 
     ``norm_output`` ``[B, T+N, C]`` feeds ``proj_mlp`` (a linear, then ``act`` ``[B, T+N, 4C]``) and the attention
-    (output ``attn_output`` ``[B, T+N, C]``); ``concat`` = ``cat([attn_output, act], -1)`` feeds ``proj_out``.
+    (its nodes: ``attention``; output ``attn_output`` ``[B, T+N, C]``); ``concat`` = ``cat([attn_output, act], -1)``
+    feeds ``proj_out``.
     """
 
     norm_output: fx.Node
@@ -82,9 +83,11 @@ class SingleStream:
     attn_output: fx.Node
     concat: fx.Node
     proj_out: fx.Node
+    attention: list[fx.Node] = field(default_factory=list)
 
     def remapped(self, node_map: dict[fx.Node, fx.Node]) -> SingleStream:
-        return SingleStream(*(node_map[getattr(self, name)] for name in self.__dataclass_fields__))
+        nodes = (node_map[getattr(self, name)] for name in self.__dataclass_fields__ if name != "attention")
+        return SingleStream(*nodes, attention=[node_map[n] for n in self.attention])
 
 
 @dataclass
@@ -237,7 +240,8 @@ def _single_stream(path: str, nodes: list[fx.Node]) -> SingleStream:
         and len(act.users) == 1
     ):
         raise _unsupported(f"{path}: expected the MLP branch act(proj_mlp(norm)) as proj_out's second input")
-    return SingleStream(proj_mlp.args[0], proj_mlp, act, attn_output, concat, proj_out)
+    attention = [n for n in nodes if any(p == f"{path}.attn" for p, _ in module_stack(n))]
+    return SingleStream(proj_mlp.args[0], proj_mlp, act, attn_output, concat, proj_out, attention)
 
 
 def image_grid(ids: torch.Tensor, num_tokens: int) -> tuple[int, int]:

@@ -19,11 +19,11 @@ from torch import fx
 from sdtm_compile.merge import merged_branches
 from sdtm_compile.ops import PLAN_OUTPUTS, sdtm_merge, sdtm_rotary
 
-from ._graph import node_shape
-from .find_blocks import ModelSites
+from ._graph import copy_location, node_shape
+from .find_blocks import BlockSites, ModelSites
 from .settings import PassSettings
 
-__all__ = ["gather_rotary_positions", "rotary_reads"]
+__all__ = ["gather_rotary_positions", "pending_rotary_reads", "rotary_reads"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +51,21 @@ def rotary_reads(nodes: list[fx.Node], joint_tokens: int) -> list[fx.Node]:
     return found
 
 
+def pending_rotary_reads(sites: ModelSites, settings: PassSettings) -> list[tuple[BlockSites, list[fx.Node]]]:
+    """``(block, reads)`` for every merged attention that still reads the unmerged RoPE table (empty when the stage
+    merges no attention, or once :func:`gather_rotary_positions` has run)."""
+    if "attn" not in merged_branches(settings.key.stage, sites.family, settings.config) or not sites.text_tokens:
+        return []
+    joint = sites.num_tokens + sites.text_tokens
+    found = [(block, rotary_reads(block.attn.nodes, joint)) for block in sites.blocks if block.attn is not None]
+    return [(block, reads) for block, reads in found if reads]
+
+
 def gather_rotary_positions(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:
     """Replace every RoPE read inside a merged attention with ``sdtm_rotary(table, members, T)``."""
-    if "attn" not in merged_branches(settings.key.stage, sites.family, settings.config) or not sites.text_tokens:
-        return gm
-    joint = sites.num_tokens + sites.text_tokens
-    replaced = 0
-    for block in sites.blocks:
-        if block.attn is None:
-            continue
-        reads = rotary_reads(block.attn.nodes, joint)
-        if not reads:
-            continue
+    pending = pending_rotary_reads(sites, settings)
+    for block, reads in pending:
+        assert block.attn is not None
         merge_node = next((u for u in block.attn.input.users if u.target is sdtm_merge), None)
         if merge_node is None:
             raise ValueError(f"{block.path}: merged attention without an sdtm_merge node: run insert_merge_nodes first")
@@ -72,12 +75,14 @@ def gather_rotary_positions(gm: fx.GraphModule, sites: ModelSites, settings: Pas
         for read in reads:
             with gm.graph.inserting_after(read):
                 rotary = gm.graph.call_function(sdtm_rotary, (read.args[0], members, sites.text_tokens))
-            rotary.meta.update({k: v for k, v in read.meta.items() if k in ("nn_module_stack", "stack_trace")})
-            rotary.meta["sdtm"] = "rotary"
+            copy_location(rotary, read, "rotary")
             read.replace_all_uses_with(rotary)
             gm.graph.erase_node(read)
             block.attn.nodes[block.attn.nodes.index(read)] = rotary
-            replaced += 1
     gm.recompile()
-    logger.debug("gather_rotary_positions: %s: %d RoPE reads gathered per merged token", settings.key, replaced)
+    logger.debug(
+        "gather_rotary_positions: %s: %d RoPE reads gathered per merged token",
+        settings.key,
+        sum(len(reads) for _, reads in pending),
+    )
     return gm

@@ -11,6 +11,7 @@ from sdtm_compile.merge import merged_branches, plan_spec
 from sdtm_compile.ops import PLAN_OUTPUTS, sdtm_merge, sdtm_plan, sdtm_unmerge
 from sdtm_compile.schedule import Stage
 
+from ._graph import copy_location
 from .find_blocks import Branch, ModelSites
 from .settings import PassSettings
 from .thread_li import li_input
@@ -18,14 +19,6 @@ from .thread_li import li_input
 __all__ = ["insert_merge_nodes"]
 
 logger = logging.getLogger(__name__)
-
-
-def _copy_location(new: fx.Node, like: fx.Node, role: str) -> None:
-    """Give an inserted node the module stack of ``like`` (so lint and profiles name the block) and a role."""
-    for key in ("nn_module_stack", "stack_trace"):
-        if key in like.meta:
-            new.meta[key] = like.meta[key]
-    new.meta["sdtm"] = role
 
 
 def _wrap_branch(graph: fx.Graph, branch: Branch, plan: list[fx.Node]) -> None:
@@ -38,11 +31,11 @@ def _wrap_branch(graph: fx.Graph, branch: Branch, plan: list[fx.Node]) -> None:
     slot, last = plan[0], plan[-1]
     with graph.inserting_after(last if _after(last, branch.input) else branch.input):
         merged = graph.call_function(sdtm_merge, (branch.input, *plan))
-    _copy_location(merged, branch.input, "merge")
+    copy_location(merged, branch.input, "merge")
     branch.input.replace_all_uses_with(merged, delete_user_cb=lambda user: user in inside)
     with graph.inserting_after(branch.output):
         restored = graph.call_function(sdtm_unmerge, (branch.output, slot))
-    _copy_location(restored, branch.output, "unmerge")
+    copy_location(restored, branch.output, "unmerge")
     branch.output.replace_all_uses_with(
         restored, delete_user_cb=lambda user: user is not restored and user not in inside
     )
@@ -82,7 +75,7 @@ def insert_merge_nodes(gm: fx.GraphModule, sites: ModelSites, settings: PassSett
         li = parts["li"]
         merge_args = [parts[name] for name in PLAN_OUTPUTS if name != "li"]  # sdtm_merge's order
         for node in (plan, *parts.values()):
-            _copy_location(node, block.plan_input, "plan")
+            copy_location(node, block.plan_input, "plan")
         for _, branch in block.branches_named(merged):
             _wrap_branch(graph, branch, merge_args)
     output = next(n for n in graph.nodes if n.op == "output")

@@ -22,7 +22,7 @@ from sdtm_compile.schedule import EngineKey, Stage
 from ._graph import copy_with_node_map, node_shape
 from .find_blocks import FALLBACK_HINT, ModelSites, find_mmdit_blocks
 from .fix_token_shapes import TokenShapeError, fix_token_shapes, propagate_shapes
-from .gather_rotary import gather_rotary_positions, rotary_reads
+from .gather_rotary import gather_rotary_positions, pending_rotary_reads
 from .insert_merge import insert_merge_nodes
 from .settings import PassSettings
 from .split_single_stream import split_single_stream
@@ -56,10 +56,7 @@ def _merged_as_planned(gm: fx.GraphModule, sites: ModelSites, settings: PassSett
 
 def _rotary_per_token(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> bool:
     """No merged attention reads the RoPE table of the unmerged sequence."""
-    if "attn" not in merged_branches(settings.key.stage, sites.family, settings.config) or not sites.text_tokens:
-        return True
-    joint = sites.num_tokens + sites.text_tokens
-    return not any(rotary_reads(b.attn.nodes, joint) for b in sites.blocks if b.attn is not None)
+    return not pending_rotary_reads(sites, settings)
 
 
 def _single_streams_split(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> bool:

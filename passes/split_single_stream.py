@@ -33,7 +33,7 @@ from torch import fx
 from sdtm_compile.merge import merged_branches
 from sdtm_compile.schedule import Stage
 
-from ._graph import module_stack, node_shape
+from ._graph import copy_location, node_shape
 from .find_blocks import Branch, ModelSites
 from .settings import PassSettings
 
@@ -42,13 +42,16 @@ __all__ = ["split_single_stream"]
 logger = logging.getLogger(__name__)
 
 
-def _located(node: fx.Node, like: fx.Node) -> fx.Node:
-    """Give a new node ``like``'s module stack (so regions and profiles put it in the block) and mark it ours."""
-    for key in ("nn_module_stack", "stack_trace"):
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    node.meta["sdtm"] = "split"
-    return node
+def _seam(graph: fx.Graph, x: fx.Node, text: int, after: fx.Node, like: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """``x[:, :T]``, ``x[:, T:]`` and their ``cat`` along the tokens, inserted after ``after``: ``(text, image,
+    joint)``. A no-op at ratio 0; once the image part is merged (or unmerged) in between, the merge seam."""
+    parts = []
+    for index in ((slice(None), slice(None, text)), (slice(None), slice(text, None))):
+        with graph.inserting_after(parts[-1] if parts else after):
+            parts.append(copy_location(graph.call_function(operator.getitem, (x, index)), like, "split"))
+    with graph.inserting_after(parts[-1]):
+        joint = copy_location(graph.call_function(torch.cat, (parts, 1)), like, "split")
+    return parts[0], parts[1], joint
 
 
 def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
@@ -81,22 +84,17 @@ def split_single_stream(gm: fx.GraphModule, sites: ModelSites, settings: PassSet
         channels = node_shape(stream.attn_output)[-1]  # type: ignore[index]
 
         def call(target, args, like):
-            return _located(graph.call_function(target, args), like)
+            return copy_location(graph.call_function(target, args), like, "split")
 
         # The MLP's input: text and image tokens, cut apart so the image part can be merged.
-        with graph.inserting_after(norm):
-            text_in = call(operator.getitem, (norm, (slice(None), slice(None, text))), stream.proj_mlp)
-        with graph.inserting_after(text_in):
-            image_in = call(operator.getitem, (norm, (slice(None), slice(text, None))), stream.proj_mlp)
-        with graph.inserting_after(image_in):
-            mlp_in = call(torch.cat, ([text_in, image_in], 1), stream.proj_mlp)
+        text_in, image_in, mlp_in = _seam(graph, norm, text, norm, stream.proj_mlp)
         stream.proj_mlp.replace_input_with(norm, mlp_in)
-        attention = [n for n in graph.nodes if any(p == f"{block.path}.attn" for p, _ in module_stack(n))]
         attn_in = None
         if merge_attention:  # the attention reads the joint sequence through the same seam
             with graph.inserting_after(mlp_in):
                 attn_in = call(torch.cat, ([text_in, image_in], 1), stream.proj_mlp)
-            for user in [u for u in norm.users if u in set(attention)]:
+            attention = set(stream.attention)
+            for user in [u for u in norm.users if u in attention]:
                 user.replace_input_with(norm, attn_in)
 
         # proj_out by column blocks: attention columns (with the bias) + MLP columns, text and image apart.
@@ -106,21 +104,11 @@ def split_single_stream(gm: fx.GraphModule, sites: ModelSites, settings: PassSet
             w_mlp = call(operator.getitem, (weight, (slice(None), slice(channels, None))), stream.proj_out)
         with graph.inserting_after(w_mlp):
             mlp_out = call(linear, (stream.act, w_mlp, None), stream.proj_out)
-        with graph.inserting_after(mlp_out):
-            text_out = call(operator.getitem, (mlp_out, (slice(None), slice(None, text))), stream.proj_out)
-        with graph.inserting_after(text_out):
-            image_out = call(operator.getitem, (mlp_out, (slice(None), slice(text, None))), stream.proj_out)
-        with graph.inserting_after(image_out):
-            mlp_joint = call(torch.cat, ([text_out, image_out], 1), stream.proj_out)
+        _, image_out, mlp_joint = _seam(graph, mlp_out, text, mlp_out, stream.proj_out)
         attn_joint = stream.attn_output
         if merge_attention:
-            with graph.inserting_after(mlp_joint):
-                attn_text = call(operator.getitem, (attn_joint, (slice(None), slice(None, text))), stream.proj_out)
-            with graph.inserting_after(attn_text):
-                attn_image = call(operator.getitem, (attn_joint, (slice(None), slice(text, None))), stream.proj_out)
-            with graph.inserting_after(attn_image):
-                attn_joint = call(torch.cat, ([attn_text, attn_image], 1), stream.proj_out)
-            block.attn = Branch(f"{block.path}.attn", image_in, attn_image, [attn_in, *attention])
+            _, attn_image, attn_joint = _seam(graph, stream.attn_output, text, mlp_joint, stream.proj_out)
+            block.attn = Branch(f"{block.path}.attn", image_in, attn_image, [attn_in, *stream.attention])
         with graph.inserting_after(attn_joint if merge_attention else mlp_joint):
             attn_out = call(linear, (attn_joint, w_attn, bias), stream.proj_out)
         with graph.inserting_after(attn_out):
