@@ -21,17 +21,20 @@ __all__ = ["insert_merge_nodes"]
 logger = logging.getLogger(__name__)
 
 
-def _wrap_branch(graph: fx.Graph, branch: Branch, plan: list[fx.Node]) -> None:
+def _wrap_branch(graph: fx.Graph, branch: Branch, plan: list[fx.Node], merges: dict[fx.Node, fx.Node]) -> None:
     """Merge what enters ``branch`` and unmerge what leaves it; nodes outside the branch are untouched.
 
     ``plan`` is ``[slot, inv_count, members, extra_tokens, extra_slots]``: getitem nodes of one ``sdtm_plan``, in
-    ``sdtm_merge``'s order.
+    ``sdtm_merge``'s order. ``merges``: the block's merges so far, by input; branches that share an input (a Flux
+    single block's attention and MLP both read ``x[:, T:]``) share one merge.
     """
     inside = set(branch.nodes)
     slot, last = plan[0], plan[-1]
-    with graph.inserting_after(last if _after(last, branch.input) else branch.input):
-        merged = graph.call_function(sdtm_merge, (branch.input, *plan))
-    copy_location(merged, branch.input, "merge")
+    merged = merges.get(branch.input)
+    if merged is None:
+        with graph.inserting_after(last if _after(last, branch.input) else branch.input):
+            merged = merges[branch.input] = graph.call_function(sdtm_merge, (branch.input, *plan))
+        copy_location(merged, branch.input, "merge")
     branch.input.replace_all_uses_with(merged, delete_user_cb=lambda user: user in inside)
     with graph.inserting_after(branch.output):
         restored = graph.call_function(sdtm_unmerge, (branch.output, slot))
@@ -76,8 +79,9 @@ def insert_merge_nodes(gm: fx.GraphModule, sites: ModelSites, settings: PassSett
         merge_args = [parts[name] for name in PLAN_OUTPUTS if name != "li"]  # sdtm_merge's order
         for node in (plan, *parts.values()):
             copy_location(node, block.plan_input, "plan")
+        merges: dict[fx.Node, fx.Node] = {}
         for _, branch in block.branches_named(merged):
-            _wrap_branch(graph, branch, merge_args)
+            _wrap_branch(graph, branch, merge_args, merges)
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = ((*output.args[0][:-1], li),)
     gm.recompile()

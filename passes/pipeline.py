@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from sdtm_compile.merge import init_li, merged_branches
-from sdtm_compile.ops import sdtm_merge, sdtm_plan
+from sdtm_compile.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
 from sdtm_compile.schedule import EngineKey, Stage
 
 from ._graph import copy_with_node_map, node_shape
@@ -44,14 +44,16 @@ def _has_li(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> bo
 
 
 def _merged_as_planned(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> bool:
-    """One plan per block and a merge per merged branch (none for the FULL engine)."""
+    """One plan per block, a merge per distinct merged input and an unmerge per merged branch (none for FULL)."""
     plans = sum(n.target is sdtm_plan for n in gm.graph.nodes)
     merges = sum(n.target is sdtm_merge for n in gm.graph.nodes)
+    unmerges = sum(n.target is sdtm_unmerge for n in gm.graph.nodes)
     if settings.key.stage is Stage.FULL:
-        return plans == merges == 0
+        return plans == merges == unmerges == 0
     merged = merged_branches(settings.key.stage, sites.family, settings.config)
-    per_block = [len(b.branches_named(merged)) for b in sites.blocks]
-    return plans == len(sites.blocks) and merges == sum(per_block)
+    branches = [b.branches_named(merged) for b in sites.blocks]
+    inputs = sum(len({branch.input for _, branch in named}) for named in branches)
+    return plans == len(sites.blocks) and merges == inputs and unmerges == sum(map(len, branches))
 
 
 def _rotary_per_token(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> bool:
