@@ -51,6 +51,10 @@ class TinySpec:
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
+    @property
+    def num_blocks(self) -> int:
+        return self.num_layers
+
 
 #: Plain SD3 (no dual attention).
 TINY_SD3 = TinySpec()
@@ -119,6 +123,11 @@ class FluxSpec:
     @property
     def in_channels(self) -> int:
         return 4 * self.latent_channels
+
+    @property
+    def num_blocks(self) -> int:
+        """Double- and single-stream blocks, in the order SDTM numbers them (merge maps, ``on_plan``)."""
+        return self.num_layers + self.num_single_layers
 
 
 #: FLUX.1-dev's layout in miniature: 2 double + 2 single blocks, guidance embedding, 3-axis RoPE.

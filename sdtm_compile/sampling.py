@@ -33,6 +33,7 @@ __all__ = [
     "make_flux_generation_inputs",
     "make_flux_scheduler",
     "flux_set_timesteps",
+    "flux_call_inputs",
     "flux_denoising",
     "flux_generate",
 ]
@@ -227,6 +228,21 @@ def flux_set_timesteps(scheduler, num_steps: int, num_tokens: int) -> None:
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
 
 
+def flux_call_inputs(inputs: FluxGenerationInputs, latents: torch.Tensor, sigma: torch.Tensor) -> dict[str, Any]:
+    """The keyword inputs of one FLUX.1 transformer call, laid out as ``FluxPipeline`` passes them: ``sigma``
+    ``[B]`` as the timestep, the guidance (``None`` for schnell) expanded to the batch (stride 0)."""
+    batch = latents.shape[0]
+    return {
+        "hidden_states": latents,
+        "timestep": sigma,
+        "guidance": None if inputs.guidance is None else torch.full((1,), inputs.guidance).expand(batch),
+        "pooled_projections": inputs.pooled_prompt_embeds,
+        "encoder_hidden_states": inputs.prompt_embeds,
+        "txt_ids": inputs.txt_ids,
+        "img_ids": inputs.img_ids,
+    }
+
+
 def flux_denoising(
     transformer: Callable[..., Any], inputs: FluxGenerationInputs, num_steps: int = 20
 ) -> Iterator[tuple[float, torch.Tensor]]:
@@ -235,20 +251,10 @@ def flux_denoising(
     latents = inputs.latents.clone()
     flux_set_timesteps(scheduler, num_steps, latents.shape[1])
     batch = latents.shape[0]
-    guidance = None if inputs.guidance is None else torch.full((1,), inputs.guidance).expand(batch)
     for t in scheduler.timesteps:
         with torch.no_grad():
-            timestep = t.expand(batch).to(latents.dtype)
-            noise = transformer(
-                hidden_states=latents,
-                timestep=timestep / 1000,
-                guidance=guidance,
-                pooled_projections=inputs.pooled_prompt_embeds,
-                encoder_hidden_states=inputs.prompt_embeds,
-                txt_ids=inputs.txt_ids,
-                img_ids=inputs.img_ids,
-                return_dict=False,
-            )[0]
+            sigma = t.expand(batch).to(latents.dtype) / 1000  # FluxPipeline: timestep / 1000, a new tensor
+            noise = transformer(**flux_call_inputs(inputs, latents, sigma), return_dict=False)[0]
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         yield float(t), latents
 

@@ -86,8 +86,7 @@ class BenchConfig:
                 raise ValueError(f"BenchConfig.{name}={getattr(self, name)!r} is invalid: expected {expected}")
         for ratio in self.sweep:
             self.sweep_config(ratio)  # an invalid sweep point fails now, not after an hour of timing
-        spec = MODEL_PRESETS[self.model].spec
-        layers = spec.num_layers + getattr(spec, "num_single_layers", 0)
+        layers = MODEL_PRESETS[self.model].spec.num_blocks
         if any(not 0 <= b < layers for b in self.merge_map_blocks):
             raise ValueError(f"merge_map_blocks {self.merge_map_blocks} must be block indices below {layers}")
 

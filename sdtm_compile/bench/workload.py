@@ -9,6 +9,7 @@ the first call's inputs, a generation and the eager reference.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from ..sampling import (
     FluxGenerationInputs,
     GenerationInputs,
     diffusers_call,
+    flux_call_inputs,
     flux_generate,
     generate,
     make_flux_generation_inputs,
@@ -55,16 +57,8 @@ class Workload:
     description: str
 
     @property
-    def text_tokens(self) -> int:
-        return self.spec.text_tokens
-
-    @property
-    def hidden(self) -> int:
-        return self.spec.inner_dim
-
-    @property
     def num_blocks(self) -> int:
-        return self.spec.num_layers + getattr(self.spec, "num_single_layers", 0)
+        return self.spec.num_blocks
 
     def call_of(self, module: Callable[..., Any]) -> Callable[..., Any]:
         """What :meth:`generate` drives for a diffusers-signature module (the model, a compiled one)."""
@@ -104,17 +98,9 @@ def _sd3_probe(inputs: GenerationInputs) -> dict[str, Any]:
 
 
 def _flux_probe(inputs: FluxGenerationInputs) -> dict[str, Any]:
-    """One call of :func:`~sdtm_compile.sampling.flux_denoising`, laid out as it passes it."""
+    """The first call of :func:`~sdtm_compile.sampling.flux_denoising` (sigma 1), laid out as it passes it."""
     batch = inputs.latents.shape[0]
-    return {
-        "hidden_states": inputs.latents,
-        "timestep": torch.ones(batch, dtype=inputs.latents.dtype),  # sigma 1: t.expand(B) / 1000, contiguous
-        "guidance": None if inputs.guidance is None else torch.full((1,), inputs.guidance).expand(batch),
-        "pooled_projections": inputs.pooled_prompt_embeds,
-        "encoder_hidden_states": inputs.prompt_embeds,
-        "txt_ids": inputs.txt_ids,
-        "img_ids": inputs.img_ids,
-    }
+    return flux_call_inputs(inputs, inputs.latents, torch.ones(batch, dtype=inputs.latents.dtype))
 
 
 def make_workload(config: BenchConfig) -> Workload:
@@ -124,6 +110,8 @@ def make_workload(config: BenchConfig) -> Workload:
     grid = (latent // 2, latent // 2)
     if isinstance(spec, FluxSpec):
         inputs = make_flux_generation_inputs(spec, (latent, latent), seed=config.seed)
+        if spec.guidance_embeds:  # FLUX.1-dev embeds the guidance scale the benchmark asks for
+            inputs = dataclasses.replace(inputs, guidance=config.guidance_scale)
         guidance = "" if inputs.guidance is None else f", guidance {inputs.guidance} embedded"
         return Workload(
             "flux", spec, model, inputs, grid, _flux_probe(inputs), f"batch 1 (guidance-distilled{guidance})"
