@@ -245,14 +245,17 @@ def _single_stream(path: str, nodes: list[fx.Node]) -> SingleStream:
 
 
 def image_grid(ids: torch.Tensor, num_tokens: int) -> tuple[int, int]:
-    """The ``(grid_h, grid_w)`` of Flux ``img_ids`` ``[N, 3]`` (row, column in columns 1 and 2), row-major only."""
+    """The ``(grid_h, grid_w)`` of Flux ``img_ids`` ``[N, 3]`` (row, column in columns 1 and 2), row-major only.
+
+    Raises :class:`UnsupportedModelError` saying what is wrong with the ids (callers add what the user can do).
+    """
     if ids.dim() != 2 or ids.shape != (num_tokens, 3):
-        raise _unsupported(f"img_ids must be [N, 3] = [{num_tokens}, 3], got {tuple(ids.shape)}")
+        raise UnsupportedModelError(f"img_ids must be [N, 3] = [{num_tokens}, 3], got {tuple(ids.shape)}")
     rows, cols = ids[:, 1].round().long(), ids[:, 2].round().long()
     grid_h, grid_w = int(rows.max()) + 1, int(cols.max()) + 1
     n = torch.arange(num_tokens, device=ids.device)
     if grid_h * grid_w != num_tokens or not (torch.equal(rows, n // grid_w) and torch.equal(cols, n % grid_w)):
-        raise _unsupported(
+        raise UnsupportedModelError(
             f"img_ids do not describe a row-major {grid_h}x{grid_w} grid of the {num_tokens} image tokens (as "
             "FluxPipeline's _prepare_latent_image_ids makes them); extra image tokens such as Kontext's "
             "reference image are not supported"
@@ -350,7 +353,10 @@ def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) ->
                 "find_mmdit_blocks needs the graph's example inputs for a Flux model: its token grid is read from "
                 "the img_ids values"
             )
-        grid = image_grid(example_inputs[image_ids_index], num_tokens)  # type: ignore[index]
+        try:
+            grid = image_grid(example_inputs[image_ids_index], num_tokens)  # type: ignore[index]
+        except UnsupportedModelError as err:
+            raise _unsupported(str(err)) from err
     else:
         if latent_shape is None or len(latent_shape) != 4:
             raise _unsupported(

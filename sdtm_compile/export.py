@@ -333,7 +333,7 @@ class OnnxTransformer(nn.Module):
             try:
                 grid = list(image_grid(img_ids.detach().cpu(), hidden_states.shape[1]))
             except UnsupportedModelError as err:
-                raise BundleError(f"{self.bundle_dir / MANIFEST}: {str(err).split('. sdtm-compile')[0]}") from err
+                raise BundleError(f"{self.bundle_dir / MANIFEST}: {err}") from err
             if grid != self.manifest["grid"]:
                 raise BundleError(
                     f"{self.bundle_dir / MANIFEST}: img_ids lay out a {grid[0]}x{grid[1]} token grid, the bundle was "
