@@ -23,7 +23,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="tiny-sd3",
-        help="a preset built from config (tiny-sd3, tiny-sd35, sd3m-1024, sd3m-4096, tiny-flux, flux-1024) or a "
+        help="a preset (tiny-sd3, tiny-sd35, sd3m-1024, sd3m-4096, tiny-flux, flux-1024, testbed-1024) or a "
         "local diffusers SD3Transformer2DModel folder",
     )
     parser.add_argument("--ratio", type=float, default=0.5)
@@ -76,6 +76,9 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--sweep", type=_ratios, default=(0.3, 0.4, 0.6, 0.7), help="ratios; '' for none")
     parser.add_argument("--sweep-runs", type=int, default=3)
+    parser.add_argument(
+        "--quality-seeds", type=int, default=4, help="testbed-1024: seeds of the paired image PSNR / SSIM (default 4)"
+    )
     parser.add_argument("--engine", default="inductor", choices=["inductor", "eager"])
     parser.add_argument("--warm-caches", action="store_true", help="use the existing compile caches (not cold)")
     parser.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md and the PNGs")
@@ -102,6 +105,7 @@ def _bench(args, argv) -> int:
             warmup=args.warmup,
             sweep=args.sweep,
             sweep_runs=args.sweep_runs,
+            quality_seeds=args.quality_seeds,
             engine=args.engine,
             cold_caches=not args.warm_caches,
             out_dir=args.out,
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=28)
     demo.add_argument("--latent", type=int, default=64, help="latent side (tokens = (side/2)^2), default 64")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--model", default="tiny-sd3", help="an SD3 preset: tiny-sd3 (default) or testbed-1024")
     export = sub.add_parser("export", help="export every engine to ONNX with a manifest")
     _model_arguments(export)
     export.add_argument("--out", required=True, help="bundle directory to write")
@@ -136,6 +141,28 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="speed, FLOPs, fidelity and pictures: eager / Inductor / sdtm / eager reference"
     )
     _bench_arguments(bench)
+    train = sub.add_parser("train-testbed", help="train the testbed model (resumes from OUT_DIR/checkpoint.pt)")
+    from .testbed.train import TrainConfig
+
+    defaults = TrainConfig()
+    train.add_argument("--out-dir", default=defaults.out_dir, help="checkpoint and loss log (default testbed_run)")
+    train.add_argument(
+        "--weights",
+        default=None,
+        help="final weights (default OUT_DIR/testbed-1024.safetensors; the package's: "
+        "sdtm_compile/testbed/weights/testbed-1024.safetensors)",
+    )
+    train.add_argument("--steps-low", type=int, default=defaults.steps_low, help="steps on 32x32 crops")
+    train.add_argument("--steps-full", type=int, default=defaults.steps_full, help="steps on 64x64 crops")
+    train.add_argument("--batch-low", type=int, default=defaults.batch_low)
+    train.add_argument("--batch-full", type=int, default=defaults.batch_full)
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    samples = sub.add_parser("testbed-samples", help="picture: testbed samples next to real held-out crops")
+    samples.add_argument("--out", default="testbed_samples.png")
+    samples.add_argument("--seeds", type=int, default=8)
+    samples.add_argument("--steps", type=int, default=28)
+    samples.add_argument("--guidance-scale", type=float, default=3.0)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
@@ -171,11 +198,40 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if errors else 0
     if args.command == "bench":
         return _bench(args, argv)
+    if args.command == "train-testbed":
+        from .testbed.train import train_testbed
+
+        manifest = train_testbed(
+            TrainConfig(
+                out_dir=args.out_dir,
+                weights=args.weights,
+                steps_low=args.steps_low,
+                steps_full=args.steps_full,
+                batch_low=args.batch_low,
+                batch_full=args.batch_full,
+                seed=args.seed,
+                threads=args.threads,
+            )
+        )
+        training = manifest["training"]
+        print(
+            f"trained {training['steps']} steps in {training['wall_s']:.0f} s: held-out loss "
+            f"{training['final_heldout_loss']} (random init {training['random_init_heldout_loss']}), train loss "
+            f"{training['final_train_loss']}; wrote {manifest['weights']} (sha256 {manifest['sha256'][:16]}...)"
+        )
+        return 0
+    if args.command == "testbed-samples":
+        from .testbed.model import load_testbed
+        from .testbed.quality import plot_samples
+
+        path = plot_samples(load_testbed(), args.out, tuple(range(args.seeds)), args.steps, args.guidance_scale)
+        print(f"wrote {path}")
+        return 0
     if args.command == "demo":
         from .demo import run_demo
 
         try:
-            run_demo(args.ratios, args.steps, (args.latent, args.latent), args.seed)
+            run_demo(args.ratios, args.steps, (args.latent, args.latent), args.seed, model_name=args.model)
         except ValueError as err:
             print(f"sdtm-compile demo: {err}", file=sys.stderr)
             return 2

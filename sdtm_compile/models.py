@@ -17,6 +17,7 @@ __all__ = [
     "TINY_SD35",
     "SD3M_1024",
     "SD3M_4096",
+    "TESTBED",
     "MODEL_PRESETS",
     "ModelPreset",
     "tiny_sd3_transformer",
@@ -46,6 +47,9 @@ class TinySpec:
     dual_attention_layers: tuple[int, ...] = ()
     qk_norm: str | None = None
     pos_embed_max_size: int = 96
+    #: Trained weights that ship with the package (``"testbed-1024"``: :mod:`sdtm_compile.testbed`); ``None``:
+    #: seeded random weights. A spec with weights works in pixel space: its "latent" is the RGB image.
+    weights: str | None = None
 
     @property
     def inner_dim(self) -> int:
@@ -93,6 +97,21 @@ SD3M_4096 = TinySpec(
     joint_attention_dim=4096,
     pooled_projection_dim=2048,
     text_tokens=333,
+)
+
+#: The trained testbed (:mod:`sdtm_compile.testbed`): SD3's architecture in pixel space, 64x64 RGB at patch 2, so
+#: 1024 image tokens like :data:`SD3M_1024`; 4 blocks of 3 heads x 64 (hidden 192), sized to train on a 2-core
+#: CPU in about an hour; 6 "text" tokens from a learned label embedding.
+TESTBED = TinySpec(
+    num_layers=4,
+    num_attention_heads=3,
+    attention_head_dim=64,
+    in_channels=3,
+    joint_attention_dim=64,
+    pooled_projection_dim=64,
+    text_tokens=6,
+    pos_embed_max_size=32,
+    weights="testbed-1024",
 )
 
 
@@ -170,6 +189,12 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
     "tiny-sd35": ModelPreset(TINY_SD35, 64, "tiny SD3.5 (3 blocks, dual attention, RMS q/k norm)"),
     "sd3m-1024": ModelPreset(SD3M_1024, 64, "SD3-medium's block proportions at 1024^2, scaled: 6 blocks, hidden 384"),
     "sd3m-4096": ModelPreset(SD3M_4096, 128, "SD3-medium's blocks at 1024^2: 2 blocks, hidden 1536"),
+    "testbed-1024": ModelPreset(
+        TESTBED,
+        64,
+        "trained testbed: SD3 architecture in pixel space, 64x64 RGB (1024 tokens), 4 blocks, hidden 192",
+        guidance_scale=3.0,
+    ),
     "tiny-flux": ModelPreset(
         TINY_FLUX, 32, "tiny FLUX.1-dev layout (2 double + 2 single blocks, hidden 32)", steps=20, guidance_scale=3.5
     ),
@@ -279,7 +304,12 @@ def flux_example_inputs(
 
 
 def build_model(spec: TinySpec | FluxSpec, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """The diffusers transformer of ``spec`` (SD3 or Flux) with seeded random weights."""
+    """The diffusers transformer of ``spec`` (SD3 or Flux): its shipped trained weights when it has some
+    (``spec.weights``; ``seed`` is then unused), else seeded random weights."""
+    if isinstance(spec, TinySpec) and spec.weights is not None:
+        from .testbed.model import load_testbed
+
+        return load_testbed(dtype=dtype).transformer
     if isinstance(spec, FluxSpec):
         return tiny_flux_transformer(spec, seed, dtype)
     return tiny_sd3_transformer(spec, seed, dtype)

@@ -76,20 +76,23 @@ def plot_speedup_vs_fidelity(result: dict[str, Any], path: str | Path) -> str:
     """Speed-up over the Inductor baseline against PSNR of the final latent, one point per swept ratio."""
     plt = _pyplot()
     sweep = sorted(result["sweep"], key=lambda p: p["ratio"])
-    finite = [p["psnr_db"] for p in sweep if p["psnr_db"] != float("inf")]
+    # a pixel-space model (the trained testbed) has image PSNR: its final latent is the image
+    image = all(p.get("image_psnr_db") is not None for p in sweep)
+    measure = "image_psnr_db" if image else "psnr_db"
+    finite = [p[measure] for p in sweep if p[measure] != float("inf")]
     cap = (max(finite) + 5.0) if finite else 60.0
-    psnrs = [min(p["psnr_db"], cap) for p in sweep]
+    psnrs = [min(p[measure], cap) for p in sweep]
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     ax.plot(psnrs, [p["speedup_vs_inductor"] for p in sweep], "o-", color="#1f3b73", label="measured speed-up")
     ax.plot(psnrs, [p["flop_ratio"] for p in sweep], "s--", color="#999999", mfc="none", label="FLOP ratio (limit)")
     for p, y in zip(sweep, psnrs):
-        ax.annotate(
-            f"r={p['ratio']:g}", (y, p["speedup_vs_inductor"]), textcoords="offset points", xytext=(4, 6), fontsize=8
-        )
+        label = f"r={p['ratio']:g}" + (f", SSIM {p['ssim']:.3f}" if image else "")
+        ax.annotate(label, (y, p["speedup_vs_inductor"]), textcoords="offset points", xytext=(4, 6), fontsize=8)
     ax.axhline(1.0, color="black", lw=0.8, ls=":")
     eager = result["variants"]["eager"]["speedup_vs_inductor"]
     ax.axhline(eager, color="#a0451b", lw=0.8, ls="-.", label=f"unmodified eager ({eager:.2f}x)")
-    ax.set_xlabel("PSNR of the final latent vs the unmerged model (dB, higher = closer)")
+    what = "image" if image else "latent"
+    ax.set_xlabel(f"PSNR of the final {what} vs the unmerged model (dB, higher = closer)")
     ax.set_ylabel("speed-up over torch.compile (Inductor)")
     ax.set_title(f"SDTM speed vs fidelity ({result['model']['name']}, {result['bench']['steps']} steps)")
     ax.legend(fontsize=8)
@@ -124,12 +127,18 @@ def merge_map_steps(steps: list[int], schedule: list[dict[str, Any]]) -> list[in
 
 
 def plot_merge_maps(
-    maps: dict[int, dict[int, torch.Tensor]], result: dict[str, Any], grid: tuple[int, int], path: str | Path
+    maps: dict[int, dict[int, torch.Tensor]],
+    result: dict[str, Any],
+    grid: tuple[int, int],
+    path: str | Path,
+    background: Any = None,
 ) -> str:
     """Which tokens were merged (same colour = averaged into one token) at a few steps, on the token grid.
 
     ``maps`` is ``{step: {block: slot [N]}}``; up to five steps are drawn, spread over the generation (the
-    first, the last structure step, the first detail step, the middle and the last).
+    first, the last structure step, the first detail step, the middle and the last). ``background``: an image
+    ``[H, W, 3]`` (uint8) to draw the maps on, e.g. the generated image of a pixel-space model; merged tokens
+    are then tinted with their slot's colour and kept tokens left clear.
     """
     plt = _pyplot()
     schedule = {s["step"]: s for s in result["schedule"]}
@@ -142,13 +151,21 @@ def plot_merge_maps(
         for col, step in enumerate(chosen):
             ax = axes[row][col]
             slot = maps[step][block]
-            ax.imshow(_merge_image(slot, grid).numpy(), interpolation="nearest")
+            if background is None:
+                ax.imshow(_merge_image(slot, grid).numpy(), interpolation="nearest")
+            else:
+                merged = (torch.bincount(slot)[slot] > 1).reshape(grid).float()
+                tint = torch.cat([_merge_image(slot, grid), 0.6 * merged[..., None]], dim=-1)
+                extent = (0, grid[1], grid[0], 0)
+                ax.imshow(background, extent=extent, interpolation="nearest")
+                ax.imshow(tint.numpy(), extent=extent, interpolation="nearest")
             s = schedule[step]
             removed = slot.numel() - (int(slot.max()) + 1)
             ax.set_title(f"step {step}: {s['engine']}\nblock {block}, {removed} tokens merged away", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("merge maps: tokens of one colour are averaged into one token (grey = kept as is)", fontsize=9)
+    kept = "clear" if background is not None else "grey"
+    fig.suptitle(f"merge maps: tokens of one colour are averaged into one token ({kept} = kept as is)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -14,6 +14,13 @@ def test_demo_prints_the_merge_schedule(capsys):
     assert len(rows) == 6
 
 
+def test_demo_on_the_trained_testbed_prints_image_measures(capsys):
+    assert main(["demo", "--model", "testbed-1024", "--ratios", "0.5", "--steps", "4", "--latent", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "testbed-1024" in out and "256 image tokens" in out and "guidance 3.0" in out
+    assert "final image vs unmerged: PSNR" in out and "SSIM" in out
+
+
 def test_bad_cli_input_is_a_clear_error():
     result = subprocess.run(
         [sys.executable, "-m", "sdtm_compile", "demo", "--ratios", "0.9"], capture_output=True, text=True
@@ -24,6 +31,7 @@ def test_bad_cli_input_is_a_clear_error():
         [sys.executable, "-m", "sdtm_compile", "demo", "--ratios", "a,b"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "comma-separated ratios" in result.stderr
+    assert main(["demo", "--model", "tiny-flux"]) == 2  # the demo runs SD3 presets
 
 
 def test_lint_command_reports_every_bucket(capsys):

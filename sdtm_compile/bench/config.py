@@ -38,10 +38,14 @@ class BenchConfig:
         warmup: untimed generations per variant before timing.
         sweep: ratios for the speed-up vs fidelity curve (besides ``sdtm.ratio``); ``()`` for none.
         sweep_runs: timed generations per sweep point (and of the baseline beside it).
-        engine: engines of the ``sdtm`` backend: ``"inductor"`` (the product) or ``"eager"`` (fast, for tests).
+        engine: engines of the ``sdtm`` backend: ``"inductor"`` (the product) or ``"eager"`` (fast, for tests: the
+            ``inductor`` baseline is then compiled with Dynamo's eager backend too, so no Inductor build runs).
         cold_caches: measure compile time cold, in a fresh Inductor and engine cache for this run; ``False``
             uses the caches in place (faster repeats; the "cold" number is then whatever they held).
         merge_map_blocks: blocks whose merges the merge-map picture shows.
+        quality_seeds: pixel-space models (the trained testbed): seeds of the paired PSNR / SSIM of final images
+            (``sdtm`` vs ``eager``), starting at ``seed``.
+        quality_sigmas: pixel-space models: noise levels of the held-out loss, merged vs unmerged.
         seed: seed of the model weights, the noise and the prompt embeddings.
         out_dir: where the JSON, markdown and pictures go.
     """
@@ -58,6 +62,8 @@ class BenchConfig:
     engine: str = "inductor"
     cold_caches: bool = True
     merge_map_blocks: tuple[int, ...] = (0,)
+    quality_seeds: int = 4
+    quality_sigmas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     seed: int = 0
     out_dir: str = "bench_out"
 
@@ -71,6 +77,7 @@ class BenchConfig:
         if self.guidance_scale is None:
             object.__setattr__(self, "guidance_scale", self.preset.guidance_scale)
         object.__setattr__(self, "sweep", tuple(float(r) for r in self.sweep))
+        object.__setattr__(self, "quality_sigmas", tuple(float(s) for s in self.quality_sigmas))
         checks = [
             (self.latent is None or (self.latent >= 4 and self.latent % 2 == 0), "latent", "an even side >= 4"),
             (self.steps >= 2, "steps", ">= 2"),
@@ -80,6 +87,8 @@ class BenchConfig:
             (all(0.0 < r < 1.0 for r in self.sweep), "sweep", "ratios in (0, 1)"),
             (self.engine in ("inductor", "eager"), "engine", "'inductor' or 'eager'"),
             (self.guidance_scale >= 0, "guidance_scale", ">= 0"),
+            (self.quality_seeds >= 1, "quality_seeds", ">= 1"),
+            (all(0.0 < s <= 1.0 for s in self.quality_sigmas), "quality_sigmas", "noise levels in (0, 1]"),
         ]
         for ok, name, expected in checks:
             if not ok:

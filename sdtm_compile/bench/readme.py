@@ -1,7 +1,8 @@
 """Updating a README's Results section from a benchmark result, as a step of its own.
 
 The README marks the block to replace with ``<!-- bench:start -->`` and ``<!-- bench:end -->`` (Flux models:
-``<!-- bench-flux:start -->`` / ``<!-- bench-flux:end -->``);
+``<!-- bench-flux:start -->`` / ``<!-- bench-flux:end -->``; the trained testbed: ``<!-- bench-testbed:start -->`` /
+``<!-- bench-testbed:end -->``);
 :func:`update_readme` puts the command line, the wall time, the tables of
 :func:`~sdtm_compile.bench.markdown_report` and links to the pictures (relative to the README) between them.
 ``sdtm-compile bench --update-readme README.md`` runs it after the benchmark (or after ``--from-json``).
@@ -17,15 +18,28 @@ from typing import Any
 from .report import markdown_report
 from .result import BenchResult, as_bench_result
 
-__all__ = ["FLUX_END", "FLUX_START", "README_END", "README_START", "readme_markers", "results_block", "update_readme"]
+__all__ = [
+    "FLUX_END",
+    "FLUX_START",
+    "README_END",
+    "README_START",
+    "TESTBED_END",
+    "TESTBED_START",
+    "readme_markers",
+    "results_block",
+    "update_readme",
+]
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 #: Flux results have a block of their own, so each model family's table is updated by its own run.
 FLUX_START, FLUX_END = "<!-- bench-flux:start -->", "<!-- bench-flux:end -->"
+TESTBED_START, TESTBED_END = "<!-- bench-testbed:start -->", "<!-- bench-testbed:end -->"
 
 
 def readme_markers(model: str) -> tuple[str, str]:
     """The README block a result of ``model`` (a preset name) goes to."""
+    if model.startswith("testbed"):
+        return TESTBED_START, TESTBED_END
     return (FLUX_START, FLUX_END) if model.startswith(("flux", "tiny-flux")) else (README_START, README_END)
 
 

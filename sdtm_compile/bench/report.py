@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .result import FIDELITY_TARGET, REFERENCE_SPEED_TARGET, SPEEDUP_TARGET, BenchResult, as_bench_result
@@ -35,12 +36,13 @@ def render(result: BenchResult | dict[str, Any], out_dir: str | Path) -> dict[st
         step: {block: torch.tensor(slot) for block, slot in blocks.items()} for step, blocks in typed.merge_maps.items()
     }
     grid = tuple(typed.model.grid)
+    background = None if typed.quality is None else np.asarray(typed.quality.image, dtype=np.uint8)
     files = {
         "json": "bench.json",
         "markdown": "bench.md",
         "schedule": Path(plot_schedule(plain, out / "schedule.png")).name,
         "speedup_vs_fidelity": Path(plot_speedup_vs_fidelity(plain, out / "speedup_vs_fidelity.png")).name,
-        "merge_maps": Path(plot_merge_maps(maps, plain, grid, out / "merge_maps.png")).name,
+        "merge_maps": Path(plot_merge_maps(maps, plain, grid, out / "merge_maps.png", background)).name,
     }
     typed.files = files
     if isinstance(result, dict):
@@ -129,16 +131,46 @@ def markdown_report(result: BenchResult | Mapping[str, Any]) -> str:
         f"{_fmt(m3['reference_psnr_db'], '.2f')} dB; `sdtm` vs reference {_fmt(m3['sdtm_vs_reference_psnr_db'], '.1f')}"
         f" dB | {'yes' if t3.met else 'no'} |",
     ]
+    image = result.quality is not None
     if result.sweep:
-        lines += [
-            "",
-            "| ratio | speed-up vs Inductor | FLOP ratio | speed-up / FLOP ratio | PSNR dB | cosine | runs |",
-            "|---|---|---|---|---|---|---|",
-        ]
+        columns = "| ratio | speed-up vs Inductor | FLOP ratio | speed-up / FLOP ratio | PSNR dB | cosine | runs |"
+        lines += ["", columns + (" image PSNR dB | SSIM |" if image else ""), "|---" * (7 + 2 * image) + "|"]
         for point in result.sweep:
             lines.append(
                 f"| {point.ratio:g} | {point.speedup_vs_inductor:.2f}x | {point.flop_ratio:.2f}x | "
                 f"{point.speedup_vs_inductor / point.flop_ratio:.2f} | {_fmt(point.psnr_db, '.2f')} | "
                 f"{point.cosine:.6f} | {point.runs} |"
+                + (f" {_fmt(point.image_psnr_db, '.2f')} | {_fmt(point.ssim, '.4f')} |" if image else "")
             )
+    if result.quality is not None:
+        lines += _quality_lines(result)
     return "\n".join(lines) + "\n"
+
+
+def _quality_lines(result: BenchResult) -> list[str]:
+    """The image measures of a pixel-space model (the trained testbed)."""
+    quality = result.quality
+    assert quality is not None
+    lines = [
+        "",
+        f"Image measures (the model works in pixel space, so the final latent is the image): the `sdtm` backend's "
+        f"final image vs `eager`'s with the same seed, over {len(quality.seeds)} seeds: PSNR "
+        f"{_fmt(quality.psnr_db_mean, '.2f')} dB mean ({_fmt(quality.psnr_db_min, '.2f')} worst), SSIM "
+        f"{quality.ssim_mean:.4f} mean ({quality.ssim_min:.4f} worst).",
+        "",
+        "| seed | PSNR dB | SSIM |",
+        "|---|---|---|",
+        *(f"| {row.seed} | {_fmt(row.psnr_db, '.2f')} | {row.ssim:.4f} |" for row in quality.seeds),
+        "",
+        "Held-out flow-matching loss at fixed (x0, eps, sigma), unmodified vs merged (eager reference, a fresh "
+        "generation's engine at that sigma):",
+        "",
+        "| sigma | engine | loss unmerged | loss merged | increase |",
+        "|---|---|---|---|---|",
+    ]
+    for row in quality.losses:
+        lines.append(
+            f"| {row['sigma']:g} | {row['engine']} | {row['unmerged']:.4f} | {row['merged']:.4f} | "
+            f"{row['increase']:+.4f} ({100 * row['increase'] / row['unmerged']:+.1f}%) |"
+        )
+    return lines

@@ -39,6 +39,7 @@ __all__ = [
     "BenchResult",
     "FIDELITY_TARGET",
     "FlopSummary",
+    "ImageQuality",
     "MachineInfo",
     "MergeTimeShare",
     "ModelInfo",
@@ -46,6 +47,7 @@ __all__ = [
     "RunSettings",
     "SPEEDUP_TARGET",
     "ScheduleStep",
+    "SeedFidelity",
     "SweepPoint",
     "Target",
     "VariantResult",
@@ -164,6 +166,8 @@ class VariantResult(_Record):
             resident memory at its start (``None`` where not measurable, or in results from before it existed).
         build_cold_s, build_warm_s: compile time in empty and in warm caches (``None`` for the uncompiled).
         deterministic: every generation gave the same latent.
+        image_psnr_db, ssim: pixel-space models (the testbed): the final image against ``eager``'s, PSNR with
+            peak 1 and SSIM (``None`` for latent-space models).
     """
 
     seconds: list[float]
@@ -182,6 +186,8 @@ class VariantResult(_Record):
     build_cold_s: float | None = None
     build_warm_s: float | None = None
     deterministic: bool = True
+    image_psnr_db: float | None = None
+    ssim: float | None = None
 
 
 @dataclass
@@ -252,6 +258,47 @@ class SweepPoint(_Record):
     runs: int
     psnr_db: float | None
     cosine: float
+    image_psnr_db: float | None = None  #: pixel-space models: PSNR of the final image (peak 1) vs ``eager``'s
+    ssim: float | None = None  #: pixel-space models: SSIM of the final image vs ``eager``'s
+
+
+@dataclass
+class SeedFidelity(_Record):
+    """The ``sdtm`` backend's final image against ``eager``'s with the same seed."""
+
+    seed: int
+    psnr_db: float
+    ssim: float
+
+
+@dataclass
+class ImageQuality(_Record):
+    """Image measures of a pixel-space model (the trained testbed, :mod:`sdtm_compile.testbed`).
+
+    Attributes:
+        losses: held-out flow-matching loss at fixed ``(x0, eps, sigma)``, merged (eager reference) vs unmerged:
+            one dict per sigma (``sigma``, ``unmerged``, ``merged``, ``increase``, ``engine``; see
+            :func:`sdtm_compile.testbed.quality.merged_losses`).
+        seeds: paired PSNR / SSIM of the ``sdtm`` backend's final image vs ``eager``'s, one row per seed.
+        psnr_db_mean, ssim_mean, psnr_db_min, ssim_min: over ``seeds`` (a mean PSNR over identical images is inf).
+        image: ``eager``'s final image of the main seed, ``[H][W][3]`` uint8 (the merge maps' background).
+    """
+
+    losses: list[dict[str, Any]]
+    seeds: list[SeedFidelity]
+    psnr_db_mean: float
+    ssim_mean: float
+    psnr_db_min: float
+    ssim_min: float
+    image: list[Any]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImageQuality:
+        return _from_fields(
+            cls,
+            data,
+            seeds=[SeedFidelity.from_dict(row) for row in data.get("seeds", [])],
+        )
 
 
 @dataclass
@@ -269,6 +316,7 @@ class BenchResult(_Record):
             :data:`FIDELITY_TARGET`).
         sweep: the speed-up vs fidelity curve, by ratio.
         merge_maps: ``{step: {block: slot per token}}`` of a few steps (for the merge-map picture).
+        quality: image measures, for a pixel-space model (the trained testbed); ``None`` otherwise.
         wall_time_s: the whole run's wall time.
         files: the files :func:`~sdtm_compile.bench.render` wrote, by kind (``json``, ``markdown``, ``schedule``,
             ``speedup_vs_fidelity``, ``merge_maps``).
@@ -288,6 +336,7 @@ class BenchResult(_Record):
     targets: dict[str, Target]
     sweep: list[SweepPoint]
     merge_maps: dict[int, dict[int, list[int]]] = field(default_factory=dict)
+    quality: ImageQuality | None = None
     wall_time_s: float | None = None
     files: dict[str, str] = field(default_factory=dict)
 
@@ -317,6 +366,7 @@ class BenchResult(_Record):
                 int(step): {int(block): list(slot) for block, slot in blocks.items()}
                 for step, blocks in data.get("merge_maps", {}).items()
             },
+            quality=ImageQuality.from_dict(data["quality"]) if data.get("quality") else None,
         )
 
     def to_json(self) -> str:
@@ -377,6 +427,13 @@ def _fidelity(latent: torch.Tensor, reference: torch.Tensor) -> dict[str, float]
     return {"psnr_db": psnr(latent, reference), "cosine": cosine_similarity(latent, reference)}
 
 
+def _image_fidelity(image: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Image PSNR (peak 1) and SSIM of a pixel-space model's final image against the reference's."""
+    from ..testbed.quality import image_psnr, image_ssim
+
+    return {"image_psnr_db": image_psnr(image, reference), "ssim": image_ssim(image, reference)}
+
+
 def _schedule_step(
     key: EngineKey, counts_of: Callable[[EngineKey], TokenCounts], step: int, timestep: float, flops: int
 ) -> ScheduleStep:
@@ -401,8 +458,10 @@ def sweep_point(
     step_flops: list[int],
     full_total: int,
     eager: Variant,
+    pixel_space: bool = False,
 ) -> SweepPoint:
-    """One point of the speed-up vs fidelity curve: ``point`` timed beside ``baseline`` in the same rounds."""
+    """One point of the speed-up vs fidelity curve: ``point`` timed beside ``baseline`` in the same rounds;
+    ``pixel_space``: the final latent is an image (the testbed), so image PSNR and SSIM are added."""
     return SweepPoint(
         ratio=sdtm_config.ratio,
         deviation=sdtm_config.deviation,
@@ -410,6 +469,7 @@ def sweep_point(
         flop_ratio=full_total * len(step_flops) / sum(step_flops),
         runs=len(point.seconds),
         **_fidelity(point.latent, eager.latent),
+        **(_image_fidelity(point.latent, eager.latent) if pixel_space else {}),
     )
 
 
@@ -467,6 +527,7 @@ def assemble(
             build_cold_s=variant.build_cold_s,
             build_warm_s=variant.build_warm_s,
             deterministic=variant.deterministic,
+            **(_image_fidelity(variant.latent, variants[FIDELITY_REFERENCE].latent) if workload.pixel_space else {}),
         )
     sdtm, reference = table["sdtm"], table["reference"]
     same_fidelity = _fidelity(variants["sdtm"].latent, variants["reference"].latent)

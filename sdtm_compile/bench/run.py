@@ -4,7 +4,8 @@ The steps of a run: (1) compile the Inductor baseline and the ``sdtm`` backend c
 (:mod:`~sdtm_compile.bench.harness`); (2) time whole generations of every variant round-robin
 (:func:`timed_rounds`, so drift hits every variant alike); (3) count FLOPs and profile the merge ops on the
 bucket graphs (:mod:`~sdtm_compile.bench.instrument`); (4) sweep the ratio, re-timing the baseline beside each
-point; (5) record merge maps from a reference generation; then assemble the typed result
+point; (5) record merge maps from a reference generation; on a pixel-space model (the trained testbed), measure
+image quality after (2) (:func:`image_quality`); then assemble the typed result
 (:mod:`~sdtm_compile.bench.result`) and render it (:mod:`~sdtm_compile.bench.report`).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +29,7 @@ from .harness import Compiled, compiler_caches
 from .instrument import CapturedBucketGraphs, generation_share, merge_time_share, record_merge_maps
 from .memory import peak_rss, resident_mib
 from .report import render
-from .result import BenchResult, SweepPoint, assemble, sweep_point
+from .result import BenchResult, ImageQuality, SeedFidelity, SweepPoint, assemble, sweep_point
 from .workload import Workload, make_workload
 
 __all__ = ["Variant", "run_benchmark", "timed_rounds"]
@@ -118,7 +120,50 @@ def _run_sweep_point(
         sweep_config = dataclasses.replace(config, warmup=1)
         timed_rounds([baseline, point], workload, sweep_config, config.sweep_runs, f"sweep {ratio:g}")
     step_flops = [graphs.flops(s["key"], sdtm_config).total for s in _steps_of(compiled.compiled_graph, config.steps)]
-    return sweep_point(sdtm_config, baseline, point, step_flops, full_total, variants[FIDELITY_REFERENCE])
+    return sweep_point(
+        sdtm_config, baseline, point, step_flops, full_total, variants[FIDELITY_REFERENCE], workload.pixel_space
+    )
+
+
+def image_quality(workload: Workload, config: BenchConfig, variants: dict[str, Variant]) -> ImageQuality:
+    """The testbed's image measures: held-out loss merged vs unmerged per sigma (eager reference), and paired
+    PSNR / SSIM of the ``sdtm`` backend's final image vs ``eager``'s over ``config.quality_seeds`` seeds."""
+    from ..testbed.quality import image_psnr, image_ssim, merged_losses, to_image
+
+    logger.info("image measures: held-out loss at %d noise levels, merged vs unmerged ...", len(config.quality_sigmas))
+    losses = [
+        {**dataclasses.asdict(row), "increase": row.increase}
+        for row in merged_losses(workload.testbed, config.sdtm, config.quality_sigmas)
+    ]
+    seeds = []
+    for index, seed in enumerate(range(config.seed, config.seed + config.quality_seeds)):
+        if seed == config.seed:
+            eager, merged = variants["eager"].latent, variants["sdtm"].latent
+        else:
+            other = workload.with_seed(seed)
+            with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+                eager = other.generate(variants["eager"].call, config)
+                merged = other.generate(variants["sdtm"].call, config)
+        seeds.append(SeedFidelity(seed, image_psnr(merged, eager), image_ssim(merged, eager)))
+        logger.info(
+            "image measures: seed %d (%d/%d): PSNR %.2f dB, SSIM %.4f",
+            seed,
+            index + 1,
+            config.quality_seeds,
+            seeds[-1].psnr_db,
+            seeds[-1].ssim,
+        )
+    image = (to_image(variants["eager"].latent) * 255).round().astype("uint8").tolist()
+    psnrs, ssims = [s.psnr_db for s in seeds], [s.ssim for s in seeds]
+    return ImageQuality(
+        losses=losses,
+        seeds=seeds,
+        psnr_db_mean=statistics.mean(psnrs),
+        ssim_mean=statistics.mean(ssims),
+        psnr_db_min=min(psnrs),
+        ssim_min=min(ssims),
+        image=image,
+    )
 
 
 def run_benchmark(config: BenchConfig, command: str | None = None) -> BenchResult:
@@ -178,6 +223,9 @@ def run_benchmark(config: BenchConfig, command: str | None = None) -> BenchResul
         # 2. timed generations, round-robin; a recompile here would be timed as part of a generation
         with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
             timed_rounds(list(variants.values()), workload, config, config.runs, "main")
+        # 2b. image measures, for a pixel-space model (the trained testbed): before the sweep, whose compiles of
+        # the same model under other backends displace these variants' Dynamo cache entries
+        quality = image_quality(workload, config, variants) if workload.pixel_space else None
         sdtm_steps = _steps_of(sdtm.compiled_graph, config.steps)
         reference_steps = [record.key for record in reference.history if record.new_step][-config.steps :]
 
@@ -196,7 +244,11 @@ def run_benchmark(config: BenchConfig, command: str | None = None) -> BenchResul
 
         # 4. the sweep: speed-up vs fidelity over ratios (baseline re-timed beside each point)
         eager = variants[FIDELITY_REFERENCE]
-        sweep = [sweep_point(config.sdtm, variants[BASELINE], variants["sdtm"], step_flops, full.total, eager)]
+        sweep = [
+            sweep_point(
+                config.sdtm, variants[BASELINE], variants["sdtm"], step_flops, full.total, eager, workload.pixel_space
+            )
+        ]
         for ratio in config.sweep:
             if abs(ratio - config.sdtm.ratio) < 1e-9:
                 continue
@@ -227,6 +279,7 @@ def run_benchmark(config: BenchConfig, command: str | None = None) -> BenchResul
         step: {block: slot.tolist() for block, slot in maps[step].items()}
         for step in merge_map_steps(list(maps), [step.to_dict() for step in result.schedule])
     }
+    result.quality = quality
     result.wall_time_s = time.perf_counter() - wall_start
     result.command = command
     render(result, out)

@@ -46,6 +46,8 @@ class Workload:
         probe: the keyword inputs of one transformer call, laid out exactly as a generation passes them (the first,
             timed call of a compile; a probe laid out differently would make the first generation recompile).
         description: how a generation calls the transformer, for the report.
+        testbed: the trained testbed (transformer and label prompt) when the model is one: its generations are
+            images, so the benchmark adds image measures (:mod:`sdtm_compile.testbed.quality`).
     """
 
     family: str
@@ -55,6 +57,26 @@ class Workload:
     grid: tuple[int, int]
     probe: dict[str, Any]
     description: str
+    testbed: Any = None
+
+    @property
+    def pixel_space(self) -> bool:
+        """Whether the final latent is the image (the trained testbed)."""
+        return self.testbed is not None
+
+    def with_seed(self, seed: int) -> Workload:
+        """This workload with the noise and prompt of ``seed`` (same shapes and layout: no recompile)."""
+        side = self.grid[0] * 2  # the latent side: 2x2 patches (SD3) / packing (Flux) per token
+        if self.testbed is not None:
+            from ..testbed.quality import generation_inputs
+
+            return dataclasses.replace(self, inputs=generation_inputs(self.testbed, seed, side))
+        if self.family == "flux":
+            inputs = make_flux_generation_inputs(self.spec, (side, side), seed=seed)
+            if self.inputs.guidance is not None:  # type: ignore[union-attr]
+                inputs = dataclasses.replace(inputs, guidance=self.inputs.guidance)  # type: ignore[union-attr]
+            return dataclasses.replace(self, inputs=inputs)
+        return dataclasses.replace(self, inputs=make_generation_inputs(self.spec, (side, side), seed=seed))
 
     @property
     def num_blocks(self) -> int:
@@ -106,8 +128,16 @@ def _flux_probe(inputs: FluxGenerationInputs) -> dict[str, Any]:
 def make_workload(config: BenchConfig) -> Workload:
     """The workload of ``config.model`` at ``config.latent_side``, seeded with ``config.seed``."""
     spec, latent = config.preset.spec, config.latent_side
-    model = build_model(spec, seed=config.seed)
     grid = (latent // 2, latent // 2)
+    if isinstance(spec, TinySpec) and spec.weights is not None:
+        from ..testbed.model import load_testbed
+        from ..testbed.quality import generation_inputs
+
+        testbed = load_testbed()
+        inputs = generation_inputs(testbed, config.seed, latent)
+        description = "CFG batch 2, pixel space, prompt = a held-out crop's labels"
+        return Workload("sd3", spec, testbed.transformer, inputs, grid, _sd3_probe(inputs), description, testbed)
+    model = build_model(spec, seed=config.seed)
     if isinstance(spec, FluxSpec):
         inputs = make_flux_generation_inputs(spec, (latent, latent), seed=config.seed)
         if spec.guidance_embeds:  # FLUX.1-dev embeds the guidance scale the benchmark asks for
