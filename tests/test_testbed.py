@@ -10,10 +10,11 @@ import torch
 
 from sdtm_compile.bench import BenchConfig, BenchResult, run_benchmark
 from sdtm_compile.bench.readme import readme_markers
+from sdtm_compile.cache import sha256_file
 from sdtm_compile.config import SDTMConfig
 from sdtm_compile.models import MODEL_PRESETS, TESTBED, build_model
 from sdtm_compile.testbed.data import LABEL_SLOTS, SOURCES, sample_batch
-from sdtm_compile.testbed.model import MANIFEST_FILE, WEIGHTS_FILE, load_testbed, new_testbed, sha256_of
+from sdtm_compile.testbed.model import MANIFEST_FILE, WEIGHTS_FILE, load_testbed, new_testbed
 from sdtm_compile.testbed.model import TestbedWeightsError as WeightsError  # not "Test*": pytest would collect it
 from sdtm_compile.testbed.quality import generation_inputs, image_psnr, image_ssim, merged_losses
 from sdtm_compile.testbed.train import TrainConfig, flow_matching_loss, make_eval_set, train_step, train_testbed
@@ -37,7 +38,7 @@ def test_the_preset_loads_the_shipped_weights():
     ).sample
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
     manifest = json.loads(MANIFEST_FILE.read_text())
-    assert manifest["sha256"] == sha256_of(WEIGHTS_FILE)
+    assert manifest["sha256"] == sha256_file(WEIGHTS_FILE)
     assert WEIGHTS_FILE.stat().st_size <= 25 * 2**20 and manifest["dtype"] == "float16"
     assert manifest["training"]["steps"] > 0
     # it learned: held-out loss well below the same architecture with random weights

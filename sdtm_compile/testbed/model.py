@@ -8,7 +8,6 @@ would give: prompt embeddings ``[B, 6, 64]`` and a pooled embedding ``[B, 64]``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..cache import sha256_file
 from ..models import TESTBED, tiny_sd3_transformer
 from .data import LABEL_SLOTS
 
@@ -28,7 +28,6 @@ __all__ = [
     "MANIFEST_FILE",
     "load_testbed",
     "save_testbed",
-    "sha256_of",
     "TestbedWeightsError",
 ]
 
@@ -90,14 +89,6 @@ def new_testbed(seed: int = 0) -> TestbedModel:
     return TestbedModel(tiny_sd3_transformer(TESTBED, seed=seed).train(), prompt)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_testbed(model: TestbedModel, path: Path, manifest: dict) -> dict:
     """Write ``model`` as fp16 safetensors at ``path`` and ``manifest`` (plus sha256, size, spec) beside it."""
     from safetensors.torch import save_file
@@ -107,7 +98,7 @@ def save_testbed(model: TestbedModel, path: Path, manifest: dict) -> dict:
     save_file(state, str(path), metadata={"format": "pt"})
     manifest = {
         "weights": path.name,
-        "sha256": sha256_of(path),
+        "sha256": sha256_file(path),
         "bytes": path.stat().st_size,
         "dtype": "float16",
         "spec": asdict(TESTBED),
@@ -137,7 +128,7 @@ def load_testbed(
         expected = manifest["sha256"]
     except (ValueError, KeyError) as error:
         raise TestbedWeightsError(f"testbed manifest {manifest_path} is not valid ({error}): {retrain}") from error
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise TestbedWeightsError(
             f"testbed weights {path} are corrupt or replaced: sha256 {actual[:16]}... but {manifest_path} "
