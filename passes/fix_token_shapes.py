@@ -19,10 +19,11 @@ from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from sdtm_compile.merge import merged_branches
-from sdtm_compile.schedule import Stage, token_counts
+from sdtm_compile.schedule import Stage
 
 from ._graph import node_shape
 from .find_blocks import FALLBACK_HINT, ModelSites
+from .insert_merge import merged_blocks, stage_token_counts
 from .settings import PassSettings
 
 __all__ = ["fix_token_shapes", "TokenShapeError", "propagate_shapes"]
@@ -185,9 +186,9 @@ def fix_token_shapes(gm: fx.GraphModule, sites: ModelSites, settings: PassSettin
     if key.stage is Stage.FULL:
         return gm
     merged_names = merged_branches(key.stage, sites.family, settings.config)
-    counts = token_counts(key, *sites.grid, merges_attention="attn" in merged_names)
+    counts = stage_token_counts(sites, settings)
     changed: list[str] = []
-    for block in sites.blocks:
+    for block in merged_blocks(sites, settings):
         for name, branch in block.branches_named(merged_names):
             merged = counts.feed_forward if name in ("ff", "mlp") else counts.attention
             n = sites.num_tokens

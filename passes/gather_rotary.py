@@ -21,6 +21,7 @@ from sdtm_compile.ops import PLAN_OUTPUTS, sdtm_merge, sdtm_rotary
 
 from ._graph import copy_location, node_shape
 from .find_blocks import BlockSites, ModelSites
+from .insert_merge import merged_blocks
 from .settings import PassSettings
 
 __all__ = ["gather_rotary_positions", "pending_rotary_reads", "rotary_reads"]
@@ -57,7 +58,8 @@ def pending_rotary_reads(sites: ModelSites, settings: PassSettings) -> list[tupl
     if "attn" not in merged_branches(settings.key.stage, sites.family, settings.config) or not sites.text_tokens:
         return []
     joint = sites.num_tokens + sites.text_tokens
-    found = [(block, rotary_reads(block.attn.nodes, joint)) for block in sites.blocks if block.attn is not None]
+    blocks = merged_blocks(sites, settings)
+    found = [(block, rotary_reads(block.attn.nodes, joint)) for block in blocks if block.attn is not None]
     return [(block, reads) for block, reads in found if reads]
 
 

@@ -9,14 +9,14 @@ from torch import fx
 
 from sdtm_compile.merge import merged_branches, plan_spec
 from sdtm_compile.ops import PLAN_OUTPUTS, sdtm_merge, sdtm_plan, sdtm_unmerge
-from sdtm_compile.schedule import Stage
+from sdtm_compile.schedule import Stage, TokenCounts
 
 from ._graph import copy_location
-from .find_blocks import Branch, ModelSites
+from .find_blocks import BlockSites, Branch, ModelSites
 from .settings import PassSettings
 from .thread_li import li_input
 
-__all__ = ["insert_merge_nodes"]
+__all__ = ["insert_merge_nodes", "block_plans", "merged_blocks", "stage_token_counts"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +24,14 @@ logger = logging.getLogger(__name__)
 def _wrap_branch(graph: fx.Graph, branch: Branch, plan: list[fx.Node], merges: dict[fx.Node, fx.Node]) -> None:
     """Merge what enters ``branch`` and unmerge what leaves it; nodes outside the branch are untouched.
 
-    ``plan`` is ``[slot, inv_count, members, extra_tokens, extra_slots]``: getitem nodes of one ``sdtm_plan``, in
-    ``sdtm_merge``'s order. ``merges``: the block's merges so far, by input; branches that share an input (a Flux
-    single block's attention and MLP both read ``x[:, T:]``) share one merge.
+    ``plan`` is ``[slot, inv_count, members, extra_tokens, extra_slots, order, assign, restore]``: getitem nodes of
+    one ``sdtm_plan``, in ``sdtm_merge``'s order (``sdtm_unmerge`` takes ``slot`` and ``restore``); possibly an
+    earlier block's plan, which this block reuses. ``merges``: the block's merges so far, by input; branches that
+    share an input (a Flux single block's attention and MLP both read ``x[:, T:]``) share one merge.
     """
     inside = set(branch.nodes)
-    slot, last = plan[0], plan[-1]
+    slot, restore = plan[0], plan[-1]
+    last = restore  # the plan's last getitem node (PLAN_OUTPUTS order)
     merged = merges.get(branch.input)
     if merged is None:
         with graph.inserting_after(last if _after(last, branch.input) else branch.input):
@@ -37,7 +39,7 @@ def _wrap_branch(graph: fx.Graph, branch: Branch, plan: list[fx.Node], merges: d
         copy_location(merged, branch.input, "merge")
     branch.input.replace_all_uses_with(merged, delete_user_cb=lambda user: user in inside)
     with graph.inserting_after(branch.output):
-        restored = graph.call_function(sdtm_unmerge, (branch.output, slot))
+        restored = graph.call_function(sdtm_unmerge, (branch.output, slot, restore))
     copy_location(restored, branch.output, "unmerge")
     branch.output.replace_all_uses_with(
         restored, delete_user_cb=lambda user: user is not restored and user not in inside
@@ -55,7 +57,8 @@ def _after(a: fx.Node, b: fx.Node) -> bool:
 
 
 def insert_merge_nodes(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:
-    """For every block: plan once from its image tokens (``plan_input``), merge/unmerge the stage's branches
+    """For every merged block: plan from its image tokens (``plan_input``) or reuse the plan of the block the
+    method names (:func:`~sdtm_compile.methods.base.TokenMethod.block_plans`), merge/unmerge the stage's branches
     (:func:`~sdtm_compile.merge.merged_branches`)."""
     key = settings.key
     if key.stage is Stage.FULL:
@@ -68,24 +71,55 @@ def insert_merge_nodes(gm: fx.GraphModule, sites: ModelSites, settings: PassSett
     spec = plan_spec(key, grid_h, grid_w, settings.config)
     graph = gm.graph
     merged = merged_branches(key.stage, sites.family, settings.config)
-    for block in sites.blocks:
-        with graph.inserting_after(block.plan_input):
-            plan = graph.call_function(sdtm_plan, (block.plan_input, li, grid_h, grid_w, *spec))
-        parts, last = {}, plan
-        for index, name in enumerate(PLAN_OUTPUTS):  # every part; a method without one returns None there
-            with graph.inserting_after(last):
-                last = parts[name] = graph.call_function(operator.getitem, (plan, index))
-        li = parts["li"]
-        merge_args = [parts[name] for name in PLAN_OUTPUTS if name != "li"]  # sdtm_merge's order
-        for node in (plan, *parts.values()):
-            copy_location(node, block.plan_input, "plan")
+    plans: dict[int, list[fx.Node]] = {}  # block index -> its plan's parts, in sdtm_merge's order
+    sources = block_plans(sites, settings)
+    for block, source in zip(sites.blocks, sources):
+        if source is None:
+            continue
+        if source == block.index:
+            with graph.inserting_after(block.plan_input):
+                plan = graph.call_function(sdtm_plan, (block.plan_input, li, grid_h, grid_w, *spec))
+            parts, last = {}, plan
+            for index, name in enumerate(PLAN_OUTPUTS):  # every part; a method without one returns None there
+                with graph.inserting_after(last):
+                    last = parts[name] = graph.call_function(operator.getitem, (plan, index))
+            li = parts["li"]
+            for node in (plan, *parts.values()):
+                copy_location(node, block.plan_input, "plan")
+            plans[block.index] = [parts[name] for name in PLAN_OUTPUTS if name != "li"]  # sdtm_merge's order
         merges: dict[fx.Node, fx.Node] = {}
         for _, branch in block.branches_named(merged):
-            _wrap_branch(graph, branch, merge_args, merges)
+            _wrap_branch(graph, branch, plans[source], merges)
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = ((*output.args[0][:-1], li),)
     gm.recompile()
     logger.debug(
-        "insert_merge_nodes: %s (%s, %d per block) in %d blocks", key, spec.method, spec.count, len(sites.blocks)
+        "insert_merge_nodes: %s (%s, %d per plan): %d plans for %d merged of %d blocks",
+        key,
+        spec.method,
+        spec.count,
+        len(plans),
+        sum(source is not None for source in sources),
+        len(sites.blocks),
     )
     return gm
+
+
+def block_plans(sites: ModelSites, settings: PassSettings) -> list[int | None]:
+    """Per block of ``sites``: ``None`` (left unmerged) or the index of the block whose plan it uses (none
+    merges in the ``FULL`` engine)."""
+    from sdtm_compile.methods.base import plan_sources
+
+    return plan_sources(settings.config, [block.kind for block in sites.blocks], settings.key)
+
+
+def merged_blocks(sites: ModelSites, settings: PassSettings) -> list[BlockSites]:
+    """The blocks the engine of ``settings.key`` merges (every block for SDTM; a method may skip some)."""
+    return [block for block, source in zip(sites.blocks, block_plans(sites, settings)) if source is not None]
+
+
+def stage_token_counts(sites: ModelSites, settings: PassSettings) -> TokenCounts:
+    """Image tokens each branch of a merged block sees in the engine of ``settings.key``."""
+    from sdtm_compile.methods import method_for
+
+    return method_for(settings.config).token_counts(settings.key, *sites.grid, sites.family)

@@ -23,7 +23,7 @@ from ._graph import copy_with_node_map, node_shape
 from .find_blocks import FALLBACK_HINT, ModelSites, find_mmdit_blocks
 from .fix_token_shapes import TokenShapeError, fix_token_shapes, propagate_shapes
 from .gather_rotary import gather_rotary_positions, pending_rotary_reads
-from .insert_merge import insert_merge_nodes
+from .insert_merge import block_plans, insert_merge_nodes, merged_blocks
 from .settings import PassSettings
 from .split_single_stream import split_single_stream
 from .thread_li import li_input, thread_li_state
@@ -44,16 +44,18 @@ def _has_li(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> bo
 
 
 def _merged_as_planned(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> bool:
-    """One plan per block, a merge per distinct merged input and an unmerge per merged branch (none for FULL)."""
+    """One plan per planning block, a merge per distinct merged input and an unmerge per merged branch (none for
+    FULL)."""
     plans = sum(n.target is sdtm_plan for n in gm.graph.nodes)
     merges = sum(n.target is sdtm_merge for n in gm.graph.nodes)
     unmerges = sum(n.target is sdtm_unmerge for n in gm.graph.nodes)
     if settings.key.stage is Stage.FULL:
         return plans == merges == unmerges == 0
     merged = merged_branches(settings.key.stage, sites.family, settings.config)
-    branches = [b.branches_named(merged) for b in sites.blocks]
+    branches = [b.branches_named(merged) for b in merged_blocks(sites, settings)]
     inputs = sum(len({branch.input for _, branch in named}) for named in branches)
-    return plans == len(sites.blocks) and merges == inputs and unmerges == sum(map(len, branches))
+    distinct_plans = {source for source in block_plans(sites, settings) if source is not None}
+    return plans == len(distinct_plans) and merges == inputs and unmerges == sum(map(len, branches))
 
 
 def _rotary_per_token(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> bool:
@@ -62,11 +64,11 @@ def _rotary_per_token(gm: fx.GraphModule, sites: ModelSites, settings: PassSetti
 
 
 def _single_streams_split(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> bool:
-    """Every single-stream block has its ``mlp`` branch and no ``proj_out`` over ``cat([attn, mlp])`` is left
+    """Every merged single-stream block has its ``mlp`` branch and no ``proj_out`` over ``cat([attn, mlp])`` is left
     (nothing to split for the FULL engine, or for a model without single-stream blocks)."""
     if settings.key.stage is Stage.FULL:
         return True
-    singles = [b for b in sites.blocks if b.stream is not None]
+    singles = [b for b in merged_blocks(sites, settings) if b.stream is not None]
     left = [b for b in singles if b.stream.proj_out in gm.graph.nodes]  # type: ignore[union-attr]
     return all(b.mlp is not None for b in singles) and not left
 
@@ -156,11 +158,12 @@ def _check_shapes(
 ) -> None:
     """Propagate fake tensors through ``out``; its outputs must keep the traced graph's shapes (plus ``li``)."""
     batch = inputs[sites.latent_index].shape[0]
-    li = init_li(batch, sites.num_tokens)  # on the CPU: only its shape and dtype matter to fake propagation
+    li = init_li(batch, sites.num_tokens)  # on the CPU: only its shape and dtype (every method's state) matter here
     before = _output_shapes(traced)
     merged = merged_branches(settings.key.stage, sites.family, settings.config)
     changed = {n for n in out.graph.nodes if "sdtm" in n.meta}  # plan, merge, unmerge, the plan's parts, splits
-    changed |= {n for block in sites.blocks for _, branch in block.branches_named(merged) for n in branch.nodes}
+    blocks = merged_blocks(sites, settings)
+    changed |= {n for block in blocks for _, branch in block.branches_named(merged) for n in branch.nodes}
     propagate_shapes(out, [*inputs, li], changed)
     after = _output_shapes(out)
     if after[:-1] != before or after[-1] != (batch, sites.num_tokens):

@@ -35,6 +35,7 @@ from sdtm_compile.schedule import Stage
 
 from ._graph import copy_location, node_shape
 from .find_blocks import Branch, ModelSites
+from .insert_merge import merged_blocks
 from .settings import PassSettings
 
 __all__ = ["split_single_stream"]
@@ -63,11 +64,11 @@ def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
 
 
 def split_single_stream(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:
-    """Split every single-stream block's ``proj_out``; record each block's image MLP as its ``mlp`` branch (and,
+    """Split every merged single-stream block's ``proj_out``; record each block's image MLP as its ``mlp`` branch (and,
     when the stage merges attention, its image attention as its ``attn`` branch)."""
     if settings.key.stage is Stage.FULL:
         return gm
-    singles = [block for block in sites.blocks if block.stream is not None]
+    singles = [block for block in merged_blocks(sites, settings) if block.stream is not None]
     if not singles:
         return gm
     graph = gm.graph

@@ -2,7 +2,8 @@
 
 Public API::
 
-    SDTMConfig                       # validated configuration
+    SDTMConfig                       # validated configuration of SDTM
+    ToMeSDConfig / SiToConfig / ToMAConfig   # the other methods (sdtm_compile.methods), options={"method": ...}
     schedule.*                       # CRA ratio, stages, buckets, token counts
     merge.ssm_plan / idm_plan / merge / unmerge
     reference.sdtm_block_forward     # the eager reference (the oracle); reference_flux.* for Flux
@@ -15,9 +16,10 @@ Public API::
 from __future__ import annotations
 
 from .backend import compiled_graphs
-from .config import DEFAULT_BUCKETS, SDTMConfig
+from .config import DEFAULT_BUCKETS, MethodConfig, SDTMConfig, config_from_dict
 from .export import BundleError, OnnxTransformer, export_onnx
 from .merge import MergePlan, idm_plan, merge, ssm_plan, unmerge
+from .methods import SiToConfig, TokenMethod, ToMAConfig, ToMeSDConfig, method_for
 from .runtime import ConcurrentUseError, Generation, StageDispatcher, generation
 from .schedule import EngineKey, Stage
 
@@ -30,15 +32,22 @@ __all__ = [
     "DEFAULT_BUCKETS",
     "EngineKey",
     "MergePlan",
+    "MethodConfig",
     "OnnxTransformer",
     "SDTMConfig",
+    "SiToConfig",
+    "ToMAConfig",
+    "ToMeSDConfig",
+    "TokenMethod",
     "Stage",
     "StageDispatcher",
     "compiled_graphs",
+    "config_from_dict",
     "export_onnx",
     "generation",
     "idm_plan",
     "merge",
+    "method_for",
     "ssm_plan",
     "unmerge",
     "__version__",

@@ -7,6 +7,9 @@ callable that picks the engine from the timestep on every call (:class:`SDTMComp
     pipe.transformer = torch.compile(pipe.transformer, backend="sdtm_trt",
                                      options={"sdtm": SDTMConfig(ratio=0.5)})
 
+Another token-reduction method goes through the same passes and engines: ``options={"method":
+sdtm_compile.ToMeSDConfig(ratio=0.5)}`` (likewise ``SiToConfig``, ``ToMAConfig``; ``SDTMConfig`` too).
+
 Both names are declared in the ``torch_dynamo_backends`` entry-point group, so they work without importing
 this package. ``sdtm`` builds Inductor engines by default; ``sdtm_trt`` builds TensorRT engines where
 torch-tensorrt and CUDA exist and otherwise warns once and builds Inductor engines.
@@ -30,7 +33,7 @@ from torch import fx
 
 from .buckets import BucketGraphs, engine_token_counts
 from .cache import default_cache_dir
-from .config import SDTMConfig
+from .config import MethodConfig, SDTMConfig, config_from_dict
 from .engines import ENGINES, EngineBuildError, build_inductor_parallel, engine_available
 from .passes import FALLBACK_HINT, ModelSites, UnsupportedModelError
 from .passes.lint_tensorrt import lint_tensorrt, to_aten
@@ -65,7 +68,11 @@ class BackendSettings:
     """Options of the ``sdtm`` / ``sdtm_trt`` backends (``torch.compile(..., options={...})``).
 
     Attributes:
-        sdtm: the SDTM configuration (an :class:`SDTMConfig` or a dict of its fields).
+        method: the token-reduction method and its settings: a config of :mod:`sdtm_compile.methods`
+            (:class:`SDTMConfig`, ``ToMeSDConfig``, ``SiToConfig``, ``ToMAConfig``) or a dict of its fields with a
+            ``"method"`` key (``"sdtm"``, ``"tomesd"``, ``"sito"``, ``"toma"``). ``None``: ``sdtm``'s.
+        sdtm: the SDTM configuration (an :class:`SDTMConfig` or a dict of its fields); ``None``: the defaults.
+            The same as ``method=SDTMConfig(...)``; give one of the two.
         engine: ``"auto"`` (``sdtm``: Inductor; ``sdtm_trt``: TensorRT if torch-tensorrt and CUDA are there,
             else Inductor with a warning), ``"tensorrt"`` (error if unavailable), ``"inductor"`` or ``"eager"``
             (the rewritten graph op by op, for debugging).
@@ -87,7 +94,8 @@ class BackendSettings:
             faster builds; the weights are engine inputs). ``False`` builds each bucket graph whole.
     """
 
-    sdtm: SDTMConfig = field(default_factory=SDTMConfig)
+    method: MethodConfig | None = None
+    sdtm: SDTMConfig | None = None
     engine: str = "auto"
     on_unsupported: str = "error"
     tensorrt: Mapping[str, Any] = field(default_factory=dict)
@@ -95,6 +103,11 @@ class BackendSettings:
     history: int = 0
     regional: bool = True
     build_workers: int | None = None
+
+    @property
+    def config(self) -> MethodConfig:
+        """The method configuration in force: ``method``, else ``sdtm``, else SDTM's defaults."""
+        return self.method or self.sdtm or SDTMConfig()
 
     def resolved_cache_dir(self) -> Path | None:
         """The engine cache directory in force, or ``None`` when caching is off."""
@@ -113,8 +126,20 @@ class BackendSettings:
     def __post_init__(self) -> None:
         if isinstance(self.sdtm, Mapping):
             object.__setattr__(self, "sdtm", SDTMConfig.from_dict(self.sdtm))
-        if not isinstance(self.sdtm, SDTMConfig):
+        if self.sdtm is not None and not isinstance(self.sdtm, SDTMConfig):
             raise ValueError(f"option 'sdtm' must be an SDTMConfig or a dict of its fields, got {self.sdtm!r}")
+        if isinstance(self.method, Mapping):
+            object.__setattr__(self, "method", config_from_dict(self.method))
+        if self.method is not None and not isinstance(self.method, MethodConfig):
+            raise ValueError(
+                f"option 'method' must be a method config (sdtm_compile.SDTMConfig, ToMeSDConfig, SiToConfig, "
+                f"ToMAConfig) or a dict of its fields with a 'method' key, got {self.method!r}"
+            )
+        if self.method is not None and self.sdtm is not None:
+            raise ValueError(
+                "options 'method' and 'sdtm' were both given: pass the configuration once, as "
+                "method=<a method config> (sdtm=SDTMConfig(...) is the same as method=SDTMConfig(...))"
+            )
         if self.engine not in _ENGINE_CHOICES:
             raise ValueError(f"option 'engine'={self.engine!r} is invalid: choose one of {list(_ENGINE_CHOICES)}")
         if self.on_unsupported not in ("error", "fallback"):
@@ -154,7 +179,7 @@ class SDTMCompiledGraph:
         engines: dict[EngineKey, Callable[..., Any]],
         engine_names: dict[EngineKey, str],
         sites: ModelSites,
-        config: SDTMConfig,
+        config: MethodConfig,
         example_inputs: list[torch.Tensor] = (),  # type: ignore[assignment]
         history: int = 0,
     ) -> None:
@@ -284,7 +309,7 @@ class SDTMBackend:
                 "shape). Compile with torch.compile(..., dynamic=False)."
             )
         order = self._engine_order(example_inputs)
-        config = self.settings.sdtm
+        config = self.settings.config
         try:
             buckets = BucketGraphs(gm, example_inputs, config)
         except UnsupportedModelError as err:

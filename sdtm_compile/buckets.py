@@ -7,7 +7,7 @@ schedule can reach". This class owns that list and its policies, so they cannot 
   lint always include the unmerged graph; the backend builds it only when the schedule reaches it), no key twice;
 * sharing: keys whose token counts are equal on this grid are the same graph, rewritten (and built) once;
 * the rewrite (:func:`~sdtm_compile.passes.rewrite_for_engine`) from sites found once on the traced graph;
-* ``li``: a fresh counter ``[B, N]`` int32 on the latent's device (:func:`~sdtm_compile.merge.init_li`).
+* ``li``: the method's fresh state ``[B, N]`` int32 on the latent's device (SDTM: the zero counter).
 """
 
 from __future__ import annotations
@@ -19,21 +19,29 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .config import SDTMConfig
-from .merge import init_li, merged_branches
-from .passes import ModelSites, PassSettings, RewrittenGraph, find_mmdit_blocks, rewrite_for_engine
-from .schedule import FULL, EngineKey, TokenCounts, engines_for_trajectory, resolve_for_model, token_counts
+from .config import MethodConfig
+from .methods import method_for
+from .passes import (
+    FALLBACK_HINT,
+    ModelSites,
+    PassSettings,
+    RewrittenGraph,
+    UnsupportedModelError,
+    find_mmdit_blocks,
+    rewrite_for_engine,
+)
+from .passes.insert_merge import stage_token_counts
+from .schedule import FULL, EngineKey, TokenCounts, engines_for_trajectory, resolve_for_model
 
 __all__ = ["BucketGraphs", "DistinctGraph", "engine_token_counts"]
 
 logger = logging.getLogger(__name__)
 
 
-def engine_token_counts(key: EngineKey, sites: ModelSites, config: SDTMConfig) -> TokenCounts:
-    """Image tokens each part of a block sees in the engine of ``key``, on the grid and model family of ``sites``
-    (Flux's attention is merged only with ``merge_attention``)."""
-    merged = merged_branches(key.stage, sites.family, config)
-    return token_counts(key, *sites.grid, merges_attention="attn" in merged)
+def engine_token_counts(key: EngineKey, sites: ModelSites, config: MethodConfig) -> TokenCounts:
+    """Image tokens each part of a merged block sees in the engine of ``key``, on the grid and model family of
+    ``sites`` (e.g. Flux's attention is merged by SDTM only with ``merge_attention``)."""
+    return stage_token_counts(sites, PassSettings(config, key))
 
 
 @dataclass(frozen=True)
@@ -51,17 +59,18 @@ class BucketGraphs:
     Args:
         gm: the graph Dynamo traced (not modified).
         example_inputs: its flattened inputs (parameters included), as the backend receives them.
-        config: the SDTM configuration (its schedule decides the keys).
+        config: the method's configuration (its schedule decides the keys).
         include_full: also the unmerged graph (``FULL``), first, even when the schedule never reaches it.
 
-    Raises :class:`~sdtm_compile.passes.UnsupportedModelError` when the graph has no block we can rewrite.
+    Raises :class:`~sdtm_compile.passes.UnsupportedModelError` when the graph has no block we can rewrite, or when
+    the method cannot merge its token grid.
     """
 
     def __init__(
         self,
         gm: fx.GraphModule,
         example_inputs: list[torch.Tensor],
-        config: SDTMConfig,
+        config: MethodConfig,
         *,
         include_full: bool = False,
     ) -> None:
@@ -70,6 +79,9 @@ class BucketGraphs:
         self.sites: ModelSites = find_mmdit_blocks(gm, self.example_inputs)
         #: ``config`` with the timestep mapping of this model filled in (see ``resolve_for_model``)
         self.config = resolve_for_model(config, self.sites.family, self.sites.num_tokens)
+        problem = method_for(self.config).check_grid(*self.sites.grid) if self.config.enabled else None
+        if problem is not None:
+            raise UnsupportedModelError(f"{problem}. {FALLBACK_HINT}")
         keys = engines_for_trajectory(self.config)
         if include_full:
             keys = [FULL, *keys]
@@ -85,8 +97,9 @@ class BucketGraphs:
         return self.sites.grid
 
     def new_li(self) -> torch.Tensor:
-        """A fresh ``li`` counter for these inputs: ``[B, N]`` int32 zeros on the latent's device."""
-        return init_li(self.latent.shape[0], self.sites.num_tokens, device=self.latent.device)
+        """The method's fresh state for these inputs (SDTM: the ``li`` counter), ``[B, N]`` int32 on the latent's
+        device."""
+        return method_for(self.config).init_state(self.latent.shape[0], self.sites.num_tokens, self.latent.device)
 
     def engine_inputs(self) -> list[torch.Tensor]:
         """What every engine takes: the traced graph's inputs and a fresh ``li``."""

@@ -26,8 +26,11 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
         help="a preset (tiny-sd3, tiny-sd35, sd3m-1024, sd3m-4096, tiny-flux, flux-1024, testbed-1024) or a "
         "local diffusers SD3Transformer2DModel folder",
     )
+    parser.add_argument(
+        "--method", default="sdtm", help="the token-reduction method: sdtm (default), tomesd, sito, toma"
+    )
     parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--deviation", type=float, default=0.2)
+    parser.add_argument("--deviation", type=float, default=0.2, help="SDTM's CRA deviation (other methods: none)")
     parser.add_argument("--batch", type=int, default=None, help="default: 2 for SD3 (CFG), 1 for Flux")
     parser.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
     parser.add_argument("--text-tokens", type=int, default=None, help="prompt tokens (default: the tiny spec's)")
@@ -37,10 +40,16 @@ def _load_model(args):
     """(model, example inputs, config) for the export / lint commands; never downloads."""
     import torch
 
-    from .config import SDTMConfig
+    from .config import SDTMConfig, config_from_dict
     from .models import MODEL_PRESETS, FluxSpec, TinySpec, build_model, example_inputs, flux_example_inputs
 
-    config = SDTMConfig(ratio=args.ratio, deviation=args.deviation)
+    try:
+        if args.method == "sdtm":
+            config = SDTMConfig(ratio=args.ratio, deviation=args.deviation)
+        else:  # an unknown name is a ValueError naming the known ones
+            config = config_from_dict({"method": args.method, "ratio": args.ratio})
+    except ValueError as err:
+        raise SystemExit(f"sdtm-compile {args.command}: {err}") from None
     if args.model in MODEL_PRESETS:
         spec = MODEL_PRESETS[args.model].spec
         model = build_model(spec)
@@ -74,7 +83,16 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: the model's (SD3 28, Flux 20)")
     parser.add_argument("--runs", type=int, default=5, help="timed generations per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--sweep", type=_ratios, default=(0.3, 0.4, 0.6, 0.7), help="ratios; '' for none")
+    parser.add_argument(
+        "--sweep", type=_ratios, default=None, help="ratios (default 0.3,0.4,0.6,0.7; with --methods 0.3,0.5,0.7)"
+    )
+    parser.add_argument(
+        "--methods",
+        type=_methods,
+        default=None,
+        help="compare token-reduction methods instead (e.g. sdtm,tomesd,sito,toma): each at every --sweep ratio, "
+        "timed beside Inductor; writes methods.json / .md / .png",
+    )
     parser.add_argument("--sweep-runs", type=int, default=3)
     parser.add_argument(
         "--quality-seeds", type=int, default=4, help="testbed-1024: seeds of the paired image PSNR / SSIM (default 4)"
@@ -88,28 +106,49 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _bench(args, argv) -> int:
-    from .bench import BenchConfig, BenchResult, markdown_report, render, run_benchmark, update_readme
+def _methods(text: str) -> tuple[str, ...]:
+    from .bench.methods import method_names
+
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in method_names()]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {unknown or text!r}: a comma-separated list of {', '.join(method_names())}"
+        )
+    return names
+
+
+def _bench_config(args, sweep: tuple[float, ...]):
+    """The :class:`~sdtm_compile.bench.BenchConfig` of the bench command's arguments."""
+    from .bench import BenchConfig
     from .config import SDTMConfig
 
+    return BenchConfig(
+        model=args.model,
+        sdtm=SDTMConfig(ratio=args.ratio, deviation=args.deviation),
+        latent=args.latent,
+        steps=args.steps,
+        runs=args.runs,
+        warmup=args.warmup,
+        sweep=sweep,
+        sweep_runs=args.sweep_runs,
+        quality_seeds=args.quality_seeds,
+        engine=args.engine,
+        cold_caches=not args.warm_caches,
+        out_dir=args.out,
+    )
+
+
+def _bench(args, argv) -> int:
+    from .bench import BenchResult, markdown_report, render, run_benchmark, update_readme
+
+    if args.methods:
+        return _bench_methods(args, argv)
     if args.from_json:
         result = BenchResult.load(args.from_json)
         render(result, args.out)
     else:
-        config = BenchConfig(
-            model=args.model,
-            sdtm=SDTMConfig(ratio=args.ratio, deviation=args.deviation),
-            latent=args.latent,
-            steps=args.steps,
-            runs=args.runs,
-            warmup=args.warmup,
-            sweep=args.sweep,
-            sweep_runs=args.sweep_runs,
-            quality_seeds=args.quality_seeds,
-            engine=args.engine,
-            cold_caches=not args.warm_caches,
-            out_dir=args.out,
-        )
+        config = _bench_config(args, args.sweep if args.sweep is not None else (0.3, 0.4, 0.6, 0.7))
         result = run_benchmark(config, command="sdtm-compile " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(markdown_report(result))
     print(f"wrote {', '.join(result.files.values())} to {args.out}")
@@ -119,6 +158,35 @@ def _bench(args, argv) -> int:
         except ValueError as err:
             raise SystemExit(str(err)) from None
         print(f"updated the Results block of {Path(args.update_readme)}")
+    return 0
+
+
+def _bench_methods(args, argv) -> int:
+    """``bench --methods``: the method comparison (:mod:`sdtm_compile.bench.methods`)."""
+    from .bench.methods import (
+        MethodComparison,
+        comparison_markdown,
+        render_comparison,
+        run_method_comparison,
+        update_readme_methods,
+    )
+
+    if args.from_json:
+        result = MethodComparison.load(args.from_json)
+        render_comparison(result, args.out)
+    else:
+        config = _bench_config(args, ())
+        ratios = args.sweep if args.sweep else (0.3, 0.5, 0.7)
+        command = "sdtm-compile " + " ".join(argv if argv is not None else sys.argv[1:])
+        result = run_method_comparison(config, args.methods, ratios, command=command)
+    print(comparison_markdown(result))
+    print(f"wrote {', '.join(result.files.values())} to {args.out}")
+    if args.update_readme:
+        try:
+            update_readme_methods(args.update_readme, result, args.out)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        print(f"updated the method comparison block of {Path(args.update_readme)}")
     return 0
 
 

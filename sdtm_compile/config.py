@@ -1,13 +1,18 @@
-"""`SDTMConfig`: every knob of SDTM token merging, validated when it is built."""
+"""The method configs: :class:`MethodConfig` (what every token-reduction method shares) and :class:`SDTMConfig`.
+
+Every config is a frozen dataclass validated when it is built. The other methods' configs (``ToMeSDConfig``,
+``SiToConfig``, ``ToMAConfig``) live beside their method in :mod:`sdtm_compile.methods`; they subclass
+:class:`MethodConfig`, which registers them by their ``method`` name for :func:`config_from_dict`.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
-__all__ = ["SDTMConfig", "DEFAULT_BUCKETS", "MAX_RATIO"]
+__all__ = ["MethodConfig", "SDTMConfig", "DEFAULT_BUCKETS", "MAX_RATIO", "config_from_dict", "METHOD_CONFIGS"]
 
 #: Compression ratios the compiler builds one engine for. A scheduled ratio is rounded *down* to one of these.
 DEFAULT_BUCKETS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -15,6 +20,9 @@ DEFAULT_BUCKETS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 #: Neither stage can remove more than 3 of every 4 tokens: SSM keeps one token per 2x2 window and IDM keeps
 #: every window's destination.
 MAX_RATIO = 0.75
+
+#: Config classes by method name (``"sdtm"``, ``"tomesd"``, ...), filled as the classes are defined.
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
 
 
 #: Names a user of the authors' release may pass, with why they are not fields here.
@@ -25,39 +33,20 @@ _NOT_FIELDS = {
 }
 
 
-def _fail(name: str, value: object, allowed: str) -> None:
-    raise ValueError(f"SDTMConfig.{name}={value!r} is invalid: allowed {allowed}.")
+def _fail(name: str, value: object, allowed: str, owner: str = "SDTMConfig") -> None:
+    raise ValueError(f"{owner}.{name}={value!r} is invalid: allowed {allowed}.")
 
 
 @dataclass(frozen=True)
-class SDTMConfig:
-    """Structure-then-detail token merging (SDTM), as released by its authors, plus what compiling it needs.
-
-    Every field is checked at construction time; a bad value raises ``ValueError`` that names the field, the
-    value and the allowed range.
+class MethodConfig:
+    """What every token-reduction method's config has: a ratio, the ratio buckets, and how timesteps map to
+    trajectory positions (the dispatcher's part). Subclass it for a method; set ``method`` to its name.
 
     Attributes:
-        ratio: Centre of the compression-ratio schedule: the fraction of image tokens removed, on average, in
-            the merged attention/FF. ``0`` turns SDTM off (the model runs unmodified). Range ``[0, 0.75]``.
-        deviation: Half-width of the CRA (compression ratio adjusting) cosine schedule: the ratio falls from
-            ``ratio + deviation`` at the first step to ``ratio - deviation`` at the last. Range
-            ``[0, ratio]`` with ``ratio + deviation <= 0.75``.
-        switch_at: Where the structure stage ends and the detail stage begins, as a fraction of the trajectory
-            (the release switches after step 20 of 50, i.e. 0.4). Range ``[0, 1]``: 0 = detail only,
-            1 = structure only.
-        window: Merge window on the token grid ``(height, width)``. Only ``(2, 2)`` is implemented, as in the
-            release.
-        a_s: Weight of the "not attended" counter ``li`` in the SSM window score. Range ``[0, 10]``.
-            (There is no ``a_d``: the release's ``apply_SDTM`` accepts one and stores it, but no line of it is
-            ever read; its detail stage ranks sources by their best similarity alone, and so does ours.)
-        buckets: Compression ratios that get a compiled engine, strictly increasing, each in ``(0, 0.75]``.
-            The scheduled ratio is rounded down to the nearest bucket (below the smallest bucket the full
-            model runs). More buckets follow the schedule more closely but build more engines.
-        merge_attention: Whether the structure stage merges the attention too. ``None`` (default): the model
-            family's choice - SD3 / SD3.5 yes (as released), Flux no (the authors left attention unmerged on
-            RoPE models, DESIGN §8). ``True`` on Flux merges every block's attention (double and single-stream),
-            each merged token taking its representative token's rotary position; ``False`` on SD3 merges only
-            the feed-forward.
+        ratio: Fraction of image tokens removed in the merged branches. ``0`` turns the method off (the model
+            runs unmodified). Range ``[0, max_ratio]``; SDTM's is the centre of its ratio schedule.
+        buckets: Ratios that get a compiled engine, strictly increasing, each in ``(0, max_ratio]``. A ratio is
+            rounded down to the nearest bucket (below the smallest bucket the full model runs).
         timestep_shift: The flow-matching shift ``k`` of the scheduler that produces the timesteps
             (``sigma' = k sigma / (1 + (k - 1) sigma)``); the dispatcher undoes it to turn a timestep into a
             trajectory position. ``None`` (default): from the model and ``scheduler`` - SD3 / SD3.5 pipelines
@@ -79,70 +68,89 @@ class SDTMConfig:
     (:func:`sdtm_compile.schedule.resolve_for_model`).
     """
 
+    #: The method's name (``options={"method": ...}``, manifests, the bench's ``--methods``).
+    method: ClassVar[str] = ""
+    #: The largest ratio the method can reach.
+    max_ratio: ClassVar[float] = MAX_RATIO
+    #: Fields that are not plain finite numbers (checked by the subclass or here).
+    _other_fields: ClassVar[tuple[str, ...]] = ()
+
     ratio: float = 0.5
-    deviation: float = 0.2
-    switch_at: float = 0.4
-    window: tuple[int, int] = (2, 2)
-    a_s: float = 0.05
     buckets: tuple[float, ...] = field(default=DEFAULT_BUCKETS)
-    merge_attention: bool | None = None
     timestep_shift: float | None = None
     num_train_timesteps: int | None = None
     scheduler: Mapping[str, Any] | None = None
     sigmas: tuple[float, ...] | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.method:
+            METHOD_CONFIGS[cls.method] = cls
+
+    def _fail(self, name: str, value: object, allowed: str) -> None:
+        _fail(name, value, allowed, type(self).__name__)
+
     def __post_init__(self) -> None:
+        skip = ("buckets", "num_train_timesteps", "scheduler", "sigmas", *self._other_fields)
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("window", "buckets", "num_train_timesteps", "merge_attention", "scheduler", "sigmas"):
-                continue
-            if f.name == "timestep_shift" and value is None:
+            if f.name in skip or (f.name == "timestep_shift" and value is None):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                _fail(f.name, value, "a finite number")
-        if not 0.0 <= self.ratio <= MAX_RATIO:
-            _fail("ratio", self.ratio, f"0 <= ratio <= {MAX_RATIO}")
-        if not 0.0 <= self.deviation <= self.ratio or self.ratio + self.deviation > MAX_RATIO + 1e-9:
-            _fail(
-                "deviation",
-                self.deviation,
-                f"0 <= deviation <= ratio ({self.ratio}) and ratio + deviation <= {MAX_RATIO}",
-            )
-        if not 0.0 <= self.switch_at <= 1.0:
-            _fail("switch_at", self.switch_at, "0 <= switch_at <= 1 (a fraction of the trajectory)")
-        if tuple(self.window) != (2, 2):
-            _fail("window", self.window, "(2, 2) only: the SSM/IDM windows of the release")
-        object.__setattr__(self, "window", (2, 2))
-        if not 0.0 <= self.a_s <= 10.0:
-            _fail("a_s", self.a_s, "0 <= value <= 10")
+                self._fail(f.name, value, "a finite number")
+        if not 0.0 <= self.ratio <= self.max_ratio:
+            self._fail("ratio", self.ratio, f"0 <= ratio <= {self.max_ratio}")
         buckets = tuple(self.buckets) if isinstance(self.buckets, (list, tuple)) else None
+        allowed = f"a non-empty tuple of ratios in (0, {self.max_ratio}], strictly increasing"
         if not buckets:
-            _fail("buckets", self.buckets, "a non-empty tuple of ratios in (0, 0.75], strictly increasing")
+            self._fail("buckets", self.buckets, allowed)
         for b in buckets:  # type: ignore[union-attr]
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < b <= MAX_RATIO:
-                _fail("buckets", self.buckets, f"every bucket in (0, {MAX_RATIO}]; {b!r} is not")
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < b <= self.max_ratio:
+                self._fail("buckets", self.buckets, f"every bucket in (0, {self.max_ratio}]; {b!r} is not")
         if any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:])):  # type: ignore[index,arg-type]
-            _fail("buckets", self.buckets, "strictly increasing ratios, no duplicates")
+            self._fail("buckets", self.buckets, "strictly increasing ratios, no duplicates")
         object.__setattr__(self, "buckets", tuple(float(b) for b in buckets))  # type: ignore[union-attr]
         if self.timestep_shift is not None and not 0.1 <= self.timestep_shift <= 100.0:
-            _fail("timestep_shift", self.timestep_shift, "0.1 <= timestep_shift <= 100, or None (the model's)")
+            self._fail("timestep_shift", self.timestep_shift, "0.1 <= timestep_shift <= 100, or None (the model's)")
         if self.num_train_timesteps is not None and (
             isinstance(self.num_train_timesteps, bool)
             or not isinstance(self.num_train_timesteps, int)
             or self.num_train_timesteps < 1
         ):
-            _fail("num_train_timesteps", self.num_train_timesteps, "an int >= 1, or None (the model's)")
-        if self.merge_attention not in (None, True, False):
-            _fail("merge_attention", self.merge_attention, "None (the model family's choice), True or False")
-        object.__setattr__(self, "scheduler", _scheduler_settings(self.scheduler))
+            self._fail("num_train_timesteps", self.num_train_timesteps, "an int >= 1, or None (the model's)")
+        object.__setattr__(self, "scheduler", _scheduler_settings(self.scheduler, type(self).__name__))
         if self.sigmas is not None:
             try:
                 sigmas = tuple(float(v) for v in self.sigmas)
             except (TypeError, ValueError):
                 sigmas = ()
             if len(sigmas) < 2 or any(not 0.0 <= v <= 1.0 for v in sigmas) or list(sigmas) != sorted(sigmas)[::-1]:
-                _fail("sigmas", self.sigmas, "at least 2 sigmas in [0, 1], non-increasing (one per step), or None")
+                self._fail("sigmas", self.sigmas, "at least 2 sigmas in [0, 1], non-increasing (one per step), or None")
             object.__setattr__(self, "sigmas", sigmas)
+
+    def _check_flag(self, name: str) -> None:
+        """A field that must be ``True`` or ``False``."""
+        value = getattr(self, name)
+        if not isinstance(value, bool):
+            self._fail(name, value, "True or False")
+
+    def _check_window(self, keeps: str) -> None:
+        """``sx`` / ``sy`` (1 to 4 tokens, at least 2 tokens a window) and ``ratio <= 1 - 1 / (sx * sy)``: each
+        window keeps its ``keeps`` (a method with one kept token per ``sy x sx`` window)."""
+        for name in ("sx", "sy"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4:
+                self._fail(name, value, "an int from 1 to 4 (tokens)")
+        if self.sx * self.sy < 2:  # type: ignore[attr-defined]
+            self._fail("sx", self.sx, "a window of at least 2 tokens (sx * sy >= 2)")  # type: ignore[attr-defined]
+        limit = 1.0 - 1.0 / (self.sx * self.sy)  # type: ignore[attr-defined]
+        if self.ratio > limit + 1e-9:
+            self._fail("ratio", self.ratio, f"at most 1 - 1/(sx*sy) = {limit:g}: every window keeps its {keeps}")
+
+    def _check_seed(self) -> None:
+        seed = self.seed  # type: ignore[attr-defined]
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            self._fail("seed", seed, "an int >= 0")
 
     @property
     def enabled(self) -> bool:
@@ -150,18 +158,25 @@ class SDTMConfig:
         return self.ratio > 0.0
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> SDTMConfig:
-        """Build from a dict of fields (options, manifests); an unknown key is a ``ValueError`` naming it."""
+    def from_dict(cls, values: Mapping[str, Any]) -> MethodConfig:
+        """Build from a dict of fields (options, manifests); an unknown key is a ``ValueError`` naming it.
+
+        A ``"method"`` key, as :meth:`to_dict` writes it, must name this class's method.
+        """
+        values = dict(values)
+        method = values.pop("method", cls.method)
+        if method != cls.method:
+            raise ValueError(f"{cls.__name__} is the {cls.method!r} method's config, not {method!r}")
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(values) - set(valid))
         if unknown:
             hints = "".join(f" {_NOT_FIELDS[name]}" for name in unknown if name in _NOT_FIELDS)
-            raise ValueError(f"SDTMConfig has no field(s) {unknown}; valid fields: {valid}.{hints}")
+            raise ValueError(f"{cls.__name__} has no field(s) {unknown}; valid fields: {valid}.{hints}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict (tuples become lists, the scheduler settings a dict)."""
-        out: dict[str, object] = {}
+        """A JSON-ready dict: ``method``, then every field (tuples become lists, the scheduler settings a dict)."""
+        out: dict[str, object] = {"method": self.method}
         for f in fields(self):
             value = getattr(self, f.name)
             out[f.name] = (
@@ -170,6 +185,73 @@ class SDTMConfig:
                 else (list(value) if isinstance(value, tuple) else value)
             )
         return out
+
+
+def config_from_dict(values: Mapping[str, Any]) -> MethodConfig:
+    """The config a dict describes: its ``"method"`` key picks the class (``"sdtm"`` when absent)."""
+    import sdtm_compile.methods  # noqa: F401  (registers every method's config)
+
+    name = values.get("method", "sdtm")
+    cls = METHOD_CONFIGS.get(name)  # type: ignore[arg-type]
+    if cls is None:
+        raise ValueError(f"unknown token-reduction method {name!r}: expected one of {sorted(METHOD_CONFIGS)}")
+    return cls.from_dict(values)
+
+
+@dataclass(frozen=True)
+class SDTMConfig(MethodConfig):
+    """Structure-then-detail token merging (SDTM), as released by its authors, plus what compiling it needs.
+
+    Every field is checked at construction time; a bad value raises ``ValueError`` that names the field, the
+    value and the allowed range. ``ratio``, ``buckets`` and the timestep fields are :class:`MethodConfig`'s.
+
+    Attributes:
+        ratio: Centre of the compression-ratio schedule: the fraction of image tokens removed, on average, in
+            the merged attention/FF. ``0`` turns SDTM off (the model runs unmodified). Range ``[0, 0.75]``.
+        deviation: Half-width of the CRA (compression ratio adjusting) cosine schedule: the ratio falls from
+            ``ratio + deviation`` at the first step to ``ratio - deviation`` at the last. Range
+            ``[0, ratio]`` with ``ratio + deviation <= 0.75``.
+        switch_at: Where the structure stage ends and the detail stage begins, as a fraction of the trajectory
+            (the release switches after step 20 of 50, i.e. 0.4). Range ``[0, 1]``: 0 = detail only,
+            1 = structure only.
+        window: Merge window on the token grid ``(height, width)``. Only ``(2, 2)`` is implemented, as in the
+            release.
+        a_s: Weight of the "not attended" counter ``li`` in the SSM window score. Range ``[0, 10]``.
+            (There is no ``a_d``: the release's ``apply_SDTM`` accepts one and stores it, but no line of it is
+            ever read; its detail stage ranks sources by their best similarity alone, and so does ours.)
+        merge_attention: Whether the structure stage merges the attention too. ``None`` (default): the model
+            family's choice - SD3 / SD3.5 yes (as released), Flux no (the authors left attention unmerged on
+            RoPE models, DESIGN §8). ``True`` on Flux merges every block's attention (double and single-stream),
+            each merged token taking its representative token's rotary position; ``False`` on SD3 merges only
+            the feed-forward.
+    """
+
+    method: ClassVar[str] = "sdtm"
+    _other_fields: ClassVar[tuple[str, ...]] = ("window", "merge_attention")
+
+    deviation: float = 0.2
+    switch_at: float = 0.4
+    window: tuple[int, int] = (2, 2)
+    a_s: float = 0.05
+    merge_attention: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.deviation <= self.ratio or self.ratio + self.deviation > MAX_RATIO + 1e-9:
+            self._fail(
+                "deviation",
+                self.deviation,
+                f"0 <= deviation <= ratio ({self.ratio}) and ratio + deviation <= {MAX_RATIO}",
+            )
+        if not 0.0 <= self.switch_at <= 1.0:
+            self._fail("switch_at", self.switch_at, "0 <= switch_at <= 1 (a fraction of the trajectory)")
+        if tuple(self.window) != (2, 2):
+            self._fail("window", self.window, "(2, 2) only: the SSM/IDM windows of the release")
+        object.__setattr__(self, "window", (2, 2))
+        if not 0.0 <= self.a_s <= 10.0:
+            self._fail("a_s", self.a_s, "0 <= value <= 10")
+        if not (self.merge_attention is None or isinstance(self.merge_attention, bool)):
+            self._fail("merge_attention", self.merge_attention, "None (the model family's choice), True or False")
 
 
 #: The scheduler settings that decide the timestep shift (diffusers ``FlowMatchEulerDiscreteScheduler``).
@@ -184,7 +266,7 @@ SCHEDULER_KEYS = (
 )
 
 
-def _scheduler_settings(scheduler: Any) -> tuple[tuple[str, Any], ...] | None:
+def _scheduler_settings(scheduler: Any, owner: str = "SDTMConfig") -> tuple[tuple[str, Any], ...] | None:
     """The shift settings of a scheduler, its config or a dict, as sorted ``(key, value)`` pairs (hashable)."""
     if scheduler is None:
         return None
@@ -192,16 +274,17 @@ def _scheduler_settings(scheduler: Any) -> tuple[tuple[str, Any], ...] | None:
     if isinstance(values, tuple):  # already normalised (dataclasses.replace passes it through again)
         values = dict(values)
     if not isinstance(values, Mapping):
-        _fail("scheduler", scheduler, "a diffusers scheduler, its .config, or a dict of its shift settings")
+        _fail("scheduler", scheduler, "a diffusers scheduler, its .config, or a dict of its shift settings", owner)
     settings = {key: values[key] for key in SCHEDULER_KEYS if key in values}
     if settings.get("time_shift_type", "exponential") != "exponential":
         _fail(
             "scheduler",
             scheduler,
             "time_shift_type 'exponential' (the FLUX.1 / SD3 schedulers'); 'linear' is not supported",
+            owner,
         )
     for key in ("shift", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len"):
         value = settings.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            _fail("scheduler", scheduler, f"a number for {key}, got {value!r}")
+            _fail("scheduler", scheduler, f"a number for {key}, got {value!r}", owner)
     return tuple(sorted(settings.items()))

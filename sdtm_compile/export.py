@@ -25,7 +25,7 @@ from torch import fx, nn
 from .buckets import BucketGraphs
 from .cache import sha256_file
 from .capture import capture_dynamo_graph
-from .config import SDTMConfig
+from .config import MethodConfig, config_from_dict
 from .runtime import StageDispatcher
 from .schedule import EngineKey, Stage
 
@@ -75,7 +75,7 @@ def _spec(name: str, tensor: torch.Tensor) -> dict[str, Any]:
 def export_onnx(
     transformer: nn.Module,
     example_inputs: dict[str, torch.Tensor],
-    config: SDTMConfig,
+    config: MethodConfig,
     out_dir: str | Path,
     *,
     opset: int | None = None,
@@ -89,7 +89,8 @@ def export_onnx(
             are static, as in the compiled backend): ``hidden_states``, ``encoder_hidden_states``,
             ``pooled_projections``, ``timestep``; for Flux also ``img_ids``, ``txt_ids`` and (FLUX.1-dev)
             ``guidance``. Every tensor input becomes an input of every ONNX graph.
-        config: the SDTM configuration; its schedule decides which engines are exported. The manifest stores it
+        config: the method's configuration (SDTM's or another method's); its schedule decides which engines are
+            exported. The manifest stores it (with its ``method`` name)
             with the model's timestep mapping filled in (``resolve_for_model``).
         out_dir: created if missing; existing files of the same names are overwritten.
         external_data: passed to ``torch.onnx.export``: the weights go to a ``<file>.onnx.data`` file beside
@@ -265,9 +266,9 @@ class OnnxTransformer(nn.Module):
                 )
         self.manifest = manifest
         try:
-            self.sdtm_config = SDTMConfig.from_dict(manifest["config"])
+            self.sdtm_config = config_from_dict(manifest["config"])
         except ValueError as err:
-            raise BundleError(f"{manifest_path}: invalid SDTM config ({err}); re-export the bundle") from err
+            raise BundleError(f"{manifest_path}: invalid method config ({err}); re-export the bundle") from err
         self.config = _Config(manifest["transformer_config"])
         self.inputs = manifest["inputs"]
         self.state = manifest["state"][0]

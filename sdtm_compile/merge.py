@@ -1,4 +1,5 @@
-"""SDTM merge primitives: a data-dependent *plan*, then static-shape ``merge`` / ``unmerge``.
+"""Merge primitives: a data-dependent *plan*, then static-shape ``merge`` / ``unmerge`` (SDTM's plans here; the
+other methods' plans in :mod:`sdtm_compile.methods`, built from the same parts).
 
 Shapes: ``B`` batch, ``N = grid_h * grid_w`` image tokens, ``C`` channels, ``G`` 2x2 windows,
 ``M`` merged length (fixed per bucket), ``S = N - G`` IDM sources.
@@ -14,29 +15,32 @@ Plans also say the same thing as gathers, which is how ``merge`` runs them: comp
 scatter into atomic adds (Inductor on the CPU: one compare-and-swap loop per element), while a gather is a
 plain parallel read. SSM slots all have fan-in 4 (``members[b, m, :]``, a kept token listed four times), so an
 SSM merge is a gather and a mean. An IDM merge gathers one representative per slot and scatter-adds only the
-``r`` merged sources into their destinations' slots.
+``r`` merged sources into their destinations' slots. A pruning plan (SiTo) is the gather alone. A soft plan
+(ToMA) has no slots to sum into: merge and unmerge are batched matmuls per tile (see :class:`MergePlan`).
 
 Only the *indices* depend on the data; every shape is fixed by ``(N, bucket)``, so one compiled graph serves
 every call of a bucket. Per DESIGN §4 there is no ``scatter_reduce(mean)``, no ``.item()`` and no Python
 branch on tensor values here, and every batch row merges the same number of tokens (but may pick different
 ones).
 
-What it does not handle: windows other than 2x2. On an odd grid side, the last row/column is not covered by
+What it does not handle: SDTM windows other than 2x2 (:func:`bipartite_plan` takes any ``sy x sx``). On an odd
+grid side, the last row/column is not covered by
 any window: SSM passes those tokens through unmerged, IDM treats them as sources (they may be merged into a
 destination), exactly like the release's padding of its index buffer.
 
 Ranking: candidates are ranked by descending score with ties going to the lower window/source index,
-computed without ``sort``/``topk`` so the result does not depend on the backend (see :func:`_rank`).
+computed without ``sort``/``topk`` so the result does not depend on the backend (see :func:`descending_rank`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .config import SDTMConfig
+from .config import MethodConfig, SDTMConfig
 from .schedule import EngineKey, Stage, idm_sources_merged, ssm_windows_merged
 
 __all__ = [
@@ -52,11 +56,15 @@ __all__ = [
     "plan_spec",
     "make_plan",
     "plan_for",
+    "bipartite_plan",
     "merge",
     "unmerge",
+    "unmerge_tokens",
     "merged_rotary_table",
     "update_li",
     "init_li",
+    "unit_tokens",
+    "descending_rank",
 ]
 
 _LI_EPS = 1e-6  # the release's epsilon in li / mean(li)
@@ -67,9 +75,16 @@ class MergePlan(NamedTuple):
 
     ``slot``: ``[B, N]`` int64 in ``[0, M)``. ``inv_count``: ``[B, M]``, float32 (float64 for float64 inputs).
     ``members``: ``[B, M, F]`` int64 or ``None``. With ``F > 1`` (SSM, ``F = 4``, a kept token repeated)
-    merged token ``m`` is the mean of its ``F`` members. With ``F = 1`` (IDM) it is slot ``m``'s representative
-    token, to which ``extra_tokens`` ``[B, E]`` are added at ``extra_slots`` ``[B, E]`` before scaling by
-    ``inv_count``. ``None``: every token is accumulated into its slot (the general form).
+    merged token ``m`` is the mean of its ``F`` members. With ``F = 1`` (IDM, ToMeSD, SiTo) it is slot ``m``'s
+    representative token, to which ``extra_tokens`` ``[B, E]`` are added at ``extra_slots`` ``[B, E]`` before
+    scaling by ``inv_count``. ``None``: every token is accumulated into its slot (the general form).
+
+    A *soft* plan (ToMA) merges and unmerges with matmuls per tile of ``n`` tokens, ``T`` tiles, ``d``
+    destinations per tile (``M = T d``): ``order`` ``[B, N]`` lists the tokens tile by tile, ``assign``
+    ``[B, T, d, n]`` holds each merged token's weights over its tile (rows sum to 1), ``restore`` ``[B, T, n, d]``
+    each token's weights over its tile's merged tokens, and ``slot`` ``[B, N]`` is then the position of token ``n``
+    in ``order`` (how the restored tiles go back to token order). ``members`` ``[B, M, 1]``: the destination
+    token of each merged token (its rotary position).
     """
 
     slot: torch.Tensor
@@ -77,6 +92,9 @@ class MergePlan(NamedTuple):
     members: torch.Tensor | None = None
     extra_tokens: torch.Tensor | None = None
     extra_slots: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    assign: torch.Tensor | None = None
+    restore: torch.Tensor | None = None
 
 
 def init_li(batch: int, num_tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -84,29 +102,36 @@ def init_li(batch: int, num_tokens: int, device: torch.device | str | None = Non
     return torch.zeros(batch, num_tokens, dtype=torch.int32, device=device)
 
 
-def window_token_index(grid_h: int, grid_w: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """``[G, 4]`` token indices of each 2x2 window, windows row-major, tokens (0,0) (0,1) (1,0) (1,1)."""
-    if grid_h < 2 or grid_w < 2:
+def window_token_index(
+    grid_h: int, grid_w: int, device: torch.device | str | None = None, sy: int = 2, sx: int = 2
+) -> torch.Tensor:
+    """``[G, sy*sx]`` token indices of each ``sy x sx`` window, windows row-major, tokens row-major inside
+    (2x2: (0,0) (0,1) (1,0) (1,1))."""
+    if grid_h < sy or grid_w < sx:
         raise ValueError(
-            f"a {grid_h}x{grid_w} token grid has no 2x2 window to merge; SDTM needs at least 2x2 image tokens"
+            f"a {grid_h}x{grid_w} token grid has no {sy}x{sx} window to merge; the merge needs at least "
+            f"{sy}x{sx} image tokens"
         )
     # Only arange arithmetic, no tensor literals: compiled artifacts then carry no baked constants.
-    gh, gw = grid_h // 2, grid_w // 2
-    top_left = (torch.arange(gh, device=device) * 2 * grid_w)[:, None] + torch.arange(gw, device=device) * 2
-    two = torch.arange(2, device=device)
-    offsets = (two[:, None] * grid_w + two[None, :]).reshape(4)
-    return (top_left.reshape(-1, 1) + offsets).reshape(gh * gw, 4)
+    gh, gw = grid_h // sy, grid_w // sx
+    top_left = (torch.arange(gh, device=device) * sy * grid_w)[:, None] + torch.arange(gw, device=device) * sx
+    offsets = torch.arange(sy, device=device)[:, None] * grid_w + torch.arange(sx, device=device)[None, :]
+    return (top_left.reshape(-1, 1) + offsets.reshape(1, sy * sx)).reshape(gh * gw, sy * sx)
 
 
-def leftover_token_index(grid_h: int, grid_w: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """``[L]`` tokens no window covers: the last column if ``grid_w`` is odd, then the last row if ``grid_h`` is odd."""
+def leftover_token_index(
+    grid_h: int, grid_w: int, device: torch.device | str | None = None, sy: int = 2, sx: int = 2
+) -> torch.Tensor:
+    """``[L]`` tokens no ``sy x sx`` window covers: the right columns beside the windows' rows, then the bottom
+    rows (row-major within each part)."""
     # Built from static sizes, not a boolean mask: a mask index is a data-dependent shape (aten.nonzero).
-    even_h = grid_h // 2 * 2
+    covered_h, covered_w = grid_h // sy * sy, grid_w // sx * sx
     parts = []
-    if grid_w % 2:
-        parts.append(torch.arange(even_h, device=device) * grid_w + (grid_w - 1))
-    if grid_h % 2:
-        parts.append((grid_h - 1) * grid_w + torch.arange(grid_w, device=device))
+    if covered_w < grid_w:
+        rows = torch.arange(covered_h, device=device)[:, None] * grid_w
+        parts.append((rows + torch.arange(covered_w, grid_w, device=device)[None, :]).reshape(-1))
+    if covered_h < grid_h:
+        parts.append(covered_h * grid_w + torch.arange((grid_h - covered_h) * grid_w, device=device))
     if not parts:
         return torch.arange(0, device=device)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -123,7 +148,7 @@ def _check_tokens(x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int) -
         raise ValueError(f"li must be [B, N] = {tuple(x.shape[:2])}, got {tuple(li.shape)}")
 
 
-def _metric(x: torch.Tensor) -> torch.Tensor:
+def unit_tokens(x: torch.Tensor) -> torch.Tensor:
     """Unit-norm tokens for cosine similarity, in at least float32 so fp16/bf16 engines rank like fp32."""
     return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
 
@@ -134,7 +159,7 @@ def _li_priority(li: torch.Tensor) -> torch.Tensor:
     return li_f / (li_f.mean(dim=-1, keepdim=True) + _LI_EPS)
 
 
-def _rank(score: torch.Tensor) -> torch.Tensor:
+def descending_rank(score: torch.Tensor) -> torch.Tensor:
     """``rank[b, i]`` = place of item ``i`` when row ``b`` is sorted by descending score, ties by index.
 
     Counted as ``#{j: s_j > s_i} + #{j < i: s_j == s_i}`` instead of sorting: only element-wise compares and a
@@ -180,9 +205,9 @@ def ssm_plan(
     g, k = win.shape[0], int(num_windows)
     if not 0 <= k <= g:
         raise ValueError(f"SSM cannot merge {k} of {g} windows")
-    xw = _metric(x)[:, win]  # [B, G, 4, C]
+    xw = unit_tokens(x)[:, win]  # [B, G, 4, C]
     score = (xw @ xw.transpose(-1, -2)).mean(dim=(-1, -2)) + a_s * _li_priority(li)[:, win].mean(-1)
-    rank = _rank(score)[..., None]  # [B, G, 1]
+    rank = descending_rank(score)[..., None]  # [B, G, 1]
     chosen = rank < k
     pass_through = 4 * (g - k) + left.numel()
     window_slot = torch.where(chosen, pass_through + rank, 4 * (rank - k) + torch.arange(4, device=x.device))
@@ -212,37 +237,55 @@ def idm_plan(
         li: ``[B, N]`` int32 "not attended" counter.
         num_sources: sources to merge, ``r`` (a static int).
 
-    Each 2x2 window's destination is its token with the largest ``li`` (ties: the first). Every other token
-    (and every leftover token of an odd side) is a source and finds its most cosine-similar destination
-    over all destinations; the ``r`` sources with the highest best similarity are averaged with their
-    destination (unweighted mean of the destination and all sources merged into it). As in the release's
-    ``FIDM``, a source's score is its best similarity alone: ``li`` picks the destinations, not the sources.
-    Output order: unmerged sources (by rank), then the ``G`` destinations. Returns the plan (``M = N - r``) and
-    the updated ``li`` (destinations and merged sources ``+1``, unmerged sources ``0``).
+    Each 2x2 window's destination is its token with the largest ``li`` (ties: the first); the rest is
+    :func:`bipartite_plan`. As in the release's ``FIDM``, a source's score is its best similarity alone: ``li``
+    picks the destinations, not the sources. Returns the plan (``M = N - r``) and the updated ``li``
+    (destinations and merged sources ``+1``, unmerged sources ``0``).
     """
     _check_tokens(x, li, grid_h, grid_w)
-    batch, n = li.shape
     win = window_token_index(grid_h, grid_w, x.device)  # [G, 4]
-    left = leftover_token_index(grid_h, grid_w, x.device)  # [L]
-    g = win.shape[0]
+    dst_pos = li[:, win].argmax(dim=-1, keepdim=True)  # [B, G, 1]; argmax returns the first maximum
+    plan, merged = bipartite_plan(x, dst_pos, grid_h, grid_w, num_sources)
+    return plan, update_li(li, merged)
+
+
+def bipartite_plan(
+    x: torch.Tensor, dst_pos: torch.Tensor, grid_h: int, grid_w: int, num_sources: int, sy: int = 2, sx: int = 2
+) -> tuple[MergePlan, torch.Tensor]:
+    """ToMe's bipartite soft matching with one destination per ``sy x sx`` window (IDM, ToMeSD).
+
+    Args:
+        x: ``[B, N, C]`` tokens the similarity is measured on.
+        dst_pos: ``[B, G, 1]`` int64, the destination's position inside each window (row-major).
+        num_sources: sources to merge, ``r`` (a static int).
+
+    Every other token of a window (and every leftover token of a side the windows do not fill) is a source
+    and finds its most cosine-similar destination over all destinations; the ``r`` sources with the highest
+    best similarity are averaged with their destination (unweighted mean of the destination and all sources
+    merged into it). Output order: unmerged sources (by rank), then the ``G`` destinations. Returns the plan
+    (``M = N - r``) and ``merged`` ``[B, N]`` bool (destinations and merged sources).
+    """
+    batch, n = x.shape[:2]
+    win = window_token_index(grid_h, grid_w, x.device, sy, sx)  # [G, K]
+    left = leftover_token_index(grid_h, grid_w, x.device, sy, sx)  # [L]
+    g, k = win.shape
     num_src = n - g
     r = int(num_sources)
     if not 0 <= r <= num_src:
-        raise ValueError(f"IDM cannot merge {r} of {num_src} sources")
-    win_b = win.expand(batch, -1, -1)  # [B, G, 4]
-    dst_pos = li[:, win].argmax(dim=-1, keepdim=True)  # [B, G, 1]; argmax returns the first maximum
+        raise ValueError(f"cannot merge {r} of {num_src} sources")
+    win_b = win.expand(batch, -1, -1)  # [B, G, K]
     dst_tok = win_b.gather(2, dst_pos).squeeze(-1)  # [B, G]
-    others = (dst_pos + torch.arange(1, 4, device=x.device)) % 4  # [B, G, 3]: the window's other positions
+    others = (dst_pos + torch.arange(1, k, device=x.device)) % k  # [B, G, K-1]: the window's other positions
     src_tok = torch.cat([win_b.gather(2, others).reshape(batch, -1), left.expand(batch, -1)], 1)  # [B, S]
 
-    metric = _metric(x)
+    metric = unit_tokens(x)
     src = metric.gather(1, src_tok[..., None].expand(-1, -1, metric.shape[-1]))
     dst = metric.gather(1, dst_tok[..., None].expand(-1, -1, metric.shape[-1]))
     similarity = src @ dst.transpose(-1, -2)  # [B, S, G]
     # argmax, not max(dim): torch-tensorrt has no converter for max.dim when its indices are used
     best_dst = similarity.argmax(dim=-1)  # [B, S]
-    score = similarity.amax(dim=-1)  # [B, S]: a reduction output, which Inductor stores once before _rank
-    rank = _rank(score)
+    score = similarity.amax(dim=-1)  # [B, S]: a reduction output, which Inductor stores once before ranking
+    rank = descending_rank(score)
     is_merged = rank < r
     src_slot = torch.where(is_merged, (num_src - r) + best_dst, rank - r)
     dst_slot = (num_src - r) + torch.arange(g, device=x.device).expand(batch, -1)
@@ -258,8 +301,7 @@ def idm_plan(
     if r > 0:
         extra_tokens = src_by_rank[:, :r]  # [B, r]
         extra_slots = (num_src - r) + torch.empty_like(best_dst).scatter_(1, rank, best_dst)[:, :r]
-    plan = MergePlan(slot, 1.0 / count, representative[..., None], extra_tokens, extra_slots)
-    return plan, update_li(li, merged)
+    return MergePlan(slot, 1.0 / count, representative[..., None], extra_tokens, extra_slots), merged
 
 
 class PlanSpec(NamedTuple):
@@ -283,12 +325,17 @@ MERGED_BRANCHES: dict[str, dict[Stage, tuple[str, ...]]] = {
 _ATTENTION = ("attn", "attn2")
 
 
-def merged_branches(stage: Stage, family: str, config: SDTMConfig) -> tuple[str, ...]:
-    """The branches merged in ``stage`` for a model of ``family`` (``sd3`` / ``flux``) under ``config``.
+def merged_branches(stage: Stage, family: str, config: MethodConfig) -> tuple[str, ...]:
+    """The branches merged in ``stage`` for a model of ``family`` (``sd3`` / ``flux``) under ``config`` (any
+    method's: a method that is not SDTM answers through :meth:`~sdtm_compile.methods.TokenMethod.merged_branches`).
 
     ``config.merge_attention``: ``None`` keeps the family's default; ``True`` merges the attention in the
     structure stage (never in the detail stage, which is SDTM's definition of it); ``False`` never merges it.
     """
+    if not isinstance(config, SDTMConfig):
+        from .methods import method_for
+
+        return method_for(config).merged_branches(stage, family)
     names = MERGED_BRANCHES[family][stage]
     if config.merge_attention is None or stage is Stage.FULL:
         return names
@@ -296,8 +343,13 @@ def merged_branches(stage: Stage, family: str, config: SDTMConfig) -> tuple[str,
     return (_ATTENTION + rest) if config.merge_attention and stage is Stage.STRUCTURE else rest
 
 
-def plan_spec(key: EngineKey, grid_h: int, grid_w: int, config: SDTMConfig) -> PlanSpec:
-    """The stage -> plan mapping, in one place: SSM for structure, IDM for detail, at the bucket's count."""
+def plan_spec(key: EngineKey, grid_h: int, grid_w: int, config: MethodConfig) -> PlanSpec:
+    """The stage -> plan mapping, in one place. SDTM: SSM for structure, IDM for detail, at the bucket's count;
+    another method: its :meth:`~sdtm_compile.methods.TokenMethod.plan_spec`."""
+    if not isinstance(config, SDTMConfig):
+        from .methods import method_for
+
+        return method_for(config).plan_spec(key, grid_h, grid_w)
     if key.stage is Stage.STRUCTURE:
         return PlanSpec("ssm", ssm_windows_merged(key.bucket, grid_h, grid_w), (("a_s", config.a_s),))
     if key.stage is Stage.DETAIL:
@@ -305,8 +357,9 @@ def plan_spec(key: EngineKey, grid_h: int, grid_w: int, config: SDTMConfig) -> P
     raise ValueError(f"stage {key.stage.value!r} has no merge plan")
 
 
-#: Plan functions by method name: ``plan(x, li, grid_h, grid_w, count, **options) -> (MergePlan, li)``.
-PLAN_METHODS = {"ssm": ssm_plan, "idm": idm_plan}
+#: Plan functions by name: ``plan(x, state, grid_h, grid_w, count, **options) -> (MergePlan, state)``. SDTM's
+#: two are here; every other method registers its own from its module (``sdtm_compile.methods``).
+PLAN_METHODS: dict[str, Callable[..., tuple[MergePlan, torch.Tensor]]] = {"ssm": ssm_plan, "idm": idm_plan}
 
 
 def make_plan(
@@ -314,13 +367,17 @@ def make_plan(
 ) -> tuple[MergePlan, torch.Tensor]:
     """Run the plan function ``spec`` names on ``x`` ``[B, N, C]`` and ``li`` ``[B, N]``."""
     plan = PLAN_METHODS.get(spec.method)
+    if plan is None:  # the other methods register their plans when sdtm_compile.methods is imported
+        import sdtm_compile.methods  # noqa: F401
+
+        plan = PLAN_METHODS.get(spec.method)
     if plan is None:
         raise ValueError(f"unknown merge method {spec.method!r}: expected one of {sorted(PLAN_METHODS)}")
     return plan(x, li, grid_h, grid_w, spec.count, **dict(spec.options))
 
 
 def plan_for(
-    key: EngineKey, x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, config: SDTMConfig
+    key: EngineKey, x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, config: MethodConfig
 ) -> tuple[MergePlan, torch.Tensor]:
     """The plan of one engine's stage and bucket (see :func:`plan_spec`), with its new ``li``."""
     return make_plan(plan_spec(key, grid_h, grid_w, config), x, li, grid_h, grid_w)
@@ -352,7 +409,13 @@ def merged_rotary_table(table: torch.Tensor, members: torch.Tensor, text_tokens:
 
 
 def merge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
-    """``[B, N, C] -> [B, M, C]``: each merged token is the plain mean of the tokens planned into it."""
+    """``[B, N, C] -> [B, M, C]``: each merged token is the mean of the tokens planned into it (a soft plan: their
+    weighted mean)."""
+    if plan.assign is not None:  # soft (ToMA): per tile, assign [B, T, d, n] @ tokens [B, T, n, C]
+        assert plan.order is not None
+        batch, tiles, _, per_tile = plan.assign.shape
+        tokens = x.gather(1, plan.order[..., None].expand(-1, -1, x.shape[-1])).reshape(batch, tiles, per_tile, -1)
+        return (plan.assign.to(x.dtype) @ tokens).reshape(batch, -1, x.shape[-1])
     if plan.members is None:  # the general form: accumulate every token into its slot
         return _sum_into_slots(x, plan.slot, plan.inv_count.shape[1]) * plan.inv_count[..., None].to(x.dtype)
     batch, slots, fan_in = plan.members.shape
@@ -368,5 +431,15 @@ def merge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
 
 
 def unmerge(y: torch.Tensor, plan: MergePlan) -> torch.Tensor:
-    """``[B, M, C] -> [B, N, C]``: every token takes the value of the merged token it went into."""
-    return y.gather(1, plan.slot[..., None].expand(-1, -1, y.shape[-1]))
+    """``[B, M, C] -> [B, N, C]``: every token takes the value of the merged token it went into (a soft plan:
+    its weighted mix of its tile's merged tokens)."""
+    return unmerge_tokens(y, plan.slot, plan.restore)
+
+
+def unmerge_tokens(y: torch.Tensor, slot: torch.Tensor, restore: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`unmerge` from the plan's parts: ``y`` ``[B, M, C]``, ``slot`` ``[B, N]``, ``restore`` (soft plans)
+    ``[B, T, n, d]``."""
+    if restore is not None:  # per tile restore [B, T, n, d] @ merged [B, T, d, C], then back to token order
+        batch, tiles, _, per_tile = restore.shape
+        y = (restore.to(y.dtype) @ y.reshape(batch, tiles, per_tile, -1)).reshape(batch, -1, y.shape[-1])
+    return y.gather(1, slot[..., None].expand(-1, -1, y.shape[-1]))

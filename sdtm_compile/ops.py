@@ -4,38 +4,46 @@ They are plain Python functions over tensors and static ints, so every engine se
 engine runs them, Inductor and torch-tensorrt trace them into aten ops (``gather``, ``scatter``,
 ``index_put``, compares, matmul), ONNX export turns them into ``GatherElements`` / ``ScatterElements``.
 
-Adding a plan method today means: its plan function (returning a :class:`~sdtm_compile.merge.MergePlan`)
-registered in :data:`sdtm_compile.merge.PLAN_METHODS`, and the stage that uses it in
-:func:`sdtm_compile.merge.plan_spec`. The passes, these ops and the engines need no change: ``sdtm_plan``
-always returns every part of a plan (``None`` where a method has none) and ``insert_merge_nodes`` hands all of
-them to ``sdtm_merge``. A method with a different merge or unmerge (a soft assignment, pruning) is not
-covered yet.
+Adding a method (:mod:`sdtm_compile.methods`) needs no change here: ``sdtm_plan`` runs any registered plan
+function and always returns every part of a :class:`~sdtm_compile.merge.MergePlan` (``None`` where a method has
+none); ``insert_merge_nodes`` hands them all to ``sdtm_merge`` and ``sdtm_unmerge``, which run whichever form the
+plan has (gather/mean, scatter-add, or a soft assignment's matmuls).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .merge import MergePlan, PlanSpec, make_plan, merge, merged_rotary_table
+from .merge import MergePlan, PlanSpec, make_plan, merge, merged_rotary_table, unmerge_tokens
 
 __all__ = ["sdtm_plan", "sdtm_merge", "sdtm_unmerge", "sdtm_rotary", "GRAPH_OPS", "PLAN_OUTPUTS"]
 
 #: What :func:`sdtm_plan` returns, in order (``insert_merge_nodes`` reads them by these positions).
-PLAN_OUTPUTS = ("slot", "inv_count", "li", "members", "extra_tokens", "extra_slots")
+PLAN_OUTPUTS = ("slot", "inv_count", "li", "members", "extra_tokens", "extra_slots", "order", "assign", "restore")
 
 
 def sdtm_plan(
     x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, method: str, count: int, options: tuple = ()
 ) -> tuple[torch.Tensor | None, ...]:
-    """Plan one block: ``x`` ``[B, N, C]``, ``li`` ``[B, N]`` ->
-    ``(slot, inv_count, li, members, extra_tokens, extra_slots)`` (:data:`PLAN_OUTPUTS`).
+    """Plan one block: ``x`` ``[B, N, C]``, ``li`` (the method's state) ``[B, N]`` ->
+    ``(slot, inv_count, li, members, extra_tokens, extra_slots, order, assign, restore)`` (:data:`PLAN_OUTPUTS`).
 
-    Shapes: ``slot [B, N]``, ``inv_count [B, M]``, ``li [B, N]``; the last three are the plan's gather form
-    (see :class:`~sdtm_compile.merge.MergePlan`; ``None`` where a method has no such part). ``method``,
+    Shapes: ``slot [B, N]``, ``inv_count [B, M]``, ``li [B, N]``; the rest are the plan's gather form and its soft
+    form (see :class:`~sdtm_compile.merge.MergePlan`; ``None`` where a method has no such part). ``method``,
     ``count`` and ``options`` are a :class:`~sdtm_compile.merge.PlanSpec` (static, baked into the graph).
     """
     plan, li = make_plan(PlanSpec(method, count, options), x, li, grid_h, grid_w)
-    return plan.slot, plan.inv_count, li, plan.members, plan.extra_tokens, plan.extra_slots
+    return (
+        plan.slot,
+        plan.inv_count,
+        li,
+        plan.members,
+        plan.extra_tokens,
+        plan.extra_slots,
+        plan.order,
+        plan.assign,
+        plan.restore,
+    )
 
 
 def sdtm_merge(
@@ -45,14 +53,17 @@ def sdtm_merge(
     members: torch.Tensor | None = None,
     extra_tokens: torch.Tensor | None = None,
     extra_slots: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
+    assign: torch.Tensor | None = None,
+    restore: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, N, C] -> [B, M, C]`` (see :func:`sdtm_compile.merge.merge`)."""
-    return merge(x, MergePlan(slot, inv_count, members, extra_tokens, extra_slots))
+    return merge(x, MergePlan(slot, inv_count, members, extra_tokens, extra_slots, order, assign, restore))
 
 
-def sdtm_unmerge(y: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+def sdtm_unmerge(y: torch.Tensor, slot: torch.Tensor, restore: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, M, C] -> [B, N, C]`` (see :func:`sdtm_compile.merge.unmerge`)."""
-    return y.gather(1, slot[..., None].expand(-1, -1, y.shape[-1]))
+    return unmerge_tokens(y, slot, restore)
 
 
 def sdtm_rotary(table: torch.Tensor, members: torch.Tensor, text_tokens: int) -> torch.Tensor:

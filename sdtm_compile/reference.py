@@ -10,6 +10,11 @@ the diffusers block:
 * outputs are unmerged before the gate multiply and the residual add; the residual stream and the text
   tokens are never merged; ``li`` is updated once per block.
 
+The other methods (:mod:`sdtm_compile.methods`) run through the same functions: the branches a method merges
+come from :func:`~sdtm_compile.merge.merged_branches`, its plan from :func:`~sdtm_compile.merge.plan_for`, and a
+block whose method leaves it unmerged runs as ``FULL`` or reuses an earlier block's plan
+(:func:`~sdtm_compile.methods.base.plan_sources`).
+
 Unlike the authors' release, SD3.5's dual attention stays on, the last (``context_pre_only``) block is
 handled, and grids need not be square. Not handled: ControlNet residuals and IP-Adapter inputs.
 """
@@ -22,9 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import SDTMConfig
-from .merge import MergePlan, merge, plan_for, unmerge
-from .schedule import EngineKey, Stage
+from .config import MethodConfig
+from .merge import MergePlan, merge, merged_branches, plan_for, unmerge
+from .methods.base import plan_sources
+from .schedule import FULL, EngineKey, Stage
 
 __all__ = [
     "ReferenceTransformer",
@@ -60,11 +66,12 @@ def sdtm_block_forward(
     key: EngineKey,
     li: torch.Tensor,
     grid: tuple[int, int],
-    config: SDTMConfig,
+    config: MethodConfig,
     joint_attention_kwargs: dict[str, Any] | None = None,
     on_plan: Callable[[MergePlan], None] | None = None,
+    plan: MergePlan | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """One ``JointTransformerBlock`` forward with SDTM at engine ``key``.
+    """One ``JointTransformerBlock`` forward with the method of ``config`` at engine ``key``.
 
     Args:
         hidden_states: ``[B, N, C]`` image tokens (residual stream, stays full length).
@@ -73,6 +80,8 @@ def sdtm_block_forward(
         li: ``[B, N]`` int32 "not attended" counter from the previous block/step.
         grid: image-token grid ``(grid_h, grid_w)`` with ``grid_h * grid_w == N``.
         on_plan: called with the block's :class:`~sdtm_compile.merge.MergePlan` (for merge maps).
+        plan: an earlier block's plan to reuse (a method that shares plans across blocks); ``li`` is then left
+            as it is. ``None``: the block makes its own plan (unless ``key`` is ``FULL``).
 
     Returns:
         ``(encoder_hidden_states, hidden_states, li)`` like the diffusers block plus the updated ``li``
@@ -90,15 +99,16 @@ def sdtm_block_forward(
             encoder_hidden_states, emb=temb
         )
 
-    plan = None
-    if key.stage is not Stage.FULL:
+    if key.stage is Stage.FULL:
+        plan = None
+    elif plan is None:
         plan, li = plan_for(key, norm_hs, li, grid[0], grid[1], config)
-        if on_plan is not None:
-            on_plan(plan)
-    merge_attention = key.stage is Stage.STRUCTURE
+    if plan is not None and on_plan is not None:
+        on_plan(plan)
+    merged = merged_branches(key.stage, "sd3", config)
 
-    def attention_branch(attn_input: torch.Tensor, run):  # merge -> attention -> unmerge (structure stage)
-        if merge_attention:
+    def attention_branch(name: str, attn_input: torch.Tensor, run):  # merge -> attention -> unmerge, if merged
+        if plan is not None and name in merged:
             out = run(merge(attn_input, plan))
             if isinstance(out, tuple):
                 return (unmerge(out[0], plan), *out[1:])
@@ -106,16 +116,16 @@ def sdtm_block_forward(
         return run(attn_input)
 
     attn_output, context_attn_output = attention_branch(
-        norm_hs, lambda h: block.attn(hidden_states=h, encoder_hidden_states=norm_enc, **kwargs)
+        "attn", norm_hs, lambda h: block.attn(hidden_states=h, encoder_hidden_states=norm_enc, **kwargs)
     )
     hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
 
     if block.use_dual_attention:
-        attn_output2 = attention_branch(norm_hs2, lambda h: block.attn2(hidden_states=h, **kwargs))
+        attn_output2 = attention_branch("attn2", norm_hs2, lambda h: block.attn2(hidden_states=h, **kwargs))
         hidden_states = hidden_states + gate_msa2.unsqueeze(1) * attn_output2
 
     ff_input = block.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-    if plan is not None:
+    if plan is not None and "ff" in merged:
         ff_output = unmerge(_feed_forward(block, block.ff, merge(ff_input, plan)), plan)
     else:
         ff_output = _feed_forward(block, block.ff, ff_input)
@@ -140,7 +150,7 @@ def reference_forward(
     *,
     key: EngineKey,
     li: torch.Tensor,
-    config: SDTMConfig,
+    config: MethodConfig,
     joint_attention_kwargs: dict[str, Any] | None = None,
     skip_layers: list[int] | None = None,
     on_plan: Callable[[int, MergePlan], None] | None = None,
@@ -163,20 +173,25 @@ def reference_forward(
     x = transformer.pos_embed(hidden_states).contiguous()
     temb = transformer.time_text_embed(timestep, pooled_projections)
     context = transformer.context_embedder(encoder_hidden_states)
-    for index, block in enumerate(transformer.transformer_blocks):
+    blocks = transformer.transformer_blocks
+    sources = plan_sources(config, ["joint"] * len(blocks), key)
+    plans: dict[int, MergePlan] = {}
+    for index, block in enumerate(blocks):
         if skip_layers is not None and index in skip_layers:
             continue
+        source = sources[index]
         context, x, li = sdtm_block_forward(
             block,
             x,
             context,
             temb,
-            key=key,
+            key=key if source is not None else FULL,
             li=li,
             grid=grid,
             config=config,
             joint_attention_kwargs=joint_attention_kwargs,
-            on_plan=None if on_plan is None else (lambda plan, index=index: on_plan(index, plan)),
+            on_plan=_keep_plan(plans, index, on_plan),
+            plan=plans.get(source) if source is not None and source != index else None,  # type: ignore[arg-type]
         )
     x = transformer.proj_out(transformer.norm_out(x, temb))
     patch, out_channels = transformer.config.patch_size, transformer.out_channels
@@ -185,10 +200,24 @@ def reference_forward(
     return x.reshape(x.shape[0], out_channels, height, width), li
 
 
+def _keep_plan(
+    plans: dict[int, MergePlan], index: int, on_plan: Callable[[int, MergePlan], None] | None
+) -> Callable[[MergePlan], None]:
+    """An ``on_plan`` for block ``index`` that keeps its plan in ``plans`` (for blocks that reuse it) and passes it
+    on to the caller's ``on_plan(index, plan)``."""
+
+    def keep(plan: MergePlan) -> None:
+        plans[index] = plan
+        if on_plan is not None:
+            on_plan(index, plan)
+
+    return keep
+
+
 def reference_engine(
     transformer: nn.Module,
     key: EngineKey,
-    config: SDTMConfig,
+    config: MethodConfig,
     on_plan: Callable[[int, MergePlan], None] | None = None,
 ):
     """The eager reference as a dispatcher engine: ``(latent, prompt, pooled, timestep, li) -> (sample, li)``."""
@@ -219,7 +248,7 @@ class ReferenceTransformer:
     ``reset`` are the dispatcher's.
     """
 
-    def __init__(self, transformer: nn.Module, config: SDTMConfig, history: int = 1024) -> None:
+    def __init__(self, transformer: nn.Module, config: MethodConfig, history: int = 1024) -> None:
         from .runtime import StageDispatcher
 
         self.transformer = transformer
@@ -247,6 +276,6 @@ class ReferenceTransformer:
         )
 
 
-def reference_dispatcher(transformer: nn.Module, config: SDTMConfig, history: int = 1024) -> ReferenceTransformer:
+def reference_dispatcher(transformer: nn.Module, config: MethodConfig, history: int = 1024) -> ReferenceTransformer:
     """The eager reference with the stage schedule and ``li`` state of the compiled paths."""
     return ReferenceTransformer(transformer, config, history)

@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import SDTMConfig
+from .config import MethodConfig
 from .merge import MergePlan, merge, merged_branches, merged_rotary_table, plan_for, unmerge
-from .schedule import EngineKey, Stage, resolve_for_model
+from .methods.base import plan_sources
+from .reference import _keep_plan
+from .schedule import FULL, EngineKey, Stage, resolve_for_model
 
 __all__ = [
     "FluxReferenceTransformer",
@@ -94,6 +96,26 @@ def _merged_single_attention(attn: nn.Module, joint: torch.Tensor, rotary: Rotar
     return _rotated_attention(query, key, value, rotary)
 
 
+def _block_plan(
+    key: EngineKey,
+    tokens: torch.Tensor,
+    li: torch.Tensor,
+    grid: tuple[int, int],
+    config: MethodConfig,
+    plan: MergePlan | None,
+    on_plan: Callable[[MergePlan], None] | None,
+) -> tuple[MergePlan | None, torch.Tensor]:
+    """The block's plan: none for ``FULL``, ``plan`` when reusing an earlier block's, else a new one from
+    ``tokens`` ``[B, N, C]`` (advancing ``li``)."""
+    if key.stage is Stage.FULL:
+        return None, li
+    if plan is None:
+        plan, li = plan_for(key, tokens, li, grid[0], grid[1], config)
+    if on_plan is not None:
+        on_plan(plan)
+    return plan, li
+
+
 def flux_double_block_forward(
     block: nn.Module,
     hidden_states: torch.Tensor,
@@ -104,10 +126,11 @@ def flux_double_block_forward(
     key: EngineKey,
     li: torch.Tensor,
     grid: tuple[int, int],
-    config: SDTMConfig,
+    config: MethodConfig,
     on_plan: Callable[[MergePlan], None] | None = None,
+    plan: MergePlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One ``FluxTransformerBlock`` with SDTM at ``key``: ``(encoder_hidden_states, hidden_states, li)``.
+    """One ``FluxTransformerBlock`` with the method at ``key``: ``(encoder_hidden_states, hidden_states, li)``.
 
     ``hidden_states`` ``[B, N, C]`` image tokens, ``encoder_hidden_states`` ``[B, T, C]`` text tokens, ``temb``
     ``[B, C]``, ``rotary`` the model's ``(cos, sin)`` ``[T + N, D]``, ``li`` ``[B, N]`` int32.
@@ -115,11 +138,7 @@ def flux_double_block_forward(
     norm_hs, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden_states, emb=temb)
     norm_enc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(encoder_hidden_states, emb=temb)
     merged = merged_branches(key.stage, "flux", config)
-    plan = None
-    if key.stage is not Stage.FULL:
-        plan, li = plan_for(key, norm_hs, li, grid[0], grid[1], config)
-        if on_plan is not None:
-            on_plan(plan)
+    plan, li = _block_plan(key, norm_hs, li, grid, config, plan, on_plan)
 
     if plan is not None and "attn" in merged:
         rotary_merged = merged_rotary_emb(rotary, plan, encoder_hidden_states.shape[1])
@@ -158,19 +177,17 @@ def flux_single_block_forward(
     key: EngineKey,
     li: torch.Tensor,
     grid: tuple[int, int],
-    config: SDTMConfig,
+    config: MethodConfig,
     on_plan: Callable[[MergePlan], None] | None = None,
+    plan: MergePlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One ``FluxSingleTransformerBlock`` with SDTM at ``key``: ``(encoder_hidden_states, hidden_states, li)``."""
+    """One ``FluxSingleTransformerBlock`` with the method at ``key``: ``(encoder_hidden_states, hidden_states,
+    li)``."""
     text = encoder_hidden_states.shape[1]
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, T + N, C], text first
     residual = hidden_states
     norm_hs, gate = block.norm(hidden_states, emb=temb)
-    plan = None
-    if key.stage is not Stage.FULL:
-        plan, li = plan_for(key, norm_hs[:, text:], li, grid[0], grid[1], config)
-        if on_plan is not None:
-            on_plan(plan)
+    plan, li = _block_plan(key, norm_hs[:, text:], li, grid, config, plan, on_plan)
     merged = merged_branches(key.stage, "flux", config)
     merge_mlp = plan is not None and "mlp" in merged
     image = merge(norm_hs[:, text:], plan) if plan is not None else None
@@ -208,7 +225,7 @@ def flux_reference_forward(
     *,
     key: EngineKey,
     li: torch.Tensor,
-    config: SDTMConfig,
+    config: MethodConfig,
     on_plan: Callable[[int, MergePlan], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole ``FluxTransformer2DModel`` forward with every block run by the functions above.
@@ -233,20 +250,24 @@ def flux_reference_forward(
         temb = transformer.time_text_embed(timestep, guidance.to(x.dtype) * 1000, pooled_projections)
     context = transformer.context_embedder(encoder_hidden_states)
     rotary = transformer.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
-    blocks = [(flux_double_block_forward, b) for b in transformer.transformer_blocks]
-    blocks += [(flux_single_block_forward, b) for b in transformer.single_transformer_blocks]
-    for index, (forward, block) in enumerate(blocks):
+    blocks = [(flux_double_block_forward, b, "double") for b in transformer.transformer_blocks]
+    blocks += [(flux_single_block_forward, b, "single") for b in transformer.single_transformer_blocks]
+    sources = plan_sources(config, [kind for _, _, kind in blocks], key)
+    plans: dict[int, MergePlan] = {}
+    for index, (forward, block, _) in enumerate(blocks):
+        source = sources[index]
         context, x, li = forward(
             block,
             x,
             context,
             temb,
             rotary,
-            key=key,
+            key=key if source is not None else FULL,
             li=li,
             grid=grid,
             config=config,
-            on_plan=None if on_plan is None else (lambda plan, index=index: on_plan(index, plan)),
+            on_plan=_keep_plan(plans, index, on_plan),
+            plan=plans.get(source) if source is not None and source != index else None,  # type: ignore[arg-type]
         )
     return transformer.proj_out(transformer.norm_out(x, temb)), li
 
@@ -261,7 +282,7 @@ class FluxReferenceTransformer:
     ``history`` keeps the last ``history`` calls (a debugging oracle: on by default).
     """
 
-    def __init__(self, transformer: nn.Module, config: SDTMConfig, history: int = 1024) -> None:
+    def __init__(self, transformer: nn.Module, config: MethodConfig, history: int = 1024) -> None:
         from .runtime import StageDispatcher
 
         self.transformer = transformer

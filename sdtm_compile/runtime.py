@@ -3,6 +3,8 @@
 
 The engines behind it are interchangeable: the eager reference, compiled per-bucket graphs, ONNX sessions.
 Each caller passes :meth:`StageDispatcher.run` a ``call(key, li) -> (output, li)`` that runs its engine.
+``li`` is the method's state (``[B, N]`` int32): SDTM's "not attended" counter, or the random state of ToMeSD
+and SiTo (:mod:`sdtm_compile.methods`); the rules below hold for every method.
 
 State rules (DESIGN §5):
 
@@ -39,8 +41,7 @@ from typing import Any
 
 import torch
 
-from .config import SDTMConfig
-from .merge import init_li
+from .config import MethodConfig
 from .schedule import EngineKey, engine_key_at, position_from_timestep
 
 __all__ = ["StageDispatcher", "CallRecord", "Generation", "generation", "ConcurrentUseError"]
@@ -144,12 +145,12 @@ class StageDispatcher:
     """Runs each call on the engine of the (stage, bucket) its timestep maps to, carrying ``li``.
 
     Args:
-        config: the SDTM configuration (schedule, buckets, timestep shift).
+        config: the method's configuration (schedule, buckets, timestep shift; any method's config).
         history: how many recent calls the default state (outside any :func:`generation`) records as a
             :class:`CallRecord` (0, the default: none; cleared by :meth:`reset`).
     """
 
-    def __init__(self, config: SDTMConfig, history: int = 0) -> None:
+    def __init__(self, config: MethodConfig, history: int = 0) -> None:
         self.config = config
         self._default = _State(history)
 
@@ -161,6 +162,13 @@ class StageDispatcher:
     def reset(self) -> None:
         """Forget the default state (``li`` of every batch layout) and its history; contexts keep theirs."""
         self._default.clear()
+
+    def _init_state(self, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """The method's state at the start of a generation (SDTM: ``li`` zeros; ToMeSD / SiTo: their seeded
+        random state)."""
+        from .methods import method_for
+
+        return method_for(self.config).init_state(batch, num_tokens, device)
 
     def key_for(self, timestep: torch.Tensor | float) -> tuple[float, EngineKey]:
         """The trajectory position of ``timestep`` and the engine that serves it."""
@@ -209,7 +217,7 @@ class StageDispatcher:
         new_generation = state is None or t > state.timestep
         new_step = new_generation or t < state.timestep  # type: ignore[union-attr]
         if new_generation:
-            li = init_li(*li_shape, device=device)
+            li = self._init_state(*li_shape, device=device)
             state = _LayoutState(t, li, li)
             owner.layouts[layout] = state
             logger.debug("new generation for layout %s (timestep %.3f)", layout, t)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SDTMConfig
+from .config import MethodConfig, SDTMConfig
 
 __all__ = [
     "Stage",
@@ -45,11 +45,12 @@ _EPS = 1e-9
 
 
 class Stage(str, enum.Enum):
-    """Which graph runs: the unmodified model, or one of SDTM's two stages."""
+    """Which graph runs: the unmodified model, one of SDTM's two stages, or a one-stage method's merged graph."""
 
-    FULL = "full"  #: no merging (ratio rounds below the smallest bucket, or SDTM is off)
-    STRUCTURE = "structure"  #: SSM plan; attention and FF merged
-    DETAIL = "detail"  #: IDM plan; attention full length, FF merged
+    FULL = "full"  #: no merging (ratio rounds below the smallest bucket, or the method is off)
+    STRUCTURE = "structure"  #: SDTM: SSM plan; attention and FF merged
+    DETAIL = "detail"  #: SDTM: IDM plan; attention full length, FF merged
+    MERGE = "merge"  #: a method with one stage (ToMeSD, SiTo, ToMA): its plan at every step
 
 
 @dataclass(frozen=True, order=True)
@@ -117,7 +118,7 @@ def timestep_shift_for(num_tokens: int, settings: dict[str, object]) -> float:
     return math.exp(mu)
 
 
-def resolve_for_model(config: SDTMConfig, family: str, num_tokens: int) -> SDTMConfig:
+def resolve_for_model(config: MethodConfig, family: str, num_tokens: int) -> MethodConfig:
     """``config`` with ``timestep_shift`` and ``num_train_timesteps`` filled in for a model of ``family`` at
     ``num_tokens`` image tokens (fields the user set are kept; ``config.scheduler`` overrides the family's
     scheduler settings)."""
@@ -130,7 +131,7 @@ def resolve_for_model(config: SDTMConfig, family: str, num_tokens: int) -> SDTMC
     return dataclasses.replace(config, timestep_shift=round(shift, 12), num_train_timesteps=int(scale))  # type: ignore[arg-type]
 
 
-def _timestep_scale(config: SDTMConfig) -> tuple[float, float]:
+def _timestep_scale(config: MethodConfig) -> tuple[float, float]:
     """``(shift k, num_train_timesteps)``; a field left at ``None`` takes SD3's (see ``SDTMConfig``)."""
     sd3 = FAMILY_TIMESTEPS["sd3"]
     k = config.timestep_shift if config.timestep_shift is not None else sd3["shift"]
@@ -154,7 +155,7 @@ def position_at_step(step: int, num_steps: int) -> float:
     return 0.0 if num_steps == 1 else step / (num_steps - 1)
 
 
-def position_from_timestep(timestep: float | torch.Tensor, config: SDTMConfig) -> float:
+def position_from_timestep(timestep: float | torch.Tensor, config: MethodConfig) -> float:
     """Trajectory position of a flow-matching timestep (``t = sigma * num_train_timesteps``).
 
     The scheduler spaces *unshifted* sigmas ``u`` evenly and feeds the model ``sigma = k u / (1 + (k-1) u)``
@@ -205,8 +206,13 @@ def round_to_bucket(ratio: float, buckets: tuple[float, ...]) -> float:
     return max(below) if below else 0.0
 
 
-def engine_key_at(position: float, config: SDTMConfig) -> EngineKey:
-    """The engine that serves trajectory position ``position``."""
+def engine_key_at(position: float, config: MethodConfig) -> EngineKey:
+    """The engine that serves trajectory position ``position`` (any method: see
+    :meth:`~sdtm_compile.methods.TokenMethod.engine_key_at`)."""
+    if not isinstance(config, SDTMConfig):
+        from .methods import method_for
+
+        return method_for(config).engine_key_at(position)
     stage = stage_at(position, config)
     bucket = round_to_bucket(cra_ratio(position, config), config.buckets) if stage is not Stage.FULL else 0.0
     return FULL if bucket == 0.0 else EngineKey(stage, bucket)
@@ -251,17 +257,22 @@ def token_counts(key: EngineKey, grid_h: int, grid_w: int, merges_attention: boo
     return TokenCounts(n, n, n - removed, removed)
 
 
-def engines_for_steps(config: SDTMConfig, num_steps: int) -> list[EngineKey]:
+def engines_for_steps(config: MethodConfig, num_steps: int) -> list[EngineKey]:
     """The distinct engines a generation of ``num_steps`` steps uses (positions ``s / (S-1)``), sorted."""
     return sorted({engine_key_at(position_at_step(s, num_steps), config) for s in range(num_steps)})
 
 
-def engines_for_trajectory(config: SDTMConfig) -> list[EngineKey]:
+def engines_for_trajectory(config: MethodConfig) -> list[EngineKey]:
     """Every engine any step count or scheduler can reach: the buckets the CRA curve crosses in each stage.
 
     This is what the compiler builds, so that no step count or timestep spacing can ask for a missing engine.
-    With the defaults (ratio 0.5, deviation 0.2, switch 0.4, buckets 0.1..0.7) it is 6 engines.
+    With the defaults (ratio 0.5, deviation 0.2, switch 0.4, buckets 0.1..0.7) it is 6 engines. Another method:
+    its :meth:`~sdtm_compile.methods.TokenMethod.engines_for_trajectory`.
     """
+    if not isinstance(config, SDTMConfig):
+        from .methods import method_for
+
+        return method_for(config).engines_for_trajectory()
     if not config.enabled:
         return [FULL]
     keys: set[EngineKey] = set()
@@ -277,7 +288,7 @@ def engines_for_trajectory(config: SDTMConfig) -> list[EngineKey]:
     return sorted(keys)
 
 
-def timestep_at_position(position: float, config: SDTMConfig) -> float:
+def timestep_at_position(position: float, config: MethodConfig) -> float:
     """Inverse of :func:`position_from_timestep`: the flow-matching timestep at trajectory position ``p``."""
     unshifted = 1.0 - min(max(float(position), 0.0), 1.0)
     k, scale = _timestep_scale(config)

@@ -18,7 +18,7 @@ from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_tr
 from sdtm_compile.reference import reference_dispatcher, reference_forward
 from sdtm_compile.regions import RegionalBuilder
 from sdtm_compile.sampling import generate, make_generation_inputs
-from sdtm_compile.schedule import FULL, engines_for_trajectory
+from sdtm_compile.schedule import FULL, EngineKey, Stage, engines_for_trajectory
 from tests.helpers import capture_dynamo_graph, transformer_call
 
 CONFIG = SDTMConfig()
@@ -31,10 +31,16 @@ CASES = [  # (spec, batch, latent): SD3 and SD3.5, square and non-square, batch 
     (TINY_SD35, 1, (24, 40)),
 ]
 #: The eager engine runs every bucket of every case (non-square grids and batch 1 included: the passes' shapes).
-#: An Inductor build costs ~30 s cold on 2 cores, so Inductor runs every bucket of one representative case
-#: (SD3.5: attn2, batch 2, the shapes the generation and export tests reuse from the engine cache). (A second
-#: Inductor case, non-square batch 1 at structure@0.7, was dropped to keep CI within its budget.)
-ENGINE_CASES = [("eager", case, KEYS) for case in CASES] + [("inductor", CASES[1], KEYS)]
+#: An Inductor build costs ~10 s per distinct region cold on 2 cores, so Inductor runs one representative case
+#: (SD3.5: attn2, batch 2, the shapes the generation test reuses from the engine cache) on one bucket of each stage
+#: and the full graph: every region kind (block prefixes, SSM and IDM merged parts, glue). All seven buckets with
+#: Inductor took 265 s of CI's 720; the other buckets differ from these only in their static counts, which the
+#: eager engine checks on every bucket.
+INDUCTOR_KEYS = [FULL, EngineKey(Stage.DETAIL, 0.6), EngineKey(Stage.STRUCTURE, 0.6)]
+#: The Inductor generation's config: its schedule reaches exactly INDUCTOR_KEYS (structure@0.6 while the ratio is
+#: above 0.6, then detail@0.6, then the full graph below 0.6), so its engines load from the parity test's cache.
+INDUCTOR_CONFIG = SDTMConfig(buckets=(0.6,))
+ENGINE_CASES = [("eager", case, KEYS) for case in CASES] + [("inductor", CASES[1], INDUCTOR_KEYS)]
 ENGINE_CASES = [c for c in ENGINE_CASES if c[0] in HERE]
 #: eager runs the rewritten graph op by op: bit-for-bit the reference's arithmetic. Inductor fuses and
 #: reorders float ops.
@@ -80,22 +86,25 @@ def test_every_bucket_matches_the_eager_reference(engine_case):
 # Inductor: SD3.5 at batch 2 / 32x32 loads the engines the parity test built from the session's engine cache.
 # The eager engine runs the same Dynamo capture, passes and dispatcher for SD3 (recompiles are Dynamo's, not the
 # engine's).
-@pytest.mark.parametrize("spec, engine", [(TINY_SD35, "inductor"), (TINY_SD3, "eager")], ids=["sd35", "sd3"])
-def test_whole_generation_matches_reference_without_recompiles(spec, engine):
+@pytest.mark.parametrize(
+    "spec, engine, config", [(TINY_SD35, "inductor", INDUCTOR_CONFIG), (TINY_SD3, "eager", CONFIG)], ids=["sd35", "sd3"]
+)
+def test_whole_generation_matches_reference_without_recompiles(spec, engine, config):
     model = tiny_sd3_transformer(spec, seed=2)
     inputs = make_generation_inputs(spec, (32, 32), seed=5)
-    backend = SDTMBackend({"sdtm": CONFIG, "engine": engine, "history": 64})
+    backend = SDTMBackend({"sdtm": config, "engine": engine, "history": 64})
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         got = generate(transformer_call(compiled), inputs, num_steps=28)
         again = generate(transformer_call(compiled), inputs, num_steps=28)  # a second generation resets li
-    reference = reference_dispatcher(model, CONFIG)
+    reference = reference_dispatcher(model, config)
     with torch.no_grad():
         want = generate(reference, inputs, num_steps=28)
     assert len(backend.compiled) == 1  # one Dynamo graph, built once
     graph = backend.compiled[0]
-    assert len(graph.engines) == 6 and set(graph.engine_names.values()) == {engine}
+    expected = set(INDUCTOR_KEYS) if engine == "inductor" else set(engines_for_trajectory(CONFIG))
+    assert set(graph.engines) == expected and set(graph.engine_names.values()) == {engine}
     assert [r.key for r in graph.dispatcher.history[:28]] == [r.key for r in reference.history]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(again, got, rtol=0, atol=0)
@@ -144,7 +153,8 @@ def test_unknown_options_list_the_valid_ones():
         SDTMBackend({"ratio": 0.5, "enabled_precisions": {torch.half}})
     message = str(info.value)
     assert "['enabled_precisions', 'ratio']" in message
-    valid = "['sdtm', 'engine', 'on_unsupported', 'tensorrt', 'cache_dir', 'history', 'regional', 'build_workers']"
+    valid = "['method', 'sdtm', 'engine', 'on_unsupported', 'tensorrt', 'cache_dir', 'history', 'regional', "
+    valid += "'build_workers']"
     assert f"valid options: {valid}" in message
     with pytest.raises(ValueError, match="'engine'='fast' is invalid"):
         SDTMBackend({"engine": "fast"})
@@ -228,7 +238,8 @@ def test_missing_tensorrt_warns_once_or_errors_when_asked_for():
     torch._dynamo.reset()
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
-        torch.compile(model, backend=SDTMBackend({"engine": "auto"}, name="sdtm_trt"))(**inputs, return_dict=False)
+        backend = SDTMBackend({"engine": "auto", "sdtm": INDUCTOR_CONFIG}, name="sdtm_trt")  # engines in the cache
+        torch.compile(model, backend=backend)(**inputs, return_dict=False)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len([m for m in messages if "TensorRT is not usable here" in m]) == 1
     reason = engine_available("tensorrt", [torch.zeros(1)])

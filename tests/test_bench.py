@@ -133,7 +133,7 @@ def test_bucket_graph_flops_add_up_to_a_whole_generation(tiny_result):
     result = tiny_result[0].to_dict()
     model = tiny_sd3_transformer(TINY_SD3)
     inputs = make_generation_inputs(TINY_SD3, (32, 32), seed=0)
-    config = SDTMConfig(**result["sdtm"])
+    config = SDTMConfig.from_dict(result["sdtm"])
 
     def eager(h, e, p, t):
         return model(hidden_states=h, encoder_hidden_states=e, pooled_projections=p, timestep=t, return_dict=False)[0]

@@ -47,6 +47,12 @@ def test_lint_command_reports_every_bucket(capsys):
     ]
 
 
+def test_lint_command_takes_another_method(capsys):
+    assert main(["lint", "--latent", "32", "--method", "toma", "--ratio", "0.4"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "aten ops" in line]
+    assert [row.split("  ")[0] for row in rows] == ["full", "merge@0.4"] and all(r.endswith("OK") for r in rows)
+
+
 def test_export_command_writes_a_bundle(tmp_path, capsys):
     import json
 

@@ -20,6 +20,10 @@ from tests.helpers import transformer_call
 
 pytest.importorskip("onnxruntime")
 CONFIG = SDTMConfig()
+#: SD3.5's bundle (attn2 in the merged attention) exports one bucket per stage and the full graph (its schedule
+#: reaches exactly these); SD3's exports all seven. An ONNX export costs ~10-20 s per engine on 2 cores.
+SD35_CONFIG = SDTMConfig(buckets=(0.6,))
+CONFIGS = {"sd3": CONFIG, "sd35": SD35_CONFIG}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,23 +32,20 @@ def bundle(request, tmp_path_factory):
     spec = request.param
     model = tiny_sd3_transformer(spec, seed=0)
     out = tmp_path_factory.mktemp("bundle")
-    manifest = export_onnx(model, example_inputs(spec, 2, (32, 32)), CONFIG, out)
+    manifest = export_onnx(model, example_inputs(spec, 2, (32, 32)), _config(spec), out)
     return spec, model, out, manifest
+
+
+def _config(spec: TinySpec) -> SDTMConfig:
+    return CONFIGS["sd35" if spec.dual_attention_layers else "sd3"]
 
 
 def test_manifest_describes_every_engine(bundle):
     spec, model, out, manifest = bundle
     assert json.loads(json.dumps(manifest, default=str)) == json.loads((out / "manifest.json").read_text())
     assert manifest["format_version"] == 1
-    assert [e["key"] for e in manifest["engines"]] == [
-        "full",
-        "detail@0.3",
-        "detail@0.4",
-        "detail@0.5",
-        "detail@0.6",
-        "structure@0.6",
-        "structure@0.7",
-    ]
+    every = ["full", "detail@0.3", "detail@0.4", "detail@0.5", "detail@0.6", "structure@0.6", "structure@0.7"]
+    assert [e["key"] for e in manifest["engines"]] == (every if spec is TINY_SD3 else ["full", *every[4:6]])
     assert {e["file"] for e in manifest["engines"]} == set(manifest["files"])
     for name, digest in manifest["files"].items():
         assert (out / name).exists() and len(digest) == 64
@@ -59,7 +60,8 @@ def test_manifest_describes_every_engine(bundle):
     }
     assert manifest["outputs"] == [{"name": "sample", "shape": [2, 4, 32, 32], "dtype": "float32"}]
     # the config as given, with the model's timestep mapping filled in (SD3: shift 3.0, timesteps in [0, 1000])
-    assert SDTMConfig.from_dict(manifest["config"]) == resolve_for_model(CONFIG, "sd3", 256)
+    assert SDTMConfig.from_dict(manifest["config"]) == resolve_for_model(_config(spec), "sd3", 256)
+    assert manifest["config"]["method"] == "sdtm"
     assert (manifest["config"]["timestep_shift"], manifest["config"]["num_train_timesteps"]) == (3.0, 1000)
     assert manifest["transformer_config"]["num_layers"] == spec.num_layers
 
@@ -70,11 +72,11 @@ def test_generation_through_onnx_equals_compiled_and_reference(bundle):
     runner = OnnxTransformer(out, history=64)
     with torch.no_grad():
         got = generate(transformer_call(runner), inputs, num_steps=28)
-        want = generate(reference_dispatcher(model, CONFIG), inputs, num_steps=28)
+        want = generate(reference_dispatcher(model, _config(spec)), inputs, num_steps=28)
         torch._dynamo.reset()
         # the eager engine: the backend's own capture, passes and dispatcher without Inductor builds (Inductor's
         # generation parity is in test_backend, whose engine cache this file's worker does not share)
-        backend = SDTMBackend({"sdtm": CONFIG, "engine": "eager", "history": 64})
+        backend = SDTMBackend({"sdtm": _config(spec), "engine": "eager", "history": 64})
         compiled = torch.compile(model, backend=backend, dynamic=False)
         via_backend = generate(transformer_call(compiled), inputs, num_steps=28)
     # ONNX Runtime and eager PyTorch order float ops differently: 1e-4 over 28 steps
@@ -82,7 +84,7 @@ def test_generation_through_onnx_equals_compiled_and_reference(bundle):
     torch.testing.assert_close(got, via_backend, rtol=1e-4, atol=1e-4)
     steps = [r.key for r in runner.dispatcher.history]
     assert steps == [r.key for r in backend.compiled[0].dispatcher.history]
-    assert len(set(steps)) == 6
+    assert len(set(steps)) == (6 if spec is TINY_SD3 else 3)
 
 
 def test_onnx_transformer_in_a_real_pipeline(bundle):
@@ -123,20 +125,21 @@ def test_config_the_release_never_reads_is_refused(bundle_copy):
     # a bundle written when SDTMConfig still had a_d (our old detail-stage term) has other graphs: re-export it
     path, manifest = bundle_copy
     (path / "manifest.json").write_text(json.dumps({**manifest, "config": {**manifest["config"], "a_d": 0.05}}))
-    with pytest.raises(BundleError, match=r"manifest.json: invalid SDTM config .*\['a_d'\].*re-export the bundle"):
+    with pytest.raises(BundleError, match=r"manifest.json: invalid method config .*\['a_d'\].*re-export the bundle"):
         OnnxTransformer(path)
 
 
 def test_missing_file(bundle_copy):
-    path, _ = bundle_copy
-    (path / "detail_r0.4.onnx").unlink()
-    with pytest.raises(BundleError, match=r"detail_r0.4.onnx: listed in the manifest but missing"):
+    path, manifest = bundle_copy
+    name = manifest["engines"][1]["file"]  # detail_r0.3.onnx (SD3), detail_r0.6.onnx (SD3.5)
+    (path / name).unlink()
+    with pytest.raises(BundleError, match=rf"{name}: listed in the manifest but missing"):
         OnnxTransformer(path)
 
 
 def test_checksum_mismatch(bundle_copy):
     path, manifest = bundle_copy
-    target = path / next(e["file"] for e in manifest["engines"] if e["key"] == "structure@0.7")
+    target = path / manifest["engines"][-1]["file"]  # structure@0.7 (SD3), structure@0.6 (SD3.5)
     target.write_bytes(target.read_bytes()[:-100])  # truncated
     with pytest.raises(BundleError, match=rf"{target.name}: sha256 .* does not match the manifest"):
         OnnxTransformer(path)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..config import SDTMConfig
+from ..config import MethodConfig
 from ..sampling import GenerationInputs, cfg_batch, cfg_prompts
 
 __all__ = ["Compiled", "cfg_call_inputs", "compiler_caches"]
@@ -56,7 +56,7 @@ class Compiled:
 
     Args:
         model: the transformer.
-        sdtm: the SDTM configuration, or ``None`` for the plain Inductor baseline.
+        sdtm: the method configuration (SDTM or another method), or ``None`` for the plain Inductor baseline.
         engine: engines of the ``sdtm`` backend (``"inductor"`` or ``"eager"``; ``"eager"`` compiles the baseline
             with Dynamo's eager backend as well).
         probe: the inputs of the first (timed) call, laid out as a generation passes them.
@@ -71,7 +71,7 @@ class Compiled:
     def __init__(
         self,
         model: torch.nn.Module,
-        sdtm: SDTMConfig | None,
+        sdtm: MethodConfig | None,
         engine: str,
         probe: dict[str, Any],
         cache_dir: Path | None = None,
@@ -79,7 +79,7 @@ class Compiled:
         from ..backend import SDTMBackend
 
         # history: the step table reads the engines of the last generation's calls
-        options = {"sdtm": sdtm, "engine": engine, "history": 1024, "cache_dir": cache_dir}
+        options = {"method": sdtm, "engine": engine, "history": 1024, "cache_dir": cache_dir}
         self.backend = None if sdtm is None else SDTMBackend(options, name="sdtm")
         if self.backend is None:
             # the baseline compiles with Inductor, except in a test run of eager engines: Dynamo's eager backend
