@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from sdtm_compile.cli import main
 
 
@@ -21,17 +23,19 @@ def test_demo_on_the_trained_testbed_prints_image_measures(capsys):
     assert "final image vs unmerged: PSNR" in out and "SSIM" in out
 
 
-def test_bad_cli_input_is_a_clear_error():
+def test_bad_cli_input_is_a_clear_error(capsys):
+    # one real process (the console entry's exit code and stderr); the other cases in this process
     result = subprocess.run(
         [sys.executable, "-m", "sdtm_compile", "demo", "--ratios", "0.9"], capture_output=True, text=True
     )
     assert result.returncode == 2
     assert "SDTMConfig.ratio=0.9 is invalid" in result.stderr
-    result = subprocess.run(
-        [sys.executable, "-m", "sdtm_compile", "demo", "--ratios", "a,b"], capture_output=True, text=True
-    )
-    assert result.returncode == 2 and "comma-separated ratios" in result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--ratios", "a,b"])
+    assert exit_info.value.code == 2 and "comma-separated ratios" in capsys.readouterr().err
     assert main(["demo", "--model", "tiny-flux"]) == 2  # the demo runs SD3 presets
+    with pytest.raises(SystemExit, match="unknown token-reduction method 'tome'"):
+        main(["lint", "--method", "tome"])
 
 
 def test_lint_command_reports_every_bucket(capsys):

@@ -197,10 +197,10 @@ def test_onnx_bundle_runs_a_flux_generation(tmp_path):
     pytest.importorskip("onnxruntime")
     from sdtm_compile.export import BundleError, OnnxTransformer, export_onnx
 
-    spec = TINY_FLUX
+    spec = dataclasses.replace(TINY_FLUX, num_layers=1, num_single_layers=1)  # FLUX.1-dev's layout, 1 + 1 blocks
     model = tiny_flux_transformer(spec, seed=1)
-    # 2 engines (an export costs ~10 s): full, and structure@0.5 with merged attention (RoPE rows gathered, the
-    # joint split rewritten, the single blocks' proj_out split). The IDM ops' ONNX path is tested on SD3.
+    # 2 engines (an export costs ~10 s per block kind): full, and structure@0.5 with merged attention (RoPE rows
+    # gathered, the joint split rewritten, the single blocks' proj_out split). The IDM ops' ONNX path is tested on SD3.
     config = SDTMConfig(buckets=(0.5,), merge_attention=True, switch_at=1.0)
     manifest = export_onnx(model, flux_example_inputs(spec, 1, (24, 32)), config, tmp_path)
     assert [e["key"] for e in manifest["engines"]] == ["full", "structure@0.5"]
