@@ -281,7 +281,10 @@ def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) ->
     if not by_block:
         raise UnsupportedModelError(
             f"no MMDiT block found: looked for {' / '.join(BLOCK_CLASSES)} modules (diffusers SD3 / SD3.5 and "
-            f"Flux) in the traced graph's nn_module_stack; the graph holds: {_describe_modules(gm)}. "
+            f"Flux) in the traced graph's nn_module_stack; the graph holds: {_describe_modules(gm)}. A step cache "
+            "that hooks the blocks (diffusers' enable_cache / apply_first_block_cache, cache-dit) breaks the graph "
+            "into fragments without a whole block: remove it and use the backend's own, "
+            "options={'step_cache': sdtm_compile.FirstBlockCacheConfig(threshold)}. "
             f"{FALLBACK_HINT}."
         )
     families = {BLOCK_FAMILIES[cls] for cls in kinds.values()}

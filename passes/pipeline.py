@@ -15,20 +15,33 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from sdtm_compile.merge import init_li, merged_branches
+from sdtm_compile.config import MethodConfig
+from sdtm_compile.engine_state import state_inputs, state_outputs
+from sdtm_compile.merge import merged_branches
 from sdtm_compile.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
 from sdtm_compile.schedule import EngineKey, Stage
 
 from ._graph import copy_with_node_map, node_shape
+from .attention_bias import add_key_size_bias
 from .find_blocks import FALLBACK_HINT, ModelSites, find_mmdit_blocks
 from .fix_token_shapes import TokenShapeError, fix_token_shapes, propagate_shapes
+from .fuse_cache import new_cache, thread_step_cache
 from .gather_rotary import gather_rotary_positions, pending_rotary_reads
 from .insert_merge import block_plans, insert_merge_nodes, merged_blocks
 from .settings import PassSettings
 from .split_single_stream import split_single_stream
 from .thread_li import li_input, thread_li_state
+from .window_stat import add_window_statistic
 
-__all__ = ["GraphPass", "REWRITE_PIPELINE", "FACTS", "PassOrderError", "RewrittenGraph", "rewrite_for_engine"]
+__all__ = [
+    "engine_state_examples",
+    "GraphPass",
+    "REWRITE_PIPELINE",
+    "FACTS",
+    "PassOrderError",
+    "RewrittenGraph",
+    "rewrite_for_engine",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +123,19 @@ REWRITE_PIPELINE: tuple[GraphPass, ...] = (
         requires=("merge_nodes_inserted",),
         ensures=("rotary_per_token",),
     ),
+    GraphPass("add_key_size_bias", add_key_size_bias, requires=("merge_nodes_inserted",)),
     GraphPass("fix_token_shapes", fix_token_shapes, requires=("merge_nodes_inserted", "rotary_per_token")),
+    # The state the dispatcher carries besides li, after the graph's shapes are final (each is a no-op unless the
+    # config asks for it): the cache-fusion cache, then SDTM*'s statistic.
+    GraphPass("thread_step_cache", thread_step_cache, requires=("merge_nodes_inserted",)),
+    GraphPass("add_window_statistic", add_window_statistic, requires=("li_threaded",)),
 )
 
 
 @dataclass(frozen=True)
 class RewrittenGraph:
-    """One engine's graph: takes the traced graph's inputs plus ``li`` and returns its outputs plus ``li``."""
+    """One engine's graph: takes the traced graph's inputs plus the state (``li`` [, cache]) and returns its outputs
+    plus the state [and SDTM*'s statistic] (:mod:`sdtm_compile.engine_state`)."""
 
     key: EngineKey
     gm: fx.GraphModule
@@ -158,19 +177,33 @@ def _check_shapes(
 ) -> None:
     """Propagate fake tensors through ``out``; its outputs must keep the traced graph's shapes (plus ``li``)."""
     batch = inputs[sites.latent_index].shape[0]
-    li = init_li(batch, sites.num_tokens)  # on the CPU: only its shape and dtype (every method's state) matter here
+    state = engine_state_examples(sites, settings.config, batch)  # CPU tensors: only shapes and dtypes matter
     before = _output_shapes(traced)
     merged = merged_branches(settings.key.stage, sites.family, settings.config)
     changed = {n for n in out.graph.nodes if "sdtm" in n.meta}  # plan, merge, unmerge, the plan's parts, splits
     blocks = merged_blocks(sites, settings)
     changed |= {n for block in blocks for _, branch in block.branches_named(merged) for n in branch.nodes}
-    propagate_shapes(out, [*inputs, li], changed)
+    propagate_shapes(out, [*inputs, *state], changed)
     after = _output_shapes(out)
-    if after[:-1] != before or after[-1] != (batch, sites.num_tokens):
+    expected = [*before, *(tuple(t.shape) for t in state)]
+    if state_outputs(settings.config)[-1] == "stat":
+        expected.append((batch,))
+    if after != expected:
         raise TokenShapeError(
-            f"{settings.key}: the rewrite changed the graph's output shapes {before} -> {after}; a merged region "
+            f"{settings.key}: the rewrite changed the graph's output shapes {expected} -> {after}; a merged region "
             f"leaks merged tokens into an output. {FALLBACK_HINT}"
         )
+
+
+def engine_state_examples(sites: ModelSites, config: MethodConfig, batch: int, device=None) -> list[torch.Tensor]:
+    """Fresh state inputs of an engine (:mod:`sdtm_compile.engine_state`): the method's ``li`` and, with cache
+    fusion, an empty cache."""
+    from sdtm_compile.methods import method_for
+
+    state = [method_for(config).init_state(batch, sites.num_tokens, device)]
+    if state_inputs(config)[-1] == "cache":
+        state.append(new_cache(sites, config, batch, device))  # type: ignore[arg-type]
+    return state
 
 
 def _output_shapes(gm: fx.GraphModule) -> list[tuple[int, ...] | None]:

@@ -22,6 +22,7 @@ from .merge import MergePlan, idm_plan, merge, ssm_plan, unmerge
 from .methods import SiToConfig, TokenMethod, ToMAConfig, ToMeSDConfig, method_for
 from .runtime import ConcurrentUseError, Generation, StageDispatcher, generation
 from .schedule import EngineKey, Stage
+from .step_cache import FirstBlockCacheConfig
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "Generation",
     "DEFAULT_BUCKETS",
     "EngineKey",
+    "FirstBlockCacheConfig",
     "MergePlan",
     "MethodConfig",
     "OnnxTransformer",

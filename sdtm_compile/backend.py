@@ -34,12 +34,15 @@ from torch import fx
 from .buckets import BucketGraphs, engine_token_counts
 from .cache import default_cache_dir
 from .config import MethodConfig, SDTMConfig, config_from_dict
+from .engine_state import EngineState, split_engine_outputs
 from .engines import ENGINES, EngineBuildError, build_inductor_parallel, engine_available
 from .passes import FALLBACK_HINT, ModelSites, UnsupportedModelError
+from .passes.fuse_cache import new_cache
 from .passes.lint_tensorrt import lint_tensorrt, to_aten
 from .regions import RegionalBuilder
-from .runtime import StageDispatcher
+from .runtime import FirstBlockCalls, StageDispatcher
 from .schedule import FULL, EngineKey, TokenCounts
+from .step_cache import FirstBlockCacheConfig, add_hidden_output, head_graph, out_graph, residual_sites
 
 __all__ = ["BackendSettings", "SDTMBackend", "SDTMCompiledGraph", "compiled_graphs", "sdtm", "sdtm_trt"]
 
@@ -92,6 +95,10 @@ class BackendSettings:
         regional: build engines region by region (:mod:`sdtm_compile.regions`): one engine per distinct block
             prefix / merged part / glue region, shared by every block and bucket with the same structure (much
             faster builds; the weights are engine inputs). ``False`` builds each bucket graph whole.
+        step_cache: a step cache composed with the merging: a
+            :class:`~sdtm_compile.step_cache.FirstBlockCacheConfig` (or a dict of its fields) skips the blocks
+            after the first when the first block's residual barely changed since the last computed step (SD3 /
+            SD3.5; not with cache fusion). ``None`` (default): every step runs its engine.
     """
 
     method: MethodConfig | None = None
@@ -103,6 +110,7 @@ class BackendSettings:
     history: int = 0
     regional: bool = True
     build_workers: int | None = None
+    step_cache: FirstBlockCacheConfig | None = None
 
     @property
     def config(self) -> MethodConfig:
@@ -152,6 +160,18 @@ class BackendSettings:
             raise ValueError(f"option 'regional' must be True or False, got {self.regional!r}")
         if not isinstance(self.tensorrt, Mapping):
             raise ValueError(f"option 'tensorrt' must be a dict of torch-tensorrt settings, got {self.tensorrt!r}")
+        if isinstance(self.step_cache, Mapping):
+            object.__setattr__(self, "step_cache", FirstBlockCacheConfig.from_dict(self.step_cache))
+        if self.step_cache is not None and not isinstance(self.step_cache, FirstBlockCacheConfig):
+            raise ValueError(
+                f"option 'step_cache' must be a sdtm_compile.FirstBlockCacheConfig or a dict of its fields, got "
+                f"{self.step_cache!r}"
+            )
+        if self.step_cache is not None and getattr(self.config, "cache_fusion", False):
+            raise ValueError(
+                "options 'step_cache' and SDTMConfig(cache_fusion=True) were both given: they would cache the same "
+                "steps twice. Use one of them"
+            )
         from .tensorrt import tensorrt_options
 
         tensorrt_options(self.tensorrt)  # fail now, not at the first build, on a key torch-tensorrt would drop
@@ -182,12 +202,16 @@ class SDTMCompiledGraph:
         config: MethodConfig,
         example_inputs: list[torch.Tensor] = (),  # type: ignore[assignment]
         history: int = 0,
+        step_cache: FirstBlockCacheConfig | None = None,
+        first_block: tuple[Callable[..., Any], Callable[..., Any]] | None = None,
     ) -> None:
         self.engines = engines
         self.engine_names = engine_names
         self.sites = sites
         self.config = config
-        self.dispatcher = StageDispatcher(config, history=history)
+        self.dispatcher = StageDispatcher(config, history=history, step_cache=step_cache)
+        #: first-block cache: the (head, out) engines (:mod:`sdtm_compile.step_cache`); ``None`` without one
+        self.first_block = first_block
         #: ids of the model parameters among the graph's inputs (how :func:`compiled_graphs` finds the model);
         #: the graph's engines keep the parameters alive, so the ids cannot be reused while it lives.
         self.parameter_ids = {id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)}
@@ -214,15 +238,32 @@ class SDTMCompiledGraph:
         if self.image_ids is not None:
             self._check_image_ids(args[self.sites.image_ids_index])  # type: ignore[index]
 
-        def call(key: EngineKey, li: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        def call(key: EngineKey, state: EngineState) -> tuple[Any, EngineState]:
             engine = self.engines.get(key)
             if engine is None:
                 raise KeyError(f"no engine was built for {key}; built: {sorted(map(str, self.engines))}")
-            outputs = engine(*args, li)
-            return tuple(outputs[:-1]), outputs[-1]
+            outputs = engine(*args, *state.engine_inputs())
+            if self.first_block is None:
+                return split_engine_outputs(outputs, self.config)
+            model_outputs, result = split_engine_outputs(outputs[:-1], self.config)
+            return model_outputs, result._replace(hidden=outputs[-1])
+
+        first_block = None
+        if self.first_block is not None:
+            head, out = self.first_block
+            first_block = FirstBlockCalls(
+                head=lambda state: tuple(head(*args, *state.engine_inputs())),  # type: ignore[arg-type]
+                out=lambda state, hidden: tuple(out(*args, *state.engine_inputs(), hidden)),
+            )
 
         return self.dispatcher.run(
-            timestep, ("graph", id(self)), (latent.shape[0], self.sites.num_tokens), latent.device, call
+            timestep,
+            ("graph", id(self)),
+            (latent.shape[0], self.sites.num_tokens),
+            latent.device,
+            call,
+            new_cache=lambda: new_cache(self.sites, self.config, latent.shape[0], latent.device),  # type: ignore[arg-type]
+            first_block=first_block,
         )
 
     def reset(self) -> None:
@@ -298,6 +339,23 @@ class SDTMBackend:
         )
         return self._build(FULL, gm, example_inputs, order)[1]
 
+    def _first_block_engines(self, buckets: BucketGraphs, graphs: list, inputs: list[torch.Tensor], order: list[str]):
+        """The first-block cache's head and out engines (from the unmerged graph), and every bucket graph extended
+        with the last block's output (:mod:`sdtm_compile.step_cache`)."""
+        full = buckets.graph(FULL)
+        names = residual_sites(full.sites)
+        model_outputs = len(next(n for n in buckets.traced.graph.nodes if n.op == "output").args[0])
+        head = head_graph(full.gm, names)
+        out = out_graph(full.gm, names, model_outputs)
+        for bucket in graphs:
+            add_hidden_output(bucket.graph.gm, names)
+        last = next(n for n in full.gm.graph.nodes if n.name == names.last_out).meta["example_value"]
+        hidden = torch.zeros(last.shape, dtype=last.dtype, device=buckets.latent.device)
+        logger.info("building the first-block cache's head and out engines with %s", order[0])
+        return self._build("first-block head", head, inputs, order)[1], self._build(
+            "out", out, [*inputs, hidden], order
+        )[1]
+
     def __call__(self, gm: fx.GraphModule, example_inputs: list[torch.Tensor], **kwargs: Any) -> Callable[..., Any]:
         if "options" in kwargs:  # torch.compile(backend=<this object>, options=...) is not how we take options
             raise ValueError("pass options to SDTMBackend(options) or use backend='sdtm' with options={...}")
@@ -328,6 +386,9 @@ class SDTMBackend:
                 return self._unmodified(gm, example_inputs, order, reason)
 
         engine_inputs = buckets.engine_inputs()
+        first_block = None
+        if self.settings.step_cache is not None:
+            first_block = self._first_block_engines(buckets, graphs, engine_inputs, order)
         workers = self.settings.resolved_build_workers()
         parallel = (
             self.settings.regional
@@ -377,7 +438,14 @@ class SDTMBackend:
             time.perf_counter() - total,
         )
         compiled = SDTMCompiledGraph(
-            engines, names, buckets.sites, buckets.config, example_inputs, self.settings.history
+            engines,
+            names,
+            buckets.sites,
+            buckets.config,
+            example_inputs,
+            self.settings.history,
+            self.settings.step_cache,
+            first_block,
         )
         self.compiled.append(compiled)
         _GRAPHS.add(compiled)

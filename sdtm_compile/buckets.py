@@ -30,7 +30,9 @@ from .passes import (
     find_mmdit_blocks,
     rewrite_for_engine,
 )
+from .passes.fuse_cache import cache_slots
 from .passes.insert_merge import stage_token_counts
+from .passes.pipeline import engine_state_examples
 from .schedule import FULL, EngineKey, TokenCounts, engines_for_trajectory, resolve_for_model
 
 __all__ = ["BucketGraphs", "DistinctGraph", "engine_token_counts"]
@@ -82,6 +84,8 @@ class BucketGraphs:
         problem = method_for(self.config).check_grid(*self.sites.grid) if self.config.enabled else None
         if problem is not None:
             raise UnsupportedModelError(f"{problem}. {FALLBACK_HINT}")
+        if getattr(self.config, "fuses_cache", False):
+            cache_slots(self.sites, self.config)  # type: ignore[arg-type]  # raises CacheFusionError on Flux
         keys = engines_for_trajectory(self.config)
         if include_full:
             keys = [FULL, *keys]
@@ -101,9 +105,13 @@ class BucketGraphs:
         device."""
         return method_for(self.config).init_state(self.latent.shape[0], self.sites.num_tokens, self.latent.device)
 
+    def new_state(self) -> list[torch.Tensor]:
+        """Fresh state inputs for these inputs (:mod:`~sdtm_compile.engine_state`): ``li`` [, the cache]."""
+        return engine_state_examples(self.sites, self.config, self.latent.shape[0], self.latent.device)
+
     def engine_inputs(self) -> list[torch.Tensor]:
-        """What every engine takes: the traced graph's inputs and a fresh ``li``."""
-        return [*self.example_inputs, self.new_li()]
+        """What every engine takes: the traced graph's inputs and a fresh state (``li`` [, cache])."""
+        return [*self.example_inputs, *self.new_state()]
 
     def counts(self, key: EngineKey) -> TokenCounts:
         return engine_token_counts(key, self.sites, self.config)

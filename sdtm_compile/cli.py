@@ -93,6 +93,16 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="compare token-reduction methods instead (e.g. sdtm,tomesd,sito,toma): each at every --sweep ratio, "
         "timed beside Inductor; writes methods.json / .md / .png",
     )
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="compare SDTM's variants and step caches instead (SD3 models): eager, Inductor, SDTM, cache fusion, "
+        "SDTM*, size-aware attention, a first-block cache alone and with SDTM, diffusers' cache; writes "
+        "variants.json / .md / .png",
+    )
+    parser.add_argument(
+        "--step-threshold", type=float, default=0.1, help="--variants: the first-block caches' threshold (0.1)"
+    )
     parser.add_argument("--sweep-runs", type=int, default=3)
     parser.add_argument(
         "--quality-seeds", type=int, default=4, help="testbed-1024: seeds of the paired image PSNR / SSIM (default 4)"
@@ -144,6 +154,14 @@ def _bench(args, argv) -> int:
 
     if args.methods:
         return _bench_methods(args, argv)
+    if args.variants:
+        from .bench.variants import run_variant_comparison, variants_markdown
+
+        command = "sdtm-compile " + " ".join(argv if argv is not None else sys.argv[1:])
+        result = run_variant_comparison(_bench_config(args, ()), args.step_threshold, command=command)
+        print(variants_markdown(result))
+        print(f"wrote variants.json, variants.md and variants.png to {args.out}")
+        return 0
     if args.from_json:
         result = BenchResult.load(args.from_json)
         render(result, args.out)

@@ -30,6 +30,7 @@ _NOT_FIELDS = {
     "a_d": "a_d is declared by the release's apply_SDTM but never read (its FIDM ranks sources by similarity "
     "alone): drop it.",
     "switch_step": "Use switch_at, a fraction of the trajectory (the release's switch_step=20 of 50 is 0.4).",
+    "protect_steps_frequency": "Use cache_fusion=True with protect_every (the release's sample script: 3).",
 }
 
 
@@ -227,13 +228,25 @@ class SDTMConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "sdtm"
-    _other_fields: ClassVar[tuple[str, ...]] = ("window", "merge_attention")
+    _other_fields: ClassVar[tuple[str, ...]] = (
+        "window",
+        "merge_attention",
+        "cache_fusion",
+        "adaptive_threshold",
+        "size_aware_attention",
+    )
 
     deviation: float = 0.2
     switch_at: float = 0.4
     window: tuple[int, int] = (2, 2)
     a_s: float = 0.05
     merge_attention: bool | None = None
+    cache_fusion: bool = False
+    protect_every: int = 3
+    mcw: float = 0.1
+    adaptive_threshold: float | None = None
+    size_aware_attention: bool = False
+    text_key_weight: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -252,6 +265,34 @@ class SDTMConfig(MethodConfig):
             self._fail("a_s", self.a_s, "0 <= value <= 10")
         if not (self.merge_attention is None or isinstance(self.merge_attention, bool)):
             self._fail("merge_attention", self.merge_attention, "None (the model family's choice), True or False")
+        self._check_flag("cache_fusion")
+        self._check_flag("size_aware_attention")
+        if isinstance(self.protect_every, bool) or not isinstance(self.protect_every, int):
+            self._fail("protect_every", self.protect_every, "an int from 1 to 1000 (steps)")
+        if not 1 <= self.protect_every <= 1000:
+            self._fail("protect_every", self.protect_every, "an int from 1 to 1000 (steps)")
+        if not 0.0 <= self.mcw <= 1.0:
+            self._fail("mcw", self.mcw, "0 <= mcw <= 1")
+        threshold = self.adaptive_threshold
+        if threshold is not None and (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not math.isfinite(threshold)
+            or not -1.0 <= threshold <= 2.0
+        ):
+            self._fail("adaptive_threshold", threshold, "None (the fixed CRA schedule) or a number in [-1, 2]")
+        if not 0.0 < self.text_key_weight <= 100.0:
+            self._fail("text_key_weight", self.text_key_weight, "0 < text_key_weight <= 100")
+
+    @property
+    def adaptive(self) -> bool:
+        """SDTM*: the ratio of each step comes from the previous step's window statistic."""
+        return self.enabled and self.adaptive_threshold is not None
+
+    @property
+    def fuses_cache(self) -> bool:
+        """Cache fusion is on (and SDTM is)."""
+        return self.enabled and self.cache_fusion
 
 
 #: The scheduler settings that decide the timestep shift (diffusers ``FlowMatchEulerDiscreteScheduler``).

@@ -25,7 +25,8 @@ from torch import fx, nn
 from .buckets import BucketGraphs
 from .cache import sha256_file
 from .capture import capture_dynamo_graph
-from .config import MethodConfig, config_from_dict
+from .config import MethodConfig, SDTMConfig, config_from_dict
+from .engine_state import EngineState
 from .runtime import StageDispatcher
 from .schedule import EngineKey, Stage
 
@@ -102,6 +103,11 @@ def export_onnx(
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
     """
+    if isinstance(config, SDTMConfig) and (config.fuses_cache or config.adaptive):
+        raise NotImplementedError(
+            "ONNX bundles carry li only: export with cache_fusion=False and adaptive_threshold=None (cache fusion "
+            "and SDTM* run in the compiled backend: torch.compile(..., backend='sdtm'))"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gm, flat = capture_dynamo_graph(transformer, example_inputs)
@@ -354,11 +360,11 @@ class OnnxTransformer(nn.Module):
                 )
             feeds[spec["name"]] = value.detach().cpu().to(getattr(torch, spec["dtype"])).numpy()
 
-        def call(key: EngineKey, li: torch.Tensor):
+        def call(key: EngineKey, state: EngineState):
             file_name = self.files.get(key)
             if file_name is None:
                 raise BundleError(f"{self.bundle_dir / MANIFEST}: no engine for {key}")
-            sample, li_out = self.sessions[file_name].run(None, {**feeds, LI_NAME: li.numpy()})
+            sample, li_out = self.sessions[file_name].run(None, {**feeds, LI_NAME: state.li.numpy()})
             return torch.from_numpy(sample), torch.from_numpy(li_out)
 
         sample = self.dispatcher.run(

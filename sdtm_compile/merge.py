@@ -49,6 +49,9 @@ __all__ = [
     "leftover_token_index",
     "ssm_plan",
     "idm_plan",
+    "window_score_fraction",
+    "fuse_cached",
+    "key_size_bias",
     "PlanSpec",
     "PLAN_METHODS",
     "MERGED_BRANCHES",
@@ -182,6 +185,27 @@ def update_li(li: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
     return torch.where(merged, li + 1, torch.zeros_like(li))
 
 
+def _window_score(xw: torch.Tensor, li: torch.Tensor, win: torch.Tensor, a_s: float) -> torch.Tensor:
+    """SSM's window score ``[B, G]``: mean of the 4x4 cosine-similarity matrix of each window (unit tokens ``xw``
+    ``[B, G, 4, C]``, diagonal included as in the release) + ``a_s * mean(li / mean(li))`` over the window."""
+    return (xw @ xw.transpose(-1, -2)).mean(dim=(-1, -2)) + a_s * _li_priority(li)[:, win].mean(-1)
+
+
+def window_score_fraction(
+    x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, a_s: float, threshold: float
+) -> torch.Tensor:
+    """SDTM*'s statistic: the fraction ``[B]`` (float32) of 2x2 windows whose SSM score is ``>= threshold``.
+
+    ``x`` ``[B, N, C]``: a block's plan input; ``li`` ``[B, N]``. The release's dead adaptive branch counts the
+    same thing (``torch.ge(ssmscore_map, node_mean).sum(dim=1)``) and takes the minimum over the batch, which the
+    dispatcher does.
+    """
+    _check_tokens(x, li, grid_h, grid_w)
+    win = window_token_index(grid_h, grid_w, x.device)  # [G, 4]
+    score = _window_score(unit_tokens(x)[:, win], li, win, a_s)
+    return (score >= threshold).float().mean(dim=-1)
+
+
 def ssm_plan(
     x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, num_windows: int, a_s: float
 ) -> tuple[MergePlan, torch.Tensor]:
@@ -206,7 +230,7 @@ def ssm_plan(
     if not 0 <= k <= g:
         raise ValueError(f"SSM cannot merge {k} of {g} windows")
     xw = unit_tokens(x)[:, win]  # [B, G, 4, C]
-    score = (xw @ xw.transpose(-1, -2)).mean(dim=(-1, -2)) + a_s * _li_priority(li)[:, win].mean(-1)
+    score = _window_score(xw, li, win, a_s)
     rank = descending_rank(score)[..., None]  # [B, G, 1]
     chosen = rank < k
     pass_through = 4 * (g - k) + left.numel()
@@ -443,3 +467,27 @@ def unmerge_tokens(y: torch.Tensor, slot: torch.Tensor, restore: torch.Tensor | 
         batch, tiles, _, per_tile = restore.shape
         y = (restore.to(y.dtype) @ y.reshape(batch, tiles, per_tile, -1)).reshape(batch, -1, y.shape[-1])
     return y.gather(1, slot[..., None].expand(-1, -1, y.shape[-1]))
+
+
+def fuse_cached(computed: torch.Tensor, cached: torch.Tensor, li: torch.Tensor, mcw: float) -> torch.Tensor:
+    """Cache fusion (the release's ``unmerge``): ``mcw * computed + (1 - mcw) * cached`` on merged positions.
+
+    ``computed`` / ``cached``: ``[B, N, C]`` a branch's gated output now and at the last protected step; ``li``
+    ``[B, N]``: the counter *after* this block's plan, which is 0 exactly on the tokens the plan left unmerged
+    (SSM: tokens of unchosen windows; IDM: unmerged sources). So the blended positions are the release's: SSM's
+    merged windows, IDM's destinations and merged sources (its ``dst_in_x_index`` is every destination).
+    """
+    return torch.where((li > 0)[..., None], mcw * computed + (1.0 - mcw) * cached, computed)
+
+
+def key_size_bias(inv_count: torch.Tensor, text_tokens: int, text_first: bool, text_log_weight: float) -> torch.Tensor:
+    """Size-aware attention's additive key bias ``[B, 1, 1, M + T]`` (prompt reweighting, ours).
+
+    ``inv_count`` ``[B, M]``: ``1 / size`` of each merged image token, so its bias ``-log(inv_count) = log(size)``
+    makes one merged key weigh like the ``size`` keys it replaced; text keys get ``text_log_weight``. ``text_first``:
+    the joint sequence's order (Flux: text first; SD3: image first); ``text_tokens`` 0 for an image-only attention.
+    """
+    image = -torch.log(inv_count.float())
+    text = image.new_full((image.shape[0], text_tokens), float(text_log_weight))
+    parts = (text, image) if text_first else (image, text)
+    return torch.cat(parts, dim=1)[:, None, None, :]

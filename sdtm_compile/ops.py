@@ -14,9 +14,29 @@ from __future__ import annotations
 
 import torch
 
-from .merge import MergePlan, PlanSpec, make_plan, merge, merged_rotary_table, unmerge_tokens
+from .merge import (
+    MergePlan,
+    PlanSpec,
+    fuse_cached,
+    key_size_bias,
+    make_plan,
+    merge,
+    merged_rotary_table,
+    unmerge_tokens,
+    window_score_fraction,
+)
 
-__all__ = ["sdtm_plan", "sdtm_merge", "sdtm_unmerge", "sdtm_rotary", "GRAPH_OPS", "PLAN_OUTPUTS"]
+__all__ = [
+    "sdtm_plan",
+    "sdtm_merge",
+    "sdtm_unmerge",
+    "sdtm_rotary",
+    "sdtm_fuse",
+    "sdtm_window_stat",
+    "sdtm_key_bias",
+    "GRAPH_OPS",
+    "PLAN_OUTPUTS",
+]
 
 #: What :func:`sdtm_plan` returns, in order (``insert_merge_nodes`` reads them by these positions).
 PLAN_OUTPUTS = ("slot", "inv_count", "li", "members", "extra_tokens", "extra_slots", "order", "assign", "restore")
@@ -72,5 +92,22 @@ def sdtm_rotary(table: torch.Tensor, members: torch.Tensor, text_tokens: int) ->
     return merged_rotary_table(table, members, text_tokens)
 
 
+def sdtm_fuse(computed: torch.Tensor, cached: torch.Tensor, li: torch.Tensor, mcw: float) -> torch.Tensor:
+    """Cache fusion on one gated branch output ``[B, N, C]`` (see :func:`sdtm_compile.merge.fuse_cached`)."""
+    return fuse_cached(computed, cached, li, mcw)
+
+
+def sdtm_window_stat(
+    x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, a_s: float, threshold: float
+) -> torch.Tensor:
+    """SDTM*'s statistic ``[B]`` (see :func:`sdtm_compile.merge.window_score_fraction`)."""
+    return window_score_fraction(x, li, grid_h, grid_w, a_s, threshold)
+
+
+def sdtm_key_bias(inv_count: torch.Tensor, text_tokens: int, text_first: bool, text_log_weight: float) -> torch.Tensor:
+    """Size-aware attention's key bias ``[B, 1, 1, M + T]`` (see :func:`sdtm_compile.merge.key_size_bias`)."""
+    return key_size_bias(inv_count, text_tokens, text_first, text_log_weight)
+
+
 #: Every call_function target the passes insert.
-GRAPH_OPS = (sdtm_plan, sdtm_merge, sdtm_unmerge, sdtm_rotary)
+GRAPH_OPS = (sdtm_plan, sdtm_merge, sdtm_unmerge, sdtm_rotary, sdtm_fuse, sdtm_window_stat, sdtm_key_bias)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MethodConfig
+from .config import MethodConfig, SDTMConfig
 from .merge import MergePlan, merge, merged_branches, merged_rotary_table, plan_for, unmerge
 from .methods.base import plan_sources
 from .reference import _keep_plan
@@ -285,6 +285,11 @@ class FluxReferenceTransformer:
     def __init__(self, transformer: nn.Module, config: MethodConfig, history: int = 1024) -> None:
         from .runtime import StageDispatcher
 
+        if isinstance(config, SDTMConfig) and (config.adaptive or config.size_aware_attention or config.cache_fusion):
+            raise NotImplementedError(
+                "the Flux reference has no SDTM* (adaptive_threshold), size-aware attention or cache fusion: "
+                "they are implemented and tested on SD3 / SD3.5"
+            )
         self.transformer = transformer
         self.config = config
         self.dispatcher = StageDispatcher(config, history=history)
@@ -324,7 +329,7 @@ class FluxReferenceTransformer:
             (tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device),
             (batch, tokens),
             hidden_states.device,
-            lambda key, li: self.engine_for(key)(*inputs, li=li),
+            lambda key, state: self.engine_for(key)(*inputs, li=state.li),
         )
         if not return_dict:
             return (sample,)

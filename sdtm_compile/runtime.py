@@ -2,9 +2,21 @@
 :func:`generation`: a context that owns the state of one generation.
 
 The engines behind it are interchangeable: the eager reference, compiled per-bucket graphs, ONNX sessions.
-Each caller passes :meth:`StageDispatcher.run` a ``call(key, li) -> (output, li)`` that runs its engine.
-``li`` is the method's state (``[B, N]`` int32): SDTM's "not attended" counter, or the random state of ToMeSD
-and SiTo (:mod:`sdtm_compile.methods`); the rules below hold for every method.
+Each caller passes :meth:`StageDispatcher.run` a ``call(key, state) -> (output, state)`` that runs its engine;
+``state`` is an :class:`~sdtm_compile.engine_state.EngineState`: ``li``, the method's state (``[B, N]`` int32:
+SDTM's "not attended" counter, or the random state of ToMeSD and SiTo), plus what an SDTM option carries. The
+rules below hold for every method.
+
+What the dispatcher decides besides the schedule's engine (DESIGN §3, §5):
+
+* cache fusion (``SDTMConfig.cache_fusion``): steps are counted per generation; every ``protect_every``-th step
+  (0, k, 2k, ...) is protected - it runs ``FULL``, whose cache output is kept, one cache per call index of the
+  step (CFG as two calls keeps two) - and every other step passes the kept cache to its merged engine;
+* SDTM* (``SDTMConfig.adaptive_threshold``): every engine returns a window statistic; from the second step on, the
+  engine's bucket is ``0.75 x`` the previous step's smallest reading, rounded down to a bucket, in the stage the
+  schedule gives (one host read per call);
+* a step cache (:mod:`sdtm_compile.step_cache`, the backend's ``step_cache`` option): a head engine runs first and
+  the rest of the model is skipped when the first block's residual barely changed.
 
 State rules (DESIGN §5):
 
@@ -36,15 +48,17 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 
-from .config import MethodConfig
-from .schedule import EngineKey, engine_key_at, position_from_timestep
+from .config import MAX_RATIO, MethodConfig, SDTMConfig
+from .engine_state import EngineState
+from .schedule import FULL, EngineKey, engine_key_at, position_from_timestep, round_to_bucket, stage_at
+from .step_cache import FirstBlockCacheConfig, relative_change
 
-__all__ = ["StageDispatcher", "CallRecord", "Generation", "generation", "ConcurrentUseError"]
+__all__ = ["StageDispatcher", "FirstBlockCalls", "CallRecord", "Generation", "generation", "ConcurrentUseError"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +68,17 @@ class _LayoutState:
     timestep: float
     li_step_start: torch.Tensor  # li as it stood when the current step began
     li_latest: torch.Tensor  # li after the latest call of the current step
+    step: int = 0  # steps since the generation began (protected steps are counted on it)
+    call: int = 0  # calls so far in the current step, minus one (the index of the latest)
+    #: cache fusion: the cache each call of a protected step stored, by the call's index within its step (CFG as
+    #: two calls keeps one cache per branch of the guidance)
+    caches: dict[int, torch.Tensor] = field(default_factory=dict)
+    blank: torch.Tensor | None = None  # cache fusion: the (unread) cache input of a protected step
+    readings: list[float] = field(default_factory=list)  # SDTM*: this step's statistics (min over the batch)
+    adaptive_ratio: float | None = None  # SDTM*: the ratio the previous step's statistics picked
+    #: first-block cache, by call index within a step: (first block residual, last - first block output) of the
+    #: last computed step
+    first_block: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,6 +90,12 @@ class CallRecord:
     key: EngineKey
     new_generation: bool
     new_step: bool
+    step: int = 0  #: the step's index in its generation
+    protected: bool = False  #: cache fusion: a protected step (runs ``FULL`` and stores the cache)
+    statistic: float | None = None  #: SDTM*: the statistic this call returned (min over the batch)
+    adaptive_ratio: float | None = None  #: SDTM*: the ratio the previous step picked for this one
+    skipped: bool = False  #: first-block cache: the blocks after the first were skipped (``key`` did not run)
+    change: float | None = None  #: first-block cache: the first block's relative residual change
 
 
 class ConcurrentUseError(RuntimeError):
@@ -141,6 +172,13 @@ def generation(model: Any = None, *, history: int = 0) -> Generation:
     return Generation(model, history=history)
 
 
+class FirstBlockCalls(NamedTuple):
+    """What the first-block cache (:mod:`sdtm_compile.step_cache`) needs from a caller besides ``call``."""
+
+    head: Callable[[EngineState], tuple[torch.Tensor, torch.Tensor]]  #: -> the first block's image (input, output)
+    out: Callable[[EngineState, torch.Tensor], Any]  #: the model's output from the last block's image output
+
+
 class StageDispatcher:
     """Runs each call on the engine of the (stage, bucket) its timestep maps to, carrying ``li``.
 
@@ -150,8 +188,9 @@ class StageDispatcher:
             :class:`CallRecord` (0, the default: none; cleared by :meth:`reset`).
     """
 
-    def __init__(self, config: MethodConfig, history: int = 0) -> None:
+    def __init__(self, config: MethodConfig, history: int = 0, step_cache: FirstBlockCacheConfig | None = None) -> None:
         self.config = config
+        self.step_cache = step_cache
         self._default = _State(history)
 
     @property
@@ -181,26 +220,47 @@ class StageDispatcher:
         layout: tuple,
         li_shape: tuple[int, int],
         device: torch.device,
-        call: Callable[[EngineKey, torch.Tensor], tuple[Any, torch.Tensor]],
+        call: Callable[[EngineKey, EngineState], tuple[Any, EngineState | torch.Tensor]],
+        new_cache: Callable[[], torch.Tensor] | None = None,
+        first_block: FirstBlockCalls | None = None,
     ) -> Any:
-        """Pick the engine for ``timestep``, run ``call(key, li)`` and keep the ``li`` it returns.
+        """Pick the engine for ``timestep``, run ``call(key, state)`` and keep the state it returns.
 
         ``layout`` is any hashable description of the batch layout (state is kept per layout) and
-        ``li_shape`` the ``[B, N]`` shape of a fresh counter. ``call`` returns ``(output, li)``. The state is the
-        open :func:`generation`'s, else this dispatcher's default state.
+        ``li_shape`` the ``[B, N]`` shape of a fresh counter. ``call`` gets an
+        :class:`~sdtm_compile.engine_state.EngineState` (``li``, and with cache fusion the cache) and returns
+        ``(output, state)`` (a bare ``li`` tensor is fine when there is nothing else). ``new_cache`` makes an empty
+        cache (required with cache fusion); ``first_block`` runs the first-block cache's head and out engines
+        (required with ``step_cache``). The state is the open :func:`generation`'s, else this dispatcher's
+        default state.
         """
         active = _ACTIVE.get()
         if active is not None:  # the context's lock is held by whoever entered it
-            return self._run(active._state, (id(self), layout), timestep, li_shape, device, call)
+            return self._run(
+                active._state, (id(self), layout), timestep, li_shape, device, call, new_cache, first_block
+            )
         if not self._default.lock.acquire(blocking=False):
             raise ConcurrentUseError(
                 "two callers are running this SDTM model at the same time without a generation context, so they "
                 "would share one li state. Wrap each generation in: with sdtm_compile.generation(model): ..."
             )
         try:
-            return self._run(self._default, layout, timestep, li_shape, device, call)
+            return self._run(self._default, layout, timestep, li_shape, device, call, new_cache, first_block)
         finally:
             self._default.lock.release()
+
+    def _pick(self, state: _LayoutState, position: float, key: EngineKey) -> tuple[EngineKey, bool]:
+        """The engine a call runs (the schedule's ``key``, overridden by SDTM* and cache fusion) and whether the
+        step is protected."""
+        config = self.config
+        if not isinstance(config, SDTMConfig):
+            return key, False
+        if config.adaptive and state.adaptive_ratio is not None:
+            bucket = round_to_bucket(state.adaptive_ratio, config.buckets)
+            key = FULL if bucket == 0.0 else EngineKey(stage_at(position, config), bucket)
+        if config.fuses_cache and (state.step % config.protect_every == 0 or state.call not in state.caches):
+            return FULL, True  # a call with no stored cache (e.g. a third guidance call) runs unmerged too
+        return key, False
 
     def _run(
         self,
@@ -209,7 +269,9 @@ class StageDispatcher:
         timestep: torch.Tensor | float,
         li_shape: tuple[int, int],
         device: torch.device,
-        call: Callable[[EngineKey, torch.Tensor], tuple[Any, torch.Tensor]],
+        call: Callable[[EngineKey, EngineState], tuple[Any, EngineState | torch.Tensor]],
+        new_cache: Callable[[], torch.Tensor] | None,
+        first_block: FirstBlockCalls | None,
     ) -> Any:
         position, key = self.key_for(timestep)
         t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
@@ -222,10 +284,71 @@ class StageDispatcher:
             owner.layouts[layout] = state
             logger.debug("new generation for layout %s (timestep %.3f)", layout, t)
         elif new_step:
-            state.li_step_start = state.li_latest  # type: ignore[union-attr]
+            assert state is not None
+            state.li_step_start = state.li_latest
+            state.step, state.call = state.step + 1, 0
+            if state.readings:  # SDTM*: the previous step's smallest fraction of similar windows
+                # each merged 2x2 window removes 3 of its 4 tokens: ratio = 0.75 * fraction of windows merged
+                state.adaptive_ratio = MAX_RATIO * min(state.readings)
+                state.readings = []
+        else:
+            state.call += 1  # type: ignore[union-attr]
         assert state is not None
         state.timestep = t
-        output, state.li_latest = call(key, state.li_step_start)
+        key, protected = self._pick(state, position, key)
+        cache = None
+        if isinstance(self.config, SDTMConfig) and self.config.fuses_cache:
+            if new_cache is None:
+                raise ValueError("cache fusion is on, but the caller passed no new_cache to StageDispatcher.run")
+            cache = state.caches.get(state.call)
+            if cache is None or protected:  # a protected step's engine does not read the cache
+                if state.blank is None:
+                    state.blank = new_cache()
+                cache = state.blank
+        given = EngineState(state.li_step_start, cache)
+        change, residual = None, None
+        if self.step_cache is not None:
+            if first_block is None:
+                raise ValueError("a step cache is on, but the caller passed no first_block to StageDispatcher.run")
+            first_in, first_out = first_block.head(given)
+            residual = first_out - first_in
+            cached = state.first_block.get(state.call)
+            if cached is not None:
+                change = relative_change(cached[0], residual)
+            if change is not None and self.step_cache.threshold > 0 and change <= self.step_cache.threshold:
+                output = first_block.out(given, first_out + cached[1])  # type: ignore[index]
+                state.li_latest = state.li_step_start  # nothing merged: the state stays as the step found it
+                if owner.history is not None:
+                    owner.history.append(
+                        CallRecord(t, position, key, new_generation, new_step, state.step, skipped=True, change=change)
+                    )
+                return output
+        output, returned = call(key, given)
+        result = returned if isinstance(returned, EngineState) else EngineState(returned)
+        state.li_latest = result.li
+        if residual is not None:
+            if result.hidden is None:
+                raise ValueError("a step cache is on, but the engine returned no last-block output")
+            state.first_block[state.call] = (residual, result.hidden - first_out)
+        if protected:
+            state.caches[state.call] = result.cache  # type: ignore[assignment]
+        reading = None
+        if result.stat is not None:
+            reading = float(result.stat.min())  # one host read per call
+            state.readings.append(reading)
         if owner.history is not None:
-            owner.history.append(CallRecord(t, position, key, new_generation, new_step))
+            owner.history.append(
+                CallRecord(
+                    t,
+                    position,
+                    key,
+                    new_generation,
+                    new_step,
+                    state.step,
+                    protected,
+                    reading,
+                    state.adaptive_ratio,
+                    change=change,
+                )
+            )
         return output

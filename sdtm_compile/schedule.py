@@ -266,7 +266,9 @@ def engines_for_trajectory(config: MethodConfig) -> list[EngineKey]:
     """Every engine any step count or scheduler can reach: the buckets the CRA curve crosses in each stage.
 
     This is what the compiler builds, so that no step count or timestep spacing can ask for a missing engine.
-    With the defaults (ratio 0.5, deviation 0.2, switch 0.4, buckets 0.1..0.7) it is 6 engines. Another method:
+    With the defaults (ratio 0.5, deviation 0.2, switch 0.4, buckets 0.1..0.7) it is 6 engines; cache fusion adds
+    ``FULL`` (protected steps), SDTM* every bucket of each stage (and ``FULL``: the first step's ratio may round to
+    no bucket). Another method:
     its :meth:`~sdtm_compile.methods.TokenMethod.engines_for_trajectory`.
     """
     if not isinstance(config, SDTMConfig):
@@ -275,7 +277,11 @@ def engines_for_trajectory(config: MethodConfig) -> list[EngineKey]:
         return method_for(config).engines_for_trajectory()
     if not config.enabled:
         return [FULL]
-    keys: set[EngineKey] = set()
+    keys: set[EngineKey] = {FULL} if config.fuses_cache else set()  # cache fusion: protected steps run FULL
+    if config.adaptive:  # SDTM*: a step may pick any bucket of the stages its positions reach
+        stages = [Stage.STRUCTURE] if config.switch_at > 0.0 else []
+        stages += [Stage.DETAIL] if config.switch_at < 1.0 else []
+        return sorted({FULL, *(EngineKey(stage, b) for stage in stages for b in config.buckets)})
     # cra_ratio is monotone in p, so each stage covers a closed ratio interval; sample its ends and every
     # bucket edge inside it.
     for stage, lo_p, hi_p in ((Stage.STRUCTURE, 0.0, config.switch_at), (Stage.DETAIL, config.switch_at, 1.0)):

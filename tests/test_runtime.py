@@ -17,10 +17,10 @@ class Spy:
         def engine_for(key):
             engine = inner(key)
 
-            def run(hidden_states, encoder_hidden_states, pooled, timestep, li):
-                out, li_out = engine(hidden_states, encoder_hidden_states, pooled, timestep, li)
-                self.calls.append((key, li.clone(), li_out.clone()))
-                return out, li_out
+            def run(hidden_states, encoder_hidden_states, pooled, timestep, state):
+                out, state_out = engine(hidden_states, encoder_hidden_states, pooled, timestep, state)
+                self.calls.append((key, state.li.clone(), state_out.li.clone()))
+                return out, state_out
 
             return run
 

@@ -134,7 +134,10 @@ def test_the_pipeline_is_declared_in_order_and_checked():
         "thread_li_state",
         "insert_merge_nodes",
         "gather_rotary_positions",
+        "add_key_size_bias",
         "fix_token_shapes",
+        "thread_step_cache",
+        "add_window_statistic",
     ]
     established = set()
     for graph_pass in REWRITE_PIPELINE:
