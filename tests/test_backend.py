@@ -159,7 +159,7 @@ def test_unknown_options_list_the_valid_ones():
     message = str(info.value)
     assert "['enabled_precisions', 'ratio']" in message
     valid = "['method', 'sdtm', 'engine', 'on_unsupported', 'tensorrt', 'cache_dir', 'history', 'regional', "
-    valid += "'build_workers']"
+    valid += "'build_workers', 'step_cache']"
     assert f"valid options: {valid}" in message
     with pytest.raises(ValueError, match="'engine'='fast' is invalid"):
         SDTMBackend({"engine": "fast"})

@@ -59,54 +59,73 @@ class VariantSpec:
     description: str
     method: SDTMConfig | None = None
     step_cache: FirstBlockCacheConfig | None = None
-    apply: Callable[[torch.nn.Module], PeerCall] | None = None  #: a peer: hook a copy of the model, compile it
+    #: a peer: hook a copy of the model and compile it with the given torch.compile backend
+    apply: Callable[[torch.nn.Module, str], PeerCall] | None = None
 
 
-def variant_specs(config: BenchConfig, adaptive_threshold: float, step_threshold: float) -> list[VariantSpec]:
-    """The comparison's variants (SD3 family)."""
+def variant_specs(
+    config: BenchConfig, family: str, adaptive_threshold: float | None, step_threshold: float
+) -> list[VariantSpec]:
+    """The comparison's variants. Flux: the baselines, SDTM and the peers (cache fusion, SDTM* and our step cache
+    are SD3-only; size-aware attention needs merged attention, off by default on Flux)."""
     sdtm = dataclasses.replace(config.sdtm, buckets=BUCKETS)
-    return [
+    baselines = [
         VariantSpec("eager", "eager", "the diffusers model, uncompiled"),
         VariantSpec(BASELINE, "inductor", "torch.compile, Inductor"),
         VariantSpec("sdtm", "sdtm", f"SDTM ratio {sdtm.ratio:g} +- {sdtm.deviation:g}", sdtm),
-        VariantSpec(
-            "sdtm+fusion",
-            "sdtm",
-            "SDTM + cache fusion as released (every 3rd step unmerged and stored, mcw 0.1)",
-            dataclasses.replace(sdtm, cache_fusion=True),
-        ),
-        VariantSpec(
-            "sdtm*",
-            "sdtm",
-            f"SDTM* (ratio from the window statistic, threshold {adaptive_threshold:.3f}: equal expected FLOPs)",
-            dataclasses.replace(sdtm, adaptive_threshold=adaptive_threshold),
-        ),
-        VariantSpec(
-            "sdtm+size-aware",
-            "sdtm",
-            "SDTM + size-aware attention (log(size) key bias)",
-            dataclasses.replace(sdtm, size_aware_attention=True),
-        ),
-        VariantSpec(
-            "fbcache",
-            "sdtm",
-            f"first-block cache alone (threshold {step_threshold:g}), unmerged engine",
-            SDTMConfig(ratio=0.0, deviation=0.0),
-            FirstBlockCacheConfig(step_threshold),
-        ),
-        VariantSpec(
-            "sdtm+fbcache",
-            "sdtm",
-            f"SDTM + first-block cache (threshold {step_threshold:g})",
-            sdtm,
-            FirstBlockCacheConfig(step_threshold),
-        ),
+    ]
+    if family == "flux":
+        return baselines + _peer_specs(config, family, step_threshold)
+    assert adaptive_threshold is not None
+    return (
+        baselines
+        + [
+            VariantSpec(
+                "sdtm+fusion",
+                "sdtm",
+                "SDTM + cache fusion as released (every 3rd step unmerged and stored, mcw 0.1)",
+                dataclasses.replace(sdtm, cache_fusion=True),
+            ),
+            VariantSpec(
+                "sdtm*",
+                "sdtm",
+                f"SDTM* (ratio from the window statistic, threshold {adaptive_threshold:.3f}: equal expected FLOPs)",
+                dataclasses.replace(sdtm, adaptive_threshold=adaptive_threshold),
+            ),
+            VariantSpec(
+                "sdtm+size-aware",
+                "sdtm",
+                "SDTM + size-aware attention (log(size) key bias)",
+                dataclasses.replace(sdtm, size_aware_attention=True),
+            ),
+            VariantSpec(
+                "fbcache",
+                "sdtm",
+                f"first-block cache alone (threshold {step_threshold:g}), unmerged engine",
+                SDTMConfig(ratio=0.0, deviation=0.0),
+                FirstBlockCacheConfig(step_threshold),
+            ),
+            VariantSpec(
+                "sdtm+fbcache",
+                "sdtm",
+                f"SDTM + first-block cache (threshold {step_threshold:g})",
+                sdtm,
+                FirstBlockCacheConfig(step_threshold),
+            ),
+        ]
+        + _peer_specs(config, family, step_threshold)
+    )
+
+
+def _peer_specs(config: BenchConfig, family: str, step_threshold: float) -> list[VariantSpec]:
+    patch = family == "sd3"
+    return [
         VariantSpec(
             "diffusers-fbcache",
             "peer",
-            f"diffusers' FirstBlockCacheConfig(threshold={step_threshold:g}) hook, Inductor (last block patched: "
-            "see not_run)",
-            apply=lambda model: _diffusers_first_block_cache(model, step_threshold, patch_last_block=True),
+            f"diffusers' FirstBlockCacheConfig(threshold={step_threshold:g}) hook, Inductor"
+            + (" (last block patched: see not_run)" if patch else ""),
+            apply=lambda model, backend: _diffusers_first_block_cache(model, step_threshold, patch, backend),
         ),
         VariantSpec(
             "diffusers-taylorseer",
@@ -117,9 +136,10 @@ def variant_specs(config: BenchConfig, adaptive_threshold: float, step_threshold
         VariantSpec(
             "cache-dit",
             "peer",
-            f"cache-dit DBCache (F1B0, residual threshold {step_threshold:g}, 2 warm-up steps) via a BlockAdapter, "
-            "Inductor",
-            apply=lambda model: _cache_dit(model, step_threshold, config.steps),
+            f"cache-dit DBCache (F1B0, residual threshold {step_threshold:g}, 2 warm-up steps)"
+            + (" via a BlockAdapter" if family == "sd3" else "")
+            + ", Inductor",
+            apply=lambda model, backend: _cache_dit(model, step_threshold, config.steps, backend),
         ),
     ]
 
@@ -171,7 +191,9 @@ def _diffusers_context(model: torch.nn.Module) -> tuple[Any, Any]:
     return (lambda: CacheMixin.cache_context(model, "cond")), (lambda: CacheMixin._reset_stateful_cache(model))
 
 
-def _diffusers_first_block_cache(model: torch.nn.Module, threshold: float, patch_last_block: bool) -> PeerCall:
+def _diffusers_first_block_cache(
+    model: torch.nn.Module, threshold: float, patch_last_block: bool, backend: str
+) -> PeerCall:
     from diffusers.hooks import FirstBlockCacheConfig as DiffusersFBC
     from diffusers.hooks import apply_first_block_cache
 
@@ -180,36 +202,46 @@ def _diffusers_first_block_cache(model: torch.nn.Module, threshold: float, patch
     apply_first_block_cache(model, DiffusersFBC(threshold=threshold))
     head = model.transformer_blocks[0]._diffusers_hook.get_hook("fbc_leader_block_hook").state_manager
     context, reset = _diffusers_context(model)
-    compiled = torch.compile(model, dynamic=False)
+    compiled = torch.compile(model, dynamic=False, backend=backend)
     return PeerCall(compiled, model, context, reset, lambda: bool(head._state_cache["cond"].should_compute))
 
 
-def _diffusers_taylorseer(model: torch.nn.Module) -> PeerCall:
+def _diffusers_taylorseer(model: torch.nn.Module, backend: str) -> PeerCall:
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
     apply_taylorseer_cache(model, TaylorSeerCacheConfig())
-    hook = model.transformer_blocks[-1].attn._diffusers_hook.get_hook("taylorseer_cache").state_manager
+    last = (
+        model.single_transformer_blocks[-1]
+        if hasattr(model, "single_transformer_blocks")
+        else model.transformer_blocks[-1]
+    )
+    hook = last.attn._diffusers_hook.get_hook("taylorseer_cache").state_manager
     context, reset = _diffusers_context(model)
 
     def computed() -> bool:
         state = hook._state_cache["cond"]
         return bool(state.last_update_step == state.current_step)
 
-    return PeerCall(torch.compile(model, dynamic=False), model, context, reset, computed)
+    return PeerCall(torch.compile(model, dynamic=False, backend=backend), model, context, reset, computed)
 
 
-def _cache_dit(model: torch.nn.Module, threshold: float, steps: int) -> PeerCall:
+def _cache_dit(model: torch.nn.Module, threshold: float, steps: int, backend: str) -> PeerCall:
     import contextlib
 
     import cache_dit  # optional: pip install cache-dit (not a dependency of ours)
     from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern
 
     logging.getLogger("cache_dit").setLevel(logging.WARNING)
-    adapter = BlockAdapter(transformer=model, blocks=model.transformer_blocks, forward_pattern=ForwardPattern.Pattern_1)
     settings = DBCacheConfig(
         Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=2, residual_diff_threshold=threshold
     )
-    cache_dit.enable_cache(adapter, cache_config=settings)
+    if hasattr(model, "single_transformer_blocks"):  # Flux: cache-dit's own adapter
+        cache_dit.enable_cache(model, cache_config=settings)
+    else:  # SD3 is not in its registry: a BlockAdapter over the joint blocks
+        blocks, pattern = model.transformer_blocks, ForwardPattern.Pattern_1
+        cache_dit.enable_cache(
+            BlockAdapter(transformer=model, blocks=blocks, forward_pattern=pattern), cache_config=settings
+        )
     calls = {"n": 0}
 
     def computed() -> bool:
@@ -221,7 +253,9 @@ def _cache_dit(model: torch.nn.Module, threshold: float, steps: int) -> PeerCall
         cache_dit.refresh_context(model, num_inference_steps=steps)
         calls["n"] = 0
 
-    return PeerCall(torch.compile(model, dynamic=False), model, contextlib.nullcontext, reset, computed)
+    return PeerCall(
+        torch.compile(model, dynamic=False, backend=backend), model, contextlib.nullcontext, reset, computed
+    )
 
 
 @dataclass
@@ -319,6 +353,12 @@ def _state_mib(spec: VariantSpec, compiled_graph: Any) -> float:
     return total / 2**20
 
 
+def _plain_backend(config: BenchConfig) -> str:
+    """The baseline's and the peers' torch.compile backend: Inductor, except in a test run of eager engines
+    (Dynamo's eager backend: no Inductor build; its "speed-ups" then compare eager code with eager code)."""
+    return "inductor" if config.engine == "inductor" else "eager"
+
+
 def _build_and_time(
     phase: str,
     specs: list[VariantSpec],
@@ -342,11 +382,11 @@ def _build_and_time(
             if spec.kind == "eager":
                 module = workload.model
             elif spec.kind == "inductor":
-                module = torch.compile(workload.model, dynamic=False)
+                module = torch.compile(workload.model, dynamic=False, backend=_plain_backend(config))
             elif spec.kind == "peer":
                 import copy
 
-                module = spec.apply(copy.deepcopy(workload.model))  # type: ignore[misc]
+                module = spec.apply(copy.deepcopy(workload.model), _plain_backend(config))  # type: ignore[misc]
             else:
                 options = {"method": spec.method, "engine": config.engine, "history": 4096, "cache_dir": engine_cache}
                 if spec.step_cache is not None:
@@ -401,7 +441,10 @@ def _steps(compiled_graph: Any, steps: int) -> list[Any]:
 
 
 def run_variant_comparison(
-    config: BenchConfig, step_threshold: float = 0.1, command: str | None = None
+    config: BenchConfig,
+    step_threshold: float = 0.1,
+    command: str | None = None,
+    only: tuple[str, ...] | None = None,
 ) -> VariantComparison:
     """Compile and time every variant of :func:`variant_specs` on ``config.model``; write ``variants.json``,
     ``variants.md`` and ``variants.png`` to ``config.out_dir``."""
@@ -409,16 +452,14 @@ def run_variant_comparison(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     workload = make_workload(config)
-    if workload.family != "sd3":
-        raise ValueError(
-            "the variant comparison runs on SD3-family models (cache fusion and the step cache are SD3-only)"
-        )
     started = time.perf_counter()
     sdtm = dataclasses.replace(config.sdtm, buckets=BUCKETS)
-    threshold = calibrate_adaptive_threshold(workload, config, sdtm)
+    threshold = calibrate_adaptive_threshold(workload, config, sdtm) if workload.family == "sd3" else None
     with torch.no_grad():
         unmodified = workload.generate(workload.call_of(workload.model), config)
-    specs = variant_specs(config, threshold, step_threshold)
+    specs = variant_specs(config, workload.family, threshold, step_threshold)
+    if only is not None:  # the baselines always run: every speed-up is taken against them
+        specs = [spec for spec in specs if spec.kind in ("eager", "inductor") or spec.name in only]
     graphs = CapturedBucketGraphs(workload.model, workload.probe)
     full_flops = graphs.flops(FULL, sdtm).total
     not_run: dict[str, str] = {}
