@@ -155,10 +155,14 @@ def _bench(args, argv) -> int:
     if args.methods:
         return _bench_methods(args, argv)
     if args.variants:
-        from .bench.variants import run_variant_comparison, variants_markdown
+        from .bench.variants import VariantComparison, render_variants, run_variant_comparison, variants_markdown
 
-        command = "sdtm-compile " + " ".join(argv if argv is not None else sys.argv[1:])
-        result = run_variant_comparison(_bench_config(args, ()), args.step_threshold, command=command)
+        if args.from_json:
+            result = VariantComparison.load(args.from_json)
+            render_variants(result, Path(args.out))
+        else:
+            command = "sdtm-compile " + " ".join(argv if argv is not None else sys.argv[1:])
+            result = run_variant_comparison(_bench_config(args, ()), args.step_threshold, command=command)
         print(variants_markdown(result))
         print(f"wrote variants.json, variants.md and variants.png to {args.out}")
         return 0

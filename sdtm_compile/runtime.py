@@ -186,6 +186,8 @@ class StageDispatcher:
         config: the method's configuration (schedule, buckets, timestep shift; any method's config).
         history: how many recent calls the default state (outside any :func:`generation`) records as a
             :class:`CallRecord` (0, the default: none; cleared by :meth:`reset`).
+        step_cache: a first-block cache (:mod:`sdtm_compile.step_cache`): every call then runs the caller's head
+            engine first and may skip to its out engine (``None``, the default: no step cache).
     """
 
     def __init__(self, config: MethodConfig, history: int = 0, step_cache: FirstBlockCacheConfig | None = None) -> None:

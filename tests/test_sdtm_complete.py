@@ -130,10 +130,12 @@ def test_cache_fusion_is_refused_on_flux_and_by_the_onnx_export(tmp_path):
 
 def test_adaptive_ratio_follows_the_window_statistic(sd35):
     """Step 0 follows the CRA schedule; every later step runs the bucket 0.75 x (the previous step's smallest
-    fraction of windows scoring >= the threshold) rounds down to, in the schedule's stage; all of them compiled."""
+    fraction of windows scoring >= the threshold) rounds down to, in the schedule's stage; all of them compiled.
+    Size-aware attention is on too (its parity with the reference, in the same generation)."""
     model, inputs = sd35
-    (got,), compiled = compiled_generation(model, inputs, ADAPTIVE)
-    want, reference = reference_generation(model, inputs, ADAPTIVE)
+    config = dataclasses.replace(ADAPTIVE, size_aware_attention=True, text_key_weight=2.0)
+    (got,), compiled = compiled_generation(model, inputs, config)
+    want, reference = reference_generation(model, inputs, config)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     records = compiled.dispatcher.history[:STEPS]
     assert [r.statistic for r in records] == [r.statistic for r in reference.history[:STEPS]]
@@ -171,7 +173,7 @@ def test_the_dispatcher_picks_the_bucket_of_the_previous_steps_smallest_reading(
 
 
 def test_size_aware_attention_off_leaves_the_graph_alone_and_on_follows_the_reference(sd35):
-    model, inputs = sd35
+    model, _ = sd35
     example = example_inputs(TINY_SD35, 2, (32, 32))
     gm, flat = capture_dynamo_graph(model, example)
     key = EngineKey(Stage.STRUCTURE, 0.5)
@@ -183,9 +185,9 @@ def test_size_aware_attention_off_leaves_the_graph_alone_and_on_follows_the_refe
     li = init_li(2, 256)
     with torch.no_grad():
         assert (on(*flat, li)[0] - off(*flat, li)[0]).abs().max() > 1e-4  # the bias changes the attention
-    (got,), _ = compiled_generation(model, inputs, SIZE_AWARE)
-    want, _ = reference_generation(model, inputs, SIZE_AWARE)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # the reference with the bias is the graph with it (a whole generation: the SDTM* test above)
+        want, _ = reference_forward(model, **example, key=key, li=li, config=SIZE_AWARE)
+        torch.testing.assert_close(on(*flat, li)[0], want, rtol=1e-5, atol=1e-5)
 
 
 def test_every_variant_passes_the_tensorrt_lint(sd35):

@@ -15,7 +15,7 @@ from sdtm_compile.step_cache import residual_sites
 from tests.helpers import capture_dynamo_graph, transformer_call
 
 CONFIG = SDTMConfig(ratio=0.5, buckets=(0.3, 0.5, 0.7))
-STEPS = 10
+STEPS = 8
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +53,11 @@ def test_steps_whose_first_block_barely_changed_are_skipped_and_counted(sd35, un
     """A threshold between the measured changes: exactly the steps at or below it skip (their li stays), the
     others run their engine; the result moves away from the uncached one; a second generation repeats the first."""
     model, inputs = sd35
-    (first, again), history = cached_generation(model, inputs, 0.3, runs=2)
+    (first, again), history = cached_generation(model, inputs, 0.35, runs=2)  # changes here: 0.30 to 0.43
     records = history[:STEPS]
     skipped = [r.step for r in records if r.skipped]
     assert skipped and len(skipped) < STEPS - 1
-    assert all((r.change is not None and r.change <= 0.3) == r.skipped for r in records)
+    assert all((r.change is not None and r.change <= 0.35) == r.skipped for r in records)
     assert [r.skipped for r in history[STEPS:]] == [r.skipped for r in records]
     assert torch.equal(first, again)
     (full,), _ = uncached

@@ -130,7 +130,8 @@ def _peer_specs(config: BenchConfig, family: str, step_threshold: float) -> list
         VariantSpec(
             "diffusers-taylorseer",
             "peer",
-            "diffusers' TaylorSeerCacheConfig() hook (defaults), Inductor",
+            'diffusers\' TaylorSeerCacheConfig() hook (defaults: on a "skipped" step the attention outputs are '
+            "forecast, the feed-forwards still run), Inductor",
             apply=_diffusers_taylorseer,
         ),
         VariantSpec(
@@ -284,6 +285,8 @@ class VariantPoint:
 
 @dataclass
 class VariantComparison:
+    """Every variant of one comparison run, what did not run and why, and where it ran."""
+
     model: str
     latent: int
     steps: int
@@ -296,6 +299,14 @@ class VariantComparison:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def load(cls, path: str | Path) -> VariantComparison:
+        """Read a ``variants.json`` back (to re-render its table and picture)."""
+        data = json.loads(Path(path).read_text())
+        points = [VariantPoint(**point) for point in data.pop("points")]
+        machine = MachineInfo.from_dict(data.pop("machine"))
+        return cls(points=points, machine=machine, **data)
 
     @property
     def pixel_space(self) -> bool:
@@ -587,13 +598,14 @@ def render_variants(result: VariantComparison, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for p in result.points:
         fidelity = p.image_psnr_db if result.pixel_space else p.psnr_db
-        if fidelity is None or fidelity == float("inf"):
+        if fidelity is None or fidelity > 100:  # the unmodified model up to float rounding (eager, Inductor)
             continue
         ax.scatter(p.speedup_vs_inductor, fidelity, s=40)
         ax.annotate(p.name, (p.speedup_vs_inductor, fidelity), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("speed-up over Inductor (same rounds)")
     ax.set_ylabel("image PSNR vs unmodified (dB)" if result.pixel_space else "latent PSNR vs unmodified (dB)")
-    ax.set_title(f"{result.model}: merging, its variants and step caches ({result.steps} steps)")
+    ax.set_title(f"{result.model}: merging, its variants and step caches ({result.steps} steps)", fontsize=10)
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")  # Inductor (and every variant that equals the model: not drawn)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "variants.png", dpi=120)
