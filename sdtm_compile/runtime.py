@@ -73,7 +73,6 @@ class _LayoutState:
     #: cache fusion: the cache each call of a protected step stored, by the call's index within its step (CFG as
     #: two calls keeps one cache per branch of the guidance)
     caches: dict[int, torch.Tensor] = field(default_factory=dict)
-    blank: torch.Tensor | None = None  # cache fusion: the (unread) cache input of a protected step
     readings: list[float] = field(default_factory=list)  # SDTM*: this step's statistics (min over the batch)
     adaptive_ratio: float | None = None  # SDTM*: the ratio the previous step's statistics picked
     #: first-block cache, by call index within a step: (first block residual, last - first block output) of the
@@ -302,11 +301,11 @@ class StageDispatcher:
         if isinstance(self.config, SDTMConfig) and self.config.fuses_cache:
             if new_cache is None:
                 raise ValueError("cache fusion is on, but the caller passed no new_cache to StageDispatcher.run")
+            # a protected step's engine does not read its cache input: the stored one (or, before the first
+            # protected step of this call index, an empty one) only fills the slot
             cache = state.caches.get(state.call)
-            if cache is None or protected:  # a protected step's engine does not read the cache
-                if state.blank is None:
-                    state.blank = new_cache()
-                cache = state.blank
+            if cache is None:
+                cache = new_cache()
         given = EngineState(state.li_step_start, cache)
         change, residual = None, None
         if self.step_cache is not None:
