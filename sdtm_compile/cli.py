@@ -73,6 +73,151 @@ def _load_model(args):
     return model, {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}, config, torch
 
 
+def _triton_arguments(parser: argparse.ArgumentParser) -> None:
+    from .triton import TritonSettings
+
+    defaults = TritonSettings()
+    parser.add_argument("--name", default=defaults.name, help="the pipeline model's name (default sdtm)")
+    parser.add_argument(
+        "--engine-backend",
+        default=None,
+        choices=["onnxruntime", "python"],
+        help="onnxruntime: Triton's ONNX Runtime backend (export-triton default); python: our Python-backend "
+        "runner of the same ONNX files, for servers with the Python backend only (serve: picked from the server)",
+    )
+    parser.add_argument("--kind", default=defaults.kind, choices=["cpu", "gpu"], help="engine instance kind")
+    parser.add_argument(
+        "--tensorrt", action="store_true", help="GPU: run the ONNX engines through ONNX Runtime's TensorRT provider"
+    )
+    parser.add_argument("--pipeline-instances", type=int, default=defaults.pipeline_instances)
+    parser.add_argument("--engine-instances", type=int, default=defaults.engine_instances)
+    parser.add_argument("--engine-threads", type=int, default=defaults.engine_threads, help="0: ONNX Runtime's")
+    parser.add_argument("--max-steps", type=int, default=defaults.max_steps, help="largest num_inference_steps")
+
+
+def _triton_settings(args, engine_backend: str):
+    from .triton import TritonSettings
+
+    try:
+        return TritonSettings(
+            name=args.name,
+            engine_backend=engine_backend,
+            kind=args.kind,
+            tensorrt=args.tensorrt,
+            pipeline_instances=args.pipeline_instances,
+            engine_instances=args.engine_instances,
+            engine_threads=args.engine_threads,
+            max_steps=args.max_steps,
+        )
+    except ValueError as err:
+        raise SystemExit(f"sdtm-compile {args.command}: {err}") from None
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    _model_arguments(parser)
+    parser.set_defaults(latent=32)
+    _triton_arguments(parser)
+    parser.add_argument("--bundle", default=None, help="serve this bundle (default: export --model to WORK/bundle)")
+    parser.add_argument("--work", default="triton_serve", help="folder for the bundle, repository and server log")
+    parser.add_argument("--http-port", type=int, default=None, help="default: a free port")
+    parser.add_argument("--grpc-port", type=int, default=None, help="default: a free port")
+
+
+def _serve(args) -> int:
+    """``serve`` and ``serve-bench``: bundle -> repository -> tritonserver, then serve, check or load-test."""
+    import shutil
+    import tempfile
+
+    from .triton import ServerUnavailable, find_tritonserver
+
+    work = Path(args.work)
+    scratch = Path(tempfile.mkdtemp(prefix="sdtm-triton-"))  # the server's backends folder, removed at exit
+    try:
+        distribution = find_tritonserver(scratch)
+    except ServerUnavailable as err:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise SystemExit(f"sdtm-compile {args.command}: {err}") from None
+    try:
+        return _serve_with(args, work, distribution)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _serve_with(args, work: Path, distribution) -> int:
+    from .triton import ServerStartError, TritonServer
+    from .triton.serve import check_server, engine_backend_for, load_benchmark, prepare_bundle, prepare_repository
+
+    settings = _triton_settings(args, args.engine_backend or engine_backend_for(distribution))
+    if args.bundle:
+        bundle = Path(args.bundle)
+    else:
+        key = {k: getattr(args, k) for k in ("model", "method", "ratio", "deviation", "batch", "latent", "text_tokens")}
+
+        def export(folder: Path) -> None:
+            from .export import export_onnx
+
+            model, inputs, config, _ = _load_model(args)
+            export_onnx(model, inputs, config, folder)
+
+        bundle = prepare_bundle(work, key, export)
+    table = prepare_repository(bundle, work / "repository", settings)
+    server = TritonServer(
+        work / "repository",
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        log_path=work / "tritonserver.log",  # appended to: one file across runs
+        distribution=distribution,
+    )
+    try:
+        server.start()
+    except ServerStartError as err:
+        raise SystemExit(f"sdtm-compile {args.command}: {err}") from None
+    try:
+        if args.command == "serve" and args.check:
+            for line in check_server(server, bundle, table, settings.name):
+                print(line)
+            return 0
+        if args.command == "serve":
+            print(f"serving {settings.name!r}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C stops)")
+            shapes = ", ".join(f"{k} {list(v)}" for k, v in table.inputs.items())
+            print(f"  inputs: latents {list(table.latent_shape)}, {shapes}")
+            try:
+                server.process.wait()  # type: ignore[union-attr]
+            except KeyboardInterrupt:
+                pass
+            return 0
+        return _serve_bench(args, server, bundle, table, settings, load_benchmark)
+    finally:
+        server.stop()
+
+
+def _serve_bench(args, server, bundle, table, settings, load_benchmark) -> int:
+    from .triton import load
+
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    protocols = [p.strip() for p in args.protocols.split(",")]
+    results, baseline, mix = load_benchmark(
+        server, bundle, table, settings.name, concurrencies, args.requests, protocols
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table_md = load.load_markdown(results, baseline)
+    meta = {
+        "command": "sdtm-compile " + " ".join(sys.argv[1:]),
+        "settings": settings.__dict__,
+        "mix": [r.label for r in mix],
+        "in_process_s_per_generation": baseline,
+        "server": server.distribution.origin,
+    }
+    load.save_results(results, out, meta)
+    (out / "load.md").write_text(table_md + "\n")
+    title = f"{args.model} served by tritonserver ({settings.engine_backend} engines)"
+    load.plot_load(results, out / "load.png", title, baseline)
+    print(table_md)
+    print(f"wrote load.json, load.md, load.png to {out}")
+    return 0 if all(r.ok for r in results) else 1
+
+
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     from .models import MODEL_PRESETS
 
@@ -248,6 +393,25 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--batch-full", type=int, default=defaults.batch_full)
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    triton = sub.add_parser("export-triton", help="a Triton Inference Server model repository from an exported bundle")
+    triton.add_argument("bundle", help="a bundle folder written by `sdtm-compile export`")
+    triton.add_argument("out", help="the model repository folder to write")
+    _triton_arguments(triton)
+    serve = sub.add_parser(
+        "serve", help="bundle -> Triton repository -> tritonserver (default: the tiny SD3 model, no downloads)"
+    )
+    _serve_arguments(serve)
+    serve.add_argument(
+        "--check", action="store_true", help="send one HTTP and one gRPC request, compare with the reference, stop"
+    )
+    serve_bench = sub.add_parser(
+        "serve-bench", help="load test of the served pipeline: clients x protocols, p50/p95, every response checked"
+    )
+    _serve_arguments(serve_bench)
+    serve_bench.add_argument("--concurrency", default="1,4,16", help="client counts (default 1,4,16)")
+    serve_bench.add_argument("--requests", type=int, default=48, help="requests per (protocol, clients) point")
+    serve_bench.add_argument("--protocols", default="grpc,http")
+    serve_bench.add_argument("--out", default="serve_bench", help="folder for load.json / load.md / load.png")
     samples = sub.add_parser("testbed-samples", help="picture: testbed samples next to real held-out crops")
     samples.add_argument("--out", default="testbed_samples.png")
     samples.add_argument("--seeds", type=int, default=8)
@@ -268,6 +432,20 @@ def main(argv: list[str] | None = None) -> int:
         for engine in manifest["engines"]:
             print(f"  {engine['key']:<15} {engine['file']:<22} tokens {engine['tokens']}")
         return 0
+    if args.command == "export-triton":
+        from .export import BundleError
+        from .triton import RepositoryError, export_triton
+
+        try:
+            out = export_triton(args.bundle, args.out, _triton_settings(args, args.engine_backend or "onnxruntime"))
+        except (BundleError, RepositoryError) as err:
+            raise SystemExit(f"sdtm-compile export-triton: {err}") from None
+        models = sorted(p.parent.name for p in out.glob("*/config.pbtxt"))
+        print(f"wrote a Triton model repository to {out}: {', '.join(models)}")
+        print(f"  serve it: tritonserver --model-repository={out.resolve()}")
+        return 0
+    if args.command in ("serve", "serve-bench"):
+        return _serve(args)
     if args.command == "lint":
         from .buckets import BucketGraphs
         from .capture import capture_dynamo_graph

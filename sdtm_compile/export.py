@@ -30,7 +30,7 @@ from .engine_state import EngineState
 from .runtime import StageDispatcher
 from .schedule import EngineKey, Stage
 
-__all__ = ["FORMAT_VERSION", "export_onnx", "OnnxTransformer", "BundleError"]
+__all__ = ["FORMAT_VERSION", "export_onnx", "read_bundle", "OnnxTransformer", "BundleError"]
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +220,36 @@ def _version() -> str:
     return __version__
 
 
+def read_bundle(bundle_dir: str | Path) -> dict[str, Any]:
+    """The manifest of an exported bundle, after checking its format version and that every file it lists exists
+    and matches its sha256 (a :class:`BundleError` naming the file otherwise)."""
+    bundle_dir = Path(bundle_dir)
+    manifest_path = bundle_dir / MANIFEST
+    if not manifest_path.exists():
+        raise BundleError(f"{manifest_path}: no manifest; export a bundle with sdtm_compile.export_onnx")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{manifest_path}: not valid JSON ({err})") from err
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{manifest_path}: format_version {version!r} is not supported (this sdtm-compile reads "
+            f"{FORMAT_VERSION}); re-export the bundle with this version"
+        )
+    for name, digest in manifest["files"].items():
+        path = bundle_dir / name
+        if not path.exists():
+            raise BundleError(f"{path}: listed in the manifest but missing from the bundle")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise BundleError(
+                f"{path}: sha256 {actual[:16]}... does not match the manifest's {digest[:16]}... "
+                "(file corrupt or replaced); re-export the bundle"
+            )
+    return manifest
+
+
 class _Config(dict):
     """The diffusers transformer config, readable as ``config.x`` and ``config["x"]`` (like ``FrozenDict``)."""
 
@@ -247,29 +277,8 @@ class OnnxTransformer(nn.Module):
         import onnxruntime as ort
 
         self.bundle_dir = Path(bundle_dir)
+        manifest = read_bundle(self.bundle_dir)
         manifest_path = self.bundle_dir / MANIFEST
-        if not manifest_path.exists():
-            raise BundleError(f"{manifest_path}: no manifest; export a bundle with sdtm_compile.export_onnx")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
-            raise BundleError(f"{manifest_path}: not valid JSON ({err})") from err
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise BundleError(
-                f"{manifest_path}: format_version {version!r} is not supported (this sdtm-compile reads "
-                f"{FORMAT_VERSION}); re-export the bundle with this version"
-            )
-        for name, digest in manifest["files"].items():
-            path = self.bundle_dir / name
-            if not path.exists():
-                raise BundleError(f"{path}: listed in the manifest but missing from the bundle")
-            actual = sha256_file(path)
-            if actual != digest:
-                raise BundleError(
-                    f"{path}: sha256 {actual[:16]}... does not match the manifest's {digest[:16]}... "
-                    "(file corrupt or replaced); re-export the bundle"
-                )
         self.manifest = manifest
         try:
             self.sdtm_config = config_from_dict(manifest["config"])

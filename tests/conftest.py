@@ -1,7 +1,16 @@
+import fcntl
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
+from sdtm_compile import SDTMConfig
 from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_transformer
+
+#: The shared SD3 bundle's config (tests/test_export.py, tests/triton/): the full graph, two detail buckets and a
+#: structure bucket are what its schedule reaches (an ONNX export costs ~10 s per engine on 2 cores).
+SHARED_BUNDLE_CONFIG = SDTMConfig(buckets=(0.3, 0.6))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -11,6 +20,24 @@ def _engine_cache(tmp_path_factory):
 
     os.environ["SDTM_CACHE_DIR"] = str(tmp_path_factory.mktemp("engine_cache"))
     yield
+
+
+@pytest.fixture(scope="session")
+def shared_sd3_bundle(tmp_path_factory, worker_id) -> tuple[Path, dict]:
+    """The tiny SD3 model (seed 0) exported once per test session at batch 2, 32x32 latent, shared by the xdist
+    workers (a file lock: the first worker to ask exports, the others wait and read it): ``(folder, manifest)``.
+    Read-only: tests that damage a bundle copy it first."""
+    from sdtm_compile.export import export_onnx
+
+    # under xdist every worker's basetemp is a child of one per-session folder; alone, basetemp is that folder
+    root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    folder = root / "shared_sd3_bundle"
+    with open(root / "shared_sd3_bundle.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "manifest.json").exists():
+            model = tiny_sd3_transformer(TINY_SD3, seed=0)
+            export_onnx(model, example_inputs(TINY_SD3, 2, (32, 32)), SHARED_BUNDLE_CONFIG, folder)
+        return folder, json.loads((folder / "manifest.json").read_text())
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from sdtm_compile.cli import main
@@ -57,10 +58,23 @@ def test_lint_command_takes_another_method(capsys):
     assert [row.split("  ")[0] for row in rows] == ["full", "merge@0.4"] and all(r.endswith("OK") for r in rows)
 
 
-def test_export_command_writes_a_bundle(tmp_path, capsys):
+def test_export_and_export_triton_commands(tmp_path, capsys):
     import json
 
-    assert main(["export", "--out", str(tmp_path), "--latent", "32", "--ratio", "0.3", "--deviation", "0"]) == 0
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert [e["key"] for e in manifest["engines"]] == ["full", "detail@0.3", "structure@0.3"]
-    assert "wrote 3 ONNX files" in capsys.readouterr().out
+    bundle, repository = tmp_path / "bundle", tmp_path / "repository"
+    # ToMeSD: two engines (an export costs ~10 s each; SDTM's export is tests/test_export.py's), and a method whose
+    # initial state is seeded random numbers, not zeros
+    assert main(["export", "--out", str(bundle), "--latent", "32", "--method", "tomesd", "--ratio", "0.3"]) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert [e["key"] for e in manifest["engines"]] == ["full", "merge@0.3"]
+    assert "wrote 2 ONNX files" in capsys.readouterr().out
+    assert main(["export-triton", str(bundle), str(repository), "--max-steps", "8", "--engine-instances", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "sdtm, sdtm_full, sdtm_merge_r0_3" in out and "tritonserver --model-repository" in out
+    state = np.load(repository / "sdtm" / "1" / "initial_state.npy")
+    assert state.dtype == np.int32 and state.shape == (2, 256) and len(np.unique(state)) > 1
+    assert 'backend: "onnxruntime"' in (repository / "sdtm_full" / "config.pbtxt").read_text()
+    with pytest.raises(SystemExit, match="export-triton: .*manifest.json: no manifest"):
+        main(["export-triton", str(tmp_path / "nowhere"), str(tmp_path / "r2")])
+    with pytest.raises(SystemExit, match="export-triton: invalid TritonSettings: pipeline_instances must be >= 1"):
+        main(["export-triton", str(bundle), str(tmp_path / "r3"), "--pipeline-instances", "0"])

@@ -16,6 +16,7 @@ from sdtm_compile.models import TINY_SD3, TINY_SD35, TinySpec, example_inputs, t
 from sdtm_compile.reference import reference_dispatcher
 from sdtm_compile.sampling import generate, make_generation_inputs
 from sdtm_compile.schedule import resolve_for_model
+from tests.conftest import SHARED_BUNDLE_CONFIG
 from tests.helpers import transformer_call
 
 pytest.importorskip("onnxruntime")
@@ -23,7 +24,7 @@ pytest.importorskip("onnxruntime")
 #: full graph, two detail buckets and a structure bucket; SD3.5's (attn2 in the merged attention) one bucket per
 #: stage and the full graph. The other buckets differ only in their static counts (tests/test_backend.py checks
 #: every bucket on the eager engine).
-SD3_CONFIG = SDTMConfig(buckets=(0.3, 0.6))
+SD3_CONFIG = SHARED_BUNDLE_CONFIG
 SD35_CONFIG = SDTMConfig(buckets=(0.6,))
 CONFIGS = {"sd3": SD3_CONFIG, "sd35": SD35_CONFIG}
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def bundle(request, tmp_path_factory):
     spec = request.param
     model = tiny_sd3_transformer(spec, seed=0)
+    if spec is TINY_SD3:  # exported once per session, shared with tests/triton (conftest.py)
+        out, manifest = request.getfixturevalue("shared_sd3_bundle")
+        return spec, model, out, manifest
     out = tmp_path_factory.mktemp("bundle")
     manifest = export_onnx(model, example_inputs(spec, 2, (32, 32)), _config(spec), out)
     return spec, model, out, manifest

@@ -5,6 +5,7 @@ diffusers' FLUX scheduler, the img_ids check, attention merging, ONNX."""
 import dataclasses
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from sdtm_compile.passes import lint_tensorrt, to_aten
@@ -219,3 +220,24 @@ def test_onnx_bundle_runs_a_flux_generation(tmp_path):
     wrong["img_ids"] = flux_image_ids(16, 12)
     with pytest.raises(BundleError, match="16x12 token grid"):
         runner(**wrong)
+    _serve_flux_bundle(tmp_path, runner)
+
+
+def _serve_flux_bundle(bundle, runner):
+    """The same bundle behind a real tritonserver: FLUX.1-dev's loop (no CFG, guidance filled, the non-square grid's
+    position ids sent by the client) equals OnnxTransformer's, over gRPC."""
+    from sdtm_compile.triton import ServerUnavailable, TritonServer, TritonSettings, export_triton, load
+    from sdtm_compile.triton.step_logic import StepTable
+
+    repository = export_triton(bundle, bundle / "repository", TritonSettings(engine_backend="python", max_steps=8))
+    table = StepTable.load(repository / "sdtm" / "1")
+    assert (table.cfg, table.guidance, table.grid) == (False, True, (12, 16))
+    request = load.make_request(table, seed=4, num_steps=8)
+    want = load.reference_output(runner, table, request)
+    try:
+        server = TritonServer(repository)
+    except ServerUnavailable as err:
+        pytest.skip(f"no tritonserver can run here: {err}")
+    with server:
+        got = load.infer("grpc", load.client("grpc", server.grpc_url), "sdtm", request.arrays)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
