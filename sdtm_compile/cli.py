@@ -89,6 +89,11 @@ def _triton_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tensorrt", action="store_true", help="GPU: run the ONNX engines through ONNX Runtime's TensorRT provider"
     )
+    parser.add_argument(
+        "--tensorrt-plans",
+        default=None,
+        help="GPU: a folder of prebuilt TensorRT plans named after the bundle's ONNX files (full.plan, ...)",
+    )
     parser.add_argument("--pipeline-instances", type=int, default=defaults.pipeline_instances)
     parser.add_argument("--engine-instances", type=int, default=defaults.engine_instances)
     parser.add_argument("--engine-threads", type=int, default=defaults.engine_threads, help="0: ONNX Runtime's")
@@ -104,6 +109,7 @@ def _triton_settings(args, engine_backend: str):
             engine_backend=engine_backend,
             kind=args.kind,
             tensorrt=args.tensorrt,
+            tensorrt_plans=args.tensorrt_plans,
             pipeline_instances=args.pipeline_instances,
             engine_instances=args.engine_instances,
             engine_threads=args.engine_threads,

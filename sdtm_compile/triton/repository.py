@@ -78,6 +78,11 @@ class TritonSettings:
         tensorrt: GPU engines only: ONNX Runtime runs them through its TensorRT execution provider (Triton's
             ``gpu_execution_accelerator: "tensorrt"``, FP16), which builds and caches TensorRT engines on first
             load. Needs ``kind="gpu"`` and ``engine_backend="onnxruntime"``.
+        tensorrt_plans: a folder of prebuilt TensorRT plans, one per ONNX file of the bundle, named after it
+            (``full.plan``, ``structure_r0.6.plan``, ...; e.g. ``trtexec --onnx=bundle/full.onnx
+            --saveEngine=plans/full.plan --fp16`` on the GPU that will serve them): the engines are then
+            ``tensorrt_plan`` models served by Triton's TensorRT backend. Needs ``kind="gpu"``. A plan missing for
+            any engine is an error (no silent mix). Plans are tied to the GPU and TensorRT version that built them.
         pipeline_instances: concurrent generations per server (instances of the pipeline model).
         engine_instances: instances of each engine model (concurrent transformer calls per engine).
         engine_threads: intra-op threads of each engine instance (0: ONNX Runtime's default, all cores).
@@ -93,6 +98,7 @@ class TritonSettings:
     engine_backend: str = "onnxruntime"
     kind: str = "cpu"
     tensorrt: bool = False
+    tensorrt_plans: str | None = None
     pipeline_instances: int = 4
     engine_instances: int = 1
     engine_threads: int = 0
@@ -112,6 +118,10 @@ class TritonSettings:
             problems.append(f"kind {self.kind!r} must be 'cpu' or 'gpu'")
         if self.tensorrt and (self.kind != "gpu" or self.engine_backend != "onnxruntime"):
             problems.append("tensorrt needs kind='gpu' and engine_backend='onnxruntime'")
+        if self.tensorrt_plans is not None and (self.kind != "gpu" or self.engine_backend != "onnxruntime"):
+            problems.append("tensorrt_plans need kind='gpu' and engine_backend='onnxruntime' (the stock layout)")
+        if self.tensorrt_plans is not None and self.tensorrt:
+            problems.append("give tensorrt (ONNX Runtime's TensorRT provider) or tensorrt_plans, not both")
         if self.engine_backend == "python" and self.kind != "cpu":
             problems.append("the Python engine runner is CPU only: use engine_backend='onnxruntime' on GPUs")
         for field in ("pipeline_instances", "engine_instances", "max_steps"):
@@ -220,6 +230,21 @@ def step_table(manifest: dict[str, Any], settings: TritonSettings) -> dict[str, 
     }
 
 
+def _plans(settings: TritonSettings, engine_files: list[str]) -> dict[str, Path]:
+    """``{onnx file: plan file}`` when ``settings.tensorrt_plans`` is given (every engine must have one)."""
+    if settings.tensorrt_plans is None:
+        return {}
+    folder = Path(settings.tensorrt_plans)
+    plans = {f: folder / f"{Path(f).stem}.plan" for f in engine_files}
+    missing = [str(path) for path in plans.values() if not path.is_file()]
+    if missing:
+        raise RepositoryError(
+            f"tensorrt_plans: no plan for {len(missing)} of {len(plans)} engines: {', '.join(missing)}; build one "
+            "per ONNX file of the bundle (trtexec --onnx=<bundle>/<name>.onnx --saveEngine=<plans>/<name>.plan)"
+        )
+    return plans
+
+
 def initial_state(manifest: dict[str, Any]) -> np.ndarray:
     """The method's state at the start of every generation (SDTM: ``li`` zeros; ToMeSD / SiTo: seeded)."""
     from ..methods import method_for
@@ -258,17 +283,24 @@ def export_triton(bundle_dir: str | Path, out_dir: str | Path, settings: TritonS
         _tensor_config(sample["name"], sample["dtype"], sample["shape"]),
         _tensor_config(state["output"], state["dtype"], state["shape"]),
     ]
-    for file_name in sorted({entry["file"] for entry in manifest["engines"]}):
+    engine_files = sorted({entry["file"] for entry in manifest["engines"]})
+    plans = _plans(settings, engine_files)
+    for file_name in engine_files:
         name = _engine_model_name(settings, file_name)
         version = out / name / "1"
         version.mkdir(parents=True)
-        shutil.copyfile(bundle_dir / file_name, version / "model.onnx")
-        data = bundle_dir / f"{file_name}.data"
-        if data.exists():  # the graph refers to its weights file by this name
-            shutil.copyfile(data, version / data.name)
         parameters: dict[str, str] = {}
         extra = ""
-        if settings.engine_backend == "python":
+        if plans:
+            shutil.copyfile(plans[file_name], version / "model.plan")
+        else:
+            shutil.copyfile(bundle_dir / file_name, version / "model.onnx")
+            data = bundle_dir / f"{file_name}.data"
+            if data.exists():  # the graph refers to its weights file by this name
+                shutil.copyfile(data, version / data.name)
+        if plans:
+            backend = "tensorrt"
+        elif settings.engine_backend == "python":
             shutil.copyfile(_HERE / "engine_model.py", version / "model.py")
             shutil.copyfile(_HERE / "dlpack_io.py", version / "dlpack_io.py")
             parameters["intra_op_threads"] = str(settings.engine_threads)

@@ -207,11 +207,12 @@ class TritonServer:
         raise ServerStartError(self._failure(f"tritonserver was not ready within {timeout:.0f} s"))
 
     def _failure(self, headline: str) -> str:
-        lines = [
-            line.strip()
-            for line in self.log().splitlines()
-            if " E" in line[:3] or line.startswith("E") or "failed to load" in line or "UNAVAILABLE" in line
-        ]
+        def is_error(line: str) -> bool:  # glog's E<date> lines, and the model table's failures; no GPU noise
+            glog_error = len(line) > 1 and line[0] == "E" and line[1].isdigit()
+            failed = "failed to load" in line or "UNAVAILABLE" in line or line.startswith("error:")
+            return (glog_error or failed) and "NVML" not in line and "DCGM" not in line
+
+        lines = [line.strip() for line in self.log().splitlines() if is_error(line)]
         return f"{headline} (log: {self.log_path}):\n" + "\n".join(dict.fromkeys(lines[-12:]))
 
     def rss_mib(self) -> float | None:
