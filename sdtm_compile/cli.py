@@ -188,10 +188,11 @@ def _serve_with(args, work: Path, distribution) -> int:
             shapes = ", ".join(f"{k} {list(v)}" for k, v in table.inputs.items())
             print(f"  inputs: latents {list(table.latent_shape)}, {shapes}")
             try:
-                server.process.wait()  # type: ignore[union-attr]
+                code = server.process.wait()  # type: ignore[union-attr]
             except KeyboardInterrupt:
-                pass
-            return 0
+                return 0
+            print(f"sdtm-compile serve: tritonserver exited with code {code} (log: {server.log_path})", file=sys.stderr)
+            return 1
         return _serve_bench(args, server, bundle, table, settings, load_benchmark)
     finally:
         server.stop()

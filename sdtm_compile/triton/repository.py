@@ -187,7 +187,7 @@ def step_table(manifest: dict[str, Any], settings: TritonSettings) -> dict[str, 
     batch = inputs["hidden_states"]["shape"][0]
     cfg = settings.cfg if settings.cfg is not None else (family == "sd3" and batch % 2 == 0)
     if cfg and batch % 2:
-        raise ValueError(f"cfg=True needs an even transformer batch (uncond + cond); the bundle's is {batch}")
+        raise RepositoryError(f"cfg=True needs an even transformer batch (uncond + cond); the bundle's is {batch}")
     latent_shape = [batch // 2 if cfg else batch, *inputs["hidden_states"]["shape"][1:]]
     files = {entry["key"]: entry["file"] for entry in manifest["engines"]}
     engines = sorted({_engine_model_name(settings, f) for f in files.values()})
