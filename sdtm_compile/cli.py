@@ -167,16 +167,28 @@ def _serve_with(args, work: Path, distribution) -> int:
 
         bundle = prepare_bundle(work, key, export)
     table = prepare_repository(bundle, work / "repository", settings)
-    server = TritonServer(
-        work / "repository",
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        log_path=work / "tritonserver.log",  # appended to: one file across runs
-        distribution=distribution,
-    )
+    replicas = getattr(args, "replicas", 1)
+    if replicas < 1:
+        raise SystemExit(f"sdtm-compile {args.command}: --replicas must be >= 1, got {replicas}")
+    if replicas > 1 and (args.http_port or args.grpc_port):
+        raise SystemExit(f"sdtm-compile {args.command}: --replicas > 1 takes free ports; leave out the port options")
+    servers = [
+        TritonServer(
+            work / "repository",
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            log_path=work / f"tritonserver{'' if replicas == 1 else number}.log",  # appended to across runs
+            distribution=distribution,
+        )
+        for number in range(replicas)
+    ]
+    server = servers[0]
     try:
-        server.start()
+        for replica in servers:
+            replica.start()
     except ServerStartError as err:
+        for replica in servers:
+            replica.stop()
         raise SystemExit(f"sdtm-compile {args.command}: {err}") from None
     try:
         if args.command == "serve" and args.check:
@@ -193,18 +205,19 @@ def _serve_with(args, work: Path, distribution) -> int:
                 return 0
             print(f"sdtm-compile serve: tritonserver exited with code {code} (log: {server.log_path})", file=sys.stderr)
             return 1
-        return _serve_bench(args, server, bundle, table, settings, load_benchmark)
+        return _serve_bench(args, servers, bundle, table, settings, load_benchmark)
     finally:
-        server.stop()
+        for replica in servers:
+            replica.stop()
 
 
-def _serve_bench(args, server, bundle, table, settings, load_benchmark) -> int:
+def _serve_bench(args, servers, bundle, table, settings, load_benchmark) -> int:
     from .triton import load
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     protocols = [p.strip() for p in args.protocols.split(",")]
     results, baseline, mix = load_benchmark(
-        server, bundle, table, settings.name, concurrencies, args.requests, protocols
+        servers, bundle, table, settings.name, concurrencies, args.requests, protocols
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,11 +227,13 @@ def _serve_bench(args, server, bundle, table, settings, load_benchmark) -> int:
         "settings": settings.__dict__,
         "mix": [r.label for r in mix],
         "in_process_s_per_generation": baseline,
-        "server": server.distribution.origin,
+        "server": servers[0].distribution.origin,
+        "replicas": len(servers),
     }
     load.save_results(results, out, meta)
     (out / "load.md").write_text(table_md + "\n")
-    title = f"{args.model} served by tritonserver ({settings.engine_backend} engines)"
+    replicas = f", {len(servers)} replicas round-robin" if len(servers) > 1 else ""
+    title = f"{args.model} served by tritonserver ({settings.engine_backend} engines{replicas})"
     load.plot_load(results, out / "load.png", title, baseline)
     print(table_md)
     print(f"wrote load.json, load.md, load.png to {out}")
@@ -418,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     serve_bench.add_argument("--concurrency", default="1,4,16", help="client counts (default 1,4,16)")
     serve_bench.add_argument("--requests", type=int, default=48, help="requests per (protocol, clients) point")
     serve_bench.add_argument("--protocols", default="grpc,http")
+    serve_bench.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="servers on the same repository, taking requests round-robin (a load balancer's job, done by the client)",
+    )
     serve_bench.add_argument("--out", default="serve_bench", help="folder for load.json / load.md / load.png")
     samples = sub.add_parser("testbed-samples", help="picture: testbed samples next to real held-out crops")
     samples.add_argument("--out", default="testbed_samples.png")

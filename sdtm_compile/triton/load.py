@@ -142,6 +142,7 @@ class LoadResult:
     protocol: str
     concurrency: int
     requests: int
+    replicas: int
     wall_s: float
     throughput: float  #: generations per second
     p50_s: float
@@ -163,7 +164,7 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 def run_load(
     protocol: str,
-    url: str,
+    url: str | Sequence[str],
     model: str,
     mix: Sequence[ServedRequest],
     references: Sequence[np.ndarray],
@@ -171,8 +172,11 @@ def run_load(
     total: int,
     atol: float = 1e-5,
 ) -> LoadResult:
-    """``concurrency`` client threads (one connection each) send ``total`` requests, cycling through ``mix`` in a
-    fixed order; each response is compared with its reference (max abs difference ``<= atol``)."""
+    """``concurrency`` client threads send ``total`` requests, cycling through ``mix`` in a fixed order; each
+    response is compared with its reference (max abs difference ``<= atol``). ``url``: one server, or several
+    replicas of one repository, which then take the requests round-robin (request ``n`` goes to replica
+    ``n % replicas``, what a round-robin load balancer does; each thread keeps one connection per replica)."""
+    urls = [url] if isinstance(url, str) else list(url)
     lock = threading.Lock()
     order = [i % len(mix) for i in range(total)]
     cursor = iter(range(total))
@@ -182,7 +186,7 @@ def run_load(
     worst = [0.0]
 
     def worker() -> None:
-        connection = client(protocol, url)
+        connections = [client(protocol, u) for u in urls]
         while True:
             with lock:
                 number = next(cursor, None)
@@ -191,7 +195,7 @@ def run_load(
             request = mix[order[number]]
             start = time.perf_counter()
             try:
-                output = infer(protocol, connection, model, request.arrays)
+                output = infer(protocol, connections[number % len(urls)], model, request.arrays)
             except Exception as err:  # noqa: BLE001  (recorded, reported, and the run fails)
                 with lock:
                     errors.append(f"request {number} ({request.label}): {err}")
@@ -215,6 +219,7 @@ def run_load(
         protocol,
         concurrency,
         total,
+        len(urls),
         wall,
         len(latencies) / wall,
         statistics.median(latencies) if latencies else float("nan"),
@@ -228,9 +233,9 @@ def run_load(
 def load_markdown(results: Sequence[LoadResult], baseline_s: float | None = None) -> str:
     """The load table (and, given, the in-process time of one generation for scale)."""
     lines = [
-        "| protocol | clients | requests | throughput (gen/s) | p50 latency | p95 latency | checked vs reference "
-        "| server RSS after |",
-        "|---|---|---|---|---|---|---|---|",
+        "| protocol | replicas | clients | requests | throughput (gen/s) | p50 latency | p95 latency "
+        "| checked vs reference | servers' RSS after |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         checked = (
@@ -241,8 +246,8 @@ def load_markdown(results: Sequence[LoadResult], baseline_s: float | None = None
         if r.mismatches:
             checked += f", {len(r.mismatches)} mismatched"
         lines.append(
-            f"| {r.protocol} | {r.concurrency} | {r.requests} | {r.throughput:.2f} | {r.p50_s * 1e3:.0f} ms "
-            f"| {r.p95_s * 1e3:.0f} ms | {checked} "
+            f"| {r.protocol} | {r.replicas} | {r.concurrency} | {r.requests} | {r.throughput:.2f} "
+            f"| {r.p50_s * 1e3:.0f} ms | {r.p95_s * 1e3:.0f} ms | {checked} "
             f"| {'-' if r.server_rss_mib is None else f'{r.server_rss_mib:.0f} MiB'} |"
         )
     if baseline_s is not None:
@@ -260,12 +265,15 @@ def plot_load(results: Sequence[LoadResult], path: str | Path, title: str, basel
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for protocol in sorted({r.protocol for r in results}):
-        points = sorted((r for r in results if r.protocol == protocol), key=lambda r: r.concurrency)
+    for protocol, replicas in sorted({(r.protocol, r.replicas) for r in results}):
+        points = sorted(
+            (r for r in results if (r.protocol, r.replicas) == (protocol, replicas)), key=lambda r: r.concurrency
+        )
         clients = [r.concurrency for r in points]
-        left.plot(clients, [r.throughput for r in points], marker="o", label=protocol)
-        right.plot(clients, [r.p50_s * 1e3 for r in points], marker="o", label=f"{protocol} p50")
-        right.plot(clients, [r.p95_s * 1e3 for r in points], marker="x", linestyle="--", label=f"{protocol} p95")
+        name = protocol if replicas == 1 else f"{protocol}, {replicas} replicas"
+        left.plot(clients, [r.throughput for r in points], marker="o", label=name)
+        right.plot(clients, [r.p50_s * 1e3 for r in points], marker="o", label=f"{name} p50")
+        right.plot(clients, [r.p95_s * 1e3 for r in points], marker="x", linestyle="--", label=f"{name} p95")
     if baseline_s is not None:
         left.axhline(1 / baseline_s, color="gray", linestyle="--", label="in-process, one at a time")
     left.set_ylim(bottom=0)

@@ -82,7 +82,7 @@ def check_server(server: TritonServer, bundle: Path, table: StepTable, name: str
 
 
 def load_benchmark(
-    server: TritonServer,
+    servers: Sequence[TritonServer],
     bundle: Path,
     table: StepTable,
     name: str,
@@ -93,8 +93,8 @@ def load_benchmark(
     seeds: int = 4,
 ) -> tuple[list[load.LoadResult], float, list[load.ServedRequest]]:
     """The fixed request mix (``seeds`` x ``step_counts``, CFG 7.0 / 4.5 alternating), its references, then every
-    (protocol, concurrency) point. Returns the points, the in-process seconds per generation of the mix and the
-    mix."""
+    (protocol, concurrency) point against ``servers`` (replicas of one repository, round-robin). Returns the points,
+    the in-process seconds per generation of the mix and the mix."""
     runner = OnnxTransformer(bundle)
     mix = [
         load.make_request(table, seed, steps, 7.0 if seed % 2 == 0 else 4.5)
@@ -105,15 +105,16 @@ def load_benchmark(
     references = [load.reference_output(runner, table, request) for request in mix]
     baseline = (time.perf_counter() - started) / len(mix)
     logger.info("references of %d requests: %.2f s per generation in-process", len(mix), baseline)
-    # warm every engine instance once, untimed (the first calls of an ONNX Runtime session are slow)
-    load.run_load("grpc", server.grpc_url, name, mix, references, server_pipelines(server, name), len(mix))
-    memory = [server.rss_mib()]
+    urls = {"grpc": [s.grpc_url for s in servers], "http": [s.http_url for s in servers]}
+    # warm every engine instance of every replica once, untimed (an ONNX Runtime session's first calls are slow)
+    pipelines = sum(server_pipelines(server, name) for server in servers)
+    load.run_load("grpc", urls["grpc"], name, mix, references, pipelines, len(mix) * len(servers))
+    memory = [_rss(servers)]
     results = []
     for protocol in protocols:
-        url = server.grpc_url if protocol == "grpc" else server.http_url
         for concurrency in concurrencies:
-            logger.info("%s, %d clients, %d requests ...", protocol, concurrency, total)
-            result = load.run_load(protocol, url, name, mix, references, concurrency, total)
+            logger.info("%s, %d replicas, %d clients, %d requests ...", protocol, len(servers), concurrency, total)
+            result = load.run_load(protocol, urls[protocol], name, mix, references, concurrency, total)
             logger.info(
                 "  %.2f gen/s, p50 %.0f ms, p95 %.0f ms, %d errors, %d mismatched",
                 result.throughput,
@@ -123,11 +124,16 @@ def load_benchmark(
                 len(result.mismatches),
             )
             results.append(result)
-            memory.append(server.rss_mib())
+            memory.append(_rss(servers))
             result.server_rss_mib = memory[-1]
     if memory[0] is not None:
-        logger.info("server + stubs resident memory: %s MiB", " -> ".join(f"{m:.0f}" for m in memory if m))
+        logger.info("servers + stubs resident memory: %s MiB", " -> ".join(f"{m:.0f}" for m in memory if m))
     return results, baseline, mix
+
+
+def _rss(servers: Sequence[TritonServer]) -> float | None:
+    readings = [server.rss_mib() for server in servers]
+    return None if None in readings else sum(readings)  # type: ignore[arg-type]
 
 
 def server_pipelines(server: TritonServer, name: str) -> int:

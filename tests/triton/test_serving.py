@@ -296,6 +296,16 @@ def test_concurrent_clients_each_get_their_own_generation(server, mix):
     assert min(float(np.abs(a - b).max()) for i, a in enumerate(references) for b in references[i + 1 :]) > 0.1
 
 
+def test_two_replicas_of_one_repository_serve_any_request(server, repository, mix):
+    """A second server on the same repository, requests spread round-robin (what a load balancer does): a
+    generation's result does not depend on the replica (no state outside the request)."""
+    requests, references = mix
+    with TritonServer(repository[2]) as second:
+        urls = [server.grpc_url, second.grpc_url]
+        result = load.run_load("grpc", urls, "sdtm", requests, references, concurrency=2, total=8)
+    assert result.ok and result.replicas == 2, result.errors + result.mismatches
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, mix, protocol):
     requests, _ = mix
