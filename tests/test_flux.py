@@ -240,4 +240,5 @@ def _serve_flux_bundle(bundle, runner):
         pytest.skip(f"no tritonserver can run here: {err}")
     with server:
         got = load.infer("grpc", load.client("grpc", server.grpc_url), "sdtm", request.arrays)
+        server.kill()  # no graceful shutdown needed (~4 s)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
