@@ -143,6 +143,7 @@ class LoadResult:
     concurrency: int
     requests: int
     replicas: int
+    completed: int  #: responses received and compared (the others are in ``errors``)
     wall_s: float
     throughput: float  #: generations per second
     p50_s: float
@@ -154,7 +155,8 @@ class LoadResult:
 
     @property
     def ok(self) -> bool:
-        return not self.errors and not self.mismatches
+        """Every request answered, and every answer equal to its reference."""
+        return self.completed == self.requests and not self.errors and not self.mismatches
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -220,6 +222,7 @@ def run_load(
         concurrency,
         total,
         len(urls),
+        len(latencies),
         wall,
         len(latencies) / wall,
         statistics.median(latencies) if latencies else float("nan"),
@@ -238,9 +241,7 @@ def load_markdown(results: Sequence[LoadResult], baseline_s: float | None = None
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        checked = (
-            f"{r.requests - len(r.errors) - len(r.mismatches)}/{r.requests} equal (max diff {r.max_abs_error:.1g})"
-        )
+        checked = f"{r.completed - len(r.mismatches)}/{r.requests} equal (max diff {r.max_abs_error:.1g})"
         if r.errors:
             checked += f", {len(r.errors)} errors"
         if r.mismatches:
