@@ -126,12 +126,14 @@ class TritonServer:
         host: str = "127.0.0.1",
     ) -> None:
         self.repository = Path(repository).resolve()
-        self._scratch = Path(tempfile.mkdtemp(prefix="sdtm-triton-"))
-        self.distribution = distribution or find_tritonserver(self._scratch)
+        # a scratch folder only for what the caller did not give: PyTriton's backends copy and the log
+        needs_scratch = distribution is None or log_path is None
+        self._scratch = Path(tempfile.mkdtemp(prefix="sdtm-triton-")) if needs_scratch else None
+        self.distribution = distribution or find_tritonserver(self._scratch)  # type: ignore[arg-type]
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
-        self.log_path = Path(log_path) if log_path else self._scratch / "tritonserver.log"
+        self.log_path = Path(log_path) if log_path else self._scratch / "tritonserver.log"  # type: ignore[operator]
         self.extra_args = extra_args
         self.host = host
         self.process: subprocess.Popen | None = None
@@ -256,7 +258,8 @@ class TritonServer:
     def close(self) -> None:
         """Stop the server and remove its scratch folder (the log with it, unless ``log_path`` was given)."""
         self.stop()
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def __enter__(self) -> TritonServer:
         return self.start()
