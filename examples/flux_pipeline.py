@@ -23,7 +23,7 @@ from compare import compare_arguments, compared_transformers, print_times, time_
 import sdtm_compile
 from sdtm_compile import SDTMConfig
 from sdtm_compile.models import TINY_FLUX, tiny_flux_transformer
-from sdtm_compile.sampling import FLUX_SCHEDULER_CONFIG, make_flux_generation_inputs
+from sdtm_compile.models.sampling import FLUX_SCHEDULER_CONFIG, make_flux_generation_inputs
 
 
 def tiny_flux_pipeline(seed: int = 0):

@@ -17,7 +17,7 @@ from compare import compare_arguments, compared_transformers, print_times, time_
 import sdtm_compile
 from sdtm_compile import SDTMConfig
 from sdtm_compile.models import TINY_SD3, tiny_sd3_transformer
-from sdtm_compile.sampling import make_generation_inputs
+from sdtm_compile.models.sampling import make_generation_inputs
 
 
 def tiny_sd3_pipeline(seed: int = 0):

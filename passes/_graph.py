@@ -1,13 +1,27 @@
-"""Small helpers the passes share: module paths from ``nn_module_stack``, shapes from node metadata."""
+"""Small helpers the passes share: module paths from ``nn_module_stack``, shapes from node metadata, copies, and
+where the engine state enters and leaves a rewritten graph."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import fx
 
-__all__ = ["module_path", "module_stack", "node_shape", "copy_graph_module", "copy_with_node_map", "copy_location"]
+__all__ = [
+    "module_path",
+    "module_stack",
+    "node_shape",
+    "node_value",
+    "copy_graph_module",
+    "copy_with_node_map",
+    "copy_location",
+    "state_input",
+    "state_input_name",
+    "state_outputs",
+    "set_state_output",
+]
 
 
 def module_path(raw: str) -> str:
@@ -27,6 +41,13 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
         name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
         entries.append((module_path(raw), name.rsplit(".", 1)[-1]))
     return entries
+
+
+def node_value(node: object) -> Any:
+    """The value (a fake tensor, or a structure of them) Dynamo / FakeTensorProp recorded for ``node``."""
+    if not isinstance(node, fx.Node):
+        return None
+    return node.meta.get("val", node.meta.get("example_value"))
 
 
 def node_shape(node: object) -> tuple[int, ...] | None:
@@ -58,10 +79,47 @@ def copy_with_node_map(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node
     output = graph.graph_copy(gm.graph, node_map)
     graph.output(output)
     copied = fx.GraphModule(gm, graph)
-    copied.meta = dict(getattr(gm, "meta", {}))
+    copied.meta = dict(getattr(gm, "meta", {}))  # the state outputs' order included
     return copied, node_map
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule with a copied graph (node metadata included)."""
     return copy_with_node_map(gm)[0]
+
+
+# -- the engine state in a graph (the contract: sdtm_compile.core.signature) -------------------------------------
+
+#: A state entry ``name`` enters a rewritten graph as the placeholder ``sdtm_<name>`` (``sdtm_li``, ``sdtm_cache``).
+STATE_INPUT_PREFIX = "sdtm_"
+#: ``gm.meta`` key: the state entries at the end of the graph's output tuple, in order.
+_STATE_OUTPUTS = "sdtm_state_outputs"
+
+
+def state_input_name(name: str) -> str:
+    """The placeholder name of state entry ``name``."""
+    return f"{STATE_INPUT_PREFIX}{name}"
+
+
+def state_input(gm: fx.GraphModule, name: str) -> fx.Node | None:
+    """The graph's input of state entry ``name`` (``sdtm_<name>``), or ``None``."""
+    target = state_input_name(name)
+    return next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == target), None)
+
+
+def state_outputs(gm: fx.GraphModule) -> list[str]:
+    """The state entries at the end of the graph's outputs, in order (empty before ``thread_engine_state``)."""
+    return list(gm.meta.get(_STATE_OUTPUTS, ()))
+
+
+def set_state_output(gm: fx.GraphModule, signature: Any, name: str, value: fx.Node) -> None:
+    """Make ``value`` the graph's output of state entry ``name``, at its place in ``signature``'s order (replacing
+    the entry's output if there is one). The graph is not recompiled."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    present = state_outputs(gm)
+    values = list(output.args[0])
+    model, tail = values[: len(values) - len(present)], dict(zip(present, values[len(values) - len(present) :]))
+    tail[name] = value
+    order = [n for n in signature.names if n in tail]
+    output.args = ((*model, *(tail[n] for n in order)),)
+    gm.meta[_STATE_OUTPUTS] = order

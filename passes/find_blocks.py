@@ -4,7 +4,7 @@ This is an analysis, not a rewrite: :func:`find_mmdit_blocks` returns a :class:`
 rewrite passes take as an argument) and leaves the graph untouched. Sites name nodes of the graph they were
 found on; :meth:`ModelSites.remapped` carries them over to a copy.
 
-Two model families (DESIGN §8):
+Two model families:
 
 * ``sd3``: diffusers' ``JointTransformerBlock`` (SD3 / SD3.5); the latent arrives as ``[B, C, H, W]``.
 * ``flux``: ``FluxTransformerBlock`` (double-stream: ``attn`` and ``ff`` as in SD3, text first in the joint
@@ -20,12 +20,12 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
 
 from ._graph import module_stack, node_shape
+from .sites import BlockSites, Branch, ModelSites, SingleStream
 
 __all__ = [
     "FALLBACK_HINT",
@@ -53,107 +53,6 @@ BLOCK_CLASSES = tuple(BLOCK_FAMILIES)
 
 class UnsupportedModelError(ValueError):
     """The traced graph has no block the SDTM passes can rewrite."""
-
-
-@dataclass
-class Branch:
-    """One merged region of a block: ``input`` ``[B, N, C]`` enters ``module``, ``output`` ``[B, N, C]`` leaves."""
-
-    module: str
-    input: fx.Node
-    output: fx.Node
-    nodes: list[fx.Node] = field(default_factory=list)
-
-    def remapped(self, node_map: dict[fx.Node, fx.Node]) -> Branch:
-        return Branch(self.module, node_map[self.input], node_map[self.output], [node_map[n] for n in self.nodes])
-
-
-@dataclass
-class SingleStream:
-    """The nodes of a ``FluxSingleTransformerBlock`` that ``split_single_stream`` rewrites.
-
-    ``norm_output`` ``[B, T+N, C]`` feeds ``proj_mlp`` (a linear, then ``act`` ``[B, T+N, 4C]``) and the attention
-    (its nodes: ``attention``; output ``attn_output`` ``[B, T+N, C]``); ``concat`` = ``cat([attn_output, act], -1)``
-    feeds ``proj_out``.
-    """
-
-    norm_output: fx.Node
-    proj_mlp: fx.Node
-    act: fx.Node
-    attn_output: fx.Node
-    concat: fx.Node
-    proj_out: fx.Node
-    attention: list[fx.Node] = field(default_factory=list)
-
-    def remapped(self, node_map: dict[fx.Node, fx.Node]) -> SingleStream:
-        nodes = (node_map[getattr(self, name)] for name in self.__dataclass_fields__ if name != "attention")
-        return SingleStream(*nodes, attention=[node_map[n] for n in self.attention])
-
-
-@dataclass
-class BlockSites:
-    """One block's merge sites. ``kind``: ``joint`` (SD3), ``double`` or ``single`` (Flux).
-
-    ``attn`` / ``attn2`` / ``ff``: the image-token branches (a single block has none of them when found).
-    ``stream``: a single block's :class:`SingleStream`; its ``mlp`` branch (image part of the MLP), and its
-    ``attn`` branch when the stage merges attention, exist only once ``split_single_stream`` has run on the graph,
-    which sets them on this (per-rewrite) copy of the sites.
-    """
-
-    index: int
-    path: str
-    attn: Branch | None
-    ff: Branch | None
-    attn2: Branch | None = None
-    kind: str = "joint"
-    stream: SingleStream | None = None
-    mlp: Branch | None = None
-
-    @property
-    def branches(self) -> list[Branch]:
-        return [b for b in (self.attn, self.attn2, self.ff, self.mlp) if b is not None]
-
-    @property
-    def plan_input(self) -> fx.Node:
-        """The image tokens ``[B, N, C]`` the block's merge plan is made from (DESIGN §3, §8)."""
-        if self.stream is not None:
-            if self.mlp is None:
-                raise ValueError(f"{self.path}: a single-stream block has no plan input before split_single_stream")
-            return self.mlp.input
-        assert self.attn is not None
-        return self.attn.input
-
-    def branches_named(self, names: tuple[str, ...]) -> list[tuple[str, Branch]]:
-        """``(name, branch)`` for each of ``names`` (``attn``, ``attn2``, ``ff``, ``mlp``) this block has."""
-        return [(name, branch) for name in names if (branch := getattr(self, name)) is not None]
-
-    def remapped(self, node_map: dict[fx.Node, fx.Node]) -> BlockSites:
-        def copy(branch: Branch | None) -> Branch | None:
-            return branch.remapped(node_map) if branch is not None else None
-
-        stream = self.stream.remapped(node_map) if self.stream is not None else None
-        return BlockSites(
-            self.index, self.path, copy(self.attn), copy(self.ff), copy(self.attn2), self.kind, stream, copy(self.mlp)
-        )
-
-
-@dataclass(frozen=True)
-class ModelSites:
-    """What :func:`find_mmdit_blocks` found in one graph: the blocks' merge sites (nodes of that graph), the token
-    grid and where the latent and timestep are among the graph's inputs."""
-
-    blocks: list[BlockSites]
-    num_tokens: int  #: image tokens N
-    text_tokens: int | None  #: text tokens T in the joint attention (None if not found)
-    grid: tuple[int, int]
-    latent_index: int  #: position of the latent among the graph's placeholders
-    timestep_index: int  #: position of the timestep among the graph's placeholders
-    family: str = "sd3"  #: ``sd3`` or ``flux`` (see the module docstring)
-    image_ids_index: int | None = None  #: Flux: position of ``img_ids`` (the grid's source) among the placeholders
-
-    def remapped(self, node_map: dict[fx.Node, fx.Node]) -> ModelSites:
-        """The same sites on a copy of the graph (``node_map``: original node -> copy, see ``copy_with_node_map``)."""
-        return replace(self, blocks=[block.remapped(node_map) for block in self.blocks])
 
 
 #: The advice every "cannot rewrite this graph" error ends with; the backend's fallback warning cuts it off.
@@ -200,7 +99,7 @@ def _branch(block_path: str, name: str, nodes: list[fx.Node], entry_path: str) -
     image_outputs = projected or image_outputs
     if not image_outputs:
         raise _unsupported(f"{prefix}: found no output with the image-token shape {node_shape(entry.args[0])}")
-    return Branch(prefix, entry.args[0], image_outputs[-1], inside)
+    return Branch(prefix, entry.args[0], image_outputs[-1], tuple(inside))
 
 
 def _placeholder_feeding(gm: fx.GraphModule, module_suffix: str, name_hint: str) -> int | None:
@@ -241,7 +140,7 @@ def _single_stream(path: str, nodes: list[fx.Node]) -> SingleStream:
     ):
         raise _unsupported(f"{path}: expected the MLP branch act(proj_mlp(norm)) as proj_out's second input")
     attention = [n for n in nodes if any(p == f"{path}.attn" for p, _ in module_stack(n))]
-    return SingleStream(proj_mlp.args[0], proj_mlp, act, attn_output, concat, proj_out, attention)
+    return SingleStream(proj_mlp.args[0], proj_mlp, act, attn_output, concat, proj_out, tuple(attention))
 
 
 def image_grid(ids: torch.Tensor, num_tokens: int) -> tuple[int, int]:
@@ -375,7 +274,9 @@ def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) ->
                 "multiples of the transformer's patch_size"
             )
 
-    sites = ModelSites(blocks, num_tokens, text_tokens, grid, latent_index, timestep_index, family, image_ids_index)
+    sites = ModelSites(
+        tuple(blocks), num_tokens, text_tokens, grid, latent_index, timestep_index, family, image_ids_index
+    )
     logger.info(
         "found %d %s blocks (%d with attn2, %d single-stream), %d image tokens on a %dx%d grid, %s text tokens",
         len(blocks),

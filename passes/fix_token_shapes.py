@@ -18,15 +18,13 @@ import torch
 from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from sdtm_compile.merge import merged_branches
-from sdtm_compile.schedule import Stage
-
 from ._graph import node_shape
-from .find_blocks import FALLBACK_HINT, ModelSites
-from .insert_merge import merged_blocks, stage_token_counts
+from .find_blocks import FALLBACK_HINT
+from .insert_merge import merged_blocks, merged_branch_names, stage_token_counts
 from .settings import PassSettings
+from .sites import ModelSites
 
-__all__ = ["fix_token_shapes", "TokenShapeError", "propagate_shapes"]
+__all__ = ["fix_token_shapes", "TokenShapeError", "propagate_shapes", "stale_token_constants"]
 
 logger = logging.getLogger(__name__)
 
@@ -180,24 +178,42 @@ def _propagate_changed(gm: fx.GraphModule, example_inputs: list[torch.Tensor], c
         node.meta["val"] = node.meta["example_value"] = result
 
 
-def fix_token_shapes(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:
-    """Rewrite token-count constants in the stage's merged branches (:func:`~sdtm_compile.merge.merged_branches`)."""
-    key = settings.key
-    if key.stage is Stage.FULL:
-        return gm
-    merged_names = merged_branches(key.stage, sites.family, settings.config)
+def _merged_regions(sites: ModelSites, settings: PassSettings):
+    """``(branch nodes, {old token count: merged count})`` of every merged branch of the engine."""
     counts = stage_token_counts(sites, settings)
-    changed: list[str] = []
+    n = sites.num_tokens
     for block in merged_blocks(sites, settings):
-        for name, branch in block.branches_named(merged_names):
+        for name, branch in block.branches_named(merged_branch_names(sites, settings)):
             merged = counts.feed_forward if name in ("ff", "mlp") else counts.attention
-            n = sites.num_tokens
             mapping = {n: merged}
             if sites.text_tokens is not None:
                 mapping[n + sites.text_tokens] = merged + sites.text_tokens
-            for node in branch.nodes:
-                if _rewrite_node(node, mapping):
-                    changed.append(node.name)
+            yield branch.nodes, mapping
+
+
+def stale_token_constants(sites: ModelSites, settings: PassSettings) -> list[str]:
+    """Nodes of merged branches that still hold an unmerged token count this pass would rewrite (none once it ran):
+    each is checked on a copy of its arguments, the graph is not changed."""
+    stale = []
+    for nodes, mapping in _merged_regions(sites, settings):
+        for node in nodes:
+            args, kwargs = node.args, node.kwargs
+            if _rewrite_node(node, mapping):
+                stale.append(node.name)
+                node.args, node.kwargs = args, kwargs
+    return stale
+
+
+def fix_token_shapes(
+    gm: fx.GraphModule, sites: ModelSites, settings: PassSettings
+) -> tuple[fx.GraphModule, ModelSites]:
+    """Rewrite token-count constants in the engine's merged branches
+    (:meth:`~sdtm_compile.core.method.TokenMethod.merged_branches`)."""
+    changed: list[str] = []
+    for nodes, mapping in _merged_regions(sites, settings):
+        for node in nodes:
+            if _rewrite_node(node, mapping):
+                changed.append(node.name)
     gm.recompile()
-    logger.debug("fix_token_shapes: %s: rewrote %d nodes %s", key, len(changed), changed[:8])
-    return gm
+    logger.debug("fix_token_shapes: %s: rewrote %d nodes %s", settings.key, len(changed), changed[:8])
+    return gm, sites

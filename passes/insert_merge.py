@@ -7,16 +7,15 @@ import operator
 
 from torch import fx
 
-from sdtm_compile.merge import merged_branches, plan_spec
-from sdtm_compile.ops import PLAN_OUTPUTS, sdtm_merge, sdtm_plan, sdtm_unmerge
-from sdtm_compile.schedule import Stage, TokenCounts
+from sdtm_compile.core.ops import PLAN_OUTPUTS, sdtm_merge, sdtm_plan, sdtm_unmerge
+from sdtm_compile.core.schedule import TokenCounts
 
-from ._graph import copy_location
-from .find_blocks import BlockSites, Branch, ModelSites
+from ._graph import copy_location, set_state_output
 from .settings import PassSettings
-from .thread_li import li_input
+from .sites import BlockSites, Branch, ModelSites
+from .thread_state import li_input
 
-__all__ = ["insert_merge_nodes", "block_plans", "merged_blocks", "stage_token_counts"]
+__all__ = ["insert_merge_nodes", "block_plans", "merged_blocks", "merged_branch_names", "stage_token_counts"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,23 +55,25 @@ def _after(a: fx.Node, b: fx.Node) -> bool:
     return False
 
 
-def insert_merge_nodes(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:
+def insert_merge_nodes(
+    gm: fx.GraphModule, sites: ModelSites, settings: PassSettings
+) -> tuple[fx.GraphModule, ModelSites]:
     """For every merged block: plan from its image tokens (``plan_input``) or reuse the plan of the block the
-    method names (:func:`~sdtm_compile.methods.base.TokenMethod.block_plans`), merge/unmerge the stage's branches
-    (:func:`~sdtm_compile.merge.merged_branches`)."""
+    method names (:meth:`~sdtm_compile.core.method.TokenMethod.block_plans`), merge/unmerge the stage's branches
+    (:meth:`~sdtm_compile.core.method.TokenMethod.merged_branches`)."""
     key = settings.key
-    if key.stage is Stage.FULL:
-        logger.debug("insert_merge_nodes: %s engine, nothing to insert", key)
-        return gm
     li = li_input(gm)
     if li is None:
-        raise ValueError("insert_merge_nodes needs the sdtm_li input: run thread_li_state first (see REWRITE_PIPELINE)")
-    grid_h, grid_w = sites.grid
-    spec = plan_spec(key, grid_h, grid_w, settings.config)
-    graph = gm.graph
-    merged = merged_branches(key.stage, sites.family, settings.config)
-    plans: dict[int, list[fx.Node]] = {}  # block index -> its plan's parts, in sdtm_merge's order
+        raise ValueError("insert_merge_nodes needs the sdtm_li input: run thread_engine_state first")
     sources = block_plans(sites, settings)
+    if all(source is None for source in sources):  # the FULL engine (the pipeline leaves this pass out for it)
+        logger.debug("insert_merge_nodes: %s engine merges no block, nothing to insert", key)
+        return gm, sites
+    grid_h, grid_w = sites.grid
+    spec = settings.method.plan_spec(key, grid_h, grid_w)
+    graph = gm.graph
+    merged = settings.method.merged_branches(key.stage, sites.family)
+    plans: dict[int, list[fx.Node]] = {}  # block index -> its plan's parts, in sdtm_merge's order
     for block, source in zip(sites.blocks, sources):
         if source is None:
             continue
@@ -90,8 +91,7 @@ def insert_merge_nodes(gm: fx.GraphModule, sites: ModelSites, settings: PassSett
         merges: dict[fx.Node, fx.Node] = {}
         for _, branch in block.branches_named(merged):
             _wrap_branch(graph, branch, plans[source], merges)
-    output = next(n for n in graph.nodes if n.op == "output")
-    output.args = ((*output.args[0][:-1], li),)
+    set_state_output(gm, settings.contract, "li", li)
     gm.recompile()
     logger.debug(
         "insert_merge_nodes: %s (%s, %d per plan): %d plans for %d merged of %d blocks",
@@ -102,15 +102,13 @@ def insert_merge_nodes(gm: fx.GraphModule, sites: ModelSites, settings: PassSett
         sum(source is not None for source in sources),
         len(sites.blocks),
     )
-    return gm
+    return gm, sites
 
 
 def block_plans(sites: ModelSites, settings: PassSettings) -> list[int | None]:
     """Per block of ``sites``: ``None`` (left unmerged) or the index of the block whose plan it uses (none
     merges in the ``FULL`` engine)."""
-    from sdtm_compile.methods.base import plan_sources
-
-    return plan_sources(settings.config, [block.kind for block in sites.blocks], settings.key)
+    return settings.method.plan_sources([block.kind for block in sites.blocks], settings.key)
 
 
 def merged_blocks(sites: ModelSites, settings: PassSettings) -> list[BlockSites]:
@@ -120,6 +118,9 @@ def merged_blocks(sites: ModelSites, settings: PassSettings) -> list[BlockSites]
 
 def stage_token_counts(sites: ModelSites, settings: PassSettings) -> TokenCounts:
     """Image tokens each branch of a merged block sees in the engine of ``settings.key``."""
-    from sdtm_compile.methods import method_for
+    return settings.method.token_counts(settings.key, *sites.grid, sites.family)
 
-    return method_for(settings.config).token_counts(settings.key, *sites.grid, sites.family)
+
+def merged_branch_names(sites: ModelSites, settings: PassSettings) -> tuple[str, ...]:
+    """The branches the engine of ``settings.key`` merges on this model."""
+    return settings.method.merged_branches(settings.key.stage, sites.family)

@@ -18,25 +18,23 @@ read ``cat([x[:, :T], x[:, T:]], 1)`` and its output ``a`` reaches ``proj_out``'
 ``cat([a[:, :T], a[:, T:]], 1)``; ``x[:, T:]`` to ``a[:, T:]`` is the block's ``attn`` branch (its RoPE reads are
 then gathered per merged token by ``gather_rotary_positions``). Otherwise the attention keeps every token.
 
-Runs only for merging engines: the ``FULL`` engine keeps the unmodified graph. Sets ``block.mlp`` on the
-rewrite's own copy of the sites (:meth:`ModelSites.remapped` gives every rewrite fresh ``BlockSites``).
+Runs only for merging engines of a model with single-stream blocks (the ``FULL`` engine keeps the unmodified
+graph). Returns the sites with each split block's ``mlp`` (and ``attn``) branch.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+from dataclasses import replace
 
 import torch
 from torch import fx
 
-from sdtm_compile.merge import merged_branches
-from sdtm_compile.schedule import Stage
-
 from ._graph import copy_location, node_shape
-from .find_blocks import Branch, ModelSites
-from .insert_merge import merged_blocks
+from .insert_merge import merged_blocks, merged_branch_names
 from .settings import PassSettings
+from .sites import BlockSites, Branch, ModelSites
 
 __all__ = ["split_single_stream"]
 
@@ -63,18 +61,19 @@ def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
     return args[0], weight, bias
 
 
-def split_single_stream(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> fx.GraphModule:
-    """Split every merged single-stream block's ``proj_out``; record each block's image MLP as its ``mlp`` branch (and,
-    when the stage merges attention, its image attention as its ``attn`` branch)."""
-    if settings.key.stage is Stage.FULL:
-        return gm
+def split_single_stream(
+    gm: fx.GraphModule, sites: ModelSites, settings: PassSettings
+) -> tuple[fx.GraphModule, ModelSites]:
+    """Split every merged single-stream block's ``proj_out``; return the sites with each block's image MLP as its
+    ``mlp`` branch (and, when the stage merges attention, its image attention as its ``attn`` branch)."""
     singles = [block for block in merged_blocks(sites, settings) if block.stream is not None]
     if not singles:
-        return gm
+        return gm, sites
     graph = gm.graph
     text = sites.text_tokens
     assert text is not None  # find_mmdit_blocks sets it whenever there is a single-stream block
-    merge_attention = "attn" in merged_branches(settings.key.stage, sites.family, settings.config)
+    merge_attention = "attn" in merged_branch_names(sites, settings)
+    split: list[BlockSites] = []
     for block in singles:
         stream = block.stream
         assert stream is not None
@@ -106,10 +105,10 @@ def split_single_stream(gm: fx.GraphModule, sites: ModelSites, settings: PassSet
         with graph.inserting_after(w_mlp):
             mlp_out = call(linear, (stream.act, w_mlp, None), stream.proj_out)
         _, image_out, mlp_joint = _seam(graph, mlp_out, text, mlp_out, stream.proj_out)
-        attn_joint = stream.attn_output
+        attn_joint, attn_branch = stream.attn_output, None
         if merge_attention:
             _, attn_image, attn_joint = _seam(graph, stream.attn_output, text, mlp_joint, stream.proj_out)
-            block.attn = Branch(f"{block.path}.attn", image_in, attn_image, [attn_in, *stream.attention])
+            attn_branch = Branch(f"{block.path}.attn", image_in, attn_image, (attn_in, *stream.attention))
         with graph.inserting_after(attn_joint if merge_attention else mlp_joint):
             attn_out = call(linear, (attn_joint, w_attn, bias), stream.proj_out)
         with graph.inserting_after(attn_out):
@@ -117,9 +116,10 @@ def split_single_stream(gm: fx.GraphModule, sites: ModelSites, settings: PassSet
         stream.proj_out.replace_all_uses_with(projected)
         graph.erase_node(stream.proj_out)
         graph.erase_node(stream.concat)
-        block.mlp = Branch(
-            f"{block.path}.proj_mlp", image_in, image_out, [mlp_in, stream.proj_mlp, stream.act, mlp_out]
+        mlp_branch = Branch(
+            f"{block.path}.proj_mlp", image_in, image_out, (mlp_in, stream.proj_mlp, stream.act, mlp_out)
         )
+        split.append(replace(block, mlp=mlp_branch, attn=attn_branch))
     gm.recompile()
     logger.debug(
         "split_single_stream: %s: split proj_out of %d single-stream blocks%s",
@@ -127,4 +127,4 @@ def split_single_stream(gm: fx.GraphModule, sites: ModelSites, settings: PassSet
         len(singles),
         " (and cut their attention for merging)" if merge_attention else "",
     )
-    return gm
+    return gm, sites.with_blocks(*split)

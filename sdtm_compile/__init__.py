@@ -1,48 +1,71 @@
-"""sdtm-compile: SDTM token merging for diffusion transformers, as a torch.compile backend.
+"""sdtm-compile: token merging (SDTM and others) for diffusion transformers, as a torch.compile backend.
 
 Public API::
 
-    SDTMConfig                       # validated configuration of SDTM
-    ToMeSDConfig / SiToConfig / ToMAConfig   # the other methods (sdtm_compile.methods), options={"method": ...}
-    schedule.*                       # CRA ratio, stages, buckets, token counts
-    merge.ssm_plan / idm_plan / merge / unmerge
-    reference.sdtm_block_forward     # the eager reference (the oracle); reference_flux.* for Flux
-    StageDispatcher                  # picks the engine from the timestep, carries li
-    generation(model)                # a context owning one generation's state (li, history)
-    compiled_graphs(model)           # the SDTM graphs torch.compile built for a model (engines, dispatcher)
-    export_onnx / OnnxTransformer    # ONNX bundles and their ONNX Runtime runner
+    SDTMConfig, ToMeSDConfig, SiToConfig, ToMAConfig   # the methods' validated configs (sdtm_compile.methods)
+    FirstBlockCacheConfig                             # the step cache the backend composes with any method
+    torch.compile(model, backend="sdtm", options={"method": SDTMConfig(...)})   # the backends (entry points)
+    generation(model)                                 # a context owning one generation's state
+    compiled_graphs(model)                            # the engines and dispatcher torch.compile built for a model
+    export_onnx / OnnxTransformer                     # ONNX bundles and their ONNX Runtime runner
+    StageDispatcher, EngineKey, Stage                 # the runtime, for custom engines
+    TokenMethod, method_for, MethodConfig             # the method interface, for new methods
+
+The package, top-down: ``core`` (what every method shares) -> ``passes`` and ``methods`` -> ``engines`` and
+``runtime`` -> ``compiler`` (the backends) -> ``reference`` (the eager oracle) -> ``models`` -> ``deploy`` (ONNX,
+Triton) -> ``bench`` -> ``cli``. ``docs/architecture.md`` walks through it.
 """
 
 from __future__ import annotations
 
-from .backend import compiled_graphs
-from .config import DEFAULT_BUCKETS, MethodConfig, SDTMConfig, config_from_dict
-from .export import BundleError, OnnxTransformer, export_onnx
-from .merge import MergePlan, idm_plan, merge, ssm_plan, unmerge
-from .methods import SiToConfig, TokenMethod, ToMAConfig, ToMeSDConfig, method_for
-from .runtime import ConcurrentUseError, Generation, StageDispatcher, generation
-from .schedule import EngineKey, Stage
-from .step_cache import FirstBlockCacheConfig
+from . import _aliases
+from ._version import __version__
+from .compiler import BackendSettings, SDTMBackend, compiled_graphs
+from .core import (
+    DEFAULT_BUCKETS,
+    EngineKey,
+    EngineSignature,
+    EngineState,
+    Extension,
+    MergePlan,
+    MethodConfig,
+    Stage,
+    TokenMethod,
+    config_from_dict,
+    merge,
+    method_for,
+    unmerge,
+)
+from .deploy import BundleError, OnnxTransformer, export_onnx
+from .methods import SDTMConfig, SiToConfig, ToMAConfig, ToMeSDConfig, method_names
+from .methods.sdtm import idm_plan, ssm_plan
+from .runtime import CallRecord, ConcurrentUseError, FirstBlockCacheConfig, Generation, StageDispatcher, generation
 
-__version__ = "0.1.0"
+_aliases.install()
 
 __all__ = [
+    "BackendSettings",
     "BundleError",
+    "CallRecord",
     "ConcurrentUseError",
-    "Generation",
     "DEFAULT_BUCKETS",
     "EngineKey",
+    "EngineSignature",
+    "EngineState",
+    "Extension",
     "FirstBlockCacheConfig",
+    "Generation",
     "MergePlan",
     "MethodConfig",
     "OnnxTransformer",
+    "SDTMBackend",
     "SDTMConfig",
     "SiToConfig",
+    "Stage",
+    "StageDispatcher",
     "ToMAConfig",
     "ToMeSDConfig",
     "TokenMethod",
-    "Stage",
-    "StageDispatcher",
     "compiled_graphs",
     "config_from_dict",
     "export_onnx",
@@ -50,6 +73,7 @@ __all__ = [
     "idm_plan",
     "merge",
     "method_for",
+    "method_names",
     "ssm_plan",
     "unmerge",
     "__version__",

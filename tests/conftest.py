@@ -27,7 +27,7 @@ def shared_sd3_bundle(tmp_path_factory, worker_id) -> tuple[Path, dict]:
     """The tiny SD3 model (seed 0) exported once per test session at batch 2, 32x32 latent, shared by the xdist
     workers (a file lock: the first worker to ask exports, the others wait and read it): ``(folder, manifest)``.
     Read-only: tests that damage a bundle copy it first."""
-    from sdtm_compile.export import export_onnx
+    from sdtm_compile.deploy.onnx import export_onnx
 
     # under xdist every worker's basetemp is a child of one per-session folder; alone, basetemp is that folder
     root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent

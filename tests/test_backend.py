@@ -11,14 +11,15 @@ import torch
 from sdtm_compile.passes import PassSettings, UnsupportedModelError, rewrite_for_engine
 
 from sdtm_compile import SDTMConfig
-from sdtm_compile.backend import BackendSettings, SDTMBackend
+from sdtm_compile.compiler.backend import BackendSettings, SDTMBackend
+from sdtm_compile.compiler.regions import RegionalBuilder
+from sdtm_compile.core.schedule import FULL, EngineKey, Stage
 from sdtm_compile.engines import ENGINES, EngineBuildError, engine_available
-from sdtm_compile.merge import init_li
+from sdtm_compile.methods.sdtm.plans import init_li
+from sdtm_compile.methods.sdtm.schedule import engines_for_trajectory
 from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_transformer
+from sdtm_compile.models.sampling import generate, make_generation_inputs
 from sdtm_compile.reference import reference_dispatcher, reference_forward
-from sdtm_compile.regions import RegionalBuilder
-from sdtm_compile.sampling import generate, make_generation_inputs
-from sdtm_compile.schedule import FULL, EngineKey, Stage, engines_for_trajectory
 from tests.helpers import capture_dynamo_graph, transformer_call
 
 CONFIG = SDTMConfig()
@@ -78,6 +79,7 @@ def test_every_bucket_matches_the_eager_reference(engine_case):
             if engine == "eager":  # the whole-graph build (option regional=False) too; cheap on this engine
                 builds["whole"] = ENGINES[engine].build(rewritten.gm, [*flat, li], settings)
             want, want_li = reference_forward(model, **inputs, key=key, li=li.clone(), config=CONFIG)
+            want_li = want_li.li
             for how, built in builds.items():
                 sample, li_out = built(*flat, li.clone())
                 torch.testing.assert_close(sample, want, **TOLERANCE[engine], msg=lambda m, k=key: f"{how} {k}: {m}")
@@ -103,7 +105,7 @@ def test_whole_generation_matches_reference_without_recompiles(spec, engine, con
         again = generate(transformer_call(compiled), inputs, num_steps=28)  # a second generation resets li
     reference = reference_dispatcher(model, config)
     with torch.no_grad():
-        want = generate(reference, inputs, num_steps=28)
+        want = generate(transformer_call(reference), inputs, num_steps=28)
     assert len(backend.compiled) == 1  # one Dynamo graph, built once
     graph = backend.compiled[0]
     expected = set(INDUCTOR_KEYS) if engine == "inductor" else set(engines_for_trajectory(CONFIG))
@@ -201,23 +203,25 @@ def test_unsupported_model_is_a_clear_error_or_a_loud_fallback():
 
 
 def test_a_pass_failing_on_one_bucket_is_an_error_or_a_loud_fallback(monkeypatch):
-    """A pass that fails on a bucket graph (injected here: no real diffusers SD3 graph makes one fail) aborts
-    with ``on_unsupported="error"`` and compiles the unmodified model, with a warning, under ``"fallback"``."""
-    import dataclasses
+    """A pass that fails on a bucket graph (injected here, as an extension of SDTM's: no real diffusers SD3 graph
+    makes one fail) aborts with ``on_unsupported="error"`` and compiles the unmodified model, with a warning, under
+    ``"fallback"``."""
+    from sdtm_compile.passes import GraphPass, TokenShapeError
 
-    import sdtm_compile.passes.pipeline as pipeline
-    from sdtm_compile.passes import TokenShapeError
+    from sdtm_compile.core.extension import Extension
+    from sdtm_compile.methods.sdtm import SDTMMethod
 
     def failing_on_structure(gm, sites, settings):
-        if settings.key.stage.value == "structure":
-            raise TokenShapeError("injected: a token-count constant was not recognised")
-        return gm
+        raise TokenShapeError("injected: a token-count constant was not recognised")
 
-    failing = [
-        dataclasses.replace(p, run=failing_on_structure) if p.name == "fix_token_shapes" else p
-        for p in pipeline.REWRITE_PIPELINE
-    ]
-    monkeypatch.setattr(pipeline, "REWRITE_PIPELINE", tuple(failing))
+    class Failing(Extension):
+        name = "failing"
+
+        def passes(self):
+            structure = lambda context: context.stage.value == "structure"  # noqa: E731
+            return (GraphPass("fail", failing_on_structure, ensures=("merge_nodes_inserted",), applies=structure),)
+
+    monkeypatch.setattr(SDTMMethod, "extensions", lambda self: (Failing(),))
     model = tiny_sd3_transformer(TINY_SD3)
     inputs = example_inputs(TINY_SD3, 1, (16, 16))
     torch._dynamo.reset()
@@ -273,12 +277,13 @@ def test_tensorrt_engines_match_the_reference():  # pragma: no cover - needs a G
         with torch.no_grad():
             sample, li_out = built(*flat, li)
             want, want_li = reference_forward(model, **inputs, key=key, li=li, config=CONFIG)
+            want_li = want_li.li
         torch.testing.assert_close(sample, want, rtol=1e-3, atol=1e-3)
         assert torch.equal(li_out.to(want_li.dtype), want_li)
 
 
 def test_tensorrt_options_are_validated_against_2_13():
-    from sdtm_compile.tensorrt import tensorrt_options
+    from sdtm_compile.engines.tensorrt import tensorrt_options
 
     with pytest.raises(ValueError, match=r"\['enabled_precisions'\] \(removed in torch-tensorrt 2.13"):
         tensorrt_options({"enabled_precisions": {torch.half}})

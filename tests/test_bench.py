@@ -10,13 +10,14 @@ import torch
 
 from sdtm_compile import SDTMConfig
 from sdtm_compile.bench import VARIANTS, BenchConfig, BenchResult, markdown_report, peak_rss, run_benchmark
+from sdtm_compile.bench.flops import count_flops
 from sdtm_compile.bench.harness import compiler_caches
 from sdtm_compile.bench.readme import update_readme
 from sdtm_compile.cli import main
-from sdtm_compile.flops import count_flops
 from sdtm_compile.models import TINY_SD3, tiny_sd3_transformer
+from sdtm_compile.models.sampling import cosine_similarity, generate, make_generation_inputs, psnr
 from sdtm_compile.reference import ReferenceTransformer
-from sdtm_compile.sampling import cosine_similarity, generate, make_generation_inputs, psnr
+from tests.helpers import transformer_call
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EXAMPLE_JSON = Path(__file__).parents[1] / "examples" / "bench_results" / "bench.json"
@@ -140,7 +141,7 @@ def test_bucket_graph_flops_add_up_to_a_whole_generation(tiny_result):
 
     with torch.no_grad():
         full, _ = count_flops(generate, eager, inputs, num_steps=4)
-        merged, _ = count_flops(generate, ReferenceTransformer(model, config), inputs, num_steps=4)
+        merged, _ = count_flops(generate, transformer_call(ReferenceTransformer(model, config)), inputs, num_steps=4)
     assert full.total == result["flops"]["per_generation"]["full"]
     assert merged.total == result["flops"]["per_generation"]["sdtm"]
 
@@ -203,7 +204,7 @@ def test_flux_workload_drives_flux_generations_and_merge_maps():
     default), a probe laid out like that loop's calls, the eager reference and merge maps of every block kind."""
     from sdtm_compile.bench.instrument import record_merge_maps
     from sdtm_compile.bench.workload import make_workload
-    from sdtm_compile.sampling import flux_generate
+    from sdtm_compile.models.sampling import flux_generate
 
     config = BenchConfig(model="tiny-flux", latent=16, steps=None, merge_map_blocks=(0, 3), engine="eager")
     assert (config.steps, config.guidance_scale) == (20, 3.5)

@@ -15,8 +15,8 @@ from sdtm_compile.bench.methods import (
     update_readme_methods,
 )
 from sdtm_compile.cli import main
-from sdtm_compile.config import SDTMConfig
 from sdtm_compile.methods import SiToConfig, ToMAConfig, ToMeSDConfig
+from sdtm_compile.methods.sdtm.config import SDTMConfig
 
 
 def test_a_comparison_run_records_every_point(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sdtm_compile import SDTMConfig
-from sdtm_compile.backend import SDTMBackend
-from sdtm_compile.cache import EngineCache
+from sdtm_compile.compiler.backend import SDTMBackend
+from sdtm_compile.engines.cache import EngineCache
 from sdtm_compile.models import TinySpec, example_inputs, tiny_sd3_transformer
 
 # A small model and two buckets keep the Inductor builds of this file to a few seconds.
@@ -71,7 +71,7 @@ def test_second_compile_loads_and_corrupt_entries_are_rebuilt(tmp_path, caplog):
 
 def test_cache_can_be_turned_off(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("SDTM_CACHE_DIR", "off")
-    from sdtm_compile.backend import BackendSettings
+    from sdtm_compile.compiler.backend import BackendSettings
 
     assert BackendSettings().resolved_cache_dir() is None
     assert BackendSettings(cache_dir=False).resolved_cache_dir() is None
@@ -81,8 +81,8 @@ def test_cache_can_be_turned_off(tmp_path, monkeypatch, caplog):
 def test_key_follows_the_graph_and_the_compiler_settings_not_the_schedule(tmp_path):
     from sdtm_compile.passes import PassSettings, rewrite_for_engine
 
-    from sdtm_compile.capture import capture_dynamo_graph
-    from sdtm_compile.schedule import EngineKey, Stage
+    from sdtm_compile.compiler.capture import capture_dynamo_graph
+    from sdtm_compile.core.schedule import EngineKey, Stage
 
     model = tiny_sd3_transformer(SPEC)
     gm, flat = capture_dynamo_graph(model, example_inputs(SPEC, 2, (16, 16)))

@@ -15,7 +15,7 @@ def test_sd3_pipeline_with_the_compiled_transformer_makes_an_image(tmp_path):
         from sd3_pipeline import generate, tiny_sd3_pipeline
     finally:
         sys.path.pop(0)
-    from sdtm_compile.backend import SDTMBackend
+    from sdtm_compile.compiler.backend import SDTMBackend
 
     pipe = tiny_sd3_pipeline()
     pipe.set_progress_bar_config(disable=True)

@@ -10,12 +10,14 @@ import torch
 
 import sdtm_compile
 from sdtm_compile import SDTMConfig
-from sdtm_compile.backend import SDTMBackend
-from sdtm_compile.export import BundleError, OnnxTransformer, export_onnx
+from sdtm_compile.compiler.backend import SDTMBackend
+from sdtm_compile.core.schedule import resolve_for_model
+from sdtm_compile.deploy.bundle import BundleError
+from sdtm_compile.deploy.onnx import export_onnx
+from sdtm_compile.deploy.runner import OnnxTransformer
 from sdtm_compile.models import TINY_SD3, TINY_SD35, TinySpec, example_inputs, tiny_sd3_transformer
+from sdtm_compile.models.sampling import generate, make_generation_inputs
 from sdtm_compile.reference import reference_dispatcher
-from sdtm_compile.sampling import generate, make_generation_inputs
-from sdtm_compile.schedule import resolve_for_model
 from tests.conftest import SHARED_BUNDLE_CONFIG
 from tests.helpers import transformer_call
 
@@ -78,7 +80,7 @@ def test_generation_through_onnx_equals_compiled_and_reference(bundle):
     runner = OnnxTransformer(out, history=64)
     with torch.no_grad():
         got = generate(transformer_call(runner), inputs, num_steps=28)
-        want = generate(reference_dispatcher(model, _config(spec)), inputs, num_steps=28)
+        want = generate(transformer_call(reference_dispatcher(model, _config(spec))), inputs, num_steps=28)
         torch._dynamo.reset()
         # the eager engine: the backend's own capture, passes and dispatcher without Inductor builds (Inductor's
         # generation parity is in test_backend, whose engine cache this file's worker does not share)
@@ -185,7 +187,7 @@ def test_bundle_with_external_data_loads_checks_and_runs(tmp_path):
     inputs = make_generation_inputs(spec, (16, 16), seed=1)
     with torch.no_grad():
         got = generate(transformer_call(runner), inputs, num_steps=6)
-        want = generate(reference_dispatcher(model, config), inputs, num_steps=6)
+        want = generate(transformer_call(reference_dispatcher(model, config)), inputs, num_steps=6)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
     data = tmp_path / f"{onnx_files[0]}.data"

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdtm_compile.flops import count_flops, mmdit_block_flops
+from sdtm_compile.bench.flops import count_flops, mmdit_block_flops
 from sdtm_compile.models import TINY_SD3, tiny_sd3_transformer
 
 

@@ -7,10 +7,10 @@ import torch
 
 import sdtm_compile
 from sdtm_compile import SDTMConfig
-from sdtm_compile.backend import SDTMBackend
+from sdtm_compile.compiler.backend import SDTMBackend
 from sdtm_compile.models import TINY_SD3, tiny_sd3_transformer
+from sdtm_compile.models.sampling import denoising, generate, make_generation_inputs
 from sdtm_compile.runtime import StageDispatcher
-from sdtm_compile.sampling import denoising, generate, make_generation_inputs
 from tests.helpers import transformer_call
 
 STEPS = 8

@@ -4,16 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdtm_compile.merge import (
-    idm_plan,
-    init_li,
-    leftover_token_index,
-    merge,
-    ssm_plan,
-    unmerge,
-    window_token_index,
-)
-from sdtm_compile.schedule import EngineKey, Stage, idm_sources_merged, ssm_windows_merged, token_counts
+from sdtm_compile.core.merge import leftover_token_index, merge, unmerge, window_token_index
+from sdtm_compile.core.schedule import EngineKey, Stage
+from sdtm_compile.methods.sdtm.plans import idm_plan, init_li, ssm_plan
+from sdtm_compile.methods.sdtm.schedule import idm_sources_merged, ssm_windows_merged, token_counts
 
 GRIDS = [(8, 8), (16, 16), (32, 32), (12, 20), (9, 8), (7, 11)]
 BUCKETS = [0.1, 0.3, 0.5, 0.7, 0.75]

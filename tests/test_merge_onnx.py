@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sdtm_compile.merge import idm_plan, merge, ssm_plan, unmerge
+from sdtm_compile.core.merge import merge, unmerge
+from sdtm_compile.methods.sdtm.plans import idm_plan, ssm_plan
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

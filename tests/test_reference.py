@@ -2,10 +2,14 @@ import pytest
 import torch
 
 from sdtm_compile import SDTMConfig
-from sdtm_compile.merge import MergePlan, init_li
+from sdtm_compile.core.merge import MergePlan
+from sdtm_compile.core.method import method_for
+from sdtm_compile.core.schedule import FULL, EngineKey, Stage
+from sdtm_compile.methods.sdtm import SDTMMethod
+from sdtm_compile.methods.sdtm.plans import init_li
+from sdtm_compile.methods.sdtm.schedule import token_counts
 from sdtm_compile.models import TinySpec, example_inputs, tiny_sd3_transformer
-from sdtm_compile.reference import reference_forward, sdtm_block_forward, token_grid
-from sdtm_compile.schedule import FULL, EngineKey, Stage, token_counts
+from sdtm_compile.reference import BlockCall, reference_forward, sd3_block_forward, token_grid
 
 CONFIG = SDTMConfig()
 LATENTS = [(32, 32), (24, 40)]  # square and non-square (12x20 tokens)
@@ -29,9 +33,8 @@ def test_ratio_zero_block_equals_diffusers(tiny_model, batch, latent_hw):
     li = init_li(batch, x.shape[1])
     for index, block in enumerate(model.transformer_blocks):  # includes the last, context_pre_only block
         want_context, want_x = block(hidden_states=x, encoder_hidden_states=context, temb=temb)
-        got_context, got_x, got_li = sdtm_block_forward(
-            block, x, context, temb, key=FULL, li=li, grid=grid, config=CONFIG
-        )
+        call = BlockCall(index, FULL, grid, method_for(CONFIG), "sd3")
+        got_context, got_x, got_li = sd3_block_forward(block, x, context, temb, None, li, call)
         torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-6)
         if block.context_pre_only:
             assert index == len(model.transformer_blocks) - 1 and got_context is None and want_context is None
@@ -56,9 +59,9 @@ def test_ratio_zero_transformer_equals_diffusers(tiny_model, batch, latent_hw):
     inputs = example_inputs(spec, batch, latent_hw)
     want = model(**inputs, return_dict=False)[0]
     grid = token_grid(model, inputs["hidden_states"])
-    got, li = reference_forward(model, **inputs, key=FULL, li=init_li(batch, grid[0] * grid[1]), config=CONFIG)
+    got, state = reference_forward(model, **inputs, key=FULL, li=init_li(batch, grid[0] * grid[1]), config=CONFIG)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert not li.any()
+    assert not state.li.any()
 
 
 @pytest.mark.parametrize("stage", [Stage.STRUCTURE, Stage.DETAIL])
@@ -69,7 +72,8 @@ def test_merging_stages_run_and_carry_li(tiny_model, stage):
     grid = token_grid(model, inputs["hidden_states"])
     key = EngineKey(stage, 0.5)
     full, _ = reference_forward(model, **inputs, key=FULL, li=init_li(2, 256), config=CONFIG)
-    merged, li = reference_forward(model, **inputs, key=key, li=init_li(2, 256), config=CONFIG)
+    merged, state = reference_forward(model, **inputs, key=key, li=init_li(2, 256), config=CONFIG)
+    li = state.li
     assert merged.shape == full.shape and torch.isfinite(merged).all()
     assert not torch.allclose(merged, full)  # merging changes the output ...
     assert torch.nn.functional.cosine_similarity(merged.flatten(), full.flatten(), dim=0) > 0.9  # ... a little
@@ -162,25 +166,23 @@ def release_fidm_plan(x, li, grid_h, grid_w, r):
 def test_detail_stage_follows_the_release_rule(request, spec_name, monkeypatch):
     """A whole model at a detail-stage bucket, with ``li`` left by two structure-stage calls (non-zero), equals the
     same forward with the release's FIDM rule plugged in."""
-    import sdtm_compile.reference as reference
-
     spec, model = request.getfixturevalue(spec_name)
     inputs = example_inputs(spec, 2, (32, 32))
     li = init_li(2, 256)
     for _ in range(2):
-        _, li = reference_forward(model, **inputs, key=EngineKey(Stage.STRUCTURE, 0.7), li=li, config=CONFIG)
+        li = reference_forward(model, **inputs, key=EngineKey(Stage.STRUCTURE, 0.7), li=li, config=CONFIG)[1].li
     assert li.any() and (li > 1).any()
     for bucket in (0.3, 0.5):
         key = EngineKey(Stage.DETAIL, bucket)
-        ours, our_li = reference_forward(model, **inputs, key=key, li=li, config=CONFIG)
+        ours, our_state = reference_forward(model, **inputs, key=key, li=li, config=CONFIG)
         with monkeypatch.context() as patch:
             count = token_counts(key, 16, 16).removed
 
-            def release_plan(key_, x, li_, grid_h, grid_w, config):
+            def release_plan(method, key_, x, li_, grid_h, grid_w):
                 assert key_ == key
                 return release_fidm_plan(x, li_, grid_h, grid_w, count)
 
-            patch.setattr(reference, "plan_for", release_plan)
-            theirs, their_li = reference_forward(model, **inputs, key=key, li=li, config=CONFIG)
+            patch.setattr(SDTMMethod, "plan_for", release_plan)
+            theirs, their_state = reference_forward(model, **inputs, key=key, li=li, config=CONFIG)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
-        assert torch.equal(our_li, their_li)
+        assert torch.equal(our_state.li, their_state.li)

@@ -5,12 +5,12 @@ import torch
 from sdtm_compile.passes import module_stack
 
 from sdtm_compile import SDTMConfig
-from sdtm_compile.buckets import BucketGraphs
-from sdtm_compile.engines import _CompilerPool
+from sdtm_compile.compiler.buckets import BucketGraphs
+from sdtm_compile.compiler.regions import RegionalBuilder, region_partitions
+from sdtm_compile.core.ops import sdtm_merge, sdtm_plan
+from sdtm_compile.core.schedule import EngineKey, Stage
+from sdtm_compile.engines.parallel import _CompilerPool
 from sdtm_compile.models import TINY_SD35, example_inputs, tiny_sd3_transformer
-from sdtm_compile.ops import sdtm_merge, sdtm_plan
-from sdtm_compile.regions import RegionalBuilder, region_partitions
-from sdtm_compile.schedule import EngineKey, Stage
 from tests.helpers import capture_dynamo_graph
 
 DETAIL = EngineKey(Stage.DETAIL, 0.5)

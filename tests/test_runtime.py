@@ -1,10 +1,16 @@
 import torch
 
 from sdtm_compile import SDTMConfig
+from sdtm_compile.core.schedule import Stage
 from sdtm_compile.models import example_inputs
+from sdtm_compile.models.sampling import (
+    cosine_similarity,
+    diffusers_call,
+    generate,
+    make_generation_inputs,
+    make_scheduler,
+)
 from sdtm_compile.reference import reference_dispatcher
-from sdtm_compile.sampling import cosine_similarity, generate, make_generation_inputs, make_scheduler
-from sdtm_compile.schedule import Stage
 
 
 class Spy:
@@ -17,8 +23,8 @@ class Spy:
         def engine_for(key):
             engine = inner(key)
 
-            def run(hidden_states, encoder_hidden_states, pooled, timestep, state):
-                out, state_out = engine(hidden_states, encoder_hidden_states, pooled, timestep, state)
+            def run(state, **inputs):
+                out, state_out = engine(state, **inputs)
                 self.calls.append((key, state.li.clone(), state_out.li.clone()))
                 return out, state_out
 
@@ -36,8 +42,8 @@ def test_extra_calls_in_a_step_start_from_the_step_state(sd3):
     scheduler = make_scheduler()
     scheduler.set_timesteps(6)
     args = (inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["pooled_projections"])
-    first = dispatcher(*args, scheduler.timesteps[0].expand(2))
-    again = dispatcher(*args, scheduler.timesteps[0].expand(2))  # e.g. a skip-layer-guidance call
+    first = dispatcher(*args, scheduler.timesteps[0].expand(2), return_dict=False)[0]
+    again = dispatcher(*args, scheduler.timesteps[0].expand(2), return_dict=False)[0]  # e.g. skip-layer guidance
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     assert not spy.calls[0][1].any() and not spy.calls[1][1].any()
     dispatcher(*args, scheduler.timesteps[1].expand(2))
@@ -69,14 +75,15 @@ def test_generation_is_reproducible_and_follows_the_schedule(sd3):
     spec, model = sd3
     dispatcher = reference_dispatcher(model, SDTMConfig())
     inputs = make_generation_inputs(spec, (32, 32), seed=3)
-    first = generate(dispatcher, inputs, num_steps=10)
+    first = generate(diffusers_call(dispatcher), inputs, num_steps=10)
     stages = [rec.key.stage for rec in dispatcher.history]
     assert stages == [Stage.STRUCTURE] * 4 + [Stage.DETAIL] * 6
     assert sum(rec.new_generation for rec in dispatcher.history) == 1
-    second = generate(dispatcher, inputs, num_steps=10)  # same dispatcher: a new generation resets state
+    second = generate(diffusers_call(dispatcher), inputs, num_steps=10)  # same dispatcher: new generation, reset
     assert torch.equal(first, second)
     assert sum(rec.new_generation for rec in dispatcher.history) == 2
     # the schedule really merged: the same generation without SDTM ends elsewhere, though near it
-    unmerged = generate(reference_dispatcher(model, SDTMConfig(ratio=0.0, deviation=0.0)), inputs, num_steps=10)
+    unmerged_reference = reference_dispatcher(model, SDTMConfig(ratio=0.0, deviation=0.0))
+    unmerged = generate(diffusers_call(unmerged_reference), inputs, num_steps=10)
     assert not torch.allclose(first, unmerged, rtol=0, atol=1e-6)
     assert cosine_similarity(first, unmerged) > 0.99

@@ -4,20 +4,16 @@ import pytest
 import torch
 
 from sdtm_compile import SDTMConfig
-from sdtm_compile.sampling import make_scheduler
-from sdtm_compile.schedule import (
-    EngineKey,
-    Stage,
+from sdtm_compile.core.schedule import EngineKey, Stage, position_at_step, position_from_timestep, round_to_bucket
+from sdtm_compile.methods.sdtm.schedule import (
     cra_ratio,
     engine_key_at,
     engines_for_steps,
     engines_for_trajectory,
-    position_at_step,
-    position_from_timestep,
-    round_to_bucket,
     stage_at,
     token_counts,
 )
+from sdtm_compile.models.sampling import make_scheduler
 
 
 def test_cra_endpoints_and_monotone():

@@ -9,10 +9,13 @@ from sdtm_compile.passes import lint_tensorrt, to_aten
 
 import sdtm_compile
 from sdtm_compile import SDTMConfig
-from sdtm_compile.backend import SDTMBackend
-from sdtm_compile.buckets import BucketGraphs
-from sdtm_compile.engine_state import EngineState
-from sdtm_compile.merge import init_li
+from sdtm_compile.compiler.backend import SDTMBackend
+from sdtm_compile.compiler.buckets import BucketGraphs
+from sdtm_compile.core.schedule import FULL, EngineKey, Stage, round_to_bucket
+from sdtm_compile.core.signature import EngineState
+from sdtm_compile.methods.sdtm.cache_fusion import sdtm_fuse
+from sdtm_compile.methods.sdtm.plans import init_li
+from sdtm_compile.methods.sdtm.size_aware import sdtm_key_bias
 from sdtm_compile.models import (
     TINY_FLUX,
     TINY_SD35,
@@ -21,10 +24,8 @@ from sdtm_compile.models import (
     tiny_flux_transformer,
     tiny_sd3_transformer,
 )
-from sdtm_compile.ops import sdtm_fuse, sdtm_key_bias
+from sdtm_compile.models.sampling import generate, make_generation_inputs
 from sdtm_compile.reference import reference_dispatcher, reference_forward
-from sdtm_compile.sampling import generate, make_generation_inputs
-from sdtm_compile.schedule import FULL, EngineKey, Stage, round_to_bucket
 from tests.helpers import capture_dynamo_graph, transformer_call
 
 BUCKETS = (0.3, 0.5, 0.7)
@@ -53,7 +54,7 @@ def compiled_generation(model, inputs, config, steps=STEPS, runs=1):
 def reference_generation(model, inputs, config, steps=STEPS):
     with torch.no_grad():
         reference = reference_dispatcher(model, config)
-        return generate(reference, inputs, num_steps=steps), reference
+        return generate(transformer_call(reference), inputs, num_steps=steps), reference
 
 
 # -- cache fusion --------------------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def test_fused_engine_with_mcw_1_is_the_plain_engine_and_blends_only_merged_posi
                 assert got_cache is cache
         # the reference blends too (so the parity above checks a fusion that happens): mcw 0.1 moves the output
         key = EngineKey(Stage.STRUCTURE, 0.5)
-        blended, _ = reference_forward(model, **inputs, key=key, li=li, config=FUSION, cache=cache)
+        blended, _ = reference_forward(model, **inputs, key=key, state=EngineState(li, cache=cache), config=FUSION)
         unblended, _ = reference_forward(model, **inputs, key=key, li=li, config=plain.config)
         assert (blended - unblended).abs().max() > 1e-3
         gated = torch.randn(2, 256, 8)
@@ -118,7 +119,7 @@ def test_cache_fusion_is_refused_on_flux_and_by_the_onnx_export(tmp_path):
     gm, flat = capture_dynamo_graph(model, flux_example_inputs(TINY_FLUX, 1, (16, 16)))
     with pytest.raises(ValueError, match="cache fusion is implemented for SD3"):
         BucketGraphs(gm, flat, FUSION)
-    from sdtm_compile.export import export_onnx
+    from sdtm_compile.deploy.onnx import export_onnx
 
     sd3 = tiny_sd3_transformer(TINY_SD35, seed=0)
     with pytest.raises(NotImplementedError, match="ONNX bundles carry li only"):

@@ -5,13 +5,13 @@ import dataclasses
 import pytest
 import torch
 from sdtm_compile.passes import find_mmdit_blocks
+from sdtm_compile.passes.step_cache import residual_sites
 
 from sdtm_compile import FirstBlockCacheConfig, SDTMConfig
-from sdtm_compile.backend import BackendSettings, SDTMBackend
+from sdtm_compile.compiler.backend import BackendSettings, SDTMBackend
 from sdtm_compile.models import TINY_FLUX, TINY_SD35, flux_example_inputs, tiny_flux_transformer, tiny_sd3_transformer
+from sdtm_compile.models.sampling import generate, make_generation_inputs
 from sdtm_compile.reference import reference_dispatcher
-from sdtm_compile.sampling import generate, make_generation_inputs
-from sdtm_compile.step_cache import residual_sites
 from tests.helpers import capture_dynamo_graph, transformer_call
 
 CONFIG = SDTMConfig(ratio=0.5, buckets=(0.3, 0.5, 0.7))
@@ -43,7 +43,7 @@ def test_threshold_0_runs_every_step_fully(sd35, uncached):
     model, inputs = sd35
     (got,), history = uncached
     with torch.no_grad():
-        want = generate(reference_dispatcher(model, CONFIG), inputs, num_steps=STEPS)
+        want = generate(transformer_call(reference_dispatcher(model, CONFIG)), inputs, num_steps=STEPS)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not any(r.skipped for r in history) and history[0].change is None
     assert all(r.change > 0 for r in history[1:STEPS])

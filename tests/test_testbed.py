@@ -10,14 +10,14 @@ import torch
 
 from sdtm_compile.bench import BenchConfig, BenchResult, run_benchmark
 from sdtm_compile.bench.readme import readme_markers
-from sdtm_compile.cache import sha256_file
-from sdtm_compile.config import SDTMConfig
+from sdtm_compile.engines.cache import sha256_file
+from sdtm_compile.methods.sdtm.config import SDTMConfig
 from sdtm_compile.models import MODEL_PRESETS, TESTBED, build_model
-from sdtm_compile.testbed.data import LABEL_SLOTS, SOURCES, sample_batch
-from sdtm_compile.testbed.model import MANIFEST_FILE, WEIGHTS_FILE, load_testbed, new_testbed
-from sdtm_compile.testbed.model import TestbedWeightsError as WeightsError  # not "Test*": pytest would collect it
-from sdtm_compile.testbed.quality import generation_inputs, image_psnr, image_ssim, merged_losses
-from sdtm_compile.testbed.train import TrainConfig, flow_matching_loss, make_eval_set, train_step, train_testbed
+from sdtm_compile.models.testbed.data import LABEL_SLOTS, SOURCES, sample_batch
+from sdtm_compile.models.testbed.model import MANIFEST_FILE, WEIGHTS_FILE, load_testbed, new_testbed
+from sdtm_compile.models.testbed.model import TestbedWeightsError as WeightsError
+from sdtm_compile.models.testbed.quality import generation_inputs, image_psnr, image_ssim, merged_losses
+from sdtm_compile.models.testbed.train import TrainConfig, flow_matching_loss, make_eval_set, train_step, train_testbed
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..config import SDTMConfig
+from ..methods.sdtm.config import SDTMConfig
 from ..models import MODEL_PRESETS, ModelPreset
 
 __all__ = ["BenchConfig", "VARIANTS", "BASELINE", "FIDELITY_REFERENCE"]

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..config import MethodConfig
-from ..sampling import GenerationInputs, cfg_batch, cfg_prompts
+from ..core.config import MethodConfig
+from ..models.sampling import GenerationInputs, cfg_batch, cfg_prompts
 
 __all__ = ["Compiled", "cfg_call_inputs", "compiler_caches"]
 
@@ -76,7 +76,7 @@ class Compiled:
         probe: dict[str, Any],
         cache_dir: Path | None = None,
     ) -> None:
-        from ..backend import SDTMBackend
+        from ..compiler.backend import SDTMBackend
 
         # history: the step table reads the engines of the last generation's calls
         options = {"method": sdtm, "engine": engine, "history": 1024, "cache_dir": cache_dir}

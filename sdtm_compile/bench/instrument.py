@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..buckets import BucketGraphs
-from ..config import SDTMConfig
-from ..flops import FlopCount, count_flops
-from ..ops import sdtm_merge, sdtm_plan, sdtm_unmerge
-from ..schedule import EngineKey
+from ..bench.flops import FlopCount, count_flops
+from ..compiler.buckets import BucketGraphs
+from ..core.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
+from ..core.schedule import EngineKey
+from ..methods.sdtm.config import SDTMConfig
 from .config import BenchConfig
 
 __all__ = ["CapturedBucketGraphs", "MERGE_OPS", "generation_share", "merge_time_share", "record_merge_maps"]
@@ -35,7 +35,7 @@ class CapturedBucketGraphs:
     and the merge profile)."""
 
     def __init__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> None:
-        from ..capture import capture_dynamo_graph
+        from ..compiler.capture import capture_dynamo_graph
 
         self.gm, self.flat = capture_dynamo_graph(model, inputs)
         self._buckets: dict[SDTMConfig, BucketGraphs] = {}
@@ -137,5 +137,5 @@ def record_merge_maps(
     def on_step(step: int, timestep: float) -> None:
         current["step"] = step + 1
 
-    workload.generate(reference, config, on_step=on_step)
+    workload.generate(workload.call_of(reference), config, on_step=on_step)
     return maps

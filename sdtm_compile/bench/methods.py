@@ -28,8 +28,10 @@ from typing import Any
 
 import torch
 
-from ..config import METHOD_CONFIGS, MethodConfig, SDTMConfig
-from ..schedule import FULL
+from .._pyplot import pyplot
+from ..core.config import METHOD_CONFIGS, MethodConfig
+from ..core.schedule import FULL
+from ..methods.sdtm.config import SDTMConfig
 from .config import BASELINE, BenchConfig
 from .harness import Compiled, compiler_caches
 from .instrument import CapturedBucketGraphs
@@ -290,9 +292,7 @@ def pareto_front(result: MethodComparison) -> list[MethodPoint]:
 
 def plot_methods(result: MethodComparison, path: str | Path) -> str:
     """Speed-up over Inductor against fidelity, one curve per method, each point labelled with its ratio."""
-    from ..plots import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     image = result.pixel_space
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(p.method for p in result.points):

@@ -26,7 +26,7 @@ def render(result: BenchResult | dict[str, Any], out_dir: str | Path) -> dict[st
     Also re-renders a saved result: ``render(json.load(open("bench.json")), "out/")``. The files are recorded
     in the result (``result.files``, or ``result["files"]`` of a dict) before ``bench.json`` is written.
     """
-    from ..plots import plot_merge_maps, plot_schedule, plot_speedup_vs_fidelity
+    from ..bench.plots import plot_merge_maps, plot_schedule, plot_speedup_vs_fidelity
 
     typed = as_bench_result(result)
     plain = typed.to_dict()

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from ..config import SDTMConfig
-from ..flops import FlopCount, flux_block_flops, mmdit_block_flops
-from ..sampling import cosine_similarity, psnr
-from ..schedule import EngineKey, TokenCounts
+from ..bench.flops import FlopCount, flux_block_flops, mmdit_block_flops
+from ..core.schedule import EngineKey, TokenCounts
+from ..methods.sdtm.config import SDTMConfig
+from ..models.sampling import cosine_similarity, psnr
 from .config import BASELINE, FIDELITY_REFERENCE, BenchConfig
 
 if TYPE_CHECKING:
@@ -429,7 +429,7 @@ def _fidelity(latent: torch.Tensor, reference: torch.Tensor) -> dict[str, float]
 
 def _image_fidelity(image: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """Image PSNR (peak 1) and SSIM of a pixel-space model's final image against the reference's."""
-    from ..testbed.quality import image_psnr, image_ssim
+    from ..models.testbed.quality import image_psnr, image_ssim
 
     return {"image_psnr_db": image_psnr(image, reference), "ssim": image_ssim(image, reference)}
 

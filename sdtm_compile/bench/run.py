@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..schedule import FULL
+from ..core.schedule import FULL
 from .config import BASELINE, FIDELITY_REFERENCE, BenchConfig
 from .harness import Compiled, compiler_caches
 from .instrument import CapturedBucketGraphs, generation_share, merge_time_share, record_merge_maps
@@ -128,7 +128,7 @@ def _run_sweep_point(
 def image_quality(workload: Workload, config: BenchConfig, variants: dict[str, Variant]) -> ImageQuality:
     """The testbed's image measures: held-out loss merged vs unmerged per sigma (eager reference), and paired
     PSNR / SSIM of the ``sdtm`` backend's final image vs ``eager``'s over ``config.quality_seeds`` seeds."""
-    from ..testbed.quality import image_psnr, image_ssim, merged_losses, to_image
+    from ..models.testbed.quality import image_psnr, image_ssim, merged_losses, to_image
 
     logger.info("image measures: held-out loss at %d noise levels, merged vs unmerged ...", len(config.quality_sigmas))
     losses = [
@@ -217,7 +217,7 @@ def run_benchmark(config: BenchConfig, command: str | None = None) -> BenchResul
             "eager": Variant("eager", workload.call_of(model)),
             "inductor": Variant("inductor", workload.call_of(inductor.module), cold_inductor.build_s, inductor.build_s),
             "sdtm": Variant("sdtm", workload.call_of(sdtm.module), cold_sdtm.build_s, sdtm.build_s),
-            "reference": Variant("reference", reference),
+            "reference": Variant("reference", workload.call_of(reference)),
         }
 
         # 2. timed generations, round-robin; a recompile here would be timed as part of a generation
@@ -273,7 +273,7 @@ def run_benchmark(config: BenchConfig, command: str | None = None) -> BenchResul
         sdtm.compiled_graph.token_counts,
         linear_ratio,
     )
-    from ..plots import merge_map_steps
+    from ..bench.plots import merge_map_steps
 
     result.merge_maps = {
         step: {block: slot.tolist() for block, slot in maps[step].items()}

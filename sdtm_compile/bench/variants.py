@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import statistics
 import tempfile
 import time
@@ -29,10 +30,11 @@ from typing import Any
 
 import torch
 
-from ..config import SDTMConfig
-from ..merge import window_score_fraction
-from ..schedule import FULL, engine_key_at, position_at_step, round_to_bucket
-from ..step_cache import FirstBlockCacheConfig
+from ..core.schedule import FULL, position_at_step, round_to_bucket
+from ..methods.sdtm.config import SDTMConfig
+from ..methods.sdtm.plans import window_score_fraction
+from ..methods.sdtm.schedule import engine_key_at
+from ..runtime.step_cache import FirstBlockCacheConfig
 from .config import BASELINE, BenchConfig
 from .harness import compiler_caches
 from .instrument import CapturedBucketGraphs
@@ -349,18 +351,18 @@ def calibrate_adaptive_threshold(workload: Workload, config: BenchConfig, sdtm: 
 
 
 def _state_mib(spec: VariantSpec, compiled_graph: Any) -> float:
-    """MiB carried between steps besides ``li``: the fusion cache, the step cache's two residuals per call."""
+    """MiB carried between steps besides ``li`` (the engine contract's other carried state, e.g. the fusion cache),
+    plus the step cache's two residuals ``[B, N, C]`` per call."""
     if compiled_graph is None or isinstance(compiled_graph, PeerCall):
         return 0.0
-    from ..passes.fuse_cache import new_cache
 
-    sites, batch = compiled_graph.sites, 2
-    total = 0
-    if spec.method is not None and spec.method.fuses_cache:
-        total += new_cache(sites, spec.method, batch, "meta").nbytes
-    if spec.step_cache is not None:
-        block = sites.blocks[0].attn.output.meta["example_value"]
-        total += 2 * block.nbytes
+    def nbytes(tensor: Any) -> int:
+        return math.prod(tensor.shape) * tensor.dtype.itemsize
+
+    signature = compiled_graph.signature
+    total = sum(nbytes(t) for t in signature.inputs[1:])
+    if "hidden" in signature:
+        total += 2 * nbytes(signature["hidden"])
     return total / 2**20
 
 
@@ -380,7 +382,7 @@ def _build_and_time(
 ) -> list[tuple[VariantSpec, Any, float, Variant, dict[str, float]]]:
     """Compile ``specs`` (a variant that fails goes to ``not_run``), then time them round-robin. Returns per variant
     ``(spec, compiled graph or peer call, build seconds, timings, median seconds of every variant of the phase)``."""
-    from ..backend import SDTMBackend
+    from ..compiler.backend import SDTMBackend
 
     torch._dynamo.reset()
     built: list[tuple[VariantSpec, Any, float]] = []

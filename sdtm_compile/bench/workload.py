@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import SDTMConfig
+from ..methods.sdtm.config import SDTMConfig
 from ..models import FluxSpec, TinySpec, build_model
-from ..sampling import (
+from ..models.sampling import (
     FluxGenerationInputs,
     GenerationInputs,
     diffusers_call,
@@ -29,6 +29,7 @@ from ..sampling import (
     make_flux_generation_inputs,
     make_generation_inputs,
 )
+from ..reference import ReferenceTransformer
 from .config import BenchConfig
 
 __all__ = ["Workload", "make_workload"]
@@ -68,7 +69,7 @@ class Workload:
         """This workload with the noise and prompt of ``seed`` (same shapes and layout: no recompile)."""
         side = self.grid[0] * 2  # the latent side: 2x2 patches (SD3) / packing (Flux) per token
         if self.testbed is not None:
-            from ..testbed.quality import generation_inputs
+            from ..models.testbed.quality import generation_inputs
 
             return dataclasses.replace(self, inputs=generation_inputs(self.testbed, seed, side))
         if self.family == "flux":
@@ -89,13 +90,7 @@ class Workload:
     def reference(self, config: SDTMConfig) -> Any:
         """The eager reference of SDTM for this model (it records its calls: ``history``), drivable by
         :meth:`generate`."""
-        if self.family == "sd3":
-            from ..reference import ReferenceTransformer
-
-            return ReferenceTransformer(self.model, config)
-        from ..reference_flux import FluxReferenceTransformer
-
-        return FluxReferenceTransformer(self.model, config)
+        return ReferenceTransformer(self.model, config)
 
     def generate(
         self, call: Callable[..., Any], config: BenchConfig, on_step: Callable[[int, float], None] | None = None
@@ -130,8 +125,8 @@ def make_workload(config: BenchConfig) -> Workload:
     spec, latent = config.preset.spec, config.latent_side
     grid = (latent // 2, latent // 2)
     if isinstance(spec, TinySpec) and spec.weights is not None:
-        from ..testbed.model import load_testbed
-        from ..testbed.quality import generation_inputs
+        from ..models.testbed.model import load_testbed
+        from ..models.testbed.quality import generation_inputs
 
         testbed = load_testbed()
         inputs = generation_inputs(testbed, config.seed, latent)

@@ -27,18 +27,12 @@ from typing import ClassVar
 
 import torch
 
-from ..config import MethodConfig
-from ..merge import MergePlan, PlanSpec, descending_rank, leftover_token_index, unit_tokens, window_token_index
-from ..schedule import EngineKey
-from .base import (
-    WindowMethod,
-    advance_state,
-    plan_method,
-    register_method,
-    seeded_state,
-    state_uniform,
-    window_method_count,
-)
+from ..core.config import MethodConfig
+from ..core.merge import MergePlan, descending_rank, leftover_token_index, unit_tokens, window_token_index
+from ..core.method import register_method
+from ..core.plans import PlanSpec, plan_method
+from ..core.schedule import EngineKey
+from .base import WindowMethod, advance_state, seeded_state, state_uniform, window_method_count
 
 __all__ = ["SiToConfig", "SiToMethod", "sito_plan", "sito_tokens_pruned"]
 

@@ -33,10 +33,11 @@ from typing import ClassVar
 
 import torch
 
-from ..config import MethodConfig
-from ..merge import MergePlan, PlanSpec, leftover_token_index, unit_tokens, window_token_index
-from ..schedule import EngineKey, Stage
-from .base import TokenMethod, plan_method, register_method
+from ..core.config import MethodConfig
+from ..core.merge import MergePlan, leftover_token_index, unit_tokens, window_token_index
+from ..core.method import TokenMethod, register_method
+from ..core.plans import PlanSpec, plan_method
+from ..core.schedule import EngineKey, Stage
 
 __all__ = ["ToMAConfig", "ToMAMethod", "toma_plan", "toma_destinations_per_tile", "facility_location"]
 

@@ -26,18 +26,12 @@ from typing import ClassVar
 
 import torch
 
-from ..config import MethodConfig
-from ..merge import MergePlan, PlanSpec, bipartite_plan, window_token_index
-from ..schedule import EngineKey
-from .base import (
-    STATE_MODULUS,
-    WindowMethod,
-    advance_state,
-    plan_method,
-    register_method,
-    seeded_state,
-    window_method_count,
-)
+from ..core.config import MethodConfig
+from ..core.merge import MergePlan, bipartite_plan, window_token_index
+from ..core.method import register_method
+from ..core.plans import PlanSpec, plan_method
+from ..core.schedule import EngineKey
+from .base import STATE_MODULUS, WindowMethod, advance_state, seeded_state, window_method_count
 
 __all__ = ["ToMeSDConfig", "ToMeSDMethod", "tomesd_plan", "tomesd_sources_merged"]
 

@@ -4,7 +4,8 @@ per test process: a capture costs ~3 s and every parity test of a case reuses it
 import functools
 
 from sdtm_compile import SiToConfig, ToMAConfig, ToMeSDConfig
-from sdtm_compile.config import DEFAULT_BUCKETS
+from sdtm_compile.core.config import DEFAULT_BUCKETS
+from sdtm_compile.core.schedule import EngineKey, Stage
 from sdtm_compile.models import (
     TINY_FLUX_SCHNELL,
     TINY_SD3,
@@ -14,7 +15,6 @@ from sdtm_compile.models import (
     tiny_flux_transformer,
     tiny_sd3_transformer,
 )
-from sdtm_compile.schedule import EngineKey, Stage
 from tests.helpers import capture_dynamo_graph
 
 #: One config per method, defaults except where a test needs the feed-forward merged too (the Flux single blocks'

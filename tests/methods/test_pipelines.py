@@ -9,8 +9,8 @@ import torch
 from sdtm_compile.passes import lint_tensorrt, to_aten
 
 import sdtm_compile
-from sdtm_compile.backend import SDTMBackend
-from sdtm_compile.buckets import BucketGraphs
+from sdtm_compile.compiler.backend import SDTMBackend
+from sdtm_compile.compiler.buckets import BucketGraphs
 from sdtm_compile.models import (
     TINY_FLUX,
     TINY_SD3,
@@ -19,9 +19,8 @@ from sdtm_compile.models import (
     tiny_flux_transformer,
     tiny_sd3_transformer,
 )
-from sdtm_compile.reference import reference_dispatcher
-from sdtm_compile.reference_flux import FluxReferenceTransformer
-from sdtm_compile.sampling import flux_generate, generate, make_flux_generation_inputs, make_generation_inputs
+from sdtm_compile.models.sampling import flux_generate, generate, make_flux_generation_inputs, make_generation_inputs
+from sdtm_compile.reference import FluxReferenceTransformer, reference_dispatcher
 from tests.helpers import transformer_call
 from tests.methods.cases import CASES, HALF, METHODS, captured
 
@@ -40,7 +39,7 @@ def test_sd3_generation_follows_the_reference_without_recompiles(name):
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         got = generate(transformer_call(compiled), inputs, num_steps=12)
         again = generate(transformer_call(compiled), inputs, num_steps=12)
-        want = generate(reference_dispatcher(model, config), inputs, num_steps=12)
+        want = generate(transformer_call(reference_dispatcher(model, config)), inputs, num_steps=12)
     assert len(backend.compiled) == 1 and list(backend.compiled[0].engines) == HALF
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got, again)
@@ -74,7 +73,8 @@ ONE_BLOCK = dataclasses.replace(TINY_SD3, num_layers=1)
 def test_onnx_bundle_matches_the_reference(name, tmp_path):
     """One merged bucket (and the full model) exported, run in ONNX Runtime over a short generation."""
     pytest.importorskip("onnxruntime")
-    from sdtm_compile.export import OnnxTransformer, export_onnx
+    from sdtm_compile.deploy.onnx import export_onnx
+    from sdtm_compile.deploy.runner import OnnxTransformer
 
     config = dataclasses.replace(METHODS[name], buckets=(0.5,))
     model = tiny_sd3_transformer(ONE_BLOCK, seed=0)
@@ -86,7 +86,7 @@ def test_onnx_bundle_matches_the_reference(name, tmp_path):
     inputs = make_generation_inputs(ONE_BLOCK, (32, 32), seed=7)
     with torch.no_grad():
         got = generate(transformer_call(runner), inputs, num_steps=6)
-        want = generate(reference_dispatcher(model, config), inputs, num_steps=6)
+        want = generate(transformer_call(reference_dispatcher(model, config)), inputs, num_steps=6)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=ONNX_TOLERANCE[name])
     assert {str(r.key) for r in runner.dispatcher.history} == {"merge@0.5"}
 

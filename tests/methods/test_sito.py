@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from sdtm_compile import SiToConfig
-from sdtm_compile.merge import merge, unmerge, window_token_index
+from sdtm_compile.core.merge import merge, unmerge, window_token_index
 from sdtm_compile.methods import method_for
 from sdtm_compile.methods.sito import gaussian_noise, sito_plan, sito_tokens_pruned
 

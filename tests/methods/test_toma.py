@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sdtm_compile import ToMAConfig
-from sdtm_compile.merge import merge, unmerge, window_token_index
+from sdtm_compile.core.merge import merge, unmerge, window_token_index
 from sdtm_compile.methods import method_for
 from sdtm_compile.methods.toma import facility_location, toma_destinations_per_tile, toma_plan
 
@@ -65,9 +65,9 @@ def test_block_plans_follow_toma_on_flux1_and_scale_to_small_models():
 def test_the_pass_plans_once_per_shared_group():
     from sdtm_compile.passes import PassSettings, rewrite_for_engine
 
+    from sdtm_compile.core.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
+    from sdtm_compile.core.schedule import EngineKey, Stage
     from sdtm_compile.models import TINY_FLUX_SCHNELL, flux_example_inputs, tiny_flux_transformer
-    from sdtm_compile.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
-    from sdtm_compile.schedule import EngineKey, Stage
     from tests.helpers import capture_dynamo_graph
 
     model = tiny_flux_transformer(TINY_FLUX_SCHNELL, seed=0)  # 2 double + 2 single blocks

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sdtm_compile import ToMeSDConfig
-from sdtm_compile.merge import merge, unmerge, window_token_index
+from sdtm_compile.core.merge import merge, unmerge, window_token_index
 from sdtm_compile.methods import method_for
 from sdtm_compile.methods.base import advance_state, seeded_state
 from sdtm_compile.methods.tomesd import tomesd_plan, tomesd_sources_merged

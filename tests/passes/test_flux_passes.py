@@ -6,10 +6,10 @@ import operator
 import pytest
 import torch
 from sdtm_compile.passes import (
-    REWRITE_PIPELINE,
     PassOrderError,
     PassSettings,
     UnsupportedModelError,
+    build_pipeline,
     copy_with_node_map,
     find_mmdit_blocks,
     module_stack,
@@ -19,9 +19,10 @@ from sdtm_compile.passes import (
 from torch import fx
 
 from sdtm_compile import SDTMConfig
+from sdtm_compile.core.method import method_for
+from sdtm_compile.core.ops import sdtm_merge, sdtm_plan, sdtm_rotary, sdtm_unmerge
+from sdtm_compile.core.schedule import FULL, EngineKey, Stage
 from sdtm_compile.models import TINY_FLUX, flux_example_inputs, tiny_flux_transformer
-from sdtm_compile.ops import sdtm_merge, sdtm_plan, sdtm_rotary, sdtm_unmerge
-from sdtm_compile.schedule import FULL, EngineKey, Stage
 from tests.helpers import capture_dynamo_graph
 
 STRUCTURE = EngineKey(Stage.STRUCTURE, 0.7)
@@ -95,7 +96,7 @@ def test_split_single_stream_keeps_the_output(flux_graph):
     sites = find_mmdit_blocks(gm, flat).remapped(node_map)
     for block in sites.blocks[2:]:
         assert len(_at(copy, f"{block.path}.proj_out")) == 1
-    split_single_stream(copy, sites, PassSettings(SDTMConfig(), DETAIL))
+    copy, sites = split_single_stream(copy, sites, PassSettings(SDTMConfig(), DETAIL))
     copy.graph.lint()
     for block in sites.blocks[2:]:
         linears = [n for n in _at(copy, f"{block.path}.proj_out") if n.target is torch._C._nn.linear]
@@ -111,14 +112,15 @@ def test_split_single_stream_keeps_the_output(flux_graph):
     # the FULL engine keeps the unmodified graph
     full_copy, full_map = copy_with_node_map(gm)
     before = len(full_copy.graph.nodes)
-    split_single_stream(full_copy, find_mmdit_blocks(gm, flat).remapped(full_map), PassSettings(SDTMConfig(), FULL))
+    full_sites = find_mmdit_blocks(gm, flat).remapped(full_map)
+    split_single_stream(full_copy, full_sites, PassSettings(SDTMConfig(), FULL))
     assert len(full_copy.graph.nodes) == before
 
 
 @pytest.mark.parametrize("key", [STRUCTURE, DETAIL], ids=str)
 def test_flux_rewrite_merges_the_feed_forwards_only(flux_graph, key):
     _, _, gm, flat = flux_graph
-    assert [p.name for p in REWRITE_PIPELINE][0] == "split_single_stream"
+    assert build_pipeline(method_for(SDTMConfig()), "flux", key.stage).names[0] == "split_single_stream"
     rewritten = rewrite_for_engine(gm, flat, PassSettings(SDTMConfig(), key))
     out = rewritten.gm
     # one plan per block; a merge/unmerge for each double block's ff and each single block's MLP, none for attention
@@ -153,9 +155,10 @@ def test_flux_attention_merge_option_merges_every_attention(flux_graph):
 def test_flux_passes_out_of_order_are_refused(flux_graph):
     _, _, gm, flat = flux_graph
     config = SDTMConfig(merge_attention=True)
-    no_split = tuple(p for p in REWRITE_PIPELINE if p.name != "split_single_stream")
+    pipeline = build_pipeline(method_for(config), "flux", Stage.STRUCTURE)
+    no_split = pipeline.without("split_single_stream")
     with pytest.raises(PassOrderError, match="before insert_merge_nodes: fact 'single_streams_split'"):
         rewrite_for_engine(gm, flat, PassSettings(config, STRUCTURE), pipeline=no_split)
-    no_rotary = tuple(p for p in REWRITE_PIPELINE if p.name != "gather_rotary_positions")
+    no_rotary = pipeline.without("gather_rotary_positions")
     with pytest.raises(PassOrderError, match="before fix_token_shapes: fact 'rotary_per_token'"):
         rewrite_for_engine(gm, flat, PassSettings(config, STRUCTURE), pipeline=no_rotary)

@@ -12,9 +12,10 @@ from sdtm_compile.passes import (
 )
 
 from sdtm_compile import SDTMConfig
-from sdtm_compile.capture import capture_dynamo_graph
+from sdtm_compile.compiler.capture import capture_dynamo_graph
+from sdtm_compile.core.schedule import FULL, Stage
+from sdtm_compile.methods.sdtm.schedule import engines_for_trajectory
 from sdtm_compile.models import TINY_SD3, example_inputs, tiny_sd3_transformer
-from sdtm_compile.schedule import FULL, Stage, engines_for_trajectory
 
 
 @pytest.mark.parametrize("latent", [64, 128], ids=["1024-tokens", "4096-tokens"])

@@ -6,11 +6,11 @@ import pytest
 import torch
 from sdtm_compile.passes import (
     LI_INPUT_NAME,
-    REWRITE_PIPELINE,
     PassOrderError,
     PassSettings,
     TokenShapeError,
     UnsupportedModelError,
+    build_pipeline,
     copy_graph_module,
     copy_with_node_map,
     find_mmdit_blocks,
@@ -20,14 +20,16 @@ from sdtm_compile.passes import (
     module_stack,
     propagate_shapes,
     rewrite_for_engine,
-    thread_li_state,
+    thread_engine_state,
 )
 from torch import fx
 
 from sdtm_compile import SDTMConfig
+from sdtm_compile.core.method import method_for
+from sdtm_compile.core.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
+from sdtm_compile.core.schedule import FULL, EngineKey, Stage
+from sdtm_compile.methods.sdtm.schedule import token_counts
 from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_transformer
-from sdtm_compile.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
-from sdtm_compile.schedule import FULL, EngineKey, Stage, token_counts
 from tests.helpers import capture_dynamo_graph
 
 STRUCTURE = EngineKey(Stage.STRUCTURE, 0.7)
@@ -100,11 +102,17 @@ def test_find_blocks_rejects_a_model_without_mmdit_blocks():
     assert "JointTransformerBlock" in message and "Linear" in message and "on_unsupported" in message
 
 
+def _settings(gm, key=FULL, config=None):
+    """Pass settings with the method's engine contract (what rewrite_for_engine fills in)."""
+    settings = PassSettings(config or SDTMConfig(), key)
+    return settings.with_signature(settings.method.signature(find_mmdit_blocks(gm).layout()))
+
+
 def test_thread_li_adds_one_input_and_one_output(sd3_graph):
     gm, inputs = sd3_graph
     out, node_map = copy_with_node_map(gm)
     sites = find_mmdit_blocks(gm).remapped(node_map)
-    out = thread_li_state(out, sites, PassSettings())
+    out, sites = thread_engine_state(out, sites, _settings(gm))
     placeholders = [n for n in out.graph.nodes if n.op == "placeholder"]
     assert placeholders[-1].name == LI_INPUT_NAME
     assert len(placeholders) == len(inputs) + 1
@@ -115,44 +123,60 @@ def test_thread_li_adds_one_input_and_one_output(sd3_graph):
         result = out(*inputs, li)
     assert result[-1] is li  # the full engine passes li through untouched
     with pytest.raises(ValueError, match="ran twice"):
-        thread_li_state(out, sites, PassSettings())
+        thread_engine_state(out, sites, _settings(gm))
 
 
 def _through_insert(gm, key):
     """The graph after thread_li_state and insert_merge_nodes, and its sites."""
-    settings = PassSettings(SDTMConfig(), key)
+    settings = _settings(gm, key)
     out, node_map = copy_with_node_map(gm)
     sites = find_mmdit_blocks(gm).remapped(node_map)
-    for rewrite in (thread_li_state, insert_merge_nodes):
-        out = rewrite(out, sites, settings)
+    for rewrite in (thread_engine_state, insert_merge_nodes):
+        out, sites = rewrite(out, sites, settings)
     return out, sites
 
 
 def test_the_pipeline_is_declared_in_order_and_checked():
-    assert [p.name for p in REWRITE_PIPELINE] == [
+    """Built per method, family and stage from declared passes: the ones that apply, in order; every pass ensures
+    a fact, and what a pass requires an earlier one ensures."""
+    every_extension = SDTMConfig(merge_attention=True, size_aware_attention=True, adaptive_threshold=0.5)
+    flux = build_pipeline(method_for(every_extension), "flux", Stage.STRUCTURE)
+    assert flux.names == [
         "split_single_stream",
-        "thread_li_state",
+        "thread_engine_state",
         "insert_merge_nodes",
         "gather_rotary_positions",
         "add_key_size_bias",
         "fix_token_shapes",
-        "thread_step_cache",
         "add_window_statistic",
     ]
     established = set()
-    for graph_pass in REWRITE_PIPELINE:
+    for graph_pass in flux.passes:
         assert set(graph_pass.requires) <= established, graph_pass.name
+        assert graph_pass.ensures, graph_pass.name
         established |= set(graph_pass.ensures)
+    # optional passes are left out, not run as no-ops: SD3's structure and FULL engines with SDTM's defaults
+    sd3 = method_for(SDTMConfig())
+    assert build_pipeline(sd3, "sd3", Stage.STRUCTURE).names == [
+        "thread_engine_state",
+        "insert_merge_nodes",
+        "fix_token_shapes",
+    ]
+    assert build_pipeline(sd3, "sd3", Stage.FULL).names == ["thread_engine_state"]
+    fusion = method_for(SDTMConfig(cache_fusion=True))
+    assert build_pipeline(fusion, "sd3", Stage.FULL, step_cache=False).names[-1] == "fuse_cached_branches"
+    assert "gather_rotary_positions" not in build_pipeline(sd3, "flux", Stage.STRUCTURE).names
+    assert "fix_token_shapes" in build_pipeline(sd3, "flux", Stage.STRUCTURE).describe()
 
 
 def test_a_pass_run_out_of_order_is_refused(sd3_graph):
     gm, inputs = sd3_graph
     sites = find_mmdit_blocks(gm)
     out, node_map = copy_with_node_map(gm)
-    with pytest.raises(ValueError, match="run thread_li_state first"):
-        insert_merge_nodes(out, sites.remapped(node_map), PassSettings(SDTMConfig(), STRUCTURE))
-    skipping = tuple(p for p in REWRITE_PIPELINE if p.name != "thread_li_state")
-    with pytest.raises(PassOrderError, match="before insert_merge_nodes: fact 'li_threaded'"):
+    with pytest.raises(ValueError, match="run thread_engine_state first"):
+        insert_merge_nodes(out, sites.remapped(node_map), _settings(gm, STRUCTURE))
+    skipping = build_pipeline(method_for(SDTMConfig()), "sd3", Stage.STRUCTURE).without("thread_engine_state")
+    with pytest.raises(PassOrderError, match="before insert_merge_nodes: fact 'state_threaded'"):
         rewrite_for_engine(gm, inputs, PassSettings(SDTMConfig(), STRUCTURE), pipeline=skipping)
 
 
@@ -201,7 +225,7 @@ def test_fix_token_shapes_rewrites_the_joint_split(sd35_graph):
     li = torch.zeros(2, 240, dtype=torch.int32)
     with pytest.raises(TokenShapeError, match="does not type-check"):
         propagate_shapes(copy_graph_module(out), [*inputs, li])  # before the fix: split at N, shapes break
-    out = fix_token_shapes(out, sites, PassSettings(SDTMConfig(), STRUCTURE))
+    out, sites = fix_token_shapes(out, sites, _settings(gm, STRUCTURE))
     merged = token_counts(STRUCTURE, 12, 20).attention
     splits = [
         n

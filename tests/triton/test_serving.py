@@ -16,10 +16,8 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from sdtm_compile.export import OnnxTransformer
-from sdtm_compile.models import TINY_FLUX, TINY_SD3, flux_example_inputs
-from sdtm_compile.sampling import GenerationInputs, flux_generate, generate
-from sdtm_compile.triton import (
+from sdtm_compile.deploy.runner import OnnxTransformer
+from sdtm_compile.deploy.triton import (
     RepositoryError,
     ServerStartError,
     ServerUnavailable,
@@ -29,8 +27,10 @@ from sdtm_compile.triton import (
     load,
     verify_repository,
 )
-from sdtm_compile.triton.repository import step_table
-from sdtm_compile.triton.step_logic import RequestError, StepTable, denoise
+from sdtm_compile.deploy.triton.repository import step_table
+from sdtm_compile.deploy.triton.step_logic import RequestError, StepTable, denoise
+from sdtm_compile.models import TINY_FLUX, TINY_SD3, flux_example_inputs
+from sdtm_compile.models.sampling import GenerationInputs, flux_generate, generate
 
 pytest.importorskip("onnxruntime")
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
@@ -111,9 +111,9 @@ def _stand_in(name, feeds):
 def test_step_table_follows_the_diffusers_scheduler(family):
     """Table timesteps and Euler steps = what diffusers' scheduler loop feeds and takes (SD3 with CFG, FLUX.1-dev
     with its guidance): the same final latent with a stand-in transformer, for several step counts."""
-    from sdtm_compile.config import SDTMConfig
-    from sdtm_compile.sampling import FluxGenerationInputs
-    from sdtm_compile.schedule import resolve_for_model
+    from sdtm_compile.core.schedule import resolve_for_model
+    from sdtm_compile.methods.sdtm.config import SDTMConfig
+    from sdtm_compile.models.sampling import FluxGenerationInputs
 
     if family == "sd3":
         spec, batch = TINY_SD3, 2
@@ -402,7 +402,7 @@ def test_a_tampered_repository_is_refused_at_load_naming_the_file(repository, tm
 def test_serve_command_checks_a_bundle_over_both_protocols(repository, tmp_path, capsys):
     """``sdtm-compile serve --check``: repository, server, one request per protocol against the reference."""
     from sdtm_compile.cli import main
-    from sdtm_compile.triton import find_tritonserver
+    from sdtm_compile.deploy.triton import find_tritonserver
 
     try:
         find_tritonserver(tmp_path / "probe")

@@ -1,0 +1,248 @@
+"""The ``sdtm`` and ``sdtm_trt`` torch.compile backends.
+
+Dynamo traces the transformer once and hands its FX graph here. We find the MMDiT blocks, rewrite one copy
+of the graph per (stage, ratio bucket) the method's schedule can reach (:class:`~.buckets.BucketGraphs`), build
+one engine per copy, region by region (:mod:`.regions`), and return a callable that picks the engine from the
+timestep on every call (:class:`~.compiled.SDTMCompiledGraph`)::
+
+    pipe.transformer = torch.compile(pipe.transformer, backend="sdtm",
+                                     options={"method": sdtm_compile.SDTMConfig(ratio=0.5)})
+
+Every token-reduction method goes through the same passes and engines (``options={"method":
+sdtm_compile.ToMeSDConfig(ratio=0.5)}``; likewise ``SiToConfig``, ``ToMAConfig``). The options are
+:class:`~.settings.BackendSettings`.
+
+Both names are declared in the ``torch_dynamo_backends`` entry-point group, so they work without importing
+this package. ``sdtm`` builds Inductor engines by default; ``sdtm_trt`` builds TensorRT engines where
+torch-tensorrt and CUDA exist and otherwise warns once and builds Inductor engines.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..core.schedule import FULL
+from ..engines import ENGINES, EngineBuildError, build_inductor_parallel, engine_available
+from ..passes import (
+    FALLBACK_HINT,
+    UnsupportedModelError,
+    head_graph,
+    lint_tensorrt,
+    out_graph,
+    residual_sites,
+    to_aten,
+)
+from .buckets import BucketGraphs
+from .compiled import SDTMCompiledGraph, compiled_graphs
+from .regions import RegionalBuilder
+from .settings import BackendSettings
+
+__all__ = ["BackendSettings", "SDTMBackend", "SDTMCompiledGraph", "compiled_graphs", "sdtm", "sdtm_trt"]
+
+logger = logging.getLogger(__name__)
+
+
+def _has_symbolic_shapes(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> bool:
+    values = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    values += [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+    return any(isinstance(size, torch.SymInt) for v in values if isinstance(v, torch.Tensor) for size in v.shape)
+
+
+class SDTMBackend:
+    """A torch.compile backend object: ``torch.compile(model, backend=SDTMBackend({...}))``.
+
+    ``compiled`` keeps every :class:`SDTMCompiledGraph` it produced (one per Dynamo graph / input shape).
+    """
+
+    def __init__(self, options: Mapping[str, Any] | None = None, *, name: str = "sdtm") -> None:
+        self.settings = BackendSettings.from_options(options)
+        self.name = name
+        self.compiled: list[SDTMCompiledGraph] = []
+
+    def _engine_order(self, example_inputs: list[torch.Tensor]) -> list[str]:
+        """Engines to try, best first, after resolving ``auto``; warns once when TensorRT is not possible."""
+        choice = self.settings.engine
+        if choice == "auto" and self.name == "sdtm_trt":
+            reason = engine_available("tensorrt", example_inputs)
+            if reason is None:
+                return ["tensorrt", "inductor"]
+            warnings.warn(
+                f"sdtm_trt: TensorRT is not usable here: {reason}. Building Inductor engines instead.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return ["inductor"]
+        if choice == "auto":
+            return ["inductor"]
+        reason = engine_available(choice, example_inputs)
+        if reason is not None:
+            raise EngineBuildError(f"engine {choice!r} cannot be used: {reason}")
+        return [choice] + (["inductor"] if choice == "tensorrt" else [])
+
+    def _build(self, what: object, gm: fx.GraphModule, inputs: list[torch.Tensor], order: list[str]):
+        """Build ``gm`` (a bucket graph or a region, named ``what``) with the first engine in ``order`` that works."""
+        for position, name in enumerate(order):
+            try:
+                if name == "tensorrt":  # lint first: a graph TensorRT cannot convert must not half-build
+                    lint_tensorrt(to_aten(gm, inputs), what)
+                return name, ENGINES[name].build(gm, inputs, self.settings)
+            except Exception as err:
+                if position == len(order) - 1:
+                    raise EngineBuildError(f"building the {name} engine for {what} failed: {err}") from err
+                warnings.warn(
+                    f"building the {name} engine for {what} failed ({type(err).__name__}: {err}); "
+                    f"falling back to {order[position + 1]} for this engine",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        raise AssertionError("unreachable")
+
+    def _unmodified(self, gm: fx.GraphModule, example_inputs: list[torch.Tensor], order: list[str], reason: str):
+        """``on_unsupported='fallback'``: warn, naming why, and build the unmodified graph with the chosen engine."""
+        warnings.warn(
+            f"{self.name}: {reason}. Compiling the model WITHOUT token merging (on_unsupported='fallback').",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return self._build(FULL, gm, example_inputs, order)[1]
+
+    def _first_block_engines(self, buckets: BucketGraphs, inputs: list[torch.Tensor], order: list[str]):
+        """The first-block cache's head and out engines, cut from (copies of) the unmerged graph
+        (:mod:`sdtm_compile.passes.step_cache`)."""
+        full = buckets.graph(FULL)
+        names = residual_sites(full.sites)
+        model_outputs = len(next(n for n in buckets.traced.graph.nodes if n.op == "output").args[0])
+        head = head_graph(full.gm, names)
+        out = out_graph(full.gm, names, model_outputs)
+        hidden = buckets.signature["hidden"].fresh(buckets.latent.device)
+        logger.info("building the first-block cache's head and out engines with %s", order[0])
+        return self._build("first-block head", head, inputs, order)[1], self._build(
+            "out", out, [*inputs, hidden], order
+        )[1]
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[torch.Tensor], **kwargs: Any) -> Callable[..., Any]:
+        if "options" in kwargs:  # torch.compile(backend=<this object>, options=...) is not how we take options
+            raise ValueError("pass options to SDTMBackend(options) or use backend='sdtm' with options={...}")
+        example_inputs = list(example_inputs)
+        if _has_symbolic_shapes(gm, example_inputs):
+            raise UnsupportedModelError(
+                "the SDTM backend needs static shapes (one set of engines per token count), but Dynamo traced "
+                "this graph with dynamic shapes (it does so automatically when a compiled function sees a new "
+                "shape). Compile with torch.compile(..., dynamic=False)."
+            )
+        order = self._engine_order(example_inputs)
+        config = self.settings.config
+        try:
+            buckets = BucketGraphs(gm, example_inputs, config, step_cache=self.settings.step_cache is not None)
+        except UnsupportedModelError as err:
+            if self.settings.on_unsupported == "error":
+                raise
+            return self._unmodified(gm, example_inputs, order, _without_hint(err))
+
+        graphs = []
+        for keys in buckets.groups():  # rewrite every graph before building: a pass failure stops before any build
+            try:
+                graphs.append(buckets.distinct_graph(keys))
+            except Exception as err:  # any pass failure: the graph is not one we can rewrite
+                if self.settings.on_unsupported == "error":
+                    raise
+                reason = f"rewriting the graph for {keys[0]} failed ({type(err).__name__}: {_without_hint(err)})"
+                return self._unmodified(gm, example_inputs, order, reason)
+
+        engine_inputs = buckets.engine_inputs()
+        first_block = None
+        if self.settings.step_cache is not None:
+            first_block = self._first_block_engines(buckets, engine_inputs, order)
+        workers = self.settings.resolved_build_workers()
+        parallel = (
+            self.settings.regional
+            and order == ["inductor"]
+            and workers > 1
+            and not torch.is_grad_enabled()  # the compiler processes build inference engines
+            and all(t.device.type == "cpu" for t in engine_inputs if isinstance(t, torch.Tensor))
+        )
+        regional = RegionalBuilder(
+            lambda region, inputs, name: self._build(name, region, inputs, order)[1],
+            (lambda jobs: build_inductor_parallel(jobs, self.settings, workers)) if parallel else None,
+        )
+        engines, names = {}, {}
+        total = time.perf_counter()
+        for bucket in graphs:
+            counts = bucket.counts
+            logger.info(
+                "%s %s (attention %d, FF %d of %d image tokens) with %s",
+                "preparing" if self.settings.regional else "building",
+                ", ".join(map(str, bucket.keys)),
+                counts.attention,
+                counts.feed_forward,
+                counts.tokens,
+                order[0],
+            )
+            if self.settings.regional:
+                engine, name = regional.add(bucket.graph, engine_inputs), order[0]
+            else:
+                name, engine = self._build(bucket.keys[0], bucket.graph.gm, engine_inputs, order)
+            for served in bucket.keys:
+                engines[served], names[served] = engine, name
+        if self.settings.regional:
+            logger.info(
+                "building %d distinct regions for %d call sites%s ...",
+                regional.pending,
+                regional.stats.call_sites,
+                f" in {workers} compiler processes" if parallel else "",
+            )
+            regional.finish()
+        logger.info(
+            "%s: %d engines (%d distinct graphs, %d distinct regions for %d call sites) ready in %.1f s",
+            self.name,
+            len(engines),
+            len(graphs),
+            regional.stats.built,
+            regional.stats.call_sites,
+            time.perf_counter() - total,
+        )
+        compiled = SDTMCompiledGraph(
+            engines,
+            names,
+            buckets.sites,
+            buckets.config,
+            buckets.signature,
+            example_inputs,
+            self.settings.history,
+            self.settings.step_cache,
+            first_block,
+        )
+        self.compiled.append(compiled)
+        return compiled
+
+
+def _without_hint(err: Exception) -> str:
+    """A pass's error message without its "pass on_unsupported='fallback'" advice (the fallback is running)."""
+    return str(err).split(f". {FALLBACK_HINT}")[0]
+
+
+def _no_extra_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
+    if kwargs:  # e.g. torch.compile(mode="max-autotune"): say so instead of silently ignoring it
+        raise ValueError(
+            f"the {name} backend takes only options={{...}}; got {sorted(kwargs)}. Inductor modes do not apply "
+            "to SDTM engines"
+        )
+
+
+def sdtm(gm: fx.GraphModule, example_inputs: list[torch.Tensor], options: Mapping[str, Any] | None = None, **kw):
+    """The ``sdtm`` backend: SDTM with Inductor engines (``engine`` option to change)."""
+    _no_extra_kwargs("sdtm", kw)
+    return SDTMBackend(options, name="sdtm")(gm, example_inputs)
+
+
+def sdtm_trt(gm: fx.GraphModule, example_inputs: list[torch.Tensor], options: Mapping[str, Any] | None = None, **kw):
+    """The ``sdtm_trt`` backend: SDTM with TensorRT engines where possible, Inductor otherwise (with a warning)."""
+    _no_extra_kwargs("sdtm_trt", kw)
+    return SDTMBackend(options, name="sdtm_trt")(gm, example_inputs)

@@ -1,0 +1,191 @@
+"""The method interface: what a token-reduction method tells the passes, the dispatcher, export and the references.
+
+A method is a config (a :class:`~sdtm_compile.core.config.MethodConfig` subclass, validated when built) and a
+:class:`TokenMethod` that answers, for that config:
+
+* the schedule: which engine (stage, ratio bucket) serves a trajectory position, and every engine a generation
+  can reach (:meth:`TokenMethod.engine_key_at`, :meth:`TokenMethod.engines_for_trajectory`);
+* the plan: which plan function an engine runs and with which static count (:meth:`TokenMethod.plan_spec`; the
+  plan function is registered by name with :func:`~sdtm_compile.core.plans.plan_method`), which branches it
+  merges (:meth:`TokenMethod.merged_branches`) and which blocks make, reuse or skip a plan
+  (:meth:`TokenMethod.block_plans`);
+* the state the engines carry from block to block and step to step, ``[B, N]`` int32 (SDTM's ``li``; a random
+  state for methods that draw random numbers): its value at the start of a generation
+  (:meth:`TokenMethod.init_state`);
+* its extensions (:meth:`TokenMethod.extensions`, :mod:`sdtm_compile.core.extension`): more state in the engine
+  contract, more passes, hooks in the eager reference and in the dispatcher.
+
+How to merge and unmerge follows from the plan's form (:class:`~sdtm_compile.core.merge.MergePlan`: gather/mean,
+scatter-add, or matmuls with a soft assignment). Adding a method is one module in :mod:`sdtm_compile.methods`:
+its config, its plan function and its :class:`TokenMethod` subclass decorated with :func:`register_method`
+(the package imports every module it holds, so nothing else needs an edit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+
+from .config import MethodConfig
+from .extension import Extension
+from .layout import ModelLayout
+from .merge import MergePlan
+from .plans import PlanSpec, make_plan
+from .schedule import FULL, EngineKey, Stage, TokenCounts, position_at_step, round_to_bucket
+from .signature import METHOD_STATE, EngineSignature, StateTensor
+
+__all__ = [
+    "TokenMethod",
+    "register_method",
+    "method_for",
+    "METHODS",
+    "ATTENTION_BRANCHES",
+    "FEED_FORWARD_BRANCHES",
+]
+
+#: Branch names (see :data:`sdtm_compile.core.layout.BRANCHES`): joint attention and SD3.5's second attention;
+#: the feed-forward (SD3 blocks and Flux double blocks) and the MLP part of a Flux single block.
+ATTENTION_BRANCHES = ("attn", "attn2")
+FEED_FORWARD_BRANCHES = ("ff", "mlp")
+
+
+class TokenMethod:
+    """One token-reduction method under one config (subclass per method; see the module docstring)."""
+
+    #: the config class this method takes (each subclass sets it; :func:`register_method` keys the registry by it)
+    config_class: ClassVar[type[MethodConfig]]
+
+    def __init__(self, config: MethodConfig) -> None:
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {config!r}")
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        """The method's name (``sdtm``, ``tomesd``, ...)."""
+        return self.config.method
+
+    # -- the schedule (the dispatcher's part) -------------------------------------------------------------------
+
+    def engine_key_at(self, position: float) -> EngineKey:
+        """The engine at trajectory position ``position`` in ``[0, 1]``. Default: one stage (``MERGE``) at the
+        config's ratio, rounded down to a bucket, at every step."""
+        bucket = round_to_bucket(self.config.ratio, self.config.buckets) if self.config.enabled else 0.0
+        return FULL if bucket == 0.0 else EngineKey(Stage.MERGE, bucket)
+
+    def engines_for_trajectory(self) -> list[EngineKey]:
+        """Every engine any step count can reach (what the compiler builds). Default: the one of
+        :meth:`engine_key_at`."""
+        return [self.engine_key_at(0.0)]
+
+    def engines_for_steps(self, num_steps: int) -> list[EngineKey]:
+        """The distinct engines a generation of ``num_steps`` steps uses (positions ``s / (S-1)``), sorted."""
+        return sorted({self.engine_key_at(position_at_step(s, num_steps)) for s in range(num_steps)})
+
+    # -- the plan -------------------------------------------------------------------------------------------------
+
+    def plan_spec(self, key: EngineKey, grid_h: int, grid_w: int) -> PlanSpec:
+        """The plan function (by name), its static count and options for the engine of ``key``."""
+        raise NotImplementedError
+
+    def plan_for(
+        self, key: EngineKey, x: torch.Tensor, state: torch.Tensor, grid_h: int, grid_w: int
+    ) -> tuple[MergePlan, torch.Tensor]:
+        """The plan of the engine of ``key`` for image tokens ``x`` ``[B, N, C]``, and the state after it."""
+        return make_plan(self.plan_spec(key, grid_h, grid_w), x, state, grid_h, grid_w)
+
+    def merged_branches(self, stage: Stage, family: str) -> tuple[str, ...]:
+        """Branch names merged in ``stage`` on a model of ``family`` (``sd3`` / ``flux``); names a block does
+        not have are ignored for it."""
+        raise NotImplementedError
+
+    def merged_tokens(self, key: EngineKey, grid_h: int, grid_w: int) -> int:
+        """``M``, the merged length of the engine of ``key`` (``N`` for ``FULL``)."""
+        raise NotImplementedError
+
+    def check_grid(self, grid_h: int, grid_w: int) -> str | None:
+        """Why the method cannot merge a ``grid_h x grid_w`` token grid, or ``None`` when it can (checked once
+        per compile, before any rewrite). Default: any grid."""
+        return None
+
+    def block_plans(self, kinds: Sequence[str]) -> list[int | None]:
+        """For blocks of these kinds (``joint``, ``double``, ``single``, in model order): ``None`` for a block
+        left unmerged, else the index of the block whose plan it uses (its own index: it makes one). Default:
+        every block makes its own plan."""
+        return list(range(len(kinds)))
+
+    def plan_sources(self, kinds: Sequence[str], key: EngineKey) -> list[int | None]:
+        """:meth:`block_plans` for the engine of ``key`` (``FULL``: no block merges)."""
+        if key.stage is Stage.FULL:
+            return [None] * len(kinds)
+        return self.block_plans(kinds)
+
+    def token_counts(self, key: EngineKey, grid_h: int, grid_w: int, family: str) -> TokenCounts:
+        """Image tokens each part of a (merged) block sees in the engine of ``key``."""
+        n = grid_h * grid_w
+        if key.stage is Stage.FULL:
+            return TokenCounts(n, n, n, 0)
+        merged = self.merged_branches(key.stage, family)
+        m = self.merged_tokens(key, grid_h, grid_w)
+        attention = m if any(b in merged for b in ATTENTION_BRANCHES) else n
+        feed_forward = m if any(b in merged for b in FEED_FORWARD_BRANCHES) else n
+        return TokenCounts(n, attention, feed_forward, n - m)
+
+    # -- the state and the extensions ------------------------------------------------------------------------
+
+    def init_state(self, batch: int, num_tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """The ``[B, N]`` int32 state at the start of a generation. Default: zeros (a method without state
+        passes it through)."""
+        return torch.zeros(batch, num_tokens, dtype=torch.int32, device=device)
+
+    def extensions(self) -> tuple[Extension, ...]:
+        """What the config turns on beyond the plans (:mod:`sdtm_compile.core.extension`). Default: nothing."""
+        return ()
+
+    def check_model(self, layout: ModelLayout) -> str | None:
+        """Why the method (with its extensions) cannot run on a model of ``layout``, or ``None``."""
+        problem = self.check_grid(*layout.grid) if self.config.enabled else None
+        for extension in self.extensions():
+            problem = problem or extension.check(layout)
+        return problem
+
+    def signature(self, layout: ModelLayout, extra: Sequence[StateTensor] = ()) -> EngineSignature:
+        """The engine contract of a compile on a model of ``layout``: the method's state, its extensions' state,
+        then ``extra`` (a backend option's, e.g. the step cache's), carried entries first."""
+        batch, tokens = layout.batch, layout.num_tokens
+        method_state = StateTensor(
+            METHOD_STATE,
+            (batch, tokens),
+            torch.int32,
+            carried=True,
+            initial=lambda device: self.init_state(batch, tokens, device),
+            description=f"the {self.name} method's state; fresh at the start of every generation (a timestep "
+            "above the previous one)",
+        )
+        entries = [method_state]
+        for extension in self.extensions():
+            entries.extend(extension.state(layout))
+        entries.extend(extra)
+        entries.sort(key=lambda t: not t.carried)  # stable: carried first, each group in declaration order
+        return EngineSignature(entries)
+
+
+#: Method classes by their config class.
+METHODS: dict[type[MethodConfig], type[TokenMethod]] = {}
+
+
+def register_method(cls: type[TokenMethod]) -> type[TokenMethod]:
+    """Class decorator: make ``cls`` the method of its ``config_class``."""
+    METHODS[cls.config_class] = cls
+    return cls
+
+
+def method_for(config: MethodConfig) -> TokenMethod:
+    """The :class:`TokenMethod` for ``config`` (any registered method's config)."""
+    cls = METHODS.get(type(config))
+    if cls is None:
+        known = ", ".join(sorted(c.__name__ for c in METHODS))
+        raise TypeError(f"{config!r} is not the config of a token-reduction method; expected one of {known}")
+    return cls(config)

@@ -1,0 +1,160 @@
+"""Run an exported bundle: :class:`OnnxTransformer`, an ONNX Runtime drop-in for ``pipe.transformer``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.config import config_from_dict
+from ..core.method import method_for
+from ..core.schedule import EngineKey, Stage
+from ..core.signature import EngineState
+from ..passes import UnsupportedModelError, image_grid
+from ..runtime import StageDispatcher
+from .bundle import MANIFEST, BundleError, read_bundle, signature_from_manifest
+
+__all__ = ["OnnxTransformer"]
+
+
+class _Config(dict):
+    """The diffusers transformer config, readable as ``config.x`` and ``config["x"]`` (like ``FrozenDict``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class OnnxTransformer(nn.Module):
+    """An ONNX Runtime replacement for ``pipe.transformer`` (``SD3Transformer2DModel`` or
+    ``FluxTransformer2DModel``) from an exported bundle.
+
+    Same keyword inputs and return type as the diffusers transformer; the engine of each call is picked by the
+    same :class:`~sdtm_compile.runtime.StageDispatcher` as the compiled backend, with the engine contract the
+    manifest records (:func:`~.bundle.signature_from_manifest`). Loading checks the manifest's format version, that
+    every file exists and matches its sha256; calls check the input shapes against the manifest (and, for Flux,
+    that ``img_ids`` lay out the exported token grid). ``skip_layers``, ControlNet residuals and
+    ``joint_attention_kwargs`` are not supported (a clear error).
+    ``history``: how many recent calls ``dispatcher.history`` keeps outside a ``generation`` context (0: none).
+    """
+
+    def __init__(self, bundle_dir: str | Path, providers: list[str] | None = None, history: int = 0) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        self.bundle_dir = Path(bundle_dir)
+        manifest = read_bundle(self.bundle_dir)
+        manifest_path = self.bundle_dir / MANIFEST
+        self.manifest = manifest
+        try:
+            self.sdtm_config = config_from_dict(manifest["config"])
+        except ValueError as err:
+            raise BundleError(f"{manifest_path}: invalid method config ({err}); re-export the bundle") from err
+        self.config = _Config(manifest["transformer_config"])
+        self.inputs = manifest["inputs"]
+        self.state = manifest["state"][0]
+        #: the engine contract of the bundle's graphs
+        self.signature = signature_from_manifest(manifest, method_for(self.sdtm_config))
+        chosen = providers or ["CPUExecutionProvider"]
+        self.sessions = {
+            name: ort.InferenceSession(str(self.bundle_dir / name), providers=chosen)
+            for name in manifest["files"]
+            if name.endswith(".onnx")
+        }
+        self.files = {self._key(e): e["file"] for e in manifest["engines"]}
+        self.dispatcher = StageDispatcher(self.sdtm_config, history=history)
+
+    @staticmethod
+    def _key(entry: dict[str, Any]) -> EngineKey:
+        return EngineKey(Stage(entry["stage"]), float(entry["bucket"]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.manifest["outputs"][0]["dtype"])
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def reset(self) -> None:
+        """Forget the generation state explicitly."""
+        self.dispatcher.reset()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        pooled_projections: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        img_ids: torch.Tensor | None = None,
+        txt_ids: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        block_controlnet_hidden_states: list | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        skip_layers: list[int] | None = None,
+        controlnet_block_samples: list | None = None,
+        controlnet_single_block_samples: list | None = None,
+    ):
+        controlnet = (block_controlnet_hidden_states, controlnet_block_samples, controlnet_single_block_samples)
+        if any(c is not None for c in controlnet) or skip_layers or joint_attention_kwargs:
+            raise ValueError(
+                "OnnxTransformer runs the exported graphs only: ControlNet residuals, skip_layers and "
+                "joint_attention_kwargs are not supported"
+            )
+        given = {
+            "hidden_states": hidden_states,
+            "encoder_hidden_states": encoder_hidden_states,
+            "pooled_projections": pooled_projections,
+            "timestep": timestep,
+            "img_ids": img_ids,
+            "txt_ids": txt_ids,
+            "guidance": guidance,
+        }
+        if img_ids is not None:
+            try:
+                grid = list(image_grid(img_ids.detach().cpu(), hidden_states.shape[1]))
+            except UnsupportedModelError as err:
+                raise BundleError(f"{self.bundle_dir / MANIFEST}: {err}") from err
+            if grid != self.manifest["grid"]:
+                raise BundleError(
+                    f"{self.bundle_dir / MANIFEST}: img_ids lay out a {grid[0]}x{grid[1]} token grid, the bundle was "
+                    f"exported for {self.manifest['grid'][0]}x{self.manifest['grid'][1]}; export a bundle for this size"
+                )
+        feeds: dict[str, np.ndarray] = {}
+        for spec in self.inputs:
+            value = given.get(spec["name"])
+            if value is None:
+                raise ValueError(f"OnnxTransformer needs the input {spec['name']!r}")
+            if isinstance(value, (int, float)) or value.dim() == 0:
+                value = torch.as_tensor(value).reshape(1).expand(spec["shape"][0])
+            if list(value.shape) != spec["shape"]:
+                raise BundleError(
+                    f"{self.bundle_dir / MANIFEST}: input {spec['name']!r} has shape {list(value.shape)}, but the "
+                    f"bundle was exported for {spec['shape']}; export a bundle for this batch size/resolution"
+                )
+            feeds[spec["name"]] = value.detach().cpu().to(getattr(torch, spec["dtype"])).numpy()
+
+        signature = self.signature
+
+        def call(key: EngineKey, state: EngineState):
+            file_name = self.files.get(key)
+            if file_name is None:
+                raise BundleError(f"{self.bundle_dir / MANIFEST}: no engine for {key}")
+            state_feeds = {t.name: v.numpy() for t, v in zip(signature.inputs, signature.engine_inputs(state))}
+            outputs = self.sessions[file_name].run(None, {**feeds, **state_feeds})
+            return signature.split([torch.from_numpy(value) for value in outputs])
+
+        sample = self.dispatcher.run(
+            timestep, ("onnx", tuple(hidden_states.shape)), signature, torch.device("cpu"), call
+        )[0].to(hidden_states.device)
+        if not return_dict:
+            return (sample,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=sample)

@@ -1,0 +1,386 @@
+"""A Triton Inference Server model repository from an exported bundle (:func:`export_triton`).
+
+The repository holds one model per engine of the bundle (served by Triton's ONNX Runtime backend, or by our Python
+runner of the same ONNX file where a server has only the Python backend) and one Python (BLS) model, the pipeline,
+that runs the sampling loop: for each step it calls the step's engine model with the latent, the timestep, the
+prompt inputs and the ``li`` state, combines CFG and takes the Euler step (``step_logic.py``). A client sends
+noise and prompt embeddings and gets the denoised latent::
+
+    repository/
+      sdtm/                    the pipeline (Python backend)
+        config.pbtxt
+        1/model.py             pipeline_model.py of this package
+        1/step_logic.py        the sampling loop, numpy only
+        1/dlpack_io.py         tensors in and out of the stub
+        1/step_table.json      every step count's engines, timesteps and Euler steps
+        1/initial_state.npy    li at the start of a generation
+        1/repository_manifest.json   sha256 of every other file of the repository, checked when the model loads
+      sdtm_full/               one engine (ONNX Runtime backend)
+        config.pbtxt
+        1/model.onnx
+      sdtm_structure_r0_5/ ...
+
+Shapes are static (the bundle's): Triton rejects a request of another shape before it reaches our code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...core.config import config_from_dict
+from ...core.method import method_for
+from ...engines import sha256_file
+from ...models.sampling import flux_set_timesteps, make_flux_scheduler, make_scheduler
+from ...runtime import StageDispatcher
+from ..bundle import BundleError, read_bundle, signature_from_manifest
+from . import step_logic
+from .step_logic import INITIAL_STATE, STEP_TABLE, TABLE_VERSION
+
+__all__ = ["TritonSettings", "export_triton", "REPOSITORY_MANIFEST", "RepositoryError", "verify_repository"]
+
+logger = logging.getLogger(__name__)
+
+REPOSITORY_MANIFEST = "repository_manifest.json"
+_HERE = Path(__file__).parent
+_TRITON_TYPES = {
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "bfloat16": "TYPE_BF16",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+}
+#: The transformer inputs the pipeline fills itself (every other input is the client's, passed through).
+_FILLED = ("hidden_states", "timestep", "guidance")
+
+
+class RepositoryError(ValueError):
+    """A model repository that must not be served; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class TritonSettings:
+    """How :func:`export_triton` lays out the repository. Every field is checked on construction.
+
+    Attributes:
+        name: the pipeline model's name; engine models are ``<name>_<engine>`` (e.g. ``sdtm_structure_r0_5``).
+        engine_backend: ``"onnxruntime"``: the engines are served by Triton's ONNX Runtime backend (stock
+            ``tritonserver`` images); ``"python"``: by our Python-backend runner of the same ONNX files with the
+            ``onnxruntime`` package, for servers that have only the Python backend (PyTriton's wheel).
+        kind: ``"cpu"`` or ``"gpu"``: the ``instance_group`` kind of the engine models (the pipeline model only
+            orchestrates and always runs on the CPU).
+        tensorrt: GPU engines only: ONNX Runtime runs them through its TensorRT execution provider (Triton's
+            ``gpu_execution_accelerator: "tensorrt"``, FP16), which builds and caches TensorRT engines on first
+            load. Needs ``kind="gpu"`` and ``engine_backend="onnxruntime"``.
+        tensorrt_plans: a folder of prebuilt TensorRT plans, one per ONNX file of the bundle, named after it
+            (``full.plan``, ``structure_r0.6.plan``, ...; e.g. ``trtexec --onnx=bundle/full.onnx
+            --saveEngine=plans/full.plan --fp16`` on the GPU that will serve them): the engines are then
+            ``tensorrt_plan`` models served by Triton's TensorRT backend. Needs ``kind="gpu"``. A plan missing for
+            any engine is an error (no silent mix). Plans are tied to the GPU and TensorRT version that built them.
+        pipeline_instances: concurrent generations per server (instances of the pipeline model).
+        engine_instances: instances of each engine model (concurrent transformer calls per engine).
+        engine_threads: intra-op threads of each engine instance (0: ONNX Runtime's default, all cores).
+        max_steps: the largest ``num_inference_steps`` a request may ask for (the step table covers 1..max_steps).
+        default_steps: ``num_inference_steps`` when a request leaves it out (``None``: SD3 28, Flux 20).
+        guidance_scale: the CFG scale when a request leaves it out (CFG pipelines).
+        guidance: FLUX.1-dev's distilled guidance when a request leaves it out.
+        cfg: whether the transformer batch is ``[uncond; cond]`` of the client's latent (``None``: SD3 bundles
+            of even batch, as diffusers' SD3 pipelines run CFG; Flux never).
+    """
+
+    name: str = "sdtm"
+    engine_backend: str = "onnxruntime"
+    kind: str = "cpu"
+    tensorrt: bool = False
+    tensorrt_plans: str | None = None
+    pipeline_instances: int = 4
+    engine_instances: int = 1
+    engine_threads: int = 0
+    max_steps: int = 64
+    default_steps: int | None = None
+    guidance_scale: float = 7.0
+    guidance: float = 3.5
+    cfg: bool | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.name.replace("_", "").replace("-", "").isalnum():
+            problems.append(f"name {self.name!r} must be letters, digits, '_' or '-'")
+        if self.engine_backend not in ("onnxruntime", "python"):
+            problems.append(f"engine_backend {self.engine_backend!r} must be 'onnxruntime' or 'python'")
+        if self.kind not in ("cpu", "gpu"):
+            problems.append(f"kind {self.kind!r} must be 'cpu' or 'gpu'")
+        if self.tensorrt and (self.kind != "gpu" or self.engine_backend != "onnxruntime"):
+            problems.append("tensorrt needs kind='gpu' and engine_backend='onnxruntime'")
+        if self.tensorrt_plans is not None and (self.kind != "gpu" or self.engine_backend != "onnxruntime"):
+            problems.append("tensorrt_plans need kind='gpu' and engine_backend='onnxruntime' (the stock layout)")
+        if self.tensorrt_plans is not None and self.tensorrt:
+            problems.append("give tensorrt (ONNX Runtime's TensorRT provider) or tensorrt_plans, not both")
+        if self.engine_backend == "python" and self.kind != "cpu":
+            problems.append("the Python engine runner is CPU only: use engine_backend='onnxruntime' on GPUs")
+        for field in ("pipeline_instances", "engine_instances", "max_steps"):
+            if getattr(self, field) < 1:
+                problems.append(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.engine_threads < 0:
+            problems.append(f"engine_threads must be >= 0, got {self.engine_threads}")
+        if self.default_steps is not None and not 1 <= self.default_steps <= self.max_steps:
+            problems.append(f"default_steps {self.default_steps} must be within 1..max_steps ({self.max_steps})")
+        if problems:
+            raise ValueError("invalid TritonSettings: " + "; ".join(problems))
+
+
+def _engine_model_name(settings: TritonSettings, file_name: str) -> str:
+    """``structure_r0.5.onnx`` -> ``sdtm_structure_r0_5`` (Triton model names are folder names)."""
+    return f"{settings.name}_{Path(file_name).stem.replace('.', '_')}"
+
+
+def _tensor_config(name: str, dtype: str, shape: list[int], optional: bool = False) -> str:
+    if dtype not in _TRITON_TYPES:
+        raise BundleError(f"tensor {name!r} has dtype {dtype}, which the repository exporter does not map")
+    extra = " optional: true" if optional else ""
+    return f'  {{ name: "{name}" data_type: {_TRITON_TYPES[dtype]} dims: [ {", ".join(map(str, shape))} ]{extra} }}'
+
+
+def _model_config(
+    name: str,
+    backend: str,
+    inputs: list[str],
+    outputs: list[str],
+    instances: int,
+    kind: str,
+    parameters: dict[str, str],
+    extra: str = "",
+) -> str:
+    """A ``config.pbtxt``: static shapes (``max_batch_size: 0``: the bundle's batch is part of every shape)."""
+    lines = [
+        f'name: "{name}"',
+        f'backend: "{backend}"',
+        "max_batch_size: 0",
+        "input [\n" + ",\n".join(inputs) + "\n]",
+        "output [\n" + ",\n".join(outputs) + "\n]",
+        f"instance_group [ {{ count: {instances} kind: KIND_{kind.upper()} }} ]",
+    ]
+    lines += [f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in parameters.items()]
+    return "\n".join(lines) + "\n" + extra
+
+
+def _family(manifest: dict[str, Any]) -> str:
+    return "flux" if manifest["transformer_class"].startswith("Flux") else "sd3"
+
+
+def step_table(manifest: dict[str, Any], settings: TritonSettings) -> dict[str, Any]:
+    """``step_table.json``: for every step count up to ``settings.max_steps``, each step's engine model (what
+    :class:`StageDispatcher` picks from the step's timestep), the timestep fed to the transformer and the Euler
+    step ``sigma_next - sigma`` of the scheduler the diffusers pipeline of the model family uses."""
+    config = config_from_dict(manifest["config"])
+    dispatcher = StageDispatcher(config)
+    family = _family(manifest)
+    inputs = {spec["name"]: spec for spec in manifest["inputs"]}
+    batch = inputs["hidden_states"]["shape"][0]
+    cfg = settings.cfg if settings.cfg is not None else (family == "sd3" and batch % 2 == 0)
+    if cfg and batch % 2:
+        raise RepositoryError(f"cfg=True needs an even transformer batch (uncond + cond); the bundle's is {batch}")
+    latent_shape = [batch // 2 if cfg else batch, *inputs["hidden_states"]["shape"][1:]]
+    files = {entry["key"]: entry["file"] for entry in manifest["engines"]}
+    engines = sorted({_engine_model_name(settings, f) for f in files.values()})
+    num_tokens = int(np.prod(manifest["grid"]))
+    steps: dict[str, list[list[float]]] = {}
+    for count in range(1, settings.max_steps + 1):
+        if family == "flux":
+            scheduler = make_flux_scheduler()
+            flux_set_timesteps(scheduler, count, num_tokens)
+            # FluxPipeline feeds timestep / 1000 (a float32 division), as sampling.flux_denoising does
+            fed = [t.to(torch.float32) / 1000 for t in scheduler.timesteps]
+        else:
+            scheduler = make_scheduler(config.timestep_shift)
+            scheduler.set_timesteps(count)
+            fed = [t.to(torch.float32) for t in scheduler.timesteps]
+        sigmas = scheduler.sigmas.to(torch.float32)
+        rows = []
+        for i, t in enumerate(fed):
+            key = dispatcher.key_for(t)[1]
+            engine = engines.index(_engine_model_name(settings, files[str(key)]))
+            rows.append([engine, float(t), float(sigmas[i + 1] - sigmas[i])])
+        steps[str(count)] = rows
+    return {
+        "version": TABLE_VERSION,
+        "family": family,
+        "engines": engines,
+        "steps": steps,
+        "inputs": {name: spec["shape"] for name, spec in inputs.items() if name not in _FILLED},
+        "latent_shape": latent_shape,
+        "grid": list(manifest["grid"]),
+        "batch": batch,
+        "cfg": cfg,
+        "guidance": "guidance" in inputs,
+        "state": manifest["state"][0]["name"],
+        "state_output": manifest["state"][0]["output"],
+        "sample": manifest["outputs"][0]["name"],
+        "default_steps": settings.default_steps or (20 if family == "flux" else 28),
+        "default_guidance_scale": settings.guidance_scale,
+        "default_guidance": settings.guidance,
+    }
+
+
+def _plans(settings: TritonSettings, engine_files: list[str]) -> dict[str, Path]:
+    """``{onnx file: plan file}`` when ``settings.tensorrt_plans`` is given (every engine must have one)."""
+    if settings.tensorrt_plans is None:
+        return {}
+    folder = Path(settings.tensorrt_plans)
+    plans = {f: folder / f"{Path(f).stem}.plan" for f in engine_files}
+    missing = [str(path) for path in plans.values() if not path.is_file()]
+    if missing:
+        raise RepositoryError(
+            f"tensorrt_plans: no plan for {len(missing)} of {len(plans)} engines: {', '.join(missing)}; build one "
+            "per ONNX file of the bundle (trtexec --onnx=<bundle>/<name>.onnx --saveEngine=<plans>/<name>.plan)"
+        )
+    return plans
+
+
+def initial_state(manifest: dict[str, Any]) -> np.ndarray:
+    """The method's state at the start of every generation (SDTM: ``li`` zeros; ToMeSD / SiTo: seeded), from the
+    engine contract the bundle records."""
+    state = manifest["state"][0]
+    signature = signature_from_manifest(manifest, method_for(config_from_dict(manifest["config"])))
+    return signature[state["name"]].fresh("cpu").numpy().astype(state["dtype"])
+
+
+def export_triton(bundle_dir: str | Path, out_dir: str | Path, settings: TritonSettings | None = None) -> Path:
+    """Write a Triton model repository serving the bundle in ``bundle_dir`` (from :func:`~sdtm_compile.export_onnx`)
+    to ``out_dir``; returns ``out_dir``.
+
+    The bundle is checked first (format, every file's sha256). ``out_dir`` may exist only if it is empty or an
+    earlier repository of ours (it is then replaced): nothing else is overwritten. Refuses bundles of methods
+    whose state the engines do not carry (cache fusion and SDTM* are refused by the ONNX export already).
+    """
+    settings = settings or TritonSettings()
+    bundle_dir, out = Path(bundle_dir), Path(out_dir)
+    manifest = read_bundle(bundle_dir)
+    if out.exists() and any(out.iterdir()):
+        if not list(out.glob(f"*/1/{REPOSITORY_MANIFEST}")):
+            raise RepositoryError(
+                f"{out}: exists, is not empty and is not a repository written by export_triton; choose a new folder"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = step_table(manifest, settings)
+    specs = {spec["name"]: spec for spec in manifest["inputs"]}
+    state, sample = manifest["state"][0], manifest["outputs"][0]
+
+    engine_inputs = [_tensor_config(s["name"], s["dtype"], s["shape"]) for s in manifest["inputs"]]
+    engine_inputs.append(_tensor_config(state["name"], state["dtype"], state["shape"]))
+    engine_outputs = [
+        _tensor_config(sample["name"], sample["dtype"], sample["shape"]),
+        _tensor_config(state["output"], state["dtype"], state["shape"]),
+    ]
+    engine_files = sorted({entry["file"] for entry in manifest["engines"]})
+    plans = _plans(settings, engine_files)
+    for file_name in engine_files:
+        name = _engine_model_name(settings, file_name)
+        version = out / name / "1"
+        version.mkdir(parents=True)
+        parameters: dict[str, str] = {}
+        extra = ""
+        if plans:
+            shutil.copyfile(plans[file_name], version / "model.plan")
+        else:
+            shutil.copyfile(bundle_dir / file_name, version / "model.onnx")
+            data = bundle_dir / f"{file_name}.data"
+            if data.exists():  # the graph refers to its weights file by this name
+                shutil.copyfile(data, version / data.name)
+        if plans:
+            backend = "tensorrt"
+        elif settings.engine_backend == "python":
+            shutil.copyfile(_HERE / "engine_model.py", version / "model.py")
+            shutil.copyfile(_HERE / "dlpack_io.py", version / "dlpack_io.py")
+            parameters["intra_op_threads"] = str(settings.engine_threads)
+            backend = "python"
+        else:
+            backend = "onnxruntime"
+            if settings.engine_threads:
+                parameters["intra_op_thread_count"] = str(settings.engine_threads)
+            if settings.tensorrt:
+                extra = (
+                    "optimization { execution_accelerators { gpu_execution_accelerator : [ {\n"
+                    '  name : "tensorrt"\n'
+                    '  parameters { key: "precision_mode" value: "FP16" }\n'
+                    '  parameters { key: "trt_engine_cache_enable" value: "1" }\n'
+                    "} ] } }\n"
+                )
+        (out / name / "config.pbtxt").write_text(
+            _model_config(
+                name,
+                backend,
+                engine_inputs,
+                engine_outputs,
+                settings.engine_instances,
+                settings.kind,
+                parameters,
+                extra,
+            )
+        )
+
+    pipeline_inputs = [_tensor_config("latents", "float32", table["latent_shape"])]
+    pipeline_inputs += [_tensor_config(n, specs[n]["dtype"], specs[n]["shape"]) for n in table["inputs"]]
+    pipeline_inputs.append(_tensor_config("num_inference_steps", "int32", [1], optional=True))
+    if table["cfg"]:
+        pipeline_inputs.append(_tensor_config("guidance_scale", "float32", [1], optional=True))
+    if table["guidance"]:
+        pipeline_inputs.append(_tensor_config("guidance", "float32", [1], optional=True))
+    version = out / settings.name / "1"
+    version.mkdir(parents=True)
+    shutil.copyfile(_HERE / "pipeline_model.py", version / "model.py")
+    shutil.copyfile(Path(step_logic.__file__), version / "step_logic.py")
+    shutil.copyfile(_HERE / "dlpack_io.py", version / "dlpack_io.py")
+    (version / STEP_TABLE).write_text(json.dumps(table))
+    np.save(version / INITIAL_STATE, initial_state(manifest))
+    (out / settings.name / "config.pbtxt").write_text(
+        _model_config(
+            settings.name,
+            "python",
+            pipeline_inputs,
+            [_tensor_config("denoised", "float32", table["latent_shape"])],
+            settings.pipeline_instances,
+            "cpu",
+            {"source_bundle_sha256": sha256_file(bundle_dir / "manifest.json")},
+        )
+    )
+    files = {
+        path.relative_to(out).as_posix(): sha256_file(path)
+        for path in sorted(out.rglob("*"))
+        if path.is_file() and path.name != REPOSITORY_MANIFEST and "__pycache__" not in path.parts
+    }
+    (version / REPOSITORY_MANIFEST).write_text(
+        json.dumps({"settings": dataclasses.asdict(settings), "files": files}, indent=1)
+    )
+    logger.info(
+        "wrote a Triton repository to %s: pipeline %r (%d instances) and %d engine models (%s backend)",
+        out,
+        settings.name,
+        settings.pipeline_instances,
+        len(table["engines"]),
+        settings.engine_backend,
+    )
+    return out
+
+
+def verify_repository(repository: str | Path, name: str | None = None) -> dict[str, Any]:
+    """Check every file a repository's manifest lists against its sha256 (what the pipeline model does when it
+    loads); returns the manifest, or raises :class:`RepositoryError` naming the first bad file."""
+    repository = Path(repository)
+    manifests = sorted(repository.glob(f"{name or '*'}/1/{REPOSITORY_MANIFEST}"))
+    if not manifests:
+        raise RepositoryError(f"{repository}: no */1/{REPOSITORY_MANIFEST}; write the repository with export_triton")
+    try:
+        step_logic.verify_files(repository, manifests[0])
+    except step_logic.RepositoryFileError as err:
+        raise RepositoryError(str(err)) from None
+    return json.loads(manifests[0].read_text())

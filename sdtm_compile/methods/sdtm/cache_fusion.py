@@ -1,0 +1,262 @@
+"""Cache fusion (``SDTMConfig.cache_fusion``): the release's step cache, as an extension of SDTM.
+
+Every ``protect_every``-th step of a generation (0, k, 2k, ...) is *protected*: it runs the unmerged engine, which
+also returns each merged branch's gated output (one ``[B, N, C]`` per cached branch: the cache ``[K, B, N, C]``).
+Every other step's merged engine takes the cache as an input and blends its merged positions,
+``mcw * computed + (1 - mcw) * cached``, after the gate multiply. One cache is kept per call index of a step (CFG as
+two calls keeps two), in the dispatcher's state of the generation.
+
+The four parts of the extension (:mod:`sdtm_compile.core.extension`):
+
+* state: ``cache`` ``[K, B, N, C]`` in the blocks' dtype, carried (:func:`cache_slots` orders it: per block the
+  branches some stage merges, ``attn``, ``attn2``, ``ff``);
+* pass :func:`fuse_cached_branches`: the ``FULL`` engine returns the stack of its gated branch outputs, a merged
+  engine blends each merged branch with its cache slot (``sdtm_fuse``) and returns the cache it was given;
+* reference hooks: the same store and blend on the eager reference's gated outputs;
+* dispatcher: which steps are protected, and which cache each call is fed.
+
+SD3 / SD3.5 only (the release's models): on Flux it is refused with :class:`CacheFusionError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any
+
+import torch
+from torch import fx
+
+from ...core.extension import Extension, ExtensionRun, ReferenceHooks
+from ...core.layout import ModelLayout
+from ...core.ops import graph_op, sdtm_plan, sdtm_unmerge
+from ...core.schedule import FULL, EngineKey, Stage
+from ...core.signature import EngineSignature, EngineState, StateTensor
+from ...passes import (
+    Branch,
+    GraphPass,
+    ModelSites,
+    PassSettings,
+    copy_location,
+    fact,
+    set_state_output,
+    state_input,
+    state_outputs,
+)
+from .config import SDTMConfig
+
+__all__ = ["CacheFusion", "CacheFusionError", "cache_slots", "fuse_cached", "fuse_cached_branches", "sdtm_fuse"]
+
+logger = logging.getLogger(__name__)
+
+
+class CacheFusionError(ValueError):
+    """Cache fusion asked of a model or graph it does not support."""
+
+
+def fuse_cached(computed: torch.Tensor, cached: torch.Tensor, li: torch.Tensor, mcw: float) -> torch.Tensor:
+    """Cache fusion (the release's ``unmerge``): ``mcw * computed + (1 - mcw) * cached`` on merged positions.
+
+    ``computed`` / ``cached``: ``[B, N, C]`` a branch's gated output now and at the last protected step; ``li``
+    ``[B, N]``: the counter *after* this block's plan, which is 0 exactly on the tokens the plan left unmerged
+    (SSM: tokens of unchosen windows; IDM: unmerged sources). So the blended positions are the release's: SSM's
+    merged windows, IDM's destinations and merged sources (its ``dst_in_x_index`` is every destination).
+    """
+    return torch.where((li > 0)[..., None], mcw * computed + (1.0 - mcw) * cached, computed)
+
+
+@graph_op
+def sdtm_fuse(computed: torch.Tensor, cached: torch.Tensor, li: torch.Tensor, mcw: float) -> torch.Tensor:
+    """Cache fusion on one gated branch output ``[B, N, C]`` (see :func:`fuse_cached`)."""
+    return fuse_cached(computed, cached, li, mcw)
+
+
+def cache_slots(layout: ModelLayout, method: Any) -> list[tuple[int, str]]:
+    """``(block index, branch name)`` of every cached branch, in the cache's order: each block's image branches
+    that some stage of ``method`` merges (SD3: ``attn``, ``attn2`` on SD3.5's dual-attention blocks, ``ff``), as
+    the release stores ``attn_output``, ``attn_output2`` and ``mlp_output`` per layer."""
+    stages = (Stage.STRUCTURE, Stage.DETAIL)
+    names = tuple(dict.fromkeys(name for stage in stages for name in method.merged_branches(stage, layout.family)))
+    return [(block.index, name) for block in layout.blocks for name in names if name in block.branches]
+
+
+def _gate_multiply(value: fx.Node, where: str) -> fx.Node:
+    """The node multiplying a branch output by its AdaLN gate (``gate.unsqueeze(1) * out``): the release caches and
+    fuses *gated* outputs, so the cache is read and written there."""
+    users = list(value.users)
+    if len(users) == 1 and users[0].target in (operator.mul, torch.mul) and value in users[0].args:
+        return users[0]
+    raise CacheFusionError(
+        f"{where}: expected the branch output to be used once, by its gate multiply; found users "
+        f"{[u.format_node() for u in users]}. Cache fusion needs the diffusers JointTransformerBlock's layout"
+    )
+
+
+def _plan_li(unmerged: fx.Node) -> fx.Node:
+    """The ``li`` part of the plan an ``sdtm_unmerge`` node restores from (the counter after that block's plan)."""
+    plan = unmerged.args[1].args[0]  # type: ignore[union-attr]  # slot = getitem(plan, 0)
+    assert isinstance(plan, fx.Node) and plan.target is sdtm_plan
+    return next(u for u in plan.users if u.target is operator.getitem and u.args[1] == 2)
+
+
+def _unmerge_of(branch: Branch) -> fx.Node | None:
+    return next((u for u in branch.output.users if u.target is sdtm_unmerge), None)
+
+
+def fuse_cached_branches(
+    gm: fx.GraphModule, sites: ModelSites, settings: PassSettings
+) -> tuple[fx.GraphModule, ModelSites]:
+    """The ``FULL`` engine returns the stack of its cached branches' gated outputs as its ``cache``; a merged engine
+    blends every merged cached branch with its slot of the ``sdtm_cache`` input (and returns that input)."""
+    config = settings.config
+    graph = gm.graph
+    cache = state_input(gm, "cache")
+    if cache is None:
+        raise ValueError("fuse_cached_branches needs the sdtm_cache input: run thread_engine_state first")
+    slots = cache_slots(sites.layout(), settings.method)
+    blocks = {block.index: block for block in sites.blocks}
+    if settings.key.stage is Stage.FULL:
+        gated = [_gate_multiply(getattr(blocks[i], name).output, f"block {i} {name}") for i, name in slots]
+        output = next(n for n in graph.nodes if n.op == "output")
+        with graph.inserting_before(output):
+            stored = graph.call_function(torch.stack, (gated, 0))
+        copy_location(stored, gated[-1], "cache")
+        set_state_output(gm, settings.contract, "cache", stored)
+        done = len(gated)
+    else:
+        done = 0
+        for k, (i, name) in enumerate(slots):
+            unmerged = _unmerge_of(getattr(blocks[i], name))
+            if unmerged is None:  # this stage leaves the branch unmerged: nothing to blend (as released)
+                continue
+            gate = _gate_multiply(unmerged, f"block {i} {name}")
+            with graph.inserting_after(gate):
+                cached = graph.call_function(operator.getitem, (cache, k))
+            with graph.inserting_after(cached):
+                fused = graph.call_function(sdtm_fuse, (gate, cached, _plan_li(unmerged), config.mcw))
+            for node in (cached, fused):
+                copy_location(node, gate, "fuse")
+            gate.replace_all_uses_with(fused, delete_user_cb=lambda user: user is not fused)
+            done += 1
+    gm.recompile()
+    logger.debug(
+        "fuse_cached_branches: %s, %d cached branches, %s %d",
+        settings.key,
+        len(slots),
+        "stored" if settings.key.stage is Stage.FULL else "fused",
+        done,
+    )
+    return gm, sites
+
+
+@fact("cache_fused")
+def _cache_fused(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> bool:
+    """``FULL``: the cache output stacks every cached branch. Merged: one ``sdtm_fuse`` per merged cached branch."""
+    if "cache" not in state_outputs(gm):
+        return False
+    slots = cache_slots(sites.layout(), settings.method)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    stored = output.args[0][-len(state_outputs(gm)) + state_outputs(gm).index("cache")]
+    if settings.key.stage is Stage.FULL:
+        return stored.target is torch.stack and len(stored.args[0]) == len(slots)
+    blocks = {block.index: block for block in sites.blocks}
+    merged = sum(_unmerge_of(getattr(blocks[i], name)) is not None for i, name in slots)
+    fused = sum(n.target is sdtm_fuse for n in gm.graph.nodes)
+    return fused == merged and stored is state_input(gm, "cache")
+
+
+class _FusionHooks(ReferenceHooks):
+    """Cache fusion in the eager reference: store (``FULL``) or blend every cached branch's gated output."""
+
+    def __init__(self, slots: list[tuple[int, str]], config: SDTMConfig, cache: torch.Tensor, store: bool) -> None:
+        self.slots, self.config, self.cache, self.store = slots, config, cache, store
+        self.stored: dict[tuple[int, str], torch.Tensor] = {}
+
+    def gated(self, block: int, branch: str, value: torch.Tensor, li: torch.Tensor | None) -> torch.Tensor:
+        slot = (block, branch)
+        if slot not in self.slots:
+            return value
+        if self.store:
+            self.stored[slot] = value
+            return value
+        if li is None:  # this stage leaves the branch unmerged: nothing to blend
+            return value
+        return fuse_cached(value, self.cache[self.slots.index(slot)], li, self.config.mcw)
+
+    def outputs(self) -> dict[str, torch.Tensor]:
+        if not self.store:
+            return {"cache": self.cache}
+        return {"cache": torch.stack([self.stored[slot] for slot in self.slots])}
+
+
+class _FusionRun(ExtensionRun):
+    """Which steps are protected, and the cache each call index of a step stored at the last protected step."""
+
+    def __init__(self, config: SDTMConfig) -> None:
+        self.config = config
+        self.caches: dict[int, torch.Tensor] = {}
+
+    def choose(self, key: EngineKey, position: float, step: int, call: int, notes: dict[str, Any]) -> EngineKey:
+        # a call with no stored cache (e.g. a third guidance call) runs unmerged too
+        notes["protected"] = step % self.config.protect_every == 0 or call not in self.caches
+        return FULL if notes["protected"] else key
+
+    def inputs(self, call: int, signature: EngineSignature, device: torch.device) -> dict[str, torch.Tensor]:
+        # a protected step's engine does not read its cache input: the stored one (or, before the first protected
+        # step of this call index, an empty one) only fills the slot
+        cache = self.caches.get(call)
+        return {"cache": cache if cache is not None else signature["cache"].fresh(device)}
+
+    def after(self, call: int, key: EngineKey, result: EngineState, notes: dict[str, Any]) -> None:
+        if notes.get("protected"):
+            self.caches[call] = result.cache  # type: ignore[assignment]
+
+
+class CacheFusion(Extension):
+    """The extension (see the module docstring); ``method``: the :class:`SDTMMethod` whose branches are cached."""
+
+    name = "cache_fusion"
+    composes_with_step_cache = False  # it is a step cache itself
+
+    def __init__(self, method: Any) -> None:
+        self.method = method
+        self.config: SDTMConfig = method.config
+
+    def check(self, layout: ModelLayout) -> str | None:
+        if layout.family != "sd3":
+            return (
+                f"cache fusion is implemented for SD3 / SD3.5 (as the release), not for {layout.family} models: "
+                "compile with SDTMConfig(cache_fusion=False)"
+            )
+        return None
+
+    def state(self, layout: ModelLayout) -> tuple[StateTensor, ...]:
+        problem = self.check(layout)
+        if problem is not None:
+            raise CacheFusionError(problem)
+        slots = cache_slots(layout, self.method)
+        shape = (len(slots), layout.batch, layout.num_tokens, layout.width)
+        description = (
+            f"cache fusion: the gated outputs of {len(slots)} branches at the last protected step; the FULL engine "
+            "writes it, merged engines read it"
+        )
+        return (StateTensor("cache", shape, layout.dtype, carried=True, description=description),)
+
+    def passes(self) -> tuple[GraphPass, ...]:
+        return (
+            GraphPass(
+                "fuse_cached_branches",
+                fuse_cached_branches,
+                requires=("state_threaded",),
+                ensures=("cache_fused",),
+                phase="state",
+            ),
+        )
+
+    def reference(self, state: EngineState, key: EngineKey, layout: ModelLayout) -> ReferenceHooks:
+        if state.cache is None:
+            raise ValueError("cache fusion is on: pass the cache (StageDispatcher carries it)")
+        return _FusionHooks(cache_slots(layout, self.method), self.config, state.cache, key.stage is Stage.FULL)
+
+    def start(self) -> ExtensionRun:
+        return _FusionRun(self.config)
