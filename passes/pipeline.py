@@ -92,9 +92,10 @@ class GraphPass:
             raise ValueError(f"{self.name}: every pass declares at least one fact it ensures")
 
     def describe(self) -> str:
-        doc = self.doc or (self.run.__doc__ or "").strip().split("\n")[0]
-        requires = f" requires {', '.join(self.requires)};" if self.requires else ""
-        return f"{self.name}:{requires} ensures {', '.join(self.ensures)}\n      {doc}"
+        """``name: what it does`` and the facts it requires and ensures."""
+        doc = self.doc or " ".join((self.run.__doc__ or "").split()).split(". ")[0]
+        requires = f"requires {', '.join(self.requires)}; " if self.requires else ""
+        return f"{self.name}: {doc}\n       ({requires}ensures {', '.join(self.ensures)})"
 
 
 @dataclass(frozen=True)
@@ -170,14 +171,26 @@ def _flux_merging(ctx: PassContext) -> bool:
 
 
 GENERIC_REWRITE: tuple[GraphPass, ...] = (
-    GraphPass("split_single_stream", split_single_stream, ensures=("single_streams_split",), applies=_flux_merging),
-    GraphPass("thread_engine_state", thread_engine_state, ensures=("state_threaded",)),
+    GraphPass(
+        "split_single_stream",
+        split_single_stream,
+        ensures=("single_streams_split",),
+        applies=_flux_merging,
+        doc="Flux single-stream blocks: proj_out split into attention and MLP columns (the MLP branch to merge)",
+    ),
+    GraphPass(
+        "thread_engine_state",
+        thread_engine_state,
+        ensures=("state_threaded",),
+        doc="the engine contract's carried state (sdtm_li, ...) as inputs, returned after the model's outputs",
+    ),
     GraphPass(
         "insert_merge_nodes",
         insert_merge_nodes,
         requires=("state_threaded", "single_streams_split"),
         ensures=("merge_nodes_inserted",),
         applies=lambda ctx: ctx.merges,
+        doc="a plan per block (or a shared one), merge / unmerge around every branch the stage merges",
     ),
     GraphPass(
         "gather_rotary_positions",
@@ -185,6 +198,7 @@ GENERIC_REWRITE: tuple[GraphPass, ...] = (
         requires=("merge_nodes_inserted",),
         ensures=("rotary_per_token",),
         applies=lambda ctx: _flux_merging(ctx) and "attn" in ctx.merged_branches,
+        doc="merged Flux attention: each merged token rotated by its representative's RoPE row",
     ),
 )
 FIX_SHAPES = GraphPass(
@@ -193,6 +207,7 @@ FIX_SHAPES = GraphPass(
     requires=("merge_nodes_inserted", "rotary_per_token"),
     ensures=("token_constants_rewritten",),
     applies=lambda ctx: ctx.merges,
+    doc="token-count constants inside merged branches set to the merged count",
 )
 HIDDEN_OUTPUT = GraphPass(
     "add_hidden_output",
@@ -201,6 +216,7 @@ HIDDEN_OUTPUT = GraphPass(
     ensures=("hidden_output",),
     phase="state",
     applies=lambda ctx: ctx.step_cache,
+    doc="the step cache: the last block's image output as the hidden state output",
 )
 
 

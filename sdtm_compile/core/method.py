@@ -23,6 +23,7 @@ its config, its plan function and its :class:`TokenMethod` subclass decorated wi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -79,6 +80,15 @@ class TokenMethod:
         """Every engine any step count can reach (what the compiler builds). Default: the one of
         :meth:`engine_key_at`."""
         return [self.engine_key_at(0.0)]
+
+    def describe(self) -> str:
+        """One line naming the config's schedule, for logs and reports. Default: the ratio."""
+        return f"{self.name} ratio {self.config.ratio:g}"
+
+    def with_ratio(self, ratio: float) -> MethodConfig:
+        """This method's config at another ``ratio`` (a sweep point), every other field kept. A method whose other
+        fields are bounded by the ratio narrows them (SDTM: its deviation)."""
+        return dataclasses.replace(self.config, ratio=ratio)
 
     def engines_for_steps(self, num_steps: int) -> list[EngineKey]:
         """The distinct engines a generation of ``num_steps`` steps uses (positions ``s / (S-1)``), sorted."""

@@ -140,6 +140,7 @@ class AdaptiveRatio(Extension):
                 requires=("state_threaded",),
                 ensures=("statistic_output",),
                 phase="state",
+                doc="SDTM*: the fraction of block 0's windows scoring >= the threshold, as the stat output",
             ),
         )
 

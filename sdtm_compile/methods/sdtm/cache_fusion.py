@@ -250,6 +250,7 @@ class CacheFusion(Extension):
                 requires=("state_threaded",),
                 ensures=("cache_fused",),
                 phase="state",
+                doc="cache fusion: FULL stores every merged branch's gated output, merged engines blend with it",
             ),
         )
 

@@ -3,6 +3,8 @@ each stage merges, which plan each engine runs, and which extensions the config 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...core.extension import Extension
@@ -11,7 +13,7 @@ from ...core.plans import PlanSpec
 from ...core.schedule import EngineKey, Stage, TokenCounts
 from .adaptive import AdaptiveRatio
 from .cache_fusion import CacheFusion
-from .config import SDTMConfig
+from .config import MAX_RATIO, SDTMConfig
 from .plans import init_li
 from .schedule import engine_key_at, engines_for_trajectory, idm_sources_merged, ssm_windows_merged, token_counts
 from .size_aware import SizeAwareAttention
@@ -42,6 +44,15 @@ class SDTMMethod(TokenMethod):
 
     def engines_for_trajectory(self) -> list[EngineKey]:
         return engines_for_trajectory(self.config)
+
+    def describe(self) -> str:
+        c = self.config
+        return f"sdtm ratio {c.ratio:g} (deviation {c.deviation:g}, switch at {c.switch_at:g})"
+
+    def with_ratio(self, ratio: float) -> SDTMConfig:
+        """The config at ``ratio``, its deviation narrowed where ``ratio`` +- deviation would leave [0, 0.75]."""
+        deviation = max(0.0, min(self.config.deviation, ratio, MAX_RATIO - ratio))
+        return dataclasses.replace(self.config, ratio=ratio, deviation=round(deviation, 6))
 
     def plan_spec(self, key: EngineKey, grid_h: int, grid_w: int) -> PlanSpec:
         """SSM for the structure stage, IDM for the detail stage, at the bucket's count."""

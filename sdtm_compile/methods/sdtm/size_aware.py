@@ -161,6 +161,7 @@ class SizeAwareAttention(Extension):
                 ensures=("attention_biased",),
                 phase="rewrite",
                 applies=_merges_attention,
+                doc="size-aware attention: a log(size) key bias on every merged attention",
             ),
         )
 
