@@ -8,7 +8,7 @@ Every measurement is a fresh Python process that builds a model from config, com
 Per model and variant: *cold* starts with an empty engine cache and an empty Inductor cache
 (``SDTM_CACHE_DIR``, ``TORCHINDUCTOR_CACHE_DIR``); *warm* is a second process with the caches the cold one left
 (what a user's second run sees). Variants: ``inductor`` (plain ``torch.compile``, the baseline), ``sdtm`` (the
-backend as shipped: regional engines, :mod:`sdtm_compile.regions`) and, with ``--whole``, ``sdtm-whole``
+backend as shipped: regional engines, :mod:`sdtm_compile.compiler.regions`) and, with ``--whole``, ``sdtm-whole``
 (``regional=False``: every bucket graph compiled whole, as before regional engines). Batch 2 (CFG), the
 model's default latent. Writes the table as JSON with ``--json``.
 """
@@ -25,7 +25,7 @@ import time
 
 CHILD = r"""
 import sys, time, torch
-from sdtm_compile.backend import SDTMBackend
+from sdtm_compile import SDTMBackend
 from sdtm_compile.models import MODEL_PRESETS, example_inputs, tiny_sd3_transformer
 name, variant = sys.argv[1:3]
 preset = MODEL_PRESETS[name]

@@ -43,14 +43,14 @@ def _remap_slice(item: object, old_size: int, mapping: dict[int, int]) -> object
     return slice(bounds[0], bounds[1], item.step)
 
 
-def _rewrite_split(node: fx.Node, mapping: dict[int, int]) -> bool:
-    """``x.split_with_sizes([T, N], dim)`` on a joint ``T + N`` axis -> ``[T, M]`` (Flux: text first, so the image
-    part is the last entry equal to ``N``; the new sizes must add up to the merged joint length)."""
+def _split_args(node: fx.Node, mapping: dict[int, int]) -> tuple | None:
+    """``x.split_with_sizes([T, N], dim)`` on a joint ``T + N`` axis -> the args of ``[T, M]`` (Flux: text first, so
+    the image part is the last entry equal to ``N``; the new sizes must add up to the merged joint length)."""
     source, sizes = node.args[0], node.args[1]
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     old = node_shape(source)
     if old is None or not isinstance(sizes, (list, tuple)) or old[dim] not in mapping:
-        return False
+        return None
     total = mapping[old[dim]]
     new = list(sizes)
     for position in reversed(range(len(new))):
@@ -58,37 +58,29 @@ def _rewrite_split(node: fx.Node, mapping: dict[int, int]) -> bool:
             new[position] = mapping[new[position]]
             break
     if sum(new) != total or new == list(sizes):
-        return False
-    node.args = (source, type(sizes)(new), *node.args[2:])
-    return True
+        return None
+    return (source, type(sizes)(new), *node.args[2:])
 
 
-def _rewrite_node(node: fx.Node, mapping: dict[int, int]) -> bool:
-    """Rewrite token-count constants of one node in place; True if anything changed."""
-    if node.op == "call_method" and node.target in ("split_with_sizes", "split") and len(node.args) >= 2:
-        return _rewrite_split(node, mapping)
-    if node.op == "call_function" and node.target is operator.getitem:
-        source, index = node.args
-        old = node_shape(source)
-        if old is None:
-            return False
-        items = index if isinstance(index, tuple) else (index,)
-        if any(item is Ellipsis or item is None for item in items):
-            return False  # positions would not line up with dimensions; leave it to the shape check
-        new_items = tuple(_remap_slice(item, old[d], mapping) for d, item in enumerate(items) if d < len(old))
-        new_index = new_items if isinstance(index, tuple) else new_items[0]
-        if new_index != index:
-            node.args = (source, new_index)
-            return True
-        return False
-    is_size_call = (node.op == "call_method" and node.target in _SIZE_METHODS) or (
-        node.op == "call_function" and node.target in _SIZE_FUNCTIONS
-    )
-    if not is_size_call:
-        return False
+def _getitem_args(node: fx.Node, mapping: dict[int, int]) -> tuple | None:
+    """``x[..., a:b]`` with a slice bound on a token axis -> the args with the merged bound."""
+    source, index = node.args
+    old = node_shape(source)
+    if old is None:
+        return None
+    items = index if isinstance(index, tuple) else (index,)
+    if any(item is Ellipsis or item is None for item in items):
+        return None  # positions would not line up with dimensions; leave it to the shape check
+    new_items = tuple(_remap_slice(item, old[d], mapping) for d, item in enumerate(items) if d < len(old))
+    new_index = new_items if isinstance(index, tuple) else new_items[0]
+    return (source, new_index) if new_index != index else None
+
+
+def _size_args(node: fx.Node, mapping: dict[int, int]) -> tuple | None:
+    """``view`` / ``reshape`` / ``new_zeros`` / ... with the token count as a size -> the args with the merged one."""
     out = node_shape(node)
     if out is None:
-        return False
+        return None
     first = 1 if node.op == "call_method" or node.target is torch.reshape else 0
     args = list(node.args)
     packed = len(args) == first + 1 and isinstance(args[first], (tuple, list))
@@ -98,9 +90,21 @@ def _rewrite_node(node: fx.Node, mapping: dict[int, int]) -> bool:
         for d, v in enumerate(sizes)
     ]
     if new_sizes == sizes:
-        return False
-    node.args = tuple(args[:first]) + ((type(args[first])(new_sizes),) if packed else tuple(new_sizes))
-    return True
+        return None
+    return tuple(args[:first]) + ((type(args[first])(new_sizes),) if packed else tuple(new_sizes))
+
+
+def _rewritten_args(node: fx.Node, mapping: dict[int, int]) -> tuple | None:
+    """The args of ``node`` with its token-count constants mapped to the merged counts, or ``None`` when it holds
+    none (the node is not changed)."""
+    if node.op == "call_method" and node.target in ("split_with_sizes", "split") and len(node.args) >= 2:
+        return _split_args(node, mapping)
+    if node.op == "call_function" and node.target is operator.getitem:
+        return _getitem_args(node, mapping)
+    is_size_call = (node.op == "call_method" and node.target in _SIZE_METHODS) or (
+        node.op == "call_function" and node.target in _SIZE_FUNCTIONS
+    )
+    return _size_args(node, mapping) if is_size_call else None
 
 
 def propagate_shapes(
@@ -192,16 +196,14 @@ def _merged_regions(sites: ModelSites, settings: PassSettings):
 
 
 def stale_token_constants(sites: ModelSites, settings: PassSettings) -> list[str]:
-    """Nodes of merged branches that still hold an unmerged token count this pass would rewrite (none once it ran):
-    each is checked on a copy of its arguments, the graph is not changed."""
-    stale = []
-    for nodes, mapping in _merged_regions(sites, settings):
-        for node in nodes:
-            args, kwargs = node.args, node.kwargs
-            if _rewrite_node(node, mapping):
-                stale.append(node.name)
-                node.args, node.kwargs = args, kwargs
-    return stale
+    """Nodes of merged branches that still hold an unmerged token count this pass would rewrite (none once it ran;
+    the graph is not changed)."""
+    return [
+        node.name
+        for nodes, mapping in _merged_regions(sites, settings)
+        for node in nodes
+        if _rewritten_args(node, mapping) is not None
+    ]
 
 
 def fix_token_shapes(
@@ -212,7 +214,9 @@ def fix_token_shapes(
     changed: list[str] = []
     for nodes, mapping in _merged_regions(sites, settings):
         for node in nodes:
-            if _rewrite_node(node, mapping):
+            args = _rewritten_args(node, mapping)
+            if args is not None:
+                node.args = args
                 changed.append(node.name)
     gm.recompile()
     logger.debug("fix_token_shapes: %s: rewrote %d nodes %s", settings.key, len(changed), changed[:8])

@@ -8,9 +8,37 @@ import torch
 from sdtm_compile import SDTMConfig
 from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_transformer
 
-#: The shared SD3 bundle's config (tests/test_export.py, tests/triton/): the full graph, two detail buckets and a
-#: structure bucket are what its schedule reaches (an ONNX export costs ~10 s per engine on 2 cores).
+#: The shared SD3 bundle's config (tests/deploy/test_export.py, tests/deploy/triton/): the full graph, two detail
+#: buckets and a structure bucket are what its schedule reaches (an ONNX export costs ~10 s per engine on 2 cores).
 SHARED_BUNDLE_CONFIG = SDTMConfig(buckets=(0.3, 0.6))
+
+
+#: The test lanes (pyproject.toml's markers). Every test carries exactly one: ``pytest -m unit`` is the quick lane,
+#: ``pytest`` alone runs them all.
+LANES = ("unit", "slow", "inductor", "onnx", "serving")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """A test file (or class) whose tests do not each carry exactly one lane marker (module, class, function and
+    parameter marks together) fails to collect, naming them, whatever ``-m`` selects (under xdist too)."""
+    report = yield
+    if not report.passed:
+        return report
+    tests = [item for item in report.result if isinstance(item, pytest.Item)]
+    problems = []
+    for item in tests:
+        lanes = [mark.name for mark in item.iter_markers() if mark.name in LANES]
+        if len(lanes) != 1:
+            problems.append(f"{item.nodeid}: {'lane markers ' + ', '.join(lanes) if lanes else 'no lane marker'}")
+    if problems:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"every test needs exactly one lane marker of {LANES} (pyproject.toml; pytestmark = pytest.mark.<lane> "
+            "for a whole file):\n  " + "\n  ".join(problems)
+        )
+        report.result = []
+    return report
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,11 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.unit
 def test_sd3_pipeline_with_the_compiled_transformer_makes_an_image(tmp_path):
     sys.path.insert(0, str(ROOT / "examples"))
     try:
@@ -26,9 +28,11 @@ def test_sd3_pipeline_with_the_compiled_transformer_makes_an_image(tmp_path):
         image = generate(pipe, steps=4, size=64, seed=0)
     assert image.size == (64, 64)
     history = backend.compiled[0].dispatcher.history
-    assert len(history) == 4 and history[0].key.stage.value == "structure"
+    assert len(history) == 4
+    assert history[0].key.stage.value == "structure"
 
 
+@pytest.mark.slow
 def test_sd3_pipeline_script_prints_times_and_tokens(tmp_path):
     out = tmp_path / "image.png"
     result = subprocess.run(
@@ -51,11 +55,14 @@ def test_sd3_pipeline_script_prints_times_and_tokens(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "SDTM ratio 0.5, backend=sdtm_trt" in result.stdout and "baseline, eager" in result.stdout
-    assert "attn tok" in result.stdout and out.exists()
+    assert "SDTM ratio 0.5, backend=sdtm_trt" in result.stdout
+    assert "baseline, eager" in result.stdout
+    assert "attn tok" in result.stdout
+    assert out.exists()
     assert "on ['eager']" in result.stdout  # the engine asked for, not TensorRT's Inductor fallback
 
 
+@pytest.mark.unit
 def test_flux_pipeline_with_the_compiled_transformer_makes_an_image():
     """A real FluxPipeline (FLUX.1-dev's scheduler config: dynamic shifting) drives the SDTM-compiled Flux."""
     sys.path.insert(0, str(ROOT / "examples"))
@@ -74,7 +81,10 @@ def test_flux_pipeline_with_the_compiled_transformer_makes_an_image():
         image = generate(pipe, steps=6, height=64, width=96, seed=0)
     assert image.size == (96, 64)
     (graph,) = sdtm_compile.compiled_graphs(compiled)
-    assert graph.sites.grid == (8, 12) and graph.sites.family == "flux"  # tiny VAE: 4x down, then 2x2 packing
+    assert graph.sites.grid == (8, 12)  # tiny VAE: 4x down, then 2x2 packing
+    assert graph.sites.family == "flux"
     keys = [str(record.key) for record in run.history]
-    assert len(keys) == 6 and keys[0].startswith("structure") and keys[-1].startswith("detail")
+    assert len(keys) == 6
+    assert keys[0].startswith("structure")
+    assert keys[-1].startswith("detail")
     torch._dynamo.reset()

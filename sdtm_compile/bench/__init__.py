@@ -1,82 +1,89 @@
-"""The benchmark: what SDTM buys on a model, measured in one run against the baselines.
+"""The benchmark harness: what a token-reduction method buys on a model, measured against the baselines, with one
+record, one renderer and one result page per run.
 
-``sdtm-compile bench`` (or :func:`run_benchmark`) runs whole generations (flow-matching Euler, CFG batch 2,
-fixed seeds) of one model four ways:
+Three kinds of run share it (``sdtm-compile bench``, with ``--methods`` or ``--variants``):
 
-* ``eager``: the unmodified model, op by op;
-* ``inductor``: the unmodified model under ``torch.compile`` (the baseline every speed-up is taken against);
-* ``sdtm``: SDTM through the ``sdtm`` backend (static-shape engines, Inductor by default);
-* ``reference``: SDTM through the eager reference (:mod:`sdtm_compile.reference`), the same algorithm.
+* the benchmark (:func:`run_benchmark`): whole generations (flow-matching Euler, CFG batch 2 or Flux's batch 1,
+  fixed seeds) of ``eager`` (the unmodified model), ``inductor`` (under ``torch.compile``: the baseline every
+  speed-up is taken against), ``sdtm`` (the method through the ``sdtm`` backend) and ``reference`` (the method
+  through the eager reference), with FLOPs, the merge ops' share of the time, targets, a ratio sweep
+  (``TokenMethod.with_ratio``), merge maps and, on the trained testbed, image measures;
+* a method comparison (:func:`run_method_comparison`): methods at several ratios, each beside a fresh baseline;
+* a variant comparison (:func:`run_variant_comparison`): a method, the variants it names
+  (``TokenMethod.variants``), step caches and other libraries' caches, in the same rounds.
 
-For each it reports wall time per generation (median and spread of ``runs`` timed runs after ``warmup``,
-run round-robin so drift hits every variant alike), the speed-up over ``inductor``, FLOPs per step and per
-generation (``FlopCounterMode`` on each bucket graph, attention included; see :mod:`sdtm_compile.flops`), the
-FLOP ratio and the speed-up as a fraction of it, fidelity of the final latent against ``eager`` (PSNR,
-cosine), peak resident memory during a generation (and how far above the resident memory at its start),
-and compile time cold (empty caches) and warm. It also
-measures the share of time the merge ops take (profiler, bucket graphs run op by op), sweeps the ratio for
-a speed-up vs fidelity curve, and draws the schedule, the curve and merge maps (:mod:`sdtm_compile.plots`).
-
-Outputs in ``out_dir``: ``bench.json`` (every number), ``bench.md`` (the tables), ``schedule.png``,
-``speedup_vs_fidelity.png``, ``merge_maps.png``.
-
-What it does not do: GPU timing (CPU only here), image-space metrics (the models have random weights, so
-only the final latent is compared), and attribution of time *inside* compiled Inductor kernels (merge ops
-fuse with their neighbours there; the merge share is measured on the bucket graphs run op by op).
+Every timed thing is measured the same way (:mod:`.timing`, :mod:`.measures`): the median of timed generations
+after warm-up, round-robin with what it is compared with; FLOPs by ``FlopCounterMode`` on each step's bucket graph;
+fidelity of the final latent (and image) against the unmodified model's. Every run gives one
+:class:`BenchReport` of :class:`Measurement` points, rendered into a page under ``docs/results``
+(:func:`render`): ``result.json``, the pictures, and ``index.md`` naming the date measured and the machine; the
+results folder's index lists every page. :func:`rerender` draws a saved result's page again (any saved layout,
+:mod:`.legacy`).
 
 The package, one job per module:
 
-* :mod:`.config`: :class:`BenchConfig` (validated) and the variants;
-* :mod:`.memory`: peak and current resident memory probes;
-* :mod:`.harness`: compiling the model cold / warm (caches passed per compile, not through the environment)
-  and timing the first call;
-* :mod:`.instrument`: FLOPs per bucket graph, the merge-op time share, merge maps;
-* :mod:`.run`: :func:`run_benchmark`, the timed rounds and the sweep;
-* :mod:`.result`: the typed result (:class:`BenchResult`, :class:`VariantResult`, :class:`SweepPoint`,
-  :class:`Target`, ...), assembled with the targets; ``to_json()`` / ``from_json()`` are ``bench.json``;
-* :mod:`.report`: :func:`markdown_report` and :func:`render` (JSON, markdown, pictures);
-* :mod:`.readme`: :func:`update_readme`, the README's Results block.
+* :mod:`.config`: :class:`BenchConfig` (validated) and the main variants;
+* :mod:`.workload`: a model family's generation (SD3, Flux, the pixel-space testbed);
+* :mod:`.harness`: compiling cold / warm and timing the first call; :mod:`.memory`: resident-memory probes;
+* :mod:`.timing`: :class:`~.timing.TimedCall` and the round-robin timed rounds;
+* :mod:`.flops`, :mod:`.instrument`: FLOP counting, bucket graphs, the merge-op profile, merge maps;
+* :mod:`.measures`: a :class:`Measurement` from a timed thing; :mod:`.record`: the records;
+  :mod:`.report`: :class:`BenchReport`; :mod:`.legacy`: the layouts saved before it;
+* :mod:`.assemble`: the benchmark's sections and targets; :mod:`.benchmark`, :mod:`.compare_methods`,
+  :mod:`.compare_variants` (with :mod:`.peers`): the three runs;
+* :mod:`.markdown`, :mod:`.plots`, :mod:`.pages`, :mod:`.render`: tables, pictures, pages and the index.
 """
 
 from __future__ import annotations
 
+from .benchmark import run_benchmark
+from .compare_methods import method_config, run_method_comparison
+from .compare_variants import run_variant_comparison
 from .config import VARIANTS, BenchConfig
 from .instrument import merge_time_share
+from .markdown import markdown_report
 from .memory import peak_rss, resident_mib
-from .readme import update_readme
-from .report import markdown_report, render
-from .result import (
-    BenchResult,
+from .pages import Page, update_index, write_page
+from .record import (
     FlopSummary,
+    ImageQuality,
     MachineInfo,
+    Measurement,
     MergeTimeShare,
     ModelInfo,
     RunSettings,
     ScheduleStep,
-    SweepPoint,
     Target,
-    VariantResult,
+    machine_info,
 )
-from .run import run_benchmark
+from .render import render, rerender
+from .report import BenchReport
 
 __all__ = [
     "BenchConfig",
-    "BenchResult",
+    "BenchReport",
     "FlopSummary",
+    "ImageQuality",
     "MachineInfo",
+    "Measurement",
     "MergeTimeShare",
     "ModelInfo",
+    "Page",
     "RunSettings",
     "ScheduleStep",
-    "SweepPoint",
     "Target",
     "VARIANTS",
-    "VariantResult",
+    "machine_info",
     "markdown_report",
     "merge_time_share",
+    "method_config",
     "peak_rss",
     "render",
+    "rerender",
     "resident_mib",
     "run_benchmark",
-    "update_readme",
+    "run_method_comparison",
+    "run_variant_comparison",
+    "update_index",
+    "write_page",
 ]

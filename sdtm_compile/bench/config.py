@@ -1,26 +1,55 @@
-"""What a benchmark run measures and how: :class:`BenchConfig` (validated on construction) and the variants.
+"""What a benchmark run measures and how: :class:`BenchConfig` (validated on construction) and the main variants.
 
-The variants, in table order: ``eager`` (the unmodified model op by op), ``inductor`` (the unmodified model
-under ``torch.compile``, the baseline every speed-up is taken against), ``sdtm`` (SDTM through the ``sdtm``
-backend) and ``reference`` (SDTM through the eager reference, the same algorithm).
+The main variants, in table order: ``eager`` (the unmodified model op by op), ``inductor`` (the unmodified model
+under ``torch.compile``, the baseline every speed-up is taken against), ``sdtm`` (the method through the ``sdtm``
+backend) and ``reference`` (the method through the eager reference, the same algorithm).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
+from typing import Any
 
-from ..methods.sdtm.config import SDTMConfig
+from .. import methods as _methods  # noqa: F401  (registers every method's config by name)
+from ..core.config import METHOD_CONFIGS, MethodConfig, config_from_dict
+from ..core.method import method_for
 from ..models import MODEL_PRESETS, ModelPreset
 
-__all__ = ["BenchConfig", "VARIANTS", "BASELINE", "FIDELITY_REFERENCE"]
+__all__ = [
+    "BASELINE",
+    "BenchConfig",
+    "DEFAULT_METHOD",
+    "FIDELITY_REFERENCE",
+    "RESULTS_DIR",
+    "VARIANTS",
+    "variant_description",
+]
 
-#: The variants every benchmark runs, in table order.
+#: The main variants every benchmark runs, in table order.
 VARIANTS = ("eager", "inductor", "sdtm", "reference")
 #: The variant every speed-up is taken against.
 BASELINE = "inductor"
 #: The variant whose final latent every fidelity number (PSNR, cosine) is measured against.
 FIDELITY_REFERENCE = "eager"
+#: The method a benchmark measures unless told otherwise.
+DEFAULT_METHOD = "sdtm"
+#: Where result pages go (one folder per page, and ``index.md`` listing them), relative to the working directory.
+RESULTS_DIR = "docs/results"
+
+
+def variant_description(name: str, method_description: str) -> str:
+    """What the main variant ``name`` is, in a line (``method_description``: the method's ``describe()``)."""
+    return {
+        "eager": "the model, uncompiled: op by op",
+        "inductor": "the model under torch.compile (Inductor): the baseline",
+        "sdtm": f"{method_description}, through the sdtm backend",
+        "reference": f"{method_description}, in the eager reference",
+    }.get(name, name)
+
+
+def _default_method() -> MethodConfig:
+    """The default method's config with its defaults."""
+    return METHOD_CONFIGS[DEFAULT_METHOD]()
 
 
 @dataclass(frozen=True)
@@ -29,15 +58,17 @@ class BenchConfig:
 
     Attributes:
         model: a name of :data:`~sdtm_compile.models.MODEL_PRESETS` (``sd3m-1024`` is the benchmark model).
-        sdtm: the SDTM configuration of the main measurement (the defaults unless given).
+        method: the token-reduction method's config of the main measurement (a ``MethodConfig``, or its
+            ``to_dict()``); SDTM with its defaults unless given.
         latent: latent side (image side / 8); ``None`` takes the preset's.
         steps: sampling steps per generation; ``None``: the preset's (SD3 28, FLUX.1-dev 20).
         guidance_scale: SD3: classifier-free guidance scale (every step is one batch-2 call); Flux: the
             distilled guidance the model embeds (one batch-1 call per step). ``None``: the preset's (7.0 / 3.5).
         runs: timed generations per variant (after ``warmup``); the median is reported.
         warmup: untimed generations per variant before timing.
-        sweep: ratios for the speed-up vs fidelity curve (besides ``sdtm.ratio``); ``()`` for none.
-        sweep_runs: timed generations per sweep point (and of the baseline beside it).
+        sweep: ratios for the speed-up vs fidelity curve (besides ``method.ratio``); ``()`` for none.
+        sweep_runs: timed generations per sweep point (and of the baseline beside it); also per point of a method
+            or variant comparison.
         engine: engines of the ``sdtm`` backend: ``"inductor"`` (the product) or ``"eager"`` (fast, for tests: the
             ``inductor`` baseline is then compiled with Dynamo's eager backend too, so no Inductor build runs).
         cold_caches: measure compile time cold, in a fresh Inductor and engine cache for this run; ``False``
@@ -47,11 +78,15 @@ class BenchConfig:
             (``sdtm`` vs ``eager``), starting at ``seed``.
         quality_sigmas: pixel-space models: noise levels of the held-out loss, merged vs unmerged.
         seed: seed of the model weights, the noise and the prompt embeddings.
-        out_dir: where the JSON, markdown and pictures go.
+        results_dir: the folder of result pages (:mod:`~sdtm_compile.bench.pages`): a page goes into a folder
+            under it named by date, model and kind, and its ``index.md`` lists every page.
+        out_dir: the page's folder instead of the one under ``results_dir`` (the index is then updated only when
+            the folder is directly under ``results_dir``).
+        sdtm: the old name of ``method`` (still accepted when building a config).
     """
 
     model: str = "sd3m-1024"
-    sdtm: SDTMConfig = field(default_factory=SDTMConfig)
+    method: MethodConfig = field(default_factory=_default_method)
     latent: int | None = None
     steps: int | None = None
     guidance_scale: float | None = None
@@ -65,13 +100,17 @@ class BenchConfig:
     quality_seeds: int = 4
     quality_sigmas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     seed: int = 0
-    out_dir: str = "bench_out"
+    results_dir: str = RESULTS_DIR
+    out_dir: str | None = None
+    sdtm: InitVar[MethodConfig | dict[str, Any] | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, sdtm: MethodConfig | dict[str, Any] | None) -> None:
         if self.model not in MODEL_PRESETS:
             raise ValueError(f"unknown model {self.model!r}: choose one of {sorted(MODEL_PRESETS)}")
-        if isinstance(self.sdtm, dict):
-            object.__setattr__(self, "sdtm", SDTMConfig.from_dict(self.sdtm))
+        if sdtm is not None:
+            object.__setattr__(self, "method", sdtm)
+        if isinstance(self.method, dict):
+            object.__setattr__(self, "method", config_from_dict(self.method))
         if self.steps is None:
             object.__setattr__(self, "steps", self.preset.steps)
         if self.guidance_scale is None:
@@ -99,10 +138,9 @@ class BenchConfig:
         if any(not 0 <= b < layers for b in self.merge_map_blocks):
             raise ValueError(f"merge_map_blocks {self.merge_map_blocks} must be block indices below {layers}")
 
-    def sweep_config(self, ratio: float) -> SDTMConfig:
-        """``sdtm`` at another ratio; the deviation shrinks where ``ratio`` +- deviation would leave [0, 0.75]."""
-        deviation = max(0.0, min(self.sdtm.deviation, ratio, 0.75 - ratio))
-        return dataclasses.replace(self.sdtm, ratio=ratio, deviation=round(deviation, 6))
+    def sweep_config(self, ratio: float) -> MethodConfig:
+        """``method`` at another ratio (the method narrows what the ratio bounds: :meth:`TokenMethod.with_ratio`)."""
+        return method_for(self.method).with_ratio(ratio)
 
     @property
     def preset(self) -> ModelPreset:

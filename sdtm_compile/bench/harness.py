@@ -23,8 +23,9 @@ __all__ = ["Compiled", "cfg_call_inputs", "compiler_caches"]
 
 
 def cfg_call_inputs(inputs: GenerationInputs, timestep: float) -> dict[str, torch.Tensor]:
-    """The batch-2 transformer inputs of one CFG step, laid out exactly as :func:`~sdtm_compile.sampling.generate`
-    passes them (a probe laid out differently would make the first generation recompile)."""
+    """The batch-2 transformer inputs of one CFG step, laid out exactly as
+    :func:`~sdtm_compile.models.sampling.generate` passes them (a probe laid out differently would make the first
+    generation recompile)."""
     latent, expanded = cfg_batch(inputs.latents, torch.tensor(float(timestep)))
     prompt, pooled = cfg_prompts(inputs)
     return {
@@ -56,14 +57,14 @@ class Compiled:
 
     Args:
         model: the transformer.
-        sdtm: the method configuration (SDTM or another method), or ``None`` for the plain Inductor baseline.
+        method: the method's configuration, or ``None`` for the plain Inductor baseline.
         engine: engines of the ``sdtm`` backend (``"inductor"`` or ``"eager"``; ``"eager"`` compiles the baseline
             with Dynamo's eager backend as well).
         probe: the inputs of the first (timed) call, laid out as a generation passes them.
         cache_dir: the ``sdtm`` backend's engine cache (its ``cache_dir`` option); ``None`` for its default.
 
     Attributes:
-        backend: the :class:`~sdtm_compile.backend.SDTMBackend` (``None`` for the baseline).
+        backend: the :class:`~sdtm_compile.compiler.backend.SDTMBackend` (``None`` for the baseline).
         module: the compiled module.
         build_s: seconds of the first call (Dynamo capture, rewrite, engine builds).
     """
@@ -71,7 +72,7 @@ class Compiled:
     def __init__(
         self,
         model: torch.nn.Module,
-        sdtm: MethodConfig | None,
+        method: MethodConfig | None,
         engine: str,
         probe: dict[str, Any],
         cache_dir: Path | None = None,
@@ -79,8 +80,8 @@ class Compiled:
         from ..compiler.backend import SDTMBackend
 
         # history: the step table reads the engines of the last generation's calls
-        options = {"method": sdtm, "engine": engine, "history": 1024, "cache_dir": cache_dir}
-        self.backend = None if sdtm is None else SDTMBackend(options, name="sdtm")
+        options = {"method": method, "engine": engine, "history": 1024, "cache_dir": cache_dir}
+        self.backend = None if method is None else SDTMBackend(options, name="sdtm")
         if self.backend is None:
             # the baseline compiles with Inductor, except in a test run of eager engines: Dynamo's eager backend
             # (no Inductor build, so the run is fast; its "speed-ups" then compare eager code with eager code)
@@ -94,6 +95,5 @@ class Compiled:
 
     @property
     def compiled_graph(self) -> Any:
-        """The ``sdtm`` backend's latest :class:`~sdtm_compile.backend.SDTMCompiledGraph` (``None`` for the
-        baseline)."""
+        """The ``sdtm`` backend's latest compiled graph (``None`` for the baseline)."""
         return self.backend.compiled[-1] if self.backend is not None else None

@@ -1,7 +1,7 @@
 """Instrumentation: FLOPs per bucket graph, the share of time the merge ops take, and merge maps.
 
-* :class:`CapturedBucketGraphs`: the model's Dynamo graph and its bucket graphs per SDTM config, with FLOPs
-  of one call of each (``FlopCounterMode``, attention included; see :mod:`sdtm_compile.flops`).
+* :class:`CapturedBucketGraphs`: the model's Dynamo graph and its bucket graphs per method config, with FLOPs
+  of one call of each (``FlopCounterMode``, attention included; see :mod:`sdtm_compile.bench.flops`).
 * :func:`merge_time_share`: seconds per call in ``sdtm_plan`` / ``sdtm_merge`` / ``sdtm_unmerge``, measured
   with the profiler on a bucket graph run op by op (inside compiled Inductor kernels the merge ops fuse
   with their neighbours and cannot be told apart); :func:`generation_share` sums them over a generation.
@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..bench.flops import FlopCount, count_flops
 from ..compiler.buckets import BucketGraphs
+from ..core.config import MethodConfig
 from ..core.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
 from ..core.schedule import EngineKey
-from ..methods.sdtm.config import SDTMConfig
 from .config import BenchConfig
+from .flops import FlopCount, count_flops
 
 __all__ = ["CapturedBucketGraphs", "MERGE_OPS", "generation_share", "merge_time_share", "record_merge_maps"]
 
@@ -31,37 +31,37 @@ MERGE_OPS = {sdtm_plan: "plan", sdtm_merge: "merge", sdtm_unmerge: "unmerge"}
 
 
 class CapturedBucketGraphs:
-    """The model's Dynamo graph and its :class:`~sdtm_compile.buckets.BucketGraphs` per SDTM config (for FLOPs
-    and the merge profile)."""
+    """The model's Dynamo graph and its :class:`~sdtm_compile.compiler.buckets.BucketGraphs` per method config (for
+    FLOPs and the merge profile)."""
 
     def __init__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> None:
         from ..compiler.capture import capture_dynamo_graph
 
         self.gm, self.flat = capture_dynamo_graph(model, inputs)
-        self._buckets: dict[SDTMConfig, BucketGraphs] = {}
-        self._flops: dict[tuple[EngineKey, SDTMConfig], FlopCount] = {}
+        self._buckets: dict[MethodConfig, BucketGraphs] = {}
+        self._flops: dict[tuple[EngineKey, MethodConfig], FlopCount] = {}
 
-    def buckets(self, config: SDTMConfig) -> BucketGraphs:
+    def buckets(self, config: MethodConfig) -> BucketGraphs:
         """The bucket graphs of ``config`` (built once per config)."""
         if config not in self._buckets:
             self._buckets[config] = BucketGraphs(self.gm, self.flat, config)
         return self._buckets[config]
 
-    def graph(self, key: EngineKey, config: SDTMConfig) -> fx.GraphModule:
+    def graph(self, key: EngineKey, config: MethodConfig) -> fx.GraphModule:
         """``key``'s rewritten bucket graph."""
         return self.buckets(config).graph(key).gm
 
-    def li(self, key: EngineKey, config: SDTMConfig) -> torch.Tensor:
+    def li(self, key: EngineKey, config: MethodConfig) -> torch.Tensor:
         """A fresh ``li`` state input for ``key``'s bucket graph."""
         return self.buckets(config).new_li()
 
-    def linear_flops(self, key: EngineKey, config: SDTMConfig) -> int:
+    def linear_flops(self, key: EngineKey, config: MethodConfig) -> int:
         """FLOPs of ``key``'s bucket graph outside attention (the linear layers: what the paper counts as W-MACs)."""
         count = self.flops(key, config)
         return count.total - sum(flops for op, flops in count.by_op.items() if "attention" in op)
 
-    def flops(self, key: EngineKey, config: SDTMConfig) -> FlopCount:
-        """FLOPs of one call of ``key``'s bucket graph (a :class:`~sdtm_compile.flops.FlopCount`)."""
+    def flops(self, key: EngineKey, config: MethodConfig) -> FlopCount:
+        """FLOPs of one call of ``key``'s bucket graph (a :class:`~sdtm_compile.bench.flops.FlopCount`)."""
         if (key, config) not in self._flops:
             with torch.no_grad():
                 count, _ = count_flops(self.graph(key, config), *self.flat, self.li(key, config))
@@ -124,7 +124,7 @@ def record_merge_maps(
 ) -> dict[int, dict[int, torch.Tensor]]:
     """``{step: {block: slot [N]}}`` of the last batch row (SD3: the conditional row), from one reference
     generation of the benchmark's :class:`~sdtm_compile.bench.workload.Workload`."""
-    reference = workload.reference(config.sdtm)
+    reference = workload.reference(config.method)
     current: dict[str, int] = {"step": 0}
     maps: dict[int, dict[int, torch.Tensor]] = {}
 

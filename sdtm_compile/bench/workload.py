@@ -3,8 +3,8 @@
 The benchmark times whole generations. An SD3 generation is the SD3 pipeline's loop: classifier-free guidance,
 one batch-2 call per step. A Flux generation is FLUX.1-dev's: guidance-distilled, one batch-1 call per step,
 sigmas shifted by ``mu`` from the token count. Everything else - compiling, timing, FLOPs, the sweep, the
-report - is the same, so it lives in :mod:`~sdtm_compile.bench.run` and only asks its workload for the model,
-the first call's inputs, a generation and the eager reference.
+report - is the same, so the harness only asks its workload for the model, the first call's inputs, a generation,
+the eager reference and the first block's plan inputs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..methods.sdtm.config import SDTMConfig
+from ..core.config import MethodConfig
 from ..models import FluxSpec, TinySpec, build_model
 from ..models.sampling import (
     FluxGenerationInputs,
@@ -31,6 +31,7 @@ from ..models.sampling import (
 )
 from ..reference import ReferenceTransformer
 from .config import BenchConfig
+from .harness import cfg_call_inputs
 
 __all__ = ["Workload", "make_workload"]
 
@@ -48,7 +49,7 @@ class Workload:
             timed call of a compile; a probe laid out differently would make the first generation recompile).
         description: how a generation calls the transformer, for the report.
         testbed: the trained testbed (transformer and label prompt) when the model is one: its generations are
-            images, so the benchmark adds image measures (:mod:`sdtm_compile.testbed.quality`).
+            images, so the benchmark adds image measures (:mod:`sdtm_compile.models.testbed.quality`).
     """
 
     family: str
@@ -81,16 +82,30 @@ class Workload:
 
     @property
     def num_blocks(self) -> int:
+        """The transformer's block count (Flux: double and single blocks)."""
         return self.spec.num_blocks
 
     def call_of(self, module: Callable[..., Any]) -> Callable[..., Any]:
         """What :meth:`generate` drives for a diffusers-signature module (the model, a compiled one)."""
         return diffusers_call(module) if self.family == "sd3" else module
 
-    def reference(self, config: SDTMConfig) -> Any:
-        """The eager reference of SDTM for this model (it records its calls: ``history``), drivable by
-        :meth:`generate`."""
+    def reference(self, config: MethodConfig) -> Any:
+        """The eager reference of the method of ``config`` for this model (it records its calls: ``history``),
+        drivable by :meth:`generate`."""
         return ReferenceTransformer(self.model, config)
+
+    def first_block_plan_inputs(self, config: BenchConfig) -> list[torch.Tensor]:
+        """The first block's plan input (its ``norm1`` output, ``[B, N, C]``: the normalised image tokens a plan is
+        made from) of every call of one unmodified generation, in order."""
+        inputs: list[torch.Tensor] = []
+        block = self.model.transformer_blocks[0]
+        handle = block.norm1.register_forward_hook(lambda module, args, out: inputs.append(out[0].detach()))
+        try:
+            with torch.no_grad():
+                self.generate(self.call_of(self.model), config)
+        finally:
+            handle.remove()
+        return inputs
 
     def generate(
         self, call: Callable[..., Any], config: BenchConfig, on_step: Callable[[int, float], None] | None = None
@@ -102,20 +117,19 @@ class Workload:
                 self.inputs,  # type: ignore[arg-type]
                 num_steps=config.steps,
                 guidance_scale=config.guidance_scale,
-                shift=config.sdtm.timestep_shift,
+                shift=config.method.timestep_shift,
                 on_step=on_step,
             )
         return flux_generate(call, self.inputs, num_steps=config.steps, on_step=on_step)  # type: ignore[arg-type]
 
 
 def _sd3_probe(inputs: GenerationInputs) -> dict[str, Any]:
-    from .harness import cfg_call_inputs
-
+    """The first call of an SD3 generation (timestep 1000), laid out as :func:`generate` passes it."""
     return cfg_call_inputs(inputs, 1000.0)
 
 
 def _flux_probe(inputs: FluxGenerationInputs) -> dict[str, Any]:
-    """The first call of :func:`~sdtm_compile.sampling.flux_denoising` (sigma 1), laid out as it passes it."""
+    """The first call of :func:`~sdtm_compile.models.sampling.flux_denoising` (sigma 1), laid out as it passes it."""
     batch = inputs.latents.shape[0]
     return flux_call_inputs(inputs, inputs.latents, torch.ones(batch, dtype=inputs.latents.dtype))
 

@@ -1,14 +1,24 @@
 """``sdtm-compile serve`` and ``sdtm-compile serve-bench``: bundle -> Triton model repository -> ``tritonserver``,
-then serve, check or load-test (:mod:`sdtm_compile.deploy.triton`); the Triton arguments ``export-triton`` shares."""
+then serve, check or load-test (:mod:`sdtm_compile.deploy.triton`); the Triton arguments ``export-triton`` shares.
+
+``serve-bench`` writes a result page (:mod:`sdtm_compile.bench.pages`) like ``bench`` does: the load table, its
+picture and ``result.json``, under ``--results`` (``docs/results/<date>-<model>-serve/``), indexed; ``--from-json``
+draws the page of a saved ``load.json`` / ``result.json`` again without starting a server.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import shlex
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
+from ..bench.pages import PAGE_FILE, Page, page_folder, write_page
+from ..bench.record import machine_info
 from ..deploy import export_onnx
 from ..deploy.triton import (
     ServerStartError,
@@ -19,6 +29,7 @@ from ..deploy.triton import (
     load,
 )
 from ..deploy.triton.serve import check_server, engine_backend_for, load_benchmark, prepare_bundle, prepare_repository
+from .bench import results_arguments
 from .common import fail, load_model, model_arguments
 
 __all__ = ["register", "triton_arguments", "triton_settings"]
@@ -46,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="servers on the same repository, taking requests round-robin (a load balancer's job, done by the client)",
     )
-    serve_bench.add_argument("--out", default="serve_bench", help="folder for load.json / load.md / load.png")
+    results_arguments(serve_bench, "a result.json, or a load.json of before")
     serve_bench.set_defaults(run=_serve)
 
 
@@ -104,6 +115,10 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _serve(args) -> int:
     """``serve`` and ``serve-bench``: bundle -> repository -> tritonserver, then serve, check or load-test."""
+    if args.command == "serve-bench" and args.from_json:
+        return _rerender_load(args)
+    if args.command == "serve-bench" and args.measured_on:
+        raise fail(args.command, "--measured-on dates a saved result: use it with --from-json")
     work = Path(args.work)
     scratch = Path(tempfile.mkdtemp(prefix="sdtm-triton-"))  # the server's backends folder, removed at exit
     try:
@@ -181,22 +196,102 @@ def _serve_bench(args, servers, bundle, table, settings) -> int:
     results, baseline, mix = load_benchmark(
         servers, bundle, table, settings.name, concurrencies, args.requests, protocols
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table_md = load.load_markdown(results, baseline)
     meta = {
-        "command": "sdtm-compile " + " ".join(sys.argv[1:]),
+        "command": "sdtm-compile " + " ".join(args.argv if args.argv is not None else sys.argv[1:]),
+        "model": args.model,
+        "measured_on": datetime.date.today().isoformat(),
+        "machine": machine_info().to_dict(),
         "settings": settings.__dict__,
         "mix": [r.label for r in mix],
         "in_process_s_per_generation": baseline,
         "server": servers[0].distribution.origin,
         "replicas": len(servers),
     }
-    load.save_results(results, out, meta)
-    (out / "load.md").write_text(table_md + "\n")
-    replicas = f", {len(servers)} replicas round-robin" if len(servers) > 1 else ""
-    title = f"{args.model} served by tritonserver ({settings.engine_backend} engines{replicas})"
-    load.plot_load(results, out / "load.png", title, baseline)
-    print(table_md)
-    print(f"wrote load.json, load.md, load.png to {out}")
+    folder = _write_load_page(results, meta, args)
+    print(load.load_markdown(results, baseline))
+    print(f"wrote {PAGE_FILE}, {LOAD_RESULT}, load.png to {folder}")
     return 0 if all(r.ok for r in results) else 1
+
+
+#: The load run's JSON in its page folder.
+LOAD_RESULT = "result.json"
+
+
+def _saved_model(meta: dict[str, Any], default: str) -> str:
+    """The model of a saved load run: recorded, else named by ``--model`` in its command line, else ``default``."""
+    if meta.get("model"):
+        return meta["model"]
+    words = shlex.split(meta.get("command") or "")
+    for index, word in enumerate(words):
+        if word == "--model" and index + 1 < len(words):
+            return words[index + 1]
+        if word.startswith("--model="):
+            return word.split("=", 1)[1]
+    return default
+
+
+def _write_load_page(results: list[load.LoadResult], meta: dict[str, Any], args: argparse.Namespace) -> Path:
+    """Write a load run's page (table, picture, ``result.json``) into ``--out`` or its folder under ``--results``
+    (indexed); returns the folder."""
+    replicas = meta.get("replicas", 1)
+    kind = "serve" if replicas == 1 else f"serve-{replicas}-replicas"
+    folder = (
+        Path(args.out)
+        if args.out
+        else page_folder(args.results, meta.get("measured_on"), meta["model"], kind, meta.get("command"))
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    baseline = meta.get("in_process_s_per_generation")
+    if meta.get("source") and Path(meta["source"]).resolve().parent == folder.resolve():
+        meta["source"] = Path(meta["source"]).name
+    load.save_results(results, folder, meta, LOAD_RESULT)
+    backend = (meta.get("settings") or {}).get("engine_backend", "?")
+    round_robin = f", {replicas} replicas round-robin" if replicas > 1 else ""
+    title = f"{meta['model']} served by tritonserver ({backend} engines{round_robin})"
+    load.plot_load(results, folder / "load.png", title, baseline)
+    mix = "; ".join(meta.get("mix", []))
+    body = (
+        f"Load test of the served pipeline: every (protocol, clients) point sends its requests cycling through a mix "
+        f"({mix}); each response is checked against the in-process reference of the same bundle. Server: "
+        f"{meta.get('server', 'not recorded')}.\n\n{load.load_markdown(results, baseline)}\n"
+    )
+    files = {LOAD_RESULT: "every number of this page"}
+    if meta.get("source") and (folder / meta["source"]).exists() and meta["source"] != LOAD_RESULT:
+        files[meta["source"]] = "the measurement as it was first saved"
+    page = Page(
+        title=f"{title}: load test",
+        kind=kind,
+        model=meta["model"],
+        measured_on=meta.get("measured_on"),
+        machine=meta.get("machine"),
+        command=meta.get("command"),
+        body=body,
+        pictures={"load": "load.png"},
+        files=files,
+        rerendered_on=meta.get("rerendered_on"),
+        source=meta.get("source"),
+    )
+    write_page(page, folder, args.results)
+    return folder
+
+
+def _rerender_load(args: argparse.Namespace) -> int:
+    """``serve-bench --from-json``: the page of a saved load run, drawn again (no server is started)."""
+    try:
+        results, meta = load.read_results(args.from_json)
+        if args.measured_on is not None:
+            datetime.date.fromisoformat(args.measured_on)
+            if meta.get("measured_on") not in (None, args.measured_on):
+                raise ValueError(f"{args.from_json} was measured on {meta['measured_on']}, not {args.measured_on}")
+            meta["measured_on"] = args.measured_on
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise fail(args.command, f"cannot read {args.from_json}: {err}") from None
+    meta.setdefault("measured_on", None)
+    meta.setdefault("machine", None)
+    meta["model"] = _saved_model(meta, args.model)
+    meta["rerendered_on"] = datetime.date.today().isoformat()
+    meta["source"] = str(args.from_json)
+    folder = _write_load_page(results, meta, args)
+    print(load.load_markdown(results, meta.get("in_process_s_per_generation")))
+    print(f"wrote {PAGE_FILE}, {LOAD_RESULT}, load.png to {folder}")
+    return 0

@@ -53,7 +53,7 @@ class MethodConfig:
 
     Direct calls of the schedule helpers with ``timestep_shift`` / ``num_train_timesteps`` left at ``None`` use
     SD3's values (3.0, 1000); the backend, the ONNX export and the references resolve them for their model
-    (:func:`sdtm_compile.schedule.resolve_for_model`).
+    (:func:`sdtm_compile.core.schedule.resolve_for_model`).
     """
 
     #: The method's name (``options={"method": ...}``, manifests, the bench's ``--methods``).

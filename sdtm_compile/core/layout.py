@@ -13,12 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockLayout", "ModelLayout", "BRANCHES"]
+__all__ = ["BlockLayout", "ModelLayout", "BRANCHES", "FAMILY_BRANCHES"]
 
 #: The image-token branches a block may have, by name: ``attn`` (joint attention; a Flux single block's
 #: attention), ``attn2`` (SD3.5's second, image-only attention), ``ff`` (feed-forward of an SD3 block or a Flux
 #: double block), ``mlp`` (the MLP part of a Flux single block).
 BRANCHES = ("attn", "attn2", "ff", "mlp")
+#: The branches the blocks of each model family have (SD3.5's blocks add ``attn2``; Flux's single blocks have ``mlp``
+#: and their double blocks ``ff``).
+FAMILY_BRANCHES = {"sd3": ("attn", "attn2", "ff"), "flux": ("attn", "ff", "mlp")}
 
 
 @dataclass(frozen=True)

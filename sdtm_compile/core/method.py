@@ -13,7 +13,9 @@ A method is a config (a :class:`~sdtm_compile.core.config.MethodConfig` subclass
   state for methods that draw random numbers): its value at the start of a generation
   (:meth:`TokenMethod.init_state`);
 * its extensions (:meth:`TokenMethod.extensions`, :mod:`sdtm_compile.core.extension`): more state in the engine
-  contract, more passes, hooks in the eager reference and in the dispatcher.
+  contract, more passes, hooks in the eager reference and in the dispatcher;
+* its variants worth measuring beside it (:meth:`TokenMethod.variants`: named configs, e.g. an extension turned
+  on), calibrated where they need it on an unmodified generation (:class:`VariantCalibration`).
 
 How to merge and unmerge follows from the plan's form (:class:`~sdtm_compile.core.merge.MergePlan`: gather/mean,
 scatter-add, or matmuls with a soft assignment). Adding a method is one module in :mod:`sdtm_compile.methods`:
@@ -24,14 +26,15 @@ its config, its plan function and its :class:`TokenMethod` subclass decorated wi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from .config import MethodConfig
 from .extension import Extension
-from .layout import ModelLayout
+from .layout import FAMILY_BRANCHES, ModelLayout
 from .merge import MergePlan
 from .plans import PlanSpec, make_plan
 from .schedule import FULL, EngineKey, Stage, TokenCounts, position_at_step, round_to_bucket
@@ -39,6 +42,8 @@ from .signature import METHOD_STATE, EngineSignature, StateTensor
 
 __all__ = [
     "TokenMethod",
+    "MethodVariant",
+    "VariantCalibration",
     "register_method",
     "method_for",
     "METHODS",
@@ -50,6 +55,34 @@ __all__ = [
 #: the feed-forward (SD3 blocks and Flux double blocks) and the MLP part of a Flux single block.
 ATTENTION_BRANCHES = ("attn", "attn2")
 FEED_FORWARD_BRANCHES = ("ff", "mlp")
+
+
+@dataclass(frozen=True)
+class MethodVariant:
+    """A named config of a method, measured beside the method's plain config (``sdtm-compile bench --variants``)."""
+
+    name: str  #: the variant's name in reports (``sdtm+fusion``, ...)
+    description: str  #: one line saying what differs from the plain config
+    config: MethodConfig
+
+
+@dataclass(frozen=True)
+class VariantCalibration:
+    """What a method may calibrate its variants on: one benchmark generation of the unmodified model.
+
+    Attributes:
+        family: the model family (``sd3`` / ``flux``).
+        grid: the image-token grid ``(H, W)``.
+        num_steps: steps of a generation.
+        first_block_plan_inputs: runs one unmodified generation and returns the first block's plan input
+            (``[B, N, C]``, the normalised image tokens a plan is made from) of each of its calls, in order. It costs
+            a whole generation, so it runs only when called.
+    """
+
+    family: str
+    grid: tuple[int, int]
+    num_steps: int
+    first_block_plan_inputs: Callable[[], Sequence[torch.Tensor]]
 
 
 class TokenMethod:
@@ -137,7 +170,8 @@ class TokenMethod:
         n = grid_h * grid_w
         if key.stage is Stage.FULL:
             return TokenCounts(n, n, n, 0)
-        merged = self.merged_branches(key.stage, family)
+        # a branch name the family's blocks do not have merges nothing (e.g. "mlp" on SD3)
+        merged = [b for b in self.merged_branches(key.stage, family) if b in FAMILY_BRANCHES[family]]
         m = self.merged_tokens(key, grid_h, grid_w)
         attention = m if any(b in merged for b in ATTENTION_BRANCHES) else n
         feed_forward = m if any(b in merged for b in FEED_FORWARD_BRANCHES) else n
@@ -153,6 +187,11 @@ class TokenMethod:
     def extensions(self) -> tuple[Extension, ...]:
         """What the config turns on beyond the plans (:mod:`sdtm_compile.core.extension`). Default: nothing."""
         return ()
+
+    def variants(self, calibration: VariantCalibration) -> list[MethodVariant]:
+        """Named configs derived from this one that are worth measuring beside it on the model ``calibration``
+        describes (e.g. one extension turned on each), in report order. Default: none."""
+        return []
 
     def check_model(self, layout: ModelLayout) -> str | None:
         """Why the method (with its extensions) cannot run on a model of ``layout``, or ``None``."""

@@ -3,8 +3,8 @@
 The exported graphs are the backend's own per-bucket graphs (:class:`~sdtm_compile.compiler.BucketGraphs` of
 the graph Dynamo traces, whole: ONNX Runtime and TensorRT's ONNX parser want one graph per engine), with the
 weights stored in the ONNX files. ``manifest.json`` (:mod:`.bundle`) says which file serves which (stage, bucket),
-the inputs, outputs and the engine contract's state, the method's config and schedule, and the sha256 of every
-file.
+the inputs, outputs and the engine contract's state, the method's config (whose schedule picks the engines), and
+the sha256 of every file.
 """
 
 from __future__ import annotations

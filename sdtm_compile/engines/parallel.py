@@ -76,7 +76,7 @@ class _CompilerPool:
 
     def __init__(self, workers: int) -> None:
 
-        # The file, not ``-m sdtm_compile.compile_worker``: the worker needs torch only, not this package
+        # The file, not ``-m sdtm_compile.engines.compile_worker``: the worker needs torch only, not this package
         worker = str(Path(__file__).with_name("compile_worker.py"))
         self.processes = [
             subprocess.Popen(

@@ -101,7 +101,7 @@ def build_inductor(gm: fx.GraphModule, example_inputs: list[torch.Tensor], setti
 
 
 def engine_cache(settings: Any) -> Any:
-    """The :class:`~sdtm_compile.cache.EngineCache` the settings ask for, or ``None`` (caching off)."""
+    """The :class:`~sdtm_compile.engines.cache.EngineCache` the settings ask for, or ``None`` (caching off)."""
 
     cache_dir = settings.resolved_cache_dir() if hasattr(settings, "resolved_cache_dir") else None
     return EngineCache(cache_dir) if cache_dir is not None else None

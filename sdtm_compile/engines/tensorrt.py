@@ -10,7 +10,7 @@ What it does on a CUDA machine with torch-tensorrt 2.13 installed:
   ``pass_through_build_failures=True`` so a failed build raises instead of silently running PyTorch;
 * turns on torch-tensorrt's engine cache (which needs ``immutable_weights=False``).
 
-Run its test on a GPU machine: ``pip install -e ".[dev,trt]" && pytest tests/test_backend.py -k tensorrt``.
+Run its test on a GPU machine: ``pip install -e ".[dev,trt]" && pytest tests -k tensorrt``.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ __all__ = ["SiToConfig", "SiToMethod", "sito_plan", "sito_tokens_pruned"]
 @dataclass(frozen=True)
 class SiToConfig(MethodConfig):
     """SiTo, with its code's argument names (``ratio`` is its ``prune_ratio``; ``buckets`` and the timestep
-    fields: :class:`~sdtm_compile.config.MethodConfig`).
+    fields: :class:`~sdtm_compile.core.config.MethodConfig`).
 
     Attributes:
         ratio: fraction of image tokens pruned, ``int(N * ratio)``, at every step. Default 0.5, SiTo's. At most

@@ -47,7 +47,7 @@ _FLUX1_BLOCKS = {"double": (19, 5), "single": (38, 5)}
 
 @dataclass(frozen=True)
 class ToMAConfig(MethodConfig):
-    """ToMA (``ratio``, ``buckets`` and the timestep fields: :class:`~sdtm_compile.config.MethodConfig`).
+    """ToMA (``ratio``, ``buckets`` and the timestep fields: :class:`~sdtm_compile.core.config.MethodConfig`).
 
     Attributes:
         ratio: fraction of image tokens merged away at every step (``r = int(N * ratio)``; the merged length is

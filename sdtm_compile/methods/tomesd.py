@@ -5,7 +5,7 @@ has one destination - a random one, or the top-left one with ``use_rand=False`` 
 source; each source finds its most cosine-similar destination, and the ``r = int(N * ratio)`` sources with the
 highest similarity are averaged into their destinations (a mean over the destination and its sources). Unmerge
 copies each merged token back to all its members. Text tokens are never merged. It is SDTM's IDM plan
-(:func:`~sdtm_compile.merge.bipartite_plan`) with another destination rule and no ``li``.
+(:func:`~sdtm_compile.core.merge.bipartite_plan`) with another destination rule and no ``li``.
 
 What differs from tomesd, and why:
 
@@ -39,7 +39,7 @@ __all__ = ["ToMeSDConfig", "ToMeSDMethod", "tomesd_plan", "tomesd_sources_merged
 @dataclass(frozen=True)
 class ToMeSDConfig(MethodConfig):
     """ToMeSD, with tomesd's argument names (``ratio``, ``buckets`` and the timestep fields:
-    :class:`~sdtm_compile.config.MethodConfig`).
+    :class:`~sdtm_compile.core.config.MethodConfig`).
 
     Attributes:
         ratio: fraction of image tokens merged away, ``r = int(N * ratio)``, at every step (tomesd has no

@@ -44,7 +44,7 @@ class TinySpec:
     dual_attention_layers: tuple[int, ...] = ()
     qk_norm: str | None = None
     pos_embed_max_size: int = 96
-    #: Trained weights that ship with the package (``"testbed-1024"``: :mod:`sdtm_compile.testbed`); ``None``:
+    #: Trained weights that ship with the package (``"testbed-1024"``: :mod:`sdtm_compile.models.testbed`); ``None``:
     #: seeded random weights. A spec with weights works in pixel space: its "latent" is the RGB image.
     weights: str | None = None
 
@@ -68,7 +68,7 @@ TINY_SD35 = TinySpec(num_layers=3, dual_attention_layers=(0, 1), qk_norm="rms_no
 #: What decides how much SDTM can save is how a block's FLOPs split between what merging shrinks and what it
 #: does not: per token, the linear layers cost ``24 C^2`` (q/k/v/out ``8 C^2`` + FF ``16 C^2``) and joint
 #: attention ``4 (N + T) C``, so every share depends only on ``(N + T) / C`` (see
-#: :func:`sdtm_compile.flops.mmdit_block_flops`). SD3-medium at 1024^2 has ``C = 1536``, ``N = 4096`` image and
+#: :func:`sdtm_compile.bench.flops.mmdit_block_flops`). SD3-medium at 1024^2 has ``C = 1536``, ``N = 4096`` image and
 #: ``T = 333`` text tokens: ``(N + T) / C = 2.88``. This model has ``C = 384`` (6 heads x 64, SD3's head
 #: size), ``N = 1024`` and ``T = 83`` (SD3's 333 scaled by the same 1/4): ``(N + T) / C = 2.88``. So FF is
 #: 45 % of block FLOPs, projections 23 % and attention 32 %, as in SD3-medium at 1024^2, while one CFG step
@@ -96,7 +96,7 @@ SD3M_4096 = TinySpec(
     text_tokens=333,
 )
 
-#: The trained testbed (:mod:`sdtm_compile.testbed`): SD3's architecture in pixel space, 64x64 RGB at patch 2, so
+#: The trained testbed (:mod:`sdtm_compile.models.testbed`): SD3's architecture in pixel space, 64x64 RGB at patch 2, so
 #: 1024 image tokens like :data:`SD3M_1024`; 4 blocks of 3 heads x 64 (hidden 192), sized to train on a 2-core
 #: CPU in about an hour; 6 "text" tokens from a learned label embedding.
 TESTBED = TinySpec(

@@ -13,6 +13,7 @@ compiled path (each engine, each bucket, ONNX, Triton).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,28 +77,58 @@ def model_layout(
     return ModelLayout("sd3", token_grid(transformer, hidden_states), text, blocks, width, transformer.dtype, batch)
 
 
-def _run_blocks(
-    blocks: list[tuple[Callable[..., Any], nn.Module]],
-    x: torch.Tensor,
-    context: torch.Tensor,
-    temb: torch.Tensor,
-    rotary: Any,
-    li: torch.Tensor,
-    make_call: Callable[[int, bool, MergePlan | None], BlockCall],
-    sources: list[int | None],
-    skip_layers: list[int] | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every block in order; a block reuses the plan of the block ``sources`` names (``None``: it stays unmerged).
-    Skipped layers (skip-layer guidance) neither merge nor touch ``li``."""
-    plans: dict[int, MergePlan | None] = {}
-    for index, (forward, block) in enumerate(blocks):
-        if skip_layers is not None and index in skip_layers:
-            continue
-        source = sources[index]
-        call = make_call(index, source is not None, plans.get(source) if source not in (None, index) else None)
-        context, x, li = forward(block, x, context, temb, rotary, li, call)
-        plans[index] = call.made
-    return x, li
+@dataclass
+class _Run:
+    """One reference call's plan for its blocks: the engine, the method, the extensions' hooks, each block's plan
+    source, and what it reports."""
+
+    key: EngineKey
+    method: TokenMethod
+    layout: ModelLayout
+    hooks: list[ReferenceHooks]
+    kwargs: dict[str, Any]
+    on_plan: Callable[[int, MergePlan], None] | None
+    skip_layers: list[int] | None = None
+
+    def before_blocks(self, first_block: nn.Module, x: torch.Tensor, temb: torch.Tensor, li: torch.Tensor) -> None:
+        """Block 0's plan input, before any block runs, for the hooks that read it (SDTM*)."""
+        if any(type(h).before_blocks is not ReferenceHooks.before_blocks for h in self.hooks):
+            plan_input = first_block.norm1(x, emb=temb)[0]
+            for hook in self.hooks:
+                hook.before_blocks(plan_input, li)
+
+    def blocks(
+        self,
+        blocks: list[tuple[Callable[..., Any], nn.Module]],
+        x: torch.Tensor,
+        context: torch.Tensor,
+        temb: torch.Tensor,
+        rotary: Any,
+        li: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every block in order; a block reuses the plan of the block the method names (``None``: it stays
+        unmerged). Skipped layers (skip-layer guidance) neither merge nor touch ``li``."""
+        sources = self.method.plan_sources(self.layout.kinds, self.key)
+        plans: dict[int, MergePlan | None] = {}
+        for index, (forward, block) in enumerate(blocks):
+            if self.skip_layers is not None and index in self.skip_layers:
+                continue
+            source = sources[index]
+            report = (lambda plan, i=index: self.on_plan(i, plan)) if self.on_plan is not None else None
+            call = BlockCall(
+                index,
+                self.key if source is not None else FULL,
+                self.layout.grid,
+                self.method,
+                self.layout.family,
+                self.hooks,
+                plans.get(source) if source not in (None, index) else None,  # type: ignore[arg-type]
+                report,
+                self.kwargs,
+            )
+            context, x, li = forward(block, x, context, temb, rotary, li, call)
+            plans[index] = call.made
+        return x, li
 
 
 def reference_forward(
@@ -143,61 +174,58 @@ def reference_forward(
     if problem is not None:
         raise ValueError(problem)
     hooks = [hook for ext in method.extensions() if (hook := ext.reference(state, key, layout)) is not None]
-    sources = method.plan_sources(layout.kinds, key)
-
-    def make_call(index: int, merges: bool, plan: MergePlan | None) -> BlockCall:
-        report = (lambda p: on_plan(index, p)) if on_plan is not None else None
-        kwargs = dict(joint_attention_kwargs or {})
-        return BlockCall(
-            index, key if merges else FULL, layout.grid, method, layout.family, hooks, plan, report, kwargs
-        )
-
+    run = _Run(key, method, layout, hooks, dict(joint_attention_kwargs or {}), on_plan, skip_layers)
     if layout.family == "flux":
         if joint_attention_kwargs or skip_layers:
             raise ValueError("the Flux reference takes no joint_attention_kwargs or skip_layers")
-        sample, li_out = _flux_forward(
-            transformer, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
-            guidance, state.li, hooks, make_call, sources,
-        )  # fmt: skip
+        inputs = (hidden_states, encoder_hidden_states, pooled_projections, timestep)
+        sample, li_out = _flux_forward(transformer, *inputs, (img_ids, txt_ids, guidance), state.li, run)
     else:
-        sample, li_out = _sd3_forward(
-            transformer, hidden_states, encoder_hidden_states, pooled_projections, timestep, state.li, hooks,
-            make_call, sources, skip_layers, layout.grid,
-        )  # fmt: skip
+        inputs = (hidden_states, encoder_hidden_states, pooled_projections, timestep)
+        sample, li_out = _sd3_forward(transformer, *inputs, state.li, run)
     outputs: dict[str, torch.Tensor] = {}
     for hook in hooks:
         outputs.update(hook.outputs())
     return sample, EngineState(li_out, **outputs)
 
 
-def _first_plan_input(hooks: list[ReferenceHooks], block: nn.Module, x: torch.Tensor, temb: torch.Tensor, li):
-    """Block 0's plan input, before any block runs, for the hooks that read it (SDTM*)."""
-    if any(type(h).before_blocks is not ReferenceHooks.before_blocks for h in hooks):
-        first = block.norm1(x, emb=temb)[0]
-        for hook in hooks:
-            hook.before_blocks(first, li)
-
-
-def _sd3_forward(transformer, hidden_states, encoder_hidden_states, pooled, timestep, li, hooks, make_call, sources,
-                 skip_layers, grid):  # fmt: skip
+def _sd3_forward(
+    transformer: nn.Module,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    pooled: torch.Tensor,
+    timestep: torch.Tensor,
+    li: torch.Tensor,
+    run: _Run,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """An ``SD3Transformer2DModel`` forward with every block run by :func:`sd3_block_forward`."""
     height, width = hidden_states.shape[-2:]
     x = transformer.pos_embed(hidden_states).contiguous()
     temb = transformer.time_text_embed(timestep, pooled)
     context = transformer.context_embedder(encoder_hidden_states)
+    run.before_blocks(transformer.transformer_blocks[0], x, temb, li)
     blocks = [(sd3_block_forward, block) for block in transformer.transformer_blocks]
-    _first_plan_input(hooks, transformer.transformer_blocks[0], x, temb, li)
-    x, li = _run_blocks(blocks, x, context, temb, None, li, make_call, sources, skip_layers)
+    x, li = run.blocks(blocks, x, context, temb, None, li)
     x = transformer.proj_out(transformer.norm_out(x, temb))
-    patch, out_channels = transformer.config.patch_size, transformer.out_channels
-    x = x.reshape(x.shape[0], grid[0], grid[1], patch, patch, out_channels)
+    (grid_h, grid_w), patch, out_channels = run.layout.grid, transformer.config.patch_size, transformer.out_channels
+    x = x.reshape(x.shape[0], grid_h, grid_w, patch, patch, out_channels)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(x.shape[0], out_channels, height, width), li
 
 
-def _flux_forward(transformer, hidden_states, encoder_hidden_states, pooled, timestep, img_ids, txt_ids, guidance,
-                  li, hooks, make_call, sources):  # fmt: skip
-    """A ``FluxTransformer2DModel`` forward: its double blocks, then its single blocks, as :mod:`.blocks` runs them."""
+def _flux_forward(
+    transformer: nn.Module,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    pooled: torch.Tensor,
+    timestep: torch.Tensor,
+    ids: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    li: torch.Tensor,
+    run: _Run,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``FluxTransformer2DModel`` forward: its double blocks, then its single blocks, as :mod:`.blocks` runs them.
+    ``ids``: ``(img_ids, txt_ids, guidance)``."""
+    img_ids, txt_ids, guidance = ids
     x = transformer.x_embedder(hidden_states)
     timestep = timestep.to(x.dtype) * 1000
     if guidance is None:
@@ -206,11 +234,11 @@ def _flux_forward(transformer, hidden_states, encoder_hidden_states, pooled, tim
         temb = transformer.time_text_embed(timestep, guidance.to(x.dtype) * 1000, pooled)
     context = transformer.context_embedder(encoder_hidden_states)
     rotary = transformer.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+    if transformer.transformer_blocks:
+        run.before_blocks(transformer.transformer_blocks[0], x, temb, li)
     blocks = [(flux_double_block_forward, block) for block in transformer.transformer_blocks]
     blocks += [(flux_single_block_forward, block) for block in transformer.single_transformer_blocks]
-    if transformer.transformer_blocks:
-        _first_plan_input(hooks, transformer.transformer_blocks[0], x, temb, li)
-    x, li = _run_blocks(blocks, x, context, temb, rotary, li, make_call, sources, None)
+    x, li = run.blocks(blocks, x, context, temb, rotary, li)
     return transformer.proj_out(transformer.norm_out(x, temb)), li
 
 

@@ -117,10 +117,11 @@ class StageDispatcher:
     def contract(self, shape: tuple[int, int]) -> EngineSignature:
         """A contract holding only the method's state, ``[B, N]`` (what a caller without extensions passes)."""
         batch, tokens = shape
-        state = StateTensor(
-            METHOD_STATE, (batch, tokens), torch.int32, initial=lambda d: self.method.init_state(batch, tokens, d)
-        )
-        return EngineSignature([state])
+
+        def fresh(device: torch.device | str | None) -> torch.Tensor:
+            return self.method.init_state(batch, tokens, device)
+
+        return EngineSignature([StateTensor(METHOD_STATE, (batch, tokens), torch.int32, initial=fresh)])
 
     def run(
         self,

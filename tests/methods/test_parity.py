@@ -2,9 +2,9 @@
 SD3.5 and Flux, ratio 0, the configs, and a grid a method cannot merge.
 
 The eager engine runs the rewritten graph op by op (the passes' shapes and the plan ops, bit for bit the
-reference's arithmetic); Inductor builds are what SDTM's tests pay for once (tests/test_backend.py) - the merge ops
-of every method are plain aten ops (gather, index_put, bmm), so a new method adds no Inductor-specific risk that
-the eager engine would not show.
+reference's arithmetic); Inductor builds are what SDTM's tests pay for once (tests/compiler/test_backend.py) - the
+merge ops of every method are plain aten ops (gather, index_put, bmm), so a new method adds no Inductor-specific risk
+that the eager engine would not show.
 """
 
 import dataclasses
@@ -26,8 +26,18 @@ from sdtm_compile.models import TINY_SD3, example_inputs, tiny_sd3_transformer
 from sdtm_compile.reference import flux_reference_forward, reference_forward
 from tests.methods.cases import CASES, METHODS, PARITY, captured
 
+#: The case that runs every bucket (the others run one).
+EVERY = "sd35-b2-32x32"
 
-@pytest.mark.parametrize("name, case", PARITY, ids=[f"{name}-{case}" for name, case in PARITY])
+
+@pytest.mark.parametrize(
+    "name, case",
+    # every bucket of SD3.5 (~10 s a method on 2 cores) in the slow lane, one bucket of SD3 and of Flux in unit
+    [
+        pytest.param(name, case, id=f"{name}-{case}", marks=pytest.mark.slow if case == EVERY else pytest.mark.unit)
+        for name, case in PARITY
+    ],
+)
 def test_every_bucket_matches_the_eager_reference(name, case):
     family, _, batch, _, keys = CASES[case]
     config = METHODS[name]
@@ -52,6 +62,7 @@ def test_every_bucket_matches_the_eager_reference(name, case):
             assert not torch.allclose(want, model(**inputs, return_dict=False)[0], atol=1e-4)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["tomesd", "sito", "toma"])
 def test_ratio_zero_is_the_unmodified_model(name):
     config = dataclasses.replace(METHODS[name], ratio=0.0)
@@ -66,12 +77,14 @@ def test_ratio_zero_is_the_unmodified_model(name):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_configs_are_validated_and_round_trip():
     for config in [*METHODS.values(), SDTMConfig()]:
         assert config_from_dict(config.to_dict()) == config
         assert method_for(config).config is config
     assert config_from_dict({"ratio": 0.3}) == SDTMConfig(ratio=0.3)  # no "method" key: SDTM, as old manifests
-    assert sdtm_compile.ToMeSDConfig is ToMeSDConfig and sdtm_compile.ToMAConfig is ToMAConfig
+    assert sdtm_compile.ToMeSDConfig is ToMeSDConfig
+    assert sdtm_compile.ToMAConfig is ToMAConfig
     bad = [
         (lambda: ToMeSDConfig(ratio=0.8), "ToMeSDConfig.ratio=0.8 is invalid: allowed at most 1 - 1/(sx*sy) = 0.75"),
         (lambda: ToMeSDConfig(sx=5), "ToMeSDConfig.sx=5 is invalid"),
@@ -96,6 +109,7 @@ def test_configs_are_validated_and_round_trip():
     assert BackendSettings().config == SDTMConfig()
 
 
+@pytest.mark.unit
 def test_a_grid_toma_tiles_do_not_cover_is_a_clear_error_or_a_loud_fallback():
     model = tiny_sd3_transformer(TINY_SD3, seed=0)
     inputs = example_inputs(TINY_SD3, 1, (18, 18))  # a 9x9 token grid

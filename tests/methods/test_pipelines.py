@@ -25,6 +25,7 @@ from tests.helpers import transformer_call
 from tests.methods.cases import CASES, HALF, METHODS, captured
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tomesd", "sito", "toma"])
 def test_sd3_generation_follows_the_reference_without_recompiles(name):
     """A 12-step generation with CFG (batch 2) through torch.compile(backend='sdtm'), twice: no recompile, the
@@ -40,11 +41,13 @@ def test_sd3_generation_follows_the_reference_without_recompiles(name):
         got = generate(transformer_call(compiled), inputs, num_steps=12)
         again = generate(transformer_call(compiled), inputs, num_steps=12)
         want = generate(transformer_call(reference_dispatcher(model, config)), inputs, num_steps=12)
-    assert len(backend.compiled) == 1 and list(backend.compiled[0].engines) == HALF
+    assert len(backend.compiled) == 1
+    assert list(backend.compiled[0].engines) == HALF
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got, again)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tomesd", "sito", "toma"])
 def test_flux_generation_follows_the_reference_without_recompiles(name):
     config = METHODS[name]
@@ -69,6 +72,7 @@ ONNX_TOLERANCE = {"tomesd": 1e-4, "sito": 1e-4, "toma": 5e-3}
 ONE_BLOCK = dataclasses.replace(TINY_SD3, num_layers=1)
 
 
+@pytest.mark.onnx
 @pytest.mark.parametrize("name", ["tomesd", "sito", "toma"])
 def test_onnx_bundle_matches_the_reference(name, tmp_path):
     """One merged bucket (and the full model) exported, run in ONNX Runtime over a short generation."""
@@ -100,6 +104,7 @@ MERGE_OPS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tomesd", "sito", "toma"])
 def test_bucket_graphs_pass_the_tensorrt_lint(name):
     config = METHODS[name]

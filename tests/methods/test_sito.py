@@ -1,5 +1,6 @@
 """SiTo's plan against a brute-force reading of its rule: bases, pruned tokens, restoration, the noise."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -7,6 +8,8 @@ from sdtm_compile import SiToConfig
 from sdtm_compile.core.merge import merge, unmerge, window_token_index
 from sdtm_compile.methods import method_for
 from sdtm_compile.methods.sito import gaussian_noise, sito_plan, sito_tokens_pruned
+
+pytestmark = pytest.mark.unit
 
 
 def test_plan_follows_the_rule_brute_force():
@@ -45,6 +48,7 @@ def test_plan_follows_the_rule_brute_force():
 def test_noise_is_standard_normal_and_per_row():
     state = method_for(SiToConfig(seed=0)).init_state(4, 4096)
     noise, _ = gaussian_noise(state)
-    assert abs(float(noise.mean())) < 0.03 and abs(float(noise.std()) - 1.0) < 0.03
+    assert abs(float(noise.mean())) < 0.03
+    assert abs(float(noise.std()) - 1.0) < 0.03
     assert not torch.equal(noise[0], noise[1])  # SiTo draws noise per batch row
     assert torch.equal(state, method_for(SiToConfig(seed=0)).init_state(4, 4096))

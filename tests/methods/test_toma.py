@@ -1,6 +1,7 @@
 """ToMA's plan: greedy facility location against a plain loop, the soft assignment's invariants, which blocks
 make, share or skip a plan (FLUX.1's depth, the tiny models), and the pass's plan nodes."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +22,7 @@ def _greedy(similarity: torch.Tensor, picks: int) -> list[int]:
     return chosen
 
 
+@pytest.mark.unit
 def test_facility_location_equals_the_plain_greedy():
     unit = F.normalize(torch.randn(3, 16, 8), dim=-1)
     similarity = unit @ unit.transpose(-1, -2)
@@ -29,6 +31,7 @@ def test_facility_location_equals_the_plain_greedy():
         assert picks[row].tolist() == _greedy(similarity[row], 6)
 
 
+@pytest.mark.unit
 def test_soft_plan_invariants():
     grid_h, grid_w, tile = 8, 12, 4
     n = grid_h * grid_w
@@ -37,7 +40,8 @@ def test_soft_plan_invariants():
     assert per_tile == (n - n // 2) // 6 == 8
     plan, state = toma_plan(x, torch.zeros(2, n, dtype=torch.int32), grid_h, grid_w, per_tile, tile, 1000.0)
     tiles = window_token_index(grid_h, grid_w, None, tile, tile)
-    assert plan.assign.shape == (2, 6, per_tile, 16) and plan.restore.shape == (2, 6, 16, per_tile)
+    assert plan.assign.shape == (2, 6, per_tile, 16)
+    assert plan.restore.shape == (2, 6, 16, per_tile)
     torch.testing.assert_close(plan.assign.sum(-1), torch.ones(2, 6, per_tile))  # weighted means
     torch.testing.assert_close(plan.restore.sum(-1), torch.ones(2, 6, 16))  # each token a mix of merged ones
     assert torch.equal(plan.order[0], tiles.reshape(-1))
@@ -50,11 +54,14 @@ def test_soft_plan_invariants():
     assert int(state.abs().sum()) == 0
 
 
+@pytest.mark.unit
 def test_block_plans_follow_toma_on_flux1_and_scale_to_small_models():
     kinds = ["double"] * 19 + ["single"] * 38  # FLUX.1
     plans = method_for(ToMAConfig()).block_plans(kinds)
-    assert plans[:5] == [None] * 5 and plans[5:19] == [5] * 14  # double 0-4 unmerged, 5-18 share block 5's plan
-    assert plans[19:24] == [None] * 5 and plans[24:] == [24] * 33  # single 0-4 unmerged, 5-37 share single 5's
+    assert plans[:5] == [None] * 5
+    assert plans[5:19] == [5] * 14  # double 0-4 unmerged, 5-18 share block 5's plan
+    assert plans[19:24] == [None] * 5
+    assert plans[24:] == [24] * 33  # single 0-4 unmerged, 5-37 share single 5's
     small = method_for(ToMAConfig()).block_plans(["double"] * 2 + ["single"] * 4)  # flux-1024's depth
     assert small == [None, 1, None, 3, 3, 3]  # round(2 * 5/19) = 1 double, round(4 * 5/38) = 1 single unmerged
     own = method_for(ToMAConfig(share_plan=False, unmerged_double=0)).block_plans(["double"] * 2 + ["single"] * 2)
@@ -62,6 +69,7 @@ def test_block_plans_follow_toma_on_flux1_and_scale_to_small_models():
     assert method_for(ToMAConfig()).block_plans(["joint"] * 4) == [0, 0, 0, 0]  # SD3: every block, one plan
 
 
+@pytest.mark.slow
 def test_the_pass_plans_once_per_shared_group():
     from sdtm_compile.passes import PassSettings, rewrite_for_engine
 

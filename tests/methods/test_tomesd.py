@@ -10,6 +10,8 @@ from sdtm_compile.methods import method_for
 from sdtm_compile.methods.base import advance_state, seeded_state
 from sdtm_compile.methods.tomesd import tomesd_plan, tomesd_sources_merged
 
+pytestmark = pytest.mark.unit
+
 tomesd_merge = pytest.importorskip("tomesd.merge")
 
 
@@ -53,10 +55,13 @@ def test_plan_invariants():
     x = torch.randn(2, grid_h * grid_w, 16)
     plan, _ = tomesd_plan(x, seeded_state(0, (2, 256)), grid_h, grid_w, r)
     m = 256 - r
-    assert plan.slot.shape == (2, 256) and int(plan.slot.min()) == 0 and int(plan.slot.max()) == m - 1
+    assert plan.slot.shape == (2, 256)
+    assert int(plan.slot.min()) == 0
+    assert int(plan.slot.max()) == m - 1
     for row in range(2):  # every token in exactly one slot; every slot holds its representative
         counts = torch.bincount(plan.slot[row], minlength=m)
-        assert bool((counts >= 1).all()) and int(counts.sum()) == 256
+        assert bool((counts >= 1).all())
+        assert int(counts.sum()) == 256
         torch.testing.assert_close(plan.inv_count[row], 1.0 / counts.float())
         assert torch.equal(plan.slot[row, plan.members[row, :, 0]], torch.arange(m))
     assert plan.extra_tokens.shape == (2, r)
@@ -79,7 +84,8 @@ def test_random_destinations_come_from_the_state():
     win = window_token_index(grid_h, grid_w)
     expected = win.gather(1, (state[0, win[:, 0]].long() * 4 // 65536)[:, None]).squeeze(1)
     destinations = plan.members[:, -win.shape[0] :, 0]  # the last G slots hold the destinations
-    assert torch.equal(destinations[0], expected) and torch.equal(destinations[1], expected)
+    assert torch.equal(destinations[0], expected)
+    assert torch.equal(destinations[1], expected)
     positions = [int(p) for p in (state[0, win[:, 0]].long() * 4 // 65536)]
     assert len(set(positions)) > 1  # random, not always the top-left
     second, _ = tomesd_plan(x, after, grid_h, grid_w, 16)

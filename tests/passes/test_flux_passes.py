@@ -25,6 +25,8 @@ from sdtm_compile.core.schedule import FULL, EngineKey, Stage
 from sdtm_compile.models import TINY_FLUX, flux_example_inputs, tiny_flux_transformer
 from tests.helpers import capture_dynamo_graph
 
+pytestmark = pytest.mark.unit
+
 STRUCTURE = EngineKey(Stage.STRUCTURE, 0.7)
 DETAIL = EngineKey(Stage.DETAIL, 0.5)
 LATENT = (12, 20)  # a 6x10 token grid: non-square
@@ -66,13 +68,17 @@ def test_find_blocks_flux(flux_graph):
         assert {f"{block.path}.attn.to_q", f"{block.path}.attn.to_k", f"{block.path}.attn.to_v"} <= consumers
         assert module_stack(block.attn.output)[-1][0].startswith(f"{block.path}.attn.to_out")
         assert module_stack(block.ff.output)[-1][0] == f"{block.path}.ff.net.2"
-        assert block.stream is None and block.mlp is None
+        assert block.stream is None
+        assert block.mlp is None
     for block in sites.blocks[2:]:  # single: no image-only branch until the split; the nodes around proj_out
-        assert block.attn is None and block.ff is None and block.mlp is None
+        assert block.attn is None
+        assert block.ff is None
+        assert block.mlp is None
         stream = block.stream
         assert module_stack(stream.proj_out)[-1][0] == f"{block.path}.proj_out"
         assert module_stack(stream.proj_mlp)[-1][0] == f"{block.path}.proj_mlp"
-        assert stream.concat.target is torch.cat and stream.concat.args[0] == [stream.attn_output, stream.act]
+        assert stream.concat.target is torch.cat
+        assert stream.concat.args[0] == [stream.attn_output, stream.act]
         assert stream.norm_output.meta["example_value"].shape == (2, 60 + TINY_FLUX.text_tokens, 32)
         with pytest.raises(ValueError, match="before split_single_stream"):
             block.plan_input  # noqa: B018
@@ -104,9 +110,12 @@ def test_split_single_stream_keeps_the_output(flux_graph):
         assert [n.args[2] is None for n in linears] == [True, False]
         assert not any(n.target is torch.cat and len(n.args) > 1 and n.args[1] == -1 for n in copy.graph.nodes)
         mlp = block.mlp
-        assert mlp is not None and block.plan_input is mlp.input
-        assert mlp.input.target is operator.getitem and mlp.input.args[0] is block.stream.norm_output
-        assert mlp.input.meta.get("sdtm") == "split" and mlp.output.meta.get("sdtm") == "split"
+        assert mlp is not None
+        assert block.plan_input is mlp.input
+        assert mlp.input.target is operator.getitem
+        assert mlp.input.args[0] is block.stream.norm_output
+        assert mlp.input.meta.get("sdtm") == "split"
+        assert mlp.output.meta.get("sdtm") == "split"
     with torch.no_grad():
         torch.testing.assert_close(copy(*flat)[0], gm(*flat)[0], rtol=0, atol=1e-6)
     # the FULL engine keeps the unmodified graph
@@ -124,7 +133,9 @@ def test_flux_rewrite_merges_the_feed_forwards_only(flux_graph, key):
     rewritten = rewrite_for_engine(gm, flat, PassSettings(SDTMConfig(), key))
     out = rewritten.gm
     # one plan per block; a merge/unmerge for each double block's ff and each single block's MLP, none for attention
-    assert count(out, sdtm_plan) == 4 and count(out, sdtm_merge) == 4 and count(out, sdtm_unmerge) == 4
+    assert count(out, sdtm_plan) == 4
+    assert count(out, sdtm_merge) == 4
+    assert count(out, sdtm_unmerge) == 4
     merged_inputs = [n.args[0] for n in out.graph.nodes if n.target is sdtm_merge]
     blocks = rewritten.sites.blocks
     assert merged_inputs == [blocks[0].ff.input, blocks[1].ff.input, blocks[2].mlp.input, blocks[3].mlp.input]
@@ -139,7 +150,8 @@ def test_flux_attention_merge_option_merges_every_attention(flux_graph):
     rewritten = rewrite_for_engine(gm, flat, PassSettings(config, STRUCTURE))
     out, blocks = rewritten.gm, rewritten.sites.blocks
     # double: attn + ff; single: attention + MLP, which both read x[:, T:] and share its one merge
-    assert count(out, sdtm_merge) == 6 and count(out, sdtm_unmerge) == 8
+    assert count(out, sdtm_merge) == 6
+    assert count(out, sdtm_unmerge) == 8
     merged = [n.args[0] for n in out.graph.nodes if n.target is sdtm_merge]
     assert all(block.attn.input in merged for block in blocks)
     for block in blocks[2:]:  # the single block's attention reads the seam, its q/k/v no longer the joint norm
@@ -149,7 +161,8 @@ def test_flux_attention_merge_option_merges_every_attention(flux_graph):
     assert count(out, sdtm_rotary) == 4 * 4  # 4 attentions, each reads cos and sin for q and for k
     # the detail stage never merges attention
     detail = rewrite_for_engine(gm, flat, PassSettings(config, DETAIL))
-    assert count(detail.gm, sdtm_merge) == 4 and count(detail.gm, sdtm_rotary) == 0
+    assert count(detail.gm, sdtm_merge) == 4
+    assert count(detail.gm, sdtm_rotary) == 0
 
 
 def test_flux_passes_out_of_order_are_refused(flux_graph):

@@ -18,6 +18,7 @@ from sdtm_compile.methods.sdtm.schedule import engines_for_trajectory
 from sdtm_compile.models import TINY_SD3, example_inputs, tiny_sd3_transformer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("latent", [64, 128], ids=["1024-tokens", "4096-tokens"])
 def test_every_bucket_graph_passes(latent):
     model = tiny_sd3_transformer(TINY_SD3)
@@ -54,6 +55,7 @@ class Bad(torch.nn.Module):
         return self.proj(dst)
 
 
+@pytest.mark.unit
 def test_bad_graph_fails_with_the_nodes_named():
     module, x = Bad().eval(), torch.randn(2, 8192, 8)
     captured = {}
@@ -76,9 +78,11 @@ def test_bad_graph_fails_with_the_nodes_named():
     with pytest.raises(TensorRTLintError) as info:
         lint_tensorrt(aten_graph)
     assert len(aten_graph.graph.nodes) == nodes_before  # a check: nothing changed
-    assert "topk" in str(info.value) and "scatter_reduce" in str(info.value)
+    assert "topk" in str(info.value)
+    assert "scatter_reduce" in str(info.value)
 
 
+@pytest.mark.unit
 def test_findings_name_the_source_module():
     class Router(torch.nn.Module):
         def __init__(self):
@@ -105,5 +109,7 @@ def test_findings_name_the_source_module():
     torch._dynamo.reset()
     torch.compile(Scorer(), backend=keep)(torch.randn(1, 6000, 4))
     (finding,) = lint_report(to_aten(captured["gm"], captured["inputs"]))
-    assert finding.op == "aten.topk.default" and finding.module == "router"
-    assert finding.node.startswith("topk") and "in router" in str(finding)
+    assert finding.op == "aten.topk.default"
+    assert finding.module == "router"
+    assert finding.node.startswith("topk")
+    assert "in router" in str(finding)

@@ -32,6 +32,8 @@ from sdtm_compile.methods.sdtm.schedule import token_counts
 from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_transformer
 from tests.helpers import capture_dynamo_graph
 
+pytestmark = pytest.mark.unit
+
 STRUCTURE = EngineKey(Stage.STRUCTURE, 0.7)
 DETAIL = EngineKey(Stage.DETAIL, 0.5)
 
@@ -99,7 +101,9 @@ def test_find_blocks_rejects_a_model_without_mmdit_blocks():
     with pytest.raises(UnsupportedModelError) as info:
         find_mmdit_blocks(captured["gm"])
     message = str(info.value)
-    assert "JointTransformerBlock" in message and "Linear" in message and "on_unsupported" in message
+    assert "JointTransformerBlock" in message
+    assert "Linear" in message
+    assert "on_unsupported" in message
 
 
 def _settings(gm, key=FULL, config=None):
@@ -192,7 +196,8 @@ def test_insert_merge_structure_stage(sd35_graph):
     assert plans[0].args[1].name == LI_INPUT_NAME
     for prev, nxt in zip(plans, plans[1:]):
         li_node = nxt.args[1]
-        assert li_node.target is operator.getitem and li_node.args == (prev, 2)
+        assert li_node.target is operator.getitem
+        assert li_node.args == (prev, 2)
     output = next(n for n in out.graph.nodes if n.op == "output")
     assert output.args[0][-1].args == (plans[-1], 2)
     for block in sites.blocks:
@@ -251,6 +256,9 @@ def test_rewrite_for_engine_keeps_output_shapes(sd35_graph, key):
     out = rewritten.gm
     with torch.no_grad():
         sample, li = out(*inputs, torch.zeros(2, 240, dtype=torch.int32))
-    assert rewritten.key == key and sample.shape == inputs[rewritten.sites.latent_index].shape
-    assert li.shape == (2, 240) and li.dtype == torch.int32
-    assert gm is not out and count(gm, sdtm_plan) == 0  # the original graph is untouched
+    assert rewritten.key == key
+    assert sample.shape == inputs[rewritten.sites.latent_index].shape
+    assert li.shape == (2, 240)
+    assert li.dtype == torch.int32
+    assert gm is not out
+    assert count(gm, sdtm_plan) == 0  # the original graph is untouched

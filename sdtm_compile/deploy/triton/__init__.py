@@ -4,7 +4,7 @@ a load test.
 - :func:`export_triton` (``sdtm-compile export-triton BUNDLE OUT``): the repository (engines + a Python BLS
   pipeline model that runs the sampling loop, CFG and the ``li`` state);
 - :class:`TritonServer`: ``tritonserver`` in a subprocess on free ports, ready or a clear error;
-- :mod:`sdtm_compile.triton.load`: concurrent clients (``tritonclient``, HTTP and gRPC) whose every response is
+- :mod:`sdtm_compile.deploy.triton.load`: concurrent clients (``tritonclient``, HTTP and gRPC) whose every response is
   checked against a reference output.
 """
 

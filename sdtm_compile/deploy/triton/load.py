@@ -1,9 +1,9 @@
 """Clients of a served repository: request building, reference outputs and a concurrent load run.
 
 Every response is checked against a reference computed in-process from the *bundle* by the library path a user
-runs without a server (:class:`~sdtm_compile.export.OnnxTransformer` in diffusers' scheduler loop,
-:func:`~sdtm_compile.sampling.generate` / :func:`~sdtm_compile.sampling.flux_generate`), so a response that lost
-steps, took another request's ``li`` or came back for the wrong request does not pass.
+runs without a server (:class:`~sdtm_compile.deploy.OnnxTransformer` in diffusers' scheduler loop,
+:func:`~sdtm_compile.models.sampling.generate` / :func:`~sdtm_compile.models.sampling.flux_generate`), so a
+response that lost steps, took another request's ``li`` or came back for the wrong request does not pass.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ __all__ = [
     "run_load",
     "load_markdown",
     "plot_load",
+    "read_results",
+    "save_results",
 ]
 
 logger = logging.getLogger(__name__)
@@ -294,7 +296,16 @@ def plot_load(results: Sequence[LoadResult], path: str | Path, title: str, basel
     return path
 
 
-def save_results(results: Sequence[LoadResult], out: Path, meta: dict[str, Any]) -> Path:
-    path = out / "load.json"
+def save_results(results: Sequence[LoadResult], out: Path, meta: dict[str, Any], name: str = "load.json") -> Path:
+    """Write ``meta`` and the points of a load run to ``out / name``; returns its path."""
+    path = out / name
     path.write_text(json.dumps({**meta, "results": [asdict(r) for r in results]}, indent=1))
     return path
+
+
+def read_results(path: str | Path) -> tuple[list[LoadResult], dict[str, Any]]:
+    """The points and the rest (``meta``) of a load run saved by :func:`save_results`."""
+    data = json.loads(Path(path).read_text())
+    fields = LoadResult.__dataclass_fields__
+    results = [LoadResult(**{k: v for k, v in row.items() if k in fields}) for row in data.pop("results")]
+    return results, data

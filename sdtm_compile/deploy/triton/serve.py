@@ -3,7 +3,7 @@
 ``sdtm-compile serve`` with no arguments exports the tiny SD3 model (built from config, seeded, no downloads) to
 a bundle, writes its repository, starts ``tritonserver`` and serves until Ctrl-C; ``--check`` instead sends one
 request over HTTP and one over gRPC, compares them with the in-process reference and stops.
-``sdtm-compile serve-bench`` runs the load test (:func:`~sdtm_compile.triton.load.run_load`) at several client
+``sdtm-compile serve-bench`` runs the load test (:func:`~sdtm_compile.deploy.triton.load.run_load`) at several client
 counts over both protocols and writes ``load.json`` / ``load.md`` / ``load.png``.
 """
 

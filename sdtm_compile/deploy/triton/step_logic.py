@@ -2,8 +2,8 @@
 
 This file is copied into the pipeline model's directory of an exported model repository and imported there by
 Triton's Python backend, whose process has numpy but not torch or diffusers (NGC's ``tritonserver`` images), so it
-imports nothing of ours. It is also imported in-process by :mod:`sdtm_compile.triton` and the tests, which check it
-against the diffusers scheduler and :class:`~sdtm_compile.export.OnnxTransformer`.
+imports nothing of ours. It is also imported in-process by :mod:`sdtm_compile.deploy.triton` and the tests, which
+check it against the diffusers scheduler and :class:`~sdtm_compile.deploy.OnnxTransformer`.
 
 Everything that needs torch, diffusers or our schedule was decided at export time and written to
 ``step_table.json``: for every step count ``S`` up to ``max_steps``, each step's engine (which (stage, bucket)

@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 from ...core.extension import Extension
-from ...core.method import ATTENTION_BRANCHES, TokenMethod, register_method
+from ...core.method import ATTENTION_BRANCHES, MethodVariant, TokenMethod, VariantCalibration, register_method
 from ...core.plans import PlanSpec
 from ...core.schedule import EngineKey, Stage, TokenCounts
 from .adaptive import AdaptiveRatio
@@ -17,6 +17,7 @@ from .config import MAX_RATIO, SDTMConfig
 from .plans import init_li
 from .schedule import engine_key_at, engines_for_trajectory, idm_sources_merged, ssm_windows_merged, token_counts
 from .size_aware import SizeAwareAttention
+from .variants import sdtm_variants
 
 __all__ = ["SDTMMethod", "MERGED_BRANCHES"]
 
@@ -95,3 +96,7 @@ class SDTMMethod(TokenMethod):
         if config.size_aware_attention:
             found.append(SizeAwareAttention(config))
         return tuple(found)
+
+    def variants(self, calibration: VariantCalibration) -> list[MethodVariant]:
+        """Cache fusion, SDTM* and size-aware attention, each alone (:func:`~.variants.sdtm_variants`)."""
+        return sdtm_variants(self.config, calibration)

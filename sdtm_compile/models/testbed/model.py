@@ -2,7 +2,7 @@
 
 :func:`load_testbed` builds the real diffusers class from :data:`TESTBED` and loads the weights that ship in
 this package (``weights/testbed-1024.safetensors``, checked against the sha256 in ``weights/manifest.json``).
-:class:`LabelPrompt` turns the six labels of :mod:`~sdtm_compile.testbed.data` into what SD3's text encoders
+:class:`LabelPrompt` turns the six labels of :mod:`~sdtm_compile.models.testbed.data` into what SD3's text encoders
 would give: prompt embeddings ``[B, 6, 64]`` and a pooled embedding ``[B, 64]``.
 """
 

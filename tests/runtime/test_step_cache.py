@@ -1,0 +1,81 @@
+"""The first-block cache composed with merging (sdtm_compile.step_cache), through torch.compile(backend='sdtm')."""
+
+import dataclasses
+
+import pytest
+import torch
+from sdtm_compile.passes import find_mmdit_blocks
+from sdtm_compile.passes.step_cache import residual_sites
+
+from sdtm_compile import FirstBlockCacheConfig, SDTMConfig
+from sdtm_compile.compiler.backend import BackendSettings, SDTMBackend
+from sdtm_compile.models import TINY_FLUX, TINY_SD35, flux_example_inputs, tiny_flux_transformer, tiny_sd3_transformer
+from sdtm_compile.models.sampling import generate, make_generation_inputs
+from sdtm_compile.reference import reference_dispatcher
+from tests.helpers import capture_dynamo_graph, transformer_call
+
+CONFIG = SDTMConfig(ratio=0.5, buckets=(0.3, 0.5, 0.7))
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def sd35():
+    return tiny_sd3_transformer(TINY_SD35, seed=2), make_generation_inputs(TINY_SD35, (32, 32), seed=5)
+
+
+def cached_generation(model, inputs, threshold, runs=1):
+    backend = SDTMBackend({"sdtm": CONFIG, "engine": "eager", "history": 256, "step_cache": {"threshold": threshold}})
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        latents = [generate(transformer_call(compiled), inputs, num_steps=STEPS) for _ in range(runs)]
+    return latents, backend.compiled[0].dispatcher.history
+
+
+@pytest.fixture(scope="module")
+def uncached(sd35):
+    """Threshold 0: every step computed (the head still runs)."""
+    model, inputs = sd35
+    return cached_generation(model, inputs, 0.0)
+
+
+@pytest.mark.slow
+def test_threshold_0_runs_every_step_fully(sd35, uncached):
+    model, inputs = sd35
+    (got,), history = uncached
+    with torch.no_grad():
+        want = generate(transformer_call(reference_dispatcher(model, CONFIG)), inputs, num_steps=STEPS)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not any(r.skipped for r in history)
+    assert history[0].change is None
+    assert all(r.change > 0 for r in history[1:STEPS])
+
+
+@pytest.mark.slow
+def test_steps_whose_first_block_barely_changed_are_skipped_and_counted(sd35, uncached):
+    """A threshold between the measured changes: exactly the steps at or below it skip (their li stays), the
+    others run their engine; the result moves away from the uncached one; a second generation repeats the first."""
+    model, inputs = sd35
+    (first, again), history = cached_generation(model, inputs, 0.35, runs=2)  # changes here: 0.30 to 0.43
+    records = history[:STEPS]
+    skipped = [r.step for r in records if r.skipped]
+    assert skipped
+    assert len(skipped) < STEPS - 1
+    assert all((r.change is not None and r.change <= 0.35) == r.skipped for r in records)
+    assert [r.skipped for r in history[STEPS:]] == [r.skipped for r in records]
+    assert torch.equal(first, again)
+    (full,), _ = uncached
+    assert (first - full).abs().max() > 1e-4
+
+
+@pytest.mark.unit
+def test_bad_settings_are_refused(sd35):
+    with pytest.raises(ValueError, match="threshold"):
+        FirstBlockCacheConfig(threshold=-1)
+    with pytest.raises(ValueError, match="cache the same steps twice"):
+        BackendSettings(sdtm=dataclasses.replace(CONFIG, cache_fusion=True), step_cache=FirstBlockCacheConfig())
+    model = tiny_flux_transformer(TINY_FLUX, seed=0)
+    inputs = flux_example_inputs(TINY_FLUX, 1, (16, 16))
+    gm, flat = capture_dynamo_graph(model, inputs)
+    with pytest.raises(ValueError, match="implemented for SD3"):
+        residual_sites(find_mmdit_blocks(gm, flat))
