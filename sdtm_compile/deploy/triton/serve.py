@@ -4,7 +4,8 @@
 a bundle, writes its repository, starts ``tritonserver`` and serves until Ctrl-C; ``--check`` instead sends one
 request over HTTP and one over gRPC, compares them with the in-process reference and stops.
 ``sdtm-compile serve-bench`` runs the load test (:func:`~sdtm_compile.deploy.triton.load.run_load`) at several client
-counts over both protocols and writes ``load.json`` / ``load.md`` / ``load.png``.
+counts over both protocols; the command (:mod:`sdtm_compile.cli.serve`) writes the result page (``index.md``, its
+numbers in ``result.json`` and its picture ``load.png``).
 """
 
 from __future__ import annotations
