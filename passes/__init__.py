@@ -42,6 +42,7 @@ from .sites import BlockSites, Branch, ModelSites
 from .split_single_stream import split_single_stream
 from .step_cache import (
     HIDDEN_INPUT_NAME,
+    HIDDEN_STATE,
     ResidualSites,
     add_hidden_output,
     head_graph,
@@ -55,6 +56,7 @@ __all__ = [
     "FACTS",
     "FALLBACK_HINT",
     "HIDDEN_INPUT_NAME",
+    "HIDDEN_STATE",
     "LI_INPUT_NAME",
     "BlockSites",
     "Branch",

@@ -52,9 +52,7 @@ def node_value(node: object) -> Any:
 
 def node_shape(node: object) -> tuple[int, ...] | None:
     """The static shape Dynamo/FakeTensorProp recorded for ``node``, or ``None``."""
-    if not isinstance(node, fx.Node):
-        return None
-    value = node.meta.get("val", node.meta.get("example_value"))
+    value = node_value(node)
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from torch import fx
 
-from sdtm_compile.core.ops import PLAN_OUTPUTS, sdtm_merge, sdtm_rotary
+from sdtm_compile.core.ops import MERGE_ARGS, sdtm_merge, sdtm_rotary
 
 from ._graph import copy_location, node_shape
 from .insert_merge import merged_blocks, merged_branch_names
@@ -28,7 +28,7 @@ __all__ = ["gather_rotary_positions", "pending_rotary_reads", "rotary_reads"]
 
 logger = logging.getLogger(__name__)
 
-_MEMBERS = PLAN_OUTPUTS.index("members") - 1  # position among sdtm_merge's plan arguments (li is not one)
+_MEMBERS = MERGE_ARGS.index("members")
 
 
 def rotary_reads(nodes: list[fx.Node], joint_tokens: int) -> list[fx.Node]:
@@ -75,7 +75,7 @@ def gather_rotary_positions(
         merge_node = next((u for u in block.attn.input.users if u.target is sdtm_merge), None)
         if merge_node is None:
             raise ValueError(f"{block.path}: merged attention without an sdtm_merge node: run insert_merge_nodes first")
-        members = merge_node.args[1 + _MEMBERS]
+        members = merge_node.args[_MEMBERS]
         if members is None:
             raise ValueError(f"{block.path}: this merge plan has no representative tokens to take RoPE rows from")
         nodes = list(block.attn.nodes)

@@ -34,7 +34,7 @@ from .insert_merge import block_plans, insert_merge_nodes, merged_blocks, merged
 from .settings import PassSettings
 from .sites import ModelSites
 from .split_single_stream import split_single_stream
-from .step_cache import add_hidden_output, hidden_state
+from .step_cache import HIDDEN_STATE, add_hidden_output, hidden_state
 from .thread_state import thread_engine_state
 
 __all__ = [
@@ -262,16 +262,16 @@ def rewrite_for_engine(
     """A copy of ``gm`` rewritten for ``settings.key``; every pass linted and checked, output shapes checked.
 
     ``sites`` (from :func:`find_mmdit_blocks` on ``gm``) is found when not given; ``settings.signature`` is the
-    method's (:meth:`~sdtm_compile.core.method.TokenMethod.signature`) when not given; ``pipeline`` defaults to
-    :func:`build_pipeline`'s for the method, family and stage (``step_cache``: the engines also return the last
-    block's output). ``gm`` is not modified.
+    method's (:meth:`~sdtm_compile.core.method.TokenMethod.signature`, with the step cache's hidden state when
+    ``step_cache``) when not given; a given one says itself whether the engines return the hidden state.
+    ``pipeline`` defaults to :func:`build_pipeline`'s for the method, family, stage and step cache. ``gm`` is not
+    modified.
     """
     sites = sites if sites is not None else find_mmdit_blocks(gm, example_inputs)
     if settings.signature is None:
-        extra = ()
-        if step_cache:
-            extra = (hidden_state(sites.layout()),)
+        extra = (hidden_state(sites.layout()),) if step_cache else ()
         settings = settings.with_signature(settings.method.signature(sites.layout(), extra))
+    step_cache = HIDDEN_STATE in settings.contract  # a given contract decides whether the engines return it
     if pipeline is None:
         pipeline = build_pipeline(settings.method, sites.family, settings.key.stage, step_cache)
     passes = pipeline.passes if isinstance(pipeline, Pipeline) else tuple(pipeline)

@@ -13,7 +13,7 @@ The slices and concatenations of the text (``[:, :T]``) and image (``[:, T:]``) 
 merged. Numerically the split equals the original up to float summation order (one ``C + 4C`` dot product becomes
 a ``C`` and a ``4C`` one, then a sum).
 
-When the stage merges attention (``SDTMConfig.merge_attention``), the attention gets the same seams: its q/k/v
+When the stage merges attention (the method's ``merged_branches`` name it), the attention gets the same seams: its q/k/v
 read ``cat([x[:, :T], x[:, T:]], 1)`` and its output ``a`` reaches ``proj_out``'s attention columns as
 ``cat([a[:, :T], a[:, T:]], 1)``; ``x[:, T:]`` to ``a[:, T:]`` is the block's ``attn`` branch (its RoPE reads are
 then gathered per merged token by ``gather_rotary_positions``). Otherwise the attention keeps every token.

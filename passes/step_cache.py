@@ -36,18 +36,21 @@ __all__ = [
     "out_graph",
     "add_hidden_output",
     "hidden_state",
+    "HIDDEN_STATE",
     "HIDDEN_INPUT_NAME",
 ]
 
 logger = logging.getLogger(__name__)
 
-HIDDEN_INPUT_NAME = state_input_name("hidden")
+#: The contract's name for the last block's image output (an engine returns it when the step cache is on).
+HIDDEN_STATE = "hidden"
+HIDDEN_INPUT_NAME = state_input_name(HIDDEN_STATE)
 
 
 def hidden_state(layout: ModelLayout) -> StateTensor:
     """The contract's entry for the last block's image output ``[B, N, C]`` (an output only)."""
     return StateTensor(
-        "hidden",
+        HIDDEN_STATE,
         (layout.batch, layout.num_tokens, layout.width),
         layout.dtype,
         carried=False,
@@ -136,7 +139,7 @@ def add_hidden_output(
     last = sites.blocks[-1]
     if last.ff is None:
         raise ValueError(f"first-block cache: {last.path} has no feed-forward branch to read the residual after")
-    set_state_output(gm, settings.contract, "hidden", _gated_residual_add(last.ff.output, f"{last.path}.ff"))
+    set_state_output(gm, settings.contract, HIDDEN_STATE, _gated_residual_add(last.ff.output, f"{last.path}.ff"))
     gm.recompile()
     logger.debug("add_hidden_output: %s returns %s's image output", settings.key, last.path)
     return gm, sites
@@ -145,4 +148,4 @@ def add_hidden_output(
 @fact("hidden_output")
 def _has_hidden_output(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> bool:
     """The engine returns its ``hidden`` state output."""
-    return "hidden" in state_outputs(gm)
+    return HIDDEN_STATE in state_outputs(gm)

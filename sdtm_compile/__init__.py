@@ -18,6 +18,8 @@ Triton) -> ``bench`` -> ``cli``. ``docs/architecture.md`` walks through it.
 
 from __future__ import annotations
 
+import sys
+
 from . import _aliases
 from ._version import __version__
 from .compiler import BackendSettings, SDTMBackend, compiled_graphs
@@ -41,7 +43,7 @@ from .methods import SDTMConfig, SiToConfig, ToMAConfig, ToMeSDConfig, method_na
 from .methods.sdtm import idm_plan, ssm_plan
 from .runtime import CallRecord, ConcurrentUseError, FirstBlockCacheConfig, Generation, StageDispatcher, generation
 
-_aliases.install()
+_aliases.install(sys.modules[__name__])
 
 __all__ = [
     "BackendSettings",

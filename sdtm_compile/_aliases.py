@@ -58,14 +58,29 @@ def _targets(fullname: str) -> tuple[str, ...] | None:
     return None
 
 
-class _Compat(types.ModuleType):
-    """A split module's old name: attributes are looked up in the modules that hold its names now."""
+def _warn_moved(fullname: str, targets: tuple[str, ...]) -> None:
+    warnings.warn(
+        f"{fullname} moved to {', '.join(targets)}; the old path keeps working for now",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
-    def __init__(self, name: str, targets: tuple[str, ...]) -> None:
+
+class _Compat(types.ModuleType):
+    """A split module's old name: attributes are looked up in the modules that hold its names now. ``warn_on_use``:
+    warn at the first lookup (a module registered before anyone imported it, see :func:`install`)."""
+
+    def __init__(self, name: str, targets: tuple[str, ...], warn_on_use: bool = False) -> None:
         super().__init__(name, f"moved to {', '.join(targets)}")
         self._targets = targets
+        self._warn_on_use = warn_on_use
 
     def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):  # the import system's probes (__path__, __spec__ ...) are not a user's lookup
+            raise AttributeError(attr)
+        if self._warn_on_use:
+            self._warn_on_use = False
+            _warn_moved(self.__name__, self._targets)
         for target in self._targets:
             module = importlib.import_module(target)
             if hasattr(module, attr):
@@ -81,11 +96,7 @@ class _AliasLoader(importlib.abc.Loader):
         self.fullname, self.targets = fullname, targets
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
-        warnings.warn(
-            f"{self.fullname} moved to {', '.join(self.targets)}; the old path keeps working for now",
-            DeprecationWarning,
-            stacklevel=2,
-        )
+        _warn_moved(self.fullname, self.targets)
         if len(self.targets) == 1:
             return importlib.import_module(self.targets[0])
         return _Compat(self.fullname, self.targets)
@@ -106,8 +117,16 @@ class _AliasFinder(importlib.abc.MetaPathFinder):
 _FINDER = _AliasFinder()
 
 
-def install() -> None:
+def install(package: types.ModuleType) -> None:
     """Answer the old module names (idempotent; ``import sdtm_compile`` calls it). First in ``sys.meta_path``: a
-    path-based finder would load an old package's submodule a second time under its old name."""
+    path-based finder would load an old package's submodule a second time under its old name.
+
+    An old module whose name is also one of ``package``'s names (``merge``: the function and the module it lived in)
+    is registered in ``sys.modules`` now: the import system binds a module it loads to its parent's attribute, so
+    loading it later would turn ``sdtm_compile.merge`` into the module (the old layout kept the function)."""
     if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
+    for name, targets in ALIASES.items():
+        fullname = _P + name
+        if hasattr(package, name) and fullname not in sys.modules:
+            sys.modules[fullname] = _Compat(fullname, tuple(_P + target for target in targets), warn_on_use=True)

@@ -32,6 +32,7 @@ import torch
 from ..core.config import METHOD_CONFIGS, MethodConfig
 from ..core.method import VariantCalibration, method_for
 from ..core.schedule import FULL
+from ..passes import HIDDEN_STATE
 from ..runtime import FirstBlockCacheConfig
 from .assemble import run_settings
 from .config import BASELINE, FIDELITY_REFERENCE, BenchConfig
@@ -107,8 +108,8 @@ def _state_mib(compiled: Any) -> float:
 
     signature = compiled.signature
     total = sum(nbytes(t) for t in signature.inputs[1:])
-    if "hidden" in signature:
-        total += 2 * nbytes(signature["hidden"])
+    if HIDDEN_STATE in signature:
+        total += 2 * nbytes(signature[HIDDEN_STATE])
     return total / 2**20
 
 

@@ -11,14 +11,13 @@ from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from .. import methods as _methods  # noqa: F401  (registers every method's config by name)
-from ..core.config import METHOD_CONFIGS, MethodConfig, config_from_dict
+from ..core.config import DEFAULT_METHOD, METHOD_CONFIGS, MethodConfig, config_from_dict
 from ..core.method import method_for
 from ..models import MODEL_PRESETS, ModelPreset
 
 __all__ = [
     "BASELINE",
     "BenchConfig",
-    "DEFAULT_METHOD",
     "FIDELITY_REFERENCE",
     "RESULTS_DIR",
     "VARIANTS",
@@ -31,8 +30,6 @@ VARIANTS = ("eager", "inductor", "sdtm", "reference")
 BASELINE = "inductor"
 #: The variant whose final latent every fidelity number (PSNR, cosine) is measured against.
 FIDELITY_REFERENCE = "eager"
-#: The method a benchmark measures unless told otherwise.
-DEFAULT_METHOD = "sdtm"
 #: Where result pages go (one folder per page, and ``index.md`` listing them), relative to the working directory.
 RESULTS_DIR = "docs/results"
 

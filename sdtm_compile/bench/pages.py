@@ -104,7 +104,8 @@ def _markdown(page: Page, others: list[str]) -> str:
         )
     if page.command:
         took = f" ({page.wall_time_s / 60:.0f} min)" if page.wall_time_s else ""
-        lines += ["", f"`{page.command}`{took}"]
+        # as it was typed then: an older page's command may carry options the CLI has since dropped
+        lines += ["", f"Command, as run: `{page.command}`{took}"]
     lines += ["", page.body.rstrip("\n"), ""]
     lines += [f"![{caption}]({name})" for caption, name in page.pictures.items()]
     if page.files:

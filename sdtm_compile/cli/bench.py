@@ -14,9 +14,9 @@ import sys
 from ..bench import BenchConfig, markdown_report, rerender, run_benchmark
 from ..bench.compare_methods import run_method_comparison
 from ..bench.compare_variants import run_variant_comparison
-from ..bench.config import DEFAULT_METHOD, RESULTS_DIR
+from ..bench.config import RESULTS_DIR
 from ..bench.render import page_of
-from ..core.config import config_from_dict
+from ..core.config import DEFAULT_METHOD, config_from_dict
 from ..methods import method_names
 from ..models import MODEL_PRESETS
 from .common import fail, ratios

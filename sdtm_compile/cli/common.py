@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..core.config import MethodConfig, config_from_dict
+from ..core.config import DEFAULT_METHOD, MethodConfig, config_from_dict
 from ..methods import method_names
 from ..models import MODEL_PRESETS, FluxSpec, TinySpec, build_model, example_inputs, flux_example_inputs
 
@@ -50,7 +50,9 @@ def model_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"a preset ({', '.join(MODEL_PRESETS)}) or a local diffusers SD3Transformer2DModel folder",
     )
     parser.add_argument(
-        "--method", default="sdtm", help=f"the token-reduction method: {', '.join(method_names())} (default sdtm)"
+        "--method",
+        default=DEFAULT_METHOD,
+        help=f"the token-reduction method: {', '.join(method_names())} (default {DEFAULT_METHOD})",
     )
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--deviation", type=float, default=None, help="SDTM's CRA deviation (default: the config's)")

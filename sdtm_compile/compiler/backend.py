@@ -32,6 +32,7 @@ from ..core.schedule import FULL
 from ..engines import ENGINES, EngineBuildError, build_inductor_parallel, engine_available
 from ..passes import (
     FALLBACK_HINT,
+    HIDDEN_STATE,
     UnsupportedModelError,
     head_graph,
     lint_tensorrt,
@@ -121,7 +122,7 @@ class SDTMBackend:
         model_outputs = len(next(n for n in buckets.traced.graph.nodes if n.op == "output").args[0])
         head = head_graph(full.gm, names)
         out = out_graph(full.gm, names, model_outputs)
-        hidden = buckets.signature["hidden"].fresh(buckets.latent.device)
+        hidden = buckets.signature[HIDDEN_STATE].fresh(buckets.latent.device)
         logger.info("building the first-block cache's head and out engines with %s", order[0])
         return self._build("first-block head", head, inputs, order)[1], self._build(
             "out", out, [*inputs, hidden], order

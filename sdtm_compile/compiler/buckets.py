@@ -85,7 +85,6 @@ class BucketGraphs:
             raise UnsupportedModelError(f"{problem}. {FALLBACK_HINT}")
         #: the engine contract every graph keeps
         self.signature: EngineSignature = self.method.signature(layout, (hidden_state(layout),) if step_cache else ())
-        self.step_cache = step_cache
         keys = self.method.engines_for_trajectory()
         if include_full:
             keys = [FULL, *keys]
@@ -125,9 +124,7 @@ class BucketGraphs:
         rewritten = self._rewritten.get(graph_id)
         if rewritten is None:
             settings = PassSettings(self.config, key, self.signature)
-            rewritten = rewrite_for_engine(
-                self.traced, self.example_inputs, settings, sites=self.sites, step_cache=self.step_cache
-            )
+            rewritten = rewrite_for_engine(self.traced, self.example_inputs, settings, sites=self.sites)
             self._rewritten[graph_id] = rewritten
         return rewritten
 

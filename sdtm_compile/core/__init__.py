@@ -15,7 +15,7 @@ from .config import DEFAULT_BUCKETS, METHOD_CONFIGS, MethodConfig, config_from_d
 from .extension import Extension, ExtensionRun, ReferenceHooks
 from .layout import BlockLayout, ModelLayout
 from .merge import MergePlan, merge, unmerge
-from .method import METHODS, TokenMethod, method_for, register_method
+from .method import METHODS, TokenMethod, engines_for_steps, method_for, register_method
 from .plans import PLAN_METHODS, PlanSpec, plan_method
 from .schedule import FULL, EngineKey, Stage, TokenCounts
 from .signature import EngineSignature, EngineState, StateTensor
@@ -44,6 +44,7 @@ __all__ = [
     "config_from_dict",
     "merge",
     "method_for",
+    "engines_for_steps",
     "plan_method",
     "register_method",
     "unmerge",

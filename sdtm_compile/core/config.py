@@ -12,10 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-__all__ = ["MethodConfig", "DEFAULT_BUCKETS", "config_from_dict", "METHOD_CONFIGS", "SCHEDULER_KEYS"]
+__all__ = ["MethodConfig", "DEFAULT_BUCKETS", "DEFAULT_METHOD", "config_from_dict", "METHOD_CONFIGS", "SCHEDULER_KEYS"]
 
 #: Compression ratios the compiler builds one engine for. A scheduled ratio is rounded *down* to one of these.
 DEFAULT_BUCKETS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+#: The method a config dict, a backend option or a command without a ``method`` gets.
+DEFAULT_METHOD = "sdtm"
 
 #: Config classes by method name (``"sdtm"``, ``"tomesd"``, ...), filled as the classes are defined.
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
@@ -179,11 +182,11 @@ class MethodConfig:
 
 
 def config_from_dict(values: Mapping[str, Any]) -> MethodConfig:
-    """The config a dict describes: its ``"method"`` key picks the class (``"sdtm"`` when absent).
+    """The config a dict describes: its ``"method"`` key picks the class (:data:`DEFAULT_METHOD` when absent).
 
     The classes register themselves when defined; ``import sdtm_compile`` imports every method of the package.
     """
-    name = values.get("method", "sdtm")
+    name = values.get("method", DEFAULT_METHOD)
     cls = METHOD_CONFIGS.get(name)  # type: ignore[arg-type]
     if cls is None:
         raise ValueError(f"unknown token-reduction method {name!r}: expected one of {sorted(METHOD_CONFIGS)}")

@@ -1,5 +1,5 @@
 """Extensions: what a method adds to every engine beyond its plans (SDTM's cache fusion, SDTM*, size-aware
-attention), declared in four parts so that no code outside the method needs to know it exists.
+attention), declared in five parts so that no code outside the method needs to know it exists.
 
 An :class:`Extension` says
 
@@ -34,8 +34,9 @@ class ExtensionRun:
 
     The dispatcher calls, for every transformer call: :meth:`new_step` when the call starts a new step (not for a
     generation's first), :meth:`choose` to let it change the engine, :meth:`inputs` for the state it feeds, and
-    :meth:`after` with what the engine returned. ``notes`` is the call's record (:class:`CallRecord
-    <sdtm_compile.runtime.CallRecord>` fields such as ``protected``, ``statistic``, ``adaptive_ratio``).
+    :meth:`after` with what the engine returned. ``notes`` become the call's record's notes (:attr:`CallRecord.notes
+    <sdtm_compile.runtime.CallRecord>`: SDTM's ``protected``, ``statistic``, ``adaptive_ratio``): a run writes each
+    of its notes on every call (``None`` where it has no value), so that every record of a generation has them.
     """
 
     def new_step(self) -> None:

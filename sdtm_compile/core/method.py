@@ -46,6 +46,7 @@ __all__ = [
     "VariantCalibration",
     "register_method",
     "method_for",
+    "engines_for_steps",
     "METHODS",
     "ATTENTION_BRANCHES",
     "FEED_FORWARD_BRANCHES",
@@ -200,11 +201,9 @@ class TokenMethod:
             problem = problem or extension.check(layout)
         return problem
 
-    def signature(self, layout: ModelLayout, extra: Sequence[StateTensor] = ()) -> EngineSignature:
-        """The engine contract of a compile on a model of ``layout``: the method's state, its extensions' state,
-        then ``extra`` (a backend option's, e.g. the step cache's), carried entries first."""
-        batch, tokens = layout.batch, layout.num_tokens
-        method_state = StateTensor(
+    def state_tensor(self, batch: int, tokens: int) -> StateTensor:
+        """The contract's entry for the method's own state, ``[B, N]`` int32, fresh from :meth:`init_state`."""
+        return StateTensor(
             METHOD_STATE,
             (batch, tokens),
             torch.int32,
@@ -213,7 +212,11 @@ class TokenMethod:
             description=f"the {self.name} method's state; fresh at the start of every generation (a timestep "
             "above the previous one)",
         )
-        entries = [method_state]
+
+    def signature(self, layout: ModelLayout, extra: Sequence[StateTensor] = ()) -> EngineSignature:
+        """The engine contract of a compile on a model of ``layout``: the method's state, its extensions' state,
+        then ``extra`` (a backend option's, e.g. the step cache's), carried entries first."""
+        entries = [self.state_tensor(layout.batch, layout.num_tokens)]
         for extension in self.extensions():
             entries.extend(extension.state(layout))
         entries.extend(extra)
@@ -238,3 +241,8 @@ def method_for(config: MethodConfig) -> TokenMethod:
         known = ", ".join(sorted(c.__name__ for c in METHODS))
         raise TypeError(f"{config!r} is not the config of a token-reduction method; expected one of {known}")
     return cls(config)
+
+
+def engines_for_steps(config: MethodConfig, num_steps: int) -> list[EngineKey]:
+    """The distinct engines a generation of ``num_steps`` steps uses under ``config`` (any method's), sorted."""
+    return method_for(config).engines_for_steps(num_steps)

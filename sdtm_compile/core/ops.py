@@ -25,7 +25,16 @@ import torch
 from .merge import MergePlan, merge, merged_rotary_table, unmerge_tokens
 from .plans import PlanSpec, make_plan
 
-__all__ = ["sdtm_plan", "sdtm_merge", "sdtm_unmerge", "sdtm_rotary", "GRAPH_OPS", "PLAN_OUTPUTS", "graph_op"]
+__all__ = [
+    "sdtm_plan",
+    "sdtm_merge",
+    "sdtm_unmerge",
+    "sdtm_rotary",
+    "GRAPH_OPS",
+    "PLAN_OUTPUTS",
+    "MERGE_ARGS",
+    "graph_op",
+]
 
 _F = TypeVar("_F", bound=Callable[..., object])
 
@@ -42,6 +51,9 @@ def graph_op(fn: _F) -> _F:
 
 #: What :func:`sdtm_plan` returns, in order (``insert_merge_nodes`` reads them by these positions).
 PLAN_OUTPUTS = ("slot", "inv_count", "li", "members", "extra_tokens", "extra_slots", "order", "assign", "restore")
+#: :func:`sdtm_merge`'s arguments, in order: the tokens, then the plan's parts but ``li`` (a pass that reads a part
+#: from a merge node finds it at ``MERGE_ARGS.index(part)``).
+MERGE_ARGS = ("x", *(part for part in PLAN_OUTPUTS if part != "li"))
 
 
 @graph_op

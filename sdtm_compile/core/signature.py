@@ -13,7 +13,7 @@ Its entries, in order:
 
 * ``li``: the method's state ``[B, N]`` int32 (SDTM's "not attended" counter; the random state of ToMeSD and
   SiTo), carried: an input and an output of every engine, reset at the start of every generation;
-* what a method's extensions add (:class:`~sdtm_compile.core.method.Extension`), e.g. SDTM's cache fusion cache
+* what a method's extensions add (:class:`~sdtm_compile.core.extension.Extension`), e.g. SDTM's cache fusion cache
   ``[K, B, N, C]`` (carried) and SDTM*'s statistic ``[B]`` (an output only);
 * what a backend option adds, e.g. the first-block step cache's last-block output ``[B, N, C]`` (an output only).
 
@@ -60,16 +60,6 @@ class StateTensor:
         if self.initial is not None:
             return self.initial(device)
         return torch.zeros(self.shape, dtype=self.dtype, device=device)
-
-    def describe(self) -> dict[str, Any]:
-        """``{"name", "shape", "dtype", "carried", "description"}`` (JSON-ready)."""
-        return {
-            "name": self.name,
-            "shape": list(self.shape),
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "carried": self.carried,
-            "description": self.description,
-        }
 
 
 class EngineState(Mapping[str, torch.Tensor]):
@@ -180,10 +170,6 @@ class EngineSignature:
     def output_shapes(self) -> list[tuple[int, ...]]:
         """The shapes of the outputs that follow the model's, in order."""
         return [tuple(t.shape) for t in self.tensors]
-
-    def describe(self) -> list[dict[str, Any]]:
-        """Every entry as a JSON-ready dict (the ONNX manifest's ``state``)."""
-        return [t.describe() for t in self.tensors]
 
     def __repr__(self) -> str:
         parts = [f"{t.name} {list(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in self.tensors]

@@ -16,7 +16,6 @@ from ..engines import sha256_file
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
-    "LI_NAME",
     "BundleError",
     "read_bundle",
     "manifest_state",
@@ -25,8 +24,6 @@ __all__ = [
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-#: The method state's name in a bundle's graphs (the ONNX input ``li``, output ``li_out``).
-LI_NAME = METHOD_STATE
 
 
 class BundleError(ValueError):
@@ -54,14 +51,10 @@ def signature_from_manifest(manifest: dict[str, Any], method: TokenMethod) -> En
     entries = []
     for spec in manifest["state"]:
         shape, dtype = tuple(spec["shape"]), getattr(torch, spec["dtype"])
-        initial = None
         if spec["name"] == METHOD_STATE:
-            batch, tokens = shape
-
-            def initial(device, batch=batch, tokens=tokens):  # type: ignore[no-untyped-def]
-                return method.init_state(batch, tokens, device)
-
-        entries.append(StateTensor(spec["name"], shape, dtype, True, initial, spec.get("reset", "")))
+            entries.append(method.state_tensor(*shape))
+        else:
+            entries.append(StateTensor(spec["name"], shape, dtype, True, None, spec.get("reset", "")))
     return EngineSignature(entries)
 
 

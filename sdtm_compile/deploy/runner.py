@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.config import config_from_dict
+from ..core.config import MethodConfig, config_from_dict
 from ..core.method import method_for
 from ..core.schedule import EngineKey, Stage
 from ..core.signature import EngineState
@@ -41,6 +41,7 @@ class OnnxTransformer(nn.Module):
     that ``img_ids`` lay out the exported token grid). ``skip_layers``, ControlNet residuals and
     ``joint_attention_kwargs`` are not supported (a clear error).
     ``history``: how many recent calls ``dispatcher.history`` keeps outside a ``generation`` context (0: none).
+    ``config`` is the transformer's (as on the diffusers model); ``method_config`` the bundle's method config.
     """
 
     def __init__(self, bundle_dir: str | Path, providers: list[str] | None = None, history: int = 0) -> None:
@@ -52,14 +53,13 @@ class OnnxTransformer(nn.Module):
         manifest_path = self.bundle_dir / MANIFEST
         self.manifest = manifest
         try:
-            self.sdtm_config = config_from_dict(manifest["config"])
+            self.method_config = config_from_dict(manifest["config"])
         except ValueError as err:
             raise BundleError(f"{manifest_path}: invalid method config ({err}); re-export the bundle") from err
         self.config = _Config(manifest["transformer_config"])
         self.inputs = manifest["inputs"]
-        self.state = manifest["state"][0]
         #: the engine contract of the bundle's graphs
-        self.signature = signature_from_manifest(manifest, method_for(self.sdtm_config))
+        self.signature = signature_from_manifest(manifest, method_for(self.method_config))
         chosen = providers or ["CPUExecutionProvider"]
         self.sessions = {
             name: ort.InferenceSession(str(self.bundle_dir / name), providers=chosen)
@@ -67,7 +67,7 @@ class OnnxTransformer(nn.Module):
             if name.endswith(".onnx")
         }
         self.files = {self._key(e): e["file"] for e in manifest["engines"]}
-        self.dispatcher = StageDispatcher(self.sdtm_config, history=history)
+        self.dispatcher = StageDispatcher(self.method_config, history=history)
 
     @staticmethod
     def _key(entry: dict[str, Any]) -> EngineKey:
@@ -80,6 +80,11 @@ class OnnxTransformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
+
+    @property
+    def sdtm_config(self) -> MethodConfig:
+        """The name :attr:`method_config` had when SDTM was the only method (kept for callers of the old name)."""
+        return self.method_config
 
     def reset(self) -> None:
         """Forget the generation state explicitly."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
@@ -40,7 +41,7 @@ from ..core.config import MethodConfig
 from ..core.extension import ExtensionRun
 from ..core.method import method_for
 from ..core.schedule import EngineKey, position_from_timestep
-from ..core.signature import METHOD_STATE, EngineSignature, EngineState, StateTensor
+from ..core.signature import METHOD_STATE, EngineSignature, EngineState
 from .generation import CallRecord, ConcurrentUseError, GenerationState, active_generation
 from .step_cache import FirstBlockCacheConfig, relative_change
 
@@ -116,12 +117,7 @@ class StageDispatcher:
 
     def contract(self, shape: tuple[int, int]) -> EngineSignature:
         """A contract holding only the method's state, ``[B, N]`` (what a caller without extensions passes)."""
-        batch, tokens = shape
-
-        def fresh(device: torch.device | str | None) -> torch.Tensor:
-            return self.method.init_state(batch, tokens, device)
-
-        return EngineSignature([StateTensor(METHOD_STATE, (batch, tokens), torch.int32, initial=fresh)])
+        return EngineSignature([self.method.state_tensor(*shape)])
 
     def run(
         self,
@@ -203,7 +199,9 @@ class StageDispatcher:
         def record(key: EngineKey, **extra: Any) -> None:
             if owner.history is not None:
                 owner.history.append(
-                    CallRecord(t, position, key, new_generation, new_step, state.step, **notes, **extra)
+                    CallRecord(
+                        t, position, key, new_generation, new_step, state.step, notes=MappingProxyType(notes), **extra
+                    )
                 )
 
         change, residual = None, None

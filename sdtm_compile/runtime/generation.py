@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextvars
 import threading
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.schedule import EngineKey
@@ -30,7 +31,12 @@ __all__ = ["CallRecord", "ConcurrentUseError", "Generation", "generation", "acti
 
 @dataclass(frozen=True)
 class CallRecord:
-    """What one call did (kept in :attr:`StageDispatcher.history` for demos, plots and tests)."""
+    """What one call did (kept in :attr:`StageDispatcher.history` for demos, plots and tests).
+
+    ``notes`` holds what the method's extensions noted for the call, by name (their
+    :class:`~sdtm_compile.core.extension.ExtensionRun` writes them; SDTM's: ``protected``, ``statistic``,
+    ``adaptive_ratio``); a note reads as an attribute too (``record.statistic``).
+    """
 
     timestep: float
     position: float
@@ -38,12 +44,19 @@ class CallRecord:
     new_generation: bool
     new_step: bool
     step: int = 0  #: the step's index in its generation
-    # what the method's extensions noted (``ExtensionRun`` notes), e.g. SDTM's:
-    protected: bool = False  #: cache fusion: a protected step (runs ``FULL`` and stores the cache)
-    statistic: float | None = None  #: SDTM*: the statistic this call returned (min over the batch)
-    adaptive_ratio: float | None = None  #: SDTM*: the ratio the previous step picked for this one
     skipped: bool = False  #: first-block cache: the blocks after the first were skipped (``key`` did not run)
     change: float | None = None  #: first-block cache: the first block's relative residual change
+    notes: Mapping[str, Any] = field(default_factory=dict)  #: the extensions' notes, by name
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for a name that is not a field: the extensions' notes
+        notes = self.__dict__.get("notes", {})
+        if name in notes:
+            return notes[name]
+        raise AttributeError(
+            f"CallRecord has no field or note {name!r}; this call's notes: {sorted(notes) or 'none'} (a note is "
+            "written by the extension that owns it, when the config turns it on)"
+        )
 
 
 class ConcurrentUseError(RuntimeError):

@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-from sdtm_compile.passes import PassSettings, UnsupportedModelError, rewrite_for_engine
 
 from sdtm_compile import SDTMConfig
 from sdtm_compile.compiler.backend import BackendSettings, SDTMBackend
@@ -19,6 +18,7 @@ from sdtm_compile.methods.sdtm.plans import init_li
 from sdtm_compile.methods.sdtm.schedule import engines_for_trajectory
 from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_transformer
 from sdtm_compile.models.sampling import generate, make_generation_inputs
+from sdtm_compile.passes import PassSettings, UnsupportedModelError, rewrite_for_engine
 from sdtm_compile.reference import reference_dispatcher, reference_forward
 from tests.helpers import capture_dynamo_graph, transformer_call
 
@@ -222,10 +222,9 @@ def test_a_pass_failing_on_one_bucket_is_an_error_or_a_loud_fallback(monkeypatch
     """A pass that fails on a bucket graph (injected here, as an extension of SDTM's: no real diffusers SD3 graph
     makes one fail) aborts with ``on_unsupported="error"`` and compiles the unmodified model, with a warning, under
     ``"fallback"``."""
-    from sdtm_compile.passes import GraphPass, TokenShapeError
-
     from sdtm_compile.core.extension import Extension
     from sdtm_compile.methods.sdtm import SDTMMethod
+    from sdtm_compile.passes import GraphPass, TokenShapeError
 
     def failing_on_structure(gm, sites, settings):
         raise TokenShapeError("injected: a token-count constant was not recognised")

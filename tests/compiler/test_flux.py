@@ -8,7 +8,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from sdtm_compile.passes import lint_tensorrt, to_aten
 
 import sdtm_compile
 from sdtm_compile import SDTMConfig
@@ -32,6 +31,7 @@ from sdtm_compile.models.sampling import (
     make_flux_scheduler,
     psnr,
 )
+from sdtm_compile.passes import lint_tensorrt, to_aten
 from sdtm_compile.reference import FluxReferenceTransformer, flux_reference_forward
 from tests.helpers import capture_dynamo_graph
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from sdtm_compile.passes import module_stack
 
 from sdtm_compile import SDTMConfig
 from sdtm_compile.compiler.buckets import BucketGraphs
@@ -11,6 +10,7 @@ from sdtm_compile.core.ops import sdtm_merge, sdtm_plan
 from sdtm_compile.core.schedule import EngineKey, Stage
 from sdtm_compile.engines.parallel import _CompilerPool
 from sdtm_compile.models import TINY_SD35, example_inputs, tiny_sd3_transformer
+from sdtm_compile.passes import module_stack
 from tests.helpers import capture_dynamo_graph
 
 DETAIL = EngineKey(Stage.DETAIL, 0.5)

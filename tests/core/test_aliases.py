@@ -83,3 +83,18 @@ def test_a_split_module_finds_each_name_where_it_went():
     assert config.SDTMConfig is sdtm_compile.SDTMConfig
     with pytest.raises(AttributeError, match="moved to sdtm_compile.core.config"):
         config.no_such_name  # noqa: B018
+
+
+def test_the_old_merge_module_leaves_the_merge_function_in_place():
+    # ``merge`` was a module and the package's function of that name; importing the module must not rebind the name
+    function = sdtm_compile.merge
+    assert callable(function)
+    old = importlib.import_module("sdtm_compile.merge")  # the old module path
+
+    assert sdtm_compile.merge is function
+    from sdtm_compile.core.plans import PlanSpec
+    from sdtm_compile.methods.sdtm.plans import ssm_plan
+
+    with pytest.warns(DeprecationWarning, match=r"^sdtm_compile\.merge moved to sdtm_compile\.core\.merge"):
+        assert old.ssm_plan is ssm_plan  # the first lookup warns (no import-time warning: it was registered early)
+    assert old.PlanSpec is PlanSpec

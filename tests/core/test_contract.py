@@ -5,7 +5,6 @@ import dataclasses
 
 import pytest
 import torch
-from sdtm_compile.passes import find_mmdit_blocks, hidden_state
 
 from sdtm_compile import SDTMConfig, ToMeSDConfig
 from sdtm_compile.compiler import BucketGraphs
@@ -20,6 +19,7 @@ from sdtm_compile.models import (
     tiny_flux_transformer,
     tiny_sd3_transformer,
 )
+from sdtm_compile.passes import find_mmdit_blocks, hidden_state
 from sdtm_compile.reference import model_layout
 from tests.helpers import capture_dynamo_graph
 

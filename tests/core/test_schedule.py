@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from sdtm_compile import SDTMConfig
+from sdtm_compile.core.method import engines_for_steps
 from sdtm_compile.core.schedule import EngineKey, Stage, position_at_step, position_from_timestep, round_to_bucket
 from sdtm_compile.methods.sdtm.schedule import (
     cra_ratio,
     engine_key_at,
-    engines_for_steps,
     engines_for_trajectory,
     stage_at,
     token_counts,

@@ -86,10 +86,9 @@ def test_cache_can_be_turned_off(tmp_path, monkeypatch, caplog):
 
 @pytest.mark.unit
 def test_key_follows_the_graph_and_the_compiler_settings_not_the_schedule(tmp_path):
-    from sdtm_compile.passes import PassSettings, rewrite_for_engine
-
     from sdtm_compile.compiler.capture import capture_dynamo_graph
     from sdtm_compile.core.schedule import EngineKey, Stage
+    from sdtm_compile.passes import PassSettings, rewrite_for_engine
 
     model = tiny_sd3_transformer(SPEC)
     gm, flat = capture_dynamo_graph(model, example_inputs(SPEC, 2, (16, 16)))

@@ -12,7 +12,6 @@ import re
 
 import pytest
 import torch
-from sdtm_compile.passes import PassSettings, rewrite_for_engine
 
 import sdtm_compile
 from sdtm_compile import SDTMConfig, SiToConfig, ToMAConfig, ToMeSDConfig
@@ -23,7 +22,8 @@ from sdtm_compile.core.schedule import FULL
 from sdtm_compile.engines import ENGINES
 from sdtm_compile.methods import method_for
 from sdtm_compile.models import TINY_SD3, example_inputs, tiny_sd3_transformer
-from sdtm_compile.reference import flux_reference_forward, reference_forward
+from sdtm_compile.passes import PassSettings, rewrite_for_engine
+from sdtm_compile.reference import reference_forward
 from tests.methods.cases import CASES, METHODS, PARITY, captured
 
 #: The case that runs every bucket (the others run one).
@@ -46,13 +46,12 @@ def test_every_bucket_matches_the_eager_reference(name, case):
     method = method_for(buckets.config)
     # a mid-generation state: advanced a few blocks (random methods) rather than the fresh one
     state = method.init_state(batch, buckets.sites.num_tokens) * 7 % 65536
-    reference = flux_reference_forward if family == "flux" else reference_forward
     settings = BackendSettings(engine="eager")
     for key in keys:
         rewritten = rewrite_for_engine(gm, flat, PassSettings(buckets.config, key), sites=buckets.sites)
         with torch.no_grad():
             sample, state_out = ENGINES["eager"].build(rewritten.gm, [*flat, state], settings)(*flat, state.clone())
-            want, want_state = reference(model, **inputs, key=key, li=state.clone(), config=buckets.config)
+            want, want_state = reference_forward(model, **inputs, key=key, li=state.clone(), config=buckets.config)
             want_state = want_state.li
         torch.testing.assert_close(sample, want, rtol=0, atol=1e-6, msg=lambda m, k=key: f"{name} {k}: {m}")
         assert torch.equal(state_out, want_state), f"{name} {key}: state differs"

@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-from sdtm_compile.passes import lint_tensorrt, to_aten
 
 import sdtm_compile
 from sdtm_compile.compiler.backend import SDTMBackend
@@ -20,6 +19,7 @@ from sdtm_compile.models import (
     tiny_sd3_transformer,
 )
 from sdtm_compile.models.sampling import flux_generate, generate, make_flux_generation_inputs, make_generation_inputs
+from sdtm_compile.passes import lint_tensorrt, to_aten
 from sdtm_compile.reference import FluxReferenceTransformer, reference_dispatcher
 from tests.helpers import transformer_call
 from tests.methods.cases import CASES, HALF, METHODS, captured
@@ -86,7 +86,7 @@ def test_onnx_bundle_matches_the_reference(name, tmp_path):
     assert [e["key"] for e in manifest["engines"]] == ["full", "merge@0.5"]
     assert manifest["config"]["method"] == config.method
     runner = OnnxTransformer(tmp_path, history=16)
-    assert type(runner.sdtm_config) is type(config)
+    assert type(runner.method_config) is type(config)
     inputs = make_generation_inputs(ONE_BLOCK, (32, 32), seed=7)
     with torch.no_grad():
         got = generate(transformer_call(runner), inputs, num_steps=6)

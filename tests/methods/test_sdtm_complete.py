@@ -5,7 +5,6 @@ import dataclasses
 
 import pytest
 import torch
-from sdtm_compile.passes import lint_tensorrt, to_aten
 
 import sdtm_compile
 from sdtm_compile import SDTMConfig
@@ -25,6 +24,7 @@ from sdtm_compile.models import (
     tiny_sd3_transformer,
 )
 from sdtm_compile.models.sampling import generate, make_generation_inputs
+from sdtm_compile.passes import lint_tensorrt, to_aten
 from sdtm_compile.reference import reference_dispatcher, reference_forward
 from tests.helpers import capture_dynamo_graph, transformer_call
 

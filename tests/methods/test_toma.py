@@ -71,11 +71,10 @@ def test_block_plans_follow_toma_on_flux1_and_scale_to_small_models():
 
 @pytest.mark.slow
 def test_the_pass_plans_once_per_shared_group():
-    from sdtm_compile.passes import PassSettings, rewrite_for_engine
-
     from sdtm_compile.core.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
     from sdtm_compile.core.schedule import EngineKey, Stage
     from sdtm_compile.models import TINY_FLUX_SCHNELL, flux_example_inputs, tiny_flux_transformer
+    from sdtm_compile.passes import PassSettings, rewrite_for_engine
     from tests.helpers import capture_dynamo_graph
 
     model = tiny_flux_transformer(TINY_FLUX_SCHNELL, seed=0)  # 2 double + 2 single blocks

@@ -5,6 +5,13 @@ import operator
 
 import pytest
 import torch
+from torch import fx
+
+from sdtm_compile import SDTMConfig
+from sdtm_compile.core.method import method_for
+from sdtm_compile.core.ops import sdtm_merge, sdtm_plan, sdtm_rotary, sdtm_unmerge
+from sdtm_compile.core.schedule import FULL, EngineKey, Stage
+from sdtm_compile.models import TINY_FLUX, flux_example_inputs, tiny_flux_transformer
 from sdtm_compile.passes import (
     PassOrderError,
     PassSettings,
@@ -16,13 +23,6 @@ from sdtm_compile.passes import (
     rewrite_for_engine,
     split_single_stream,
 )
-from torch import fx
-
-from sdtm_compile import SDTMConfig
-from sdtm_compile.core.method import method_for
-from sdtm_compile.core.ops import sdtm_merge, sdtm_plan, sdtm_rotary, sdtm_unmerge
-from sdtm_compile.core.schedule import FULL, EngineKey, Stage
-from sdtm_compile.models import TINY_FLUX, flux_example_inputs, tiny_flux_transformer
 from tests.helpers import capture_dynamo_graph
 
 pytestmark = pytest.mark.unit

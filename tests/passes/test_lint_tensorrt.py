@@ -2,6 +2,12 @@
 
 import pytest
 import torch
+
+from sdtm_compile import SDTMConfig
+from sdtm_compile.compiler.capture import capture_dynamo_graph
+from sdtm_compile.core.schedule import FULL, Stage
+from sdtm_compile.methods.sdtm.schedule import engines_for_trajectory
+from sdtm_compile.models import TINY_SD3, example_inputs, tiny_sd3_transformer
 from sdtm_compile.passes import (
     PassSettings,
     TensorRTLintError,
@@ -10,12 +16,6 @@ from sdtm_compile.passes import (
     rewrite_for_engine,
     to_aten,
 )
-
-from sdtm_compile import SDTMConfig
-from sdtm_compile.compiler.capture import capture_dynamo_graph
-from sdtm_compile.core.schedule import FULL, Stage
-from sdtm_compile.methods.sdtm.schedule import engines_for_trajectory
-from sdtm_compile.models import TINY_SD3, example_inputs, tiny_sd3_transformer
 
 
 @pytest.mark.slow

@@ -4,6 +4,14 @@ import operator
 
 import pytest
 import torch
+from torch import fx
+
+from sdtm_compile import SDTMConfig
+from sdtm_compile.core.method import method_for
+from sdtm_compile.core.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
+from sdtm_compile.core.schedule import FULL, EngineKey, Stage
+from sdtm_compile.methods.sdtm.schedule import token_counts
+from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_transformer
 from sdtm_compile.passes import (
     LI_INPUT_NAME,
     PassOrderError,
@@ -22,14 +30,6 @@ from sdtm_compile.passes import (
     rewrite_for_engine,
     thread_engine_state,
 )
-from torch import fx
-
-from sdtm_compile import SDTMConfig
-from sdtm_compile.core.method import method_for
-from sdtm_compile.core.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
-from sdtm_compile.core.schedule import FULL, EngineKey, Stage
-from sdtm_compile.methods.sdtm.schedule import token_counts
-from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_transformer
 from tests.helpers import capture_dynamo_graph
 
 pytestmark = pytest.mark.unit

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sdtm_compile
-from sdtm_compile import SDTMConfig
+from sdtm_compile import EngineState, SDTMConfig
 from sdtm_compile.compiler.backend import SDTMBackend
 from sdtm_compile.models import TINY_SD3, tiny_sd3_transformer
 from sdtm_compile.models.sampling import denoising, generate, make_generation_inputs
@@ -154,6 +154,28 @@ def test_history_is_off_by_default_and_bounded():
     assert [r.timestep for r in recording.history] == [993.0, 992.0, 991.0]
     with pytest.raises(ValueError, match="history must be a number of calls"):
         sdtm_compile.generation(history=-1)
+
+
+@pytest.mark.unit
+def test_a_record_holds_the_notes_its_extensions_wrote():
+    def first_record(config):
+        dispatcher = StageDispatcher(config, history=4)
+
+        def call(key, state):  # an engine that returns SDTM*'s reading too (a plain method ignores it)
+            return None, EngineState(state.li, stat=torch.tensor([0.25]))
+
+        dispatcher.run(1000.0, ("layout",), (1, 4), torch.device("cpu"), call)
+        return dispatcher.history[0]
+
+    plain = first_record(SDTMConfig())
+    assert dict(plain.notes) == {}
+    with pytest.raises(AttributeError, match=r"no field or note 'statistic'; this call's notes: none"):
+        plain.statistic  # noqa: B018
+    adaptive = first_record(SDTMConfig(adaptive_threshold=0.5))
+    assert dict(adaptive.notes) == {"adaptive_ratio": None, "statistic": 0.25}  # no ratio before the first reading
+    assert adaptive.statistic == 0.25
+    with pytest.raises(TypeError):
+        adaptive.notes["statistic"] = 0.5  # a record is read-only
 
 
 @pytest.mark.slow

@@ -4,13 +4,13 @@ import dataclasses
 
 import pytest
 import torch
-from sdtm_compile.passes import find_mmdit_blocks
-from sdtm_compile.passes.step_cache import residual_sites
 
 from sdtm_compile import FirstBlockCacheConfig, SDTMConfig
 from sdtm_compile.compiler.backend import BackendSettings, SDTMBackend
 from sdtm_compile.models import TINY_FLUX, TINY_SD35, flux_example_inputs, tiny_flux_transformer, tiny_sd3_transformer
 from sdtm_compile.models.sampling import generate, make_generation_inputs
+from sdtm_compile.passes import find_mmdit_blocks
+from sdtm_compile.passes.step_cache import residual_sites
 from sdtm_compile.reference import reference_dispatcher
 from tests.helpers import capture_dynamo_graph, transformer_call
 

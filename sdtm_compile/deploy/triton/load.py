@@ -99,7 +99,7 @@ def reference_output(runner, table: StepTable, request: ServedRequest) -> np.nda
             negative_prompt_embeds=arrays["encoder_hidden_states"][:half],
             negative_pooled_prompt_embeds=arrays["pooled_projections"][:half],
         )
-        shift = runner.sdtm_config.timestep_shift
+        shift = runner.method_config.timestep_shift
         out = generate(diffusers_call(runner), inputs, request.num_steps, request.guidance_scale, shift)
     else:
         inputs = FluxGenerationInputs(

@@ -16,7 +16,6 @@ from .plans import idm_plan, init_li, ssm_plan, update_li, window_score_fraction
 from .schedule import (
     cra_ratio,
     engine_key_at,
-    engines_for_steps,
     engines_for_trajectory,
     idm_sources_merged,
     ssm_windows_merged,
@@ -37,7 +36,6 @@ __all__ = [
     "cache_slots",
     "cra_ratio",
     "engine_key_at",
-    "engines_for_steps",
     "engines_for_trajectory",
     "fuse_cached",
     "idm_plan",

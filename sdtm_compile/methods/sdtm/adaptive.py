@@ -108,6 +108,7 @@ class _AdaptiveRun(ExtensionRun):
 
     def choose(self, key: EngineKey, position: float, step: int, call: int, notes: dict[str, Any]) -> EngineKey:
         notes["adaptive_ratio"] = self.ratio
+        notes["statistic"] = None  # until the engine returns it (a step the step cache skips returns none)
         if self.ratio is None:
             return key
         bucket = round_to_bucket(self.ratio, self.config.buckets)

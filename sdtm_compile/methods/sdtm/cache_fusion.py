@@ -29,7 +29,7 @@ from torch import fx
 
 from ...core.extension import Extension, ExtensionRun, ReferenceHooks
 from ...core.layout import ModelLayout
-from ...core.ops import graph_op, sdtm_plan, sdtm_unmerge
+from ...core.ops import PLAN_OUTPUTS, graph_op, sdtm_plan, sdtm_unmerge
 from ...core.schedule import FULL, EngineKey, Stage
 from ...core.signature import EngineSignature, EngineState, StateTensor
 from ...passes import (
@@ -96,7 +96,7 @@ def _plan_li(unmerged: fx.Node) -> fx.Node:
     """The ``li`` part of the plan an ``sdtm_unmerge`` node restores from (the counter after that block's plan)."""
     plan = unmerged.args[1].args[0]  # type: ignore[union-attr]  # slot = getitem(plan, 0)
     assert isinstance(plan, fx.Node) and plan.target is sdtm_plan
-    return next(u for u in plan.users if u.target is operator.getitem and u.args[1] == 2)
+    return next(u for u in plan.users if u.target is operator.getitem and u.args[1] == PLAN_OUTPUTS.index("li"))
 
 
 def _unmerge_of(branch: Branch) -> fx.Node | None:

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from ...core.extension import Extension
 from ...core.method import ATTENTION_BRANCHES, MethodVariant, TokenMethod, VariantCalibration, register_method
 from ...core.plans import PlanSpec
-from ...core.schedule import EngineKey, Stage, TokenCounts
+from ...core.schedule import EngineKey, Stage
 from .adaptive import AdaptiveRatio
 from .cache_fusion import CacheFusion
 from .config import MAX_RATIO, SDTMConfig
-from .plans import init_li
 from .schedule import engine_key_at, engines_for_trajectory, idm_sources_merged, ssm_windows_merged, token_counts
 from .size_aware import SizeAwareAttention
 from .variants import sdtm_variants
@@ -76,13 +73,6 @@ class SDTMMethod(TokenMethod):
     def merged_tokens(self, key: EngineKey, grid_h: int, grid_w: int) -> int:
         counts = token_counts(key, grid_h, grid_w)
         return counts.tokens - counts.removed
-
-    def token_counts(self, key: EngineKey, grid_h: int, grid_w: int, family: str) -> TokenCounts:
-        attention = any(b in self.merged_branches(key.stage, family) for b in ATTENTION_BRANCHES)
-        return token_counts(key, grid_h, grid_w, merges_attention=attention)
-
-    def init_state(self, batch: int, num_tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
-        return init_li(batch, num_tokens, device)
 
     def extensions(self) -> tuple[Extension, ...]:
         """SDTM* (``adaptive_threshold``), cache fusion (``cache_fusion``), size-aware attention, in the order the

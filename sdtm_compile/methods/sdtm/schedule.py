@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import math
 
-from ...core.schedule import FULL, EngineKey, Stage, TokenCounts, position_at_step, round_to_bucket
+from ...core.schedule import FULL, EngineKey, Stage, TokenCounts, round_to_bucket
 from .config import SDTMConfig
 
 __all__ = [
     "cra_ratio",
     "stage_at",
     "engine_key_at",
-    "engines_for_steps",
     "engines_for_trajectory",
     "ssm_windows_merged",
     "idm_sources_merged",
     "token_counts",
     "SWITCH_TOLERANCE",
-    "WINDOW_TOKENS",
 ]
 
-#: Tokens per 2x2 merge window.
-WINDOW_TOKENS = 4
 _EPS = 1e-9
 
 #: Positions within this of ``switch_at`` count as reaching it: a position read back from a float32 sigma lands a
@@ -54,11 +50,6 @@ def engine_key_at(position: float, config: SDTMConfig) -> EngineKey:
     stage = stage_at(position, config)
     bucket = round_to_bucket(cra_ratio(position, config), config.buckets) if stage is not Stage.FULL else 0.0
     return FULL if bucket == 0.0 else EngineKey(stage, bucket)
-
-
-def engines_for_steps(config: SDTMConfig, num_steps: int) -> list[EngineKey]:
-    """The distinct engines a generation of ``num_steps`` steps uses (positions ``s / (S-1)``), sorted."""
-    return sorted({engine_key_at(position_at_step(s, num_steps), config) for s in range(num_steps)})
 
 
 def engines_for_trajectory(config: SDTMConfig) -> list[EngineKey]:
@@ -106,12 +97,10 @@ def idm_sources_merged(bucket: float, grid_h: int, grid_w: int) -> int:
     return min(sources, math.floor(n * bucket + _EPS)) // 16 * 16
 
 
-def token_counts(key: EngineKey, grid_h: int, grid_w: int, merges_attention: bool = True) -> TokenCounts:
-    """Exact token counts of one SDTM engine on a token grid of ``grid_h x grid_w`` (N = grid_h * grid_w).
-
-    ``merges_attention``: whether the structure stage merges the attention (SD3 yes; Flux by default no, see
-    :meth:`SDTMMethod.merged_branches <sdtm_compile.methods.sdtm.SDTMMethod.merged_branches>`).
-    """
+def token_counts(key: EngineKey, grid_h: int, grid_w: int) -> TokenCounts:
+    """Exact token counts of one SDTM engine on a token grid of ``grid_h x grid_w`` (N = grid_h * grid_w), with
+    SD3's branches (the structure stage merges the attention too). Per family and config:
+    :meth:`TokenMethod.token_counts <sdtm_compile.core.method.TokenMethod.token_counts>`."""
     if grid_h < 1 or grid_w < 1:
         raise ValueError(
             f"token grid must be at least 1x1, got {grid_h}x{grid_w}: pass the image-token grid (latent height "
@@ -122,6 +111,6 @@ def token_counts(key: EngineKey, grid_h: int, grid_w: int, merges_attention: boo
         return TokenCounts(n, n, n, 0)
     if key.stage is Stage.STRUCTURE:
         removed = 3 * ssm_windows_merged(key.bucket, grid_h, grid_w)
-        return TokenCounts(n, n - removed if merges_attention else n, n - removed, removed)
+        return TokenCounts(n, n - removed, n - removed, removed)
     removed = idm_sources_merged(key.bucket, grid_h, grid_w)
     return TokenCounts(n, n, n - removed, removed)

@@ -22,7 +22,7 @@ from ...core.extension import Extension, ReferenceHooks
 from ...core.layout import ModelLayout
 from ...core.merge import MergePlan
 from ...core.method import ATTENTION_BRANCHES
-from ...core.ops import graph_op, sdtm_merge
+from ...core.ops import MERGE_ARGS, graph_op, sdtm_merge
 from ...core.schedule import EngineKey, Stage
 from ...core.signature import EngineState
 from ...passes import (
@@ -42,6 +42,8 @@ from .config import SDTMConfig
 __all__ = ["SizeAwareAttention", "add_key_size_bias", "key_size_bias", "sdtm_key_bias", "SDPA_TARGETS"]
 
 logger = logging.getLogger(__name__)
+
+_INV_COUNT = MERGE_ARGS.index("inv_count")
 
 #: How a traced graph calls scaled-dot-product attention.
 SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
@@ -91,7 +93,7 @@ def add_key_size_bias(
     graph = gm.graph
     biased = 0
     for block, name, branch in _merged_attentions(sites, settings):
-        merge = next(u for u in graph.nodes if u.target is sdtm_merge and u.args[0] is branch.input)
+        merge = next(u for u in branch.input.users if u.target is sdtm_merge)
         sdpa = [n for n in branch.nodes if n.target in SDPA_TARGETS]
         if len(sdpa) != 1:
             raise ValueError(f"{block.path}.{name}: expected one scaled_dot_product_attention, found {len(sdpa)}")
@@ -105,7 +107,7 @@ def add_key_size_bias(
         text = key_shape[2] - sites.num_tokens
         with graph.inserting_before(node):
             bias = graph.call_function(
-                sdtm_key_bias, (merge.args[2], text, sites.family == "flux", math.log(config.text_key_weight))
+                sdtm_key_bias, (merge.args[_INV_COUNT], text, sites.family == "flux", math.log(config.text_key_weight))
             )
         query = node_value(_operand(node, 0, "query"))
         with graph.inserting_after(bias):

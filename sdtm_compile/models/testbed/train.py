@@ -56,7 +56,7 @@ class TrainConfig:
         out_dir: checkpoint, loss log (``loss.jsonl``, ``loss.png``) and, by default, the final weights of this run.
         weights: where the final (EMA) weights and their ``manifest.json`` are written; ``None``:
             ``out_dir/testbed-1024.safetensors``. The shipped weights were written to the package's
-            (``--weights sdtm_compile/testbed/weights/testbed-1024.safetensors``).
+            (``--weights sdtm_compile/models/testbed/weights/testbed-1024.safetensors``).
         steps_low: steps on 32x32 crops (batch ``batch_low``).
         steps_full: steps on 64x64 crops (batch ``batch_full``).
         lr: AdamW peak learning rate (linear warm-up over ``warmup`` steps, cosine decay to 10 % at the end).
