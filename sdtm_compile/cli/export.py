@@ -18,6 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="export every engine to ONNX with a manifest")
     model_arguments(export)
     export.add_argument("--out", required=True, help="bundle directory to write")
+    export.add_argument(
+        "--bucket-graphs",
+        action="store_true",
+        help="also write each engine's graph alone (<engine>.onnx, reading the same weights.bin), e.g. for trtexec",
+    )
     export.set_defaults(run=run_export)
     triton = sub.add_parser("export-triton", help="a Triton Inference Server model repository from an exported bundle")
     triton.add_argument("bundle", help="a bundle folder written by `sdtm-compile export`")
@@ -28,11 +33,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     model, inputs, config = load_model(args)
-    manifest = export_onnx(model, inputs, config, args.out)
-    total = sum((Path(args.out) / name).stat().st_size for name in manifest["files"])
-    print(f"wrote {len(manifest['files'])} ONNX files ({total / 2**20:.1f} MiB) + manifest.json to {args.out}")
+    manifest = export_onnx(model, inputs, config, args.out, bucket_graphs=args.bucket_graphs)
+    sizes = {name: (Path(args.out) / name).stat().st_size for name in manifest["files"]}
+    weights = manifest["weights"]
+    print(
+        f"wrote {len(manifest['files'])} files ({sum(sizes.values()) / 2**20:.1f} MiB) + manifest.json to {args.out}: "
+        f"weights.bin {sizes['weights.bin'] / 2**20:.1f} MiB (the model's weights: "
+        f"{weights['model_bytes'] / 2**20:.1f} MiB), model.onnx {sizes['model.onnx'] / 2**20:.1f} MiB"
+    )
     for engine in manifest["engines"]:
-        print(f"  {engine['key']:<15} {engine['file']:<22} tokens {engine['tokens']}")
+        print(f"  {engine['key']:<15} graph {engine['graph']:<3} tokens {engine['tokens']}")
     return 0
 
 

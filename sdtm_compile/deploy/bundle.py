@@ -16,14 +16,18 @@ from ..engines import sha256_file
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
+    "MODEL_FILE",
     "BundleError",
     "read_bundle",
     "manifest_state",
     "signature_from_manifest",
 ]
 
-FORMAT_VERSION = 1
+#: 2: one ``model.onnx`` holding every engine (picked by its ``engine`` input) and the weights once in
+#: ``weights.bin``; 1 (sdtm-compile 0.1): one ONNX file per engine, each with its own copy of the weights.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
 
 
 class BundleError(ValueError):

@@ -1,22 +1,31 @@
 """ONNX export of every engine with a manifest (:func:`export_onnx`); :class:`~.runner.OnnxTransformer` runs it.
 
 The exported graphs are the backend's own per-bucket graphs (:class:`~sdtm_compile.compiler.BucketGraphs` of
-the graph Dynamo traces, whole: ONNX Runtime and TensorRT's ONNX parser want one graph per engine), with the
-weights stored in the ONNX files. ``manifest.json`` (:mod:`.bundle`) says which file serves which (stage, bucket),
-the inputs, outputs and the engine contract's state, the method's config (whose schedule picks the engines), and
-the sha256 of every file.
+the graph Dynamo traces, whole). A bundle holds the model's weights once (:mod:`.weights`)::
+
+    bundle/
+      model.onnx       every engine: nested If branches picked by the int64 input ``engine`` (the graph index)
+      weights.bin      every distinct initializer once, the external data of model.onnx (and of the graphs below)
+      <engine>.onnx    only with ``bucket_graphs=True``: each engine's graph alone (trtexec, tools), same weights.bin
+      manifest.json    format, engines (stage, bucket, graph index, token counts), inputs, outputs, the engine
+                       contract's state, the method's config, the sha256 of every file
+
+ONNX Runtime loads ``model.onnx`` as one session: one copy of the weights whichever engines a generation runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import fx, nn
 
@@ -24,7 +33,8 @@ from .._version import __version__
 from ..compiler import BucketGraphs, capture_dynamo_graph
 from ..core.config import MethodConfig
 from ..engines import sha256_file
-from .bundle import FORMAT_VERSION, MANIFEST, manifest_state
+from .bundle import FORMAT_VERSION, MANIFEST, MODEL_FILE, manifest_state
+from .weights import ENGINE_INPUT, WEIGHTS_FILE, WeightsFile, combine_buckets
 
 __all__ = ["export_onnx"]
 
@@ -69,12 +79,14 @@ def export_onnx(
     out_dir: str | Path,
     *,
     opset: int | None = None,
-    external_data: bool | None = None,
+    bucket_graphs: bool = False,
 ) -> dict[str, Any]:
-    """Export one ONNX model per engine (full + each (stage, bucket)) and ``manifest.json`` to ``out_dir``.
+    """Export every engine (full + each (stage, bucket)) to ``out_dir``: ``model.onnx``, ``weights.bin`` (the
+    weights once, in the model's dtype) and ``manifest.json``.
 
     Args:
-        transformer: a diffusers ``SD3Transformer2DModel`` or ``FluxTransformer2DModel`` (eval mode).
+        transformer: a diffusers ``SD3Transformer2DModel`` or ``FluxTransformer2DModel`` (eval mode), in the dtype
+            to deploy (fp16 for TensorRT; ONNX Runtime's CPU provider runs float32 best).
         example_inputs: the transformer's keyword inputs with the batch size and resolution to deploy (shapes
             are static, as in the compiled backend): ``hidden_states``, ``encoder_hidden_states``,
             ``pooled_projections``, ``timestep``; for Flux also ``img_ids``, ``txt_ids`` and (FLUX.1-dev)
@@ -84,11 +96,11 @@ def export_onnx(
             (``resolve_for_model``). Bundles carry the method's state only: a configuration whose extensions add
             engine state (SDTM's cache fusion, SDTM*) is refused.
         out_dir: created if missing; existing files of the same names are overwritten.
-        external_data: passed to ``torch.onnx.export``: the weights go to a ``<file>.onnx.data`` file beside
-            each graph (needed past ONNX's 2 GB protobuf limit, e.g. SD3.5-large). Default: only when the
-            weights exceed 1.5 GB. Every ``.data`` file is listed and checksummed in the manifest, and
-            :class:`OnnxTransformer` checks it on load. Tested on a tiny model with the flag forced on, not on a
-            model past 2 GB.
+        bucket_graphs: also write each engine's graph as its own ``<engine>.onnx`` reading the same
+            ``weights.bin`` (for tools that take one graph per engine, e.g. ``trtexec`` per bucket).
+
+    Graphs of any size: each graph is exported with its weights outside the protobuf (no 2 GB limit) into a scratch
+    folder, and its weights are moved into ``weights.bin`` one tensor at a time.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -110,78 +122,100 @@ def export_onnx(
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     input_positions = [i for i, t in enumerate(flat) if id(t) not in constants]
     input_names = [_input_name(placeholders[i].name) for i in input_positions]
-    sites = buckets.sites
-    if external_data is None:
-        external_data = sum(flat[i].nbytes for i in range(len(flat)) if i not in input_positions) > 1.5 * 2**30
+    weight_bytes = sum(t.nbytes for i, t in enumerate(flat) if i not in input_positions)
 
     engines: list[dict[str, Any]] = []
-    files: list[str] = []
+    graphs: list[onnx.ModelProto] = []
+    slugs: list[str] = []
     started = time.perf_counter()
     groups = buckets.groups()
-    for number, keys in enumerate(groups, 1):
-        bucket = buckets.distinct_graph(keys)
-        file_name = f"{keys[0].slug}.onnx"
-        logger.info("exporting %d/%d: %s -> %s ...", number, len(groups), ", ".join(map(str, keys)), file_name)
-        start = time.perf_counter()
-        module = _BucketModule(bucket.graph.gm, flat, input_positions, len(signature.inputs)).eval()
-        args = tuple(flat[i] for i in input_positions) + tuple(buckets.new_state())
-        (out / f"{file_name}.data").unlink(missing_ok=True)  # a stale one from an earlier export
-        with _quiet("onnx_ir", "onnxscript", "torch.onnx"):
-            torch.onnx.export(
-                module,
-                args,
-                str(out / file_name),
-                dynamo=True,
-                opset_version=opset,
-                input_names=[*input_names, *(t.name for t in signature.inputs)],
-                output_names=["sample", *(spec["output"] for spec in manifest_state(signature))],
-                external_data=external_data,
-                verbose=False,
+    with WeightsFile(out / WEIGHTS_FILE) as weights, tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+        for number, keys in enumerate(groups):
+            bucket = buckets.distinct_graph(keys)
+            logger.info("exporting %d/%d: %s ...", number + 1, len(groups), ", ".join(map(str, keys)))
+            start = time.perf_counter()
+            module = _BucketModule(bucket.graph.gm, flat, input_positions, len(signature.inputs)).eval()
+            args = tuple(flat[i] for i in input_positions) + tuple(buckets.new_state())
+            scratch = Path(tmp) / f"{number}.onnx"
+            with _quiet("onnx_ir", "onnxscript", "torch.onnx"):
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(scratch),
+                    dynamo=True,
+                    opset_version=opset,
+                    input_names=[*input_names, *(t.name for t in signature.inputs)],
+                    output_names=["sample", *(spec["output"] for spec in manifest_state(signature))],
+                    external_data=True,
+                    verbose=False,
+                )
+            graph = onnx.load(str(scratch), load_external_data=False)
+            added = weights.externalize(graph, base_dir=Path(tmp))
+            for path in Path(tmp).iterdir():  # the scratch copy of the weights: gone before the next graph
+                path.unlink()
+            graphs.append(graph)
+            slugs.append(keys[0].slug)
+            logger.info(
+                "  graph %d exported in %.1f s (%.1f MiB new in %s)",
+                number,
+                time.perf_counter() - start,
+                added / 2**20,
+                WEIGHTS_FILE,
             )
-        files.append(file_name)
-        logger.info("  %s written in %.1f s", file_name, time.perf_counter() - start)
-        counts = bucket.counts
-        for key in keys:
-            engines.append(
-                {
-                    "key": str(key),
-                    "stage": key.stage.value,
-                    "bucket": key.bucket,
-                    "file": file_name,
-                    "tokens": {
-                        "image": counts.tokens,
-                        "attention": counts.attention,
-                        "feed_forward": counts.feed_forward,
-                    },
+            counts = bucket.counts
+            for key in keys:
+                engine = {"key": str(key), "stage": key.stage.value, "bucket": key.bucket, "graph": number}
+                if bucket_graphs:
+                    engine["file"] = f"{keys[0].slug}.onnx"
+                engine["tokens"] = {
+                    "image": counts.tokens,
+                    "attention": counts.attention,
+                    "feed_forward": counts.feed_forward,
                 }
-            )
+                engines.append(engine)
+        stored = weights.bytes
+        tensors = weights.tensors
+    if bucket_graphs:
+        for slug, graph in zip(slugs, graphs):
+            onnx.save_model(graph, str(out / f"{slug}.onnx"))
+    if len(graphs) > 1:
+        combined = combine_buckets([copy.deepcopy(g) for g in graphs] if bucket_graphs else graphs)
+    else:  # one engine (a schedule that never merges): the graph itself, its engine input unused
+        combined = graphs[0]
+        combined.graph.input.append(onnx.helper.make_tensor_value_info(ENGINE_INPUT, onnx.TensorProto.INT64, [1]))
+    onnx.save_model(combined, str(out / MODEL_FILE))
+    logger.info(
+        "%s: %.1f MiB of weights once (%d tensors; the model holds %.1f MiB)",
+        WEIGHTS_FILE,
+        stored / 2**20,
+        tensors,
+        weight_bytes / 2**20,
+    )
     sample = transformer(**example_inputs, return_dict=False)[0]
+    files = [MODEL_FILE, WEIGHTS_FILE, *(f"{slug}.onnx" for slug in slugs if bucket_graphs)]
     manifest = {
         "format_version": FORMAT_VERSION,
         "producer": {"sdtm_compile": __version__, "torch": torch.__version__},
         "config": buckets.config.to_dict(),
         "transformer_class": type(transformer).__name__,
         "transformer_config": {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")},
-        "grid": list(sites.grid),
+        "grid": list(buckets.sites.grid),
         "inputs": [_spec(name, flat[i]) for name, i in zip(input_names, input_positions)],
         "outputs": [_spec("sample", sample)],
         "state": manifest_state(signature),
+        "model": MODEL_FILE,
+        "engine_input": ENGINE_INPUT,
+        "weights": {"file": WEIGHTS_FILE, "bytes": stored, "tensors": tensors, "model_bytes": weight_bytes},
         "engines": engines,
-        "external_data": bool(external_data),
-        "files": {
-            path.name: sha256_file(path)
-            for name in sorted(files)
-            for path in (out / name, out / f"{name}.data")
-            if path.exists()
-        },
+        "files": {name: sha256_file(out / name) for name in files},
     }
     text = json.dumps(manifest, indent=1, default=str)
     (out / MANIFEST).write_text(text)
     manifest = json.loads(text)  # what a reader of the file sees (tuples become lists)
     logger.info(
-        "exported %d engines (%d files) to %s in %.1f s",
+        "exported %d engines (%d graphs) to %s in %.1f s",
         len(engines),
-        len(manifest["files"]),
+        len(graphs),
         out,
         time.perf_counter() - started,
     )

@@ -17,7 +17,21 @@ from ..passes import UnsupportedModelError, image_grid
 from ..runtime import StageDispatcher
 from .bundle import MANIFEST, BundleError, read_bundle, signature_from_manifest
 
-__all__ = ["OnnxTransformer"]
+__all__ = ["OnnxTransformer", "lean_session_options"]
+
+
+def lean_session_options():
+    """ONNX Runtime session options that keep one copy of the weights: no prepacking (each ``If`` branch of
+    ``model.onnx`` would prepack its own copy of the MatMul weights) and no CPU memory arena (it grows to every
+    engine's activations at once). Measured on ``sd3m-1024`` (7 engines, 133 MiB of weights; two runs): peak
+    528-704 MiB against 814-1000 MiB with ONNX Runtime's defaults, calls 0-12 % slower (``scripts/weights_once.py``;
+    docs/design.md)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = False
+    return options
 
 
 class _Config(dict):
@@ -41,10 +55,19 @@ class OnnxTransformer(nn.Module):
     that ``img_ids`` lay out the exported token grid). ``skip_layers``, ControlNet residuals and
     ``joint_attention_kwargs`` are not supported (a clear error).
     ``history``: how many recent calls ``dispatcher.history`` keeps outside a ``generation`` context (0: none).
+    ``providers`` and ``session_options`` (an ``onnxruntime.SessionOptions``; default :func:`lean_session_options`)
+    go to the one ONNX Runtime session that runs every engine of the bundle (``model.onnx``: the weights are in
+    memory once).
     ``config`` is the transformer's (as on the diffusers model); ``method_config`` the bundle's method config.
     """
 
-    def __init__(self, bundle_dir: str | Path, providers: list[str] | None = None, history: int = 0) -> None:
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        providers: list[str] | None = None,
+        history: int = 0,
+        session_options: Any = None,
+    ) -> None:
         super().__init__()
         import onnxruntime as ort
 
@@ -61,12 +84,11 @@ class OnnxTransformer(nn.Module):
         #: the engine contract of the bundle's graphs
         self.signature = signature_from_manifest(manifest, method_for(self.method_config))
         chosen = providers or ["CPUExecutionProvider"]
-        self.sessions = {
-            name: ort.InferenceSession(str(self.bundle_dir / name), providers=chosen)
-            for name in manifest["files"]
-            if name.endswith(".onnx")
-        }
-        self.files = {self._key(e): e["file"] for e in manifest["engines"]}
+        options = session_options or lean_session_options()
+        #: one session for every engine: the weights are in memory once
+        self.session = ort.InferenceSession(str(self.bundle_dir / manifest["model"]), options, providers=chosen)
+        self.engine_input = manifest["engine_input"]
+        self.graphs = {self._key(e): int(e["graph"]) for e in manifest["engines"]}
         self.dispatcher = StageDispatcher(self.method_config, history=history)
 
     @staticmethod
@@ -148,11 +170,12 @@ class OnnxTransformer(nn.Module):
         signature = self.signature
 
         def call(key: EngineKey, state: EngineState):
-            file_name = self.files.get(key)
-            if file_name is None:
+            graph = self.graphs.get(key)
+            if graph is None:
                 raise BundleError(f"{self.bundle_dir / MANIFEST}: no engine for {key}")
             state_feeds = {t.name: v.numpy() for t, v in zip(signature.inputs, signature.engine_inputs(state))}
-            outputs = self.sessions[file_name].run(None, {**feeds, **state_feeds})
+            engine = {self.engine_input: np.array([graph], dtype=np.int64)}
+            outputs = self.session.run(None, {**feeds, **state_feeds, **engine})
             return signature.split([torch.from_numpy(value) for value in outputs])
 
         sample = self.dispatcher.run(

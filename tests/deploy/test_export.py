@@ -52,10 +52,16 @@ def _config(spec: TinySpec) -> SDTMConfig:
 def test_manifest_describes_every_engine(bundle):
     spec, model, out, manifest = bundle
     assert json.loads(json.dumps(manifest, default=str)) == json.loads((out / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     keys = ["full", "detail@0.3", "detail@0.6", "structure@0.6"]
     assert [e["key"] for e in manifest["engines"]] == (keys if spec is TINY_SD3 else [keys[0], *keys[2:]])
-    assert {e["file"] for e in manifest["engines"]} == set(manifest["files"])
+    assert [e["graph"] for e in manifest["engines"]] == list(range(len(manifest["engines"])))
+    assert set(manifest["files"]) == {"model.onnx", "weights.bin"}
+    assert (manifest["model"], manifest["engine_input"], manifest["weights"]["file"]) == (
+        "model.onnx",
+        "engine",
+        "weights.bin",
+    )
     for name, digest in manifest["files"].items():
         assert (out / name).exists()
         assert len(digest) == 64
@@ -147,7 +153,7 @@ def test_config_the_release_never_reads_is_refused(bundle_copy):
 @pytest.mark.onnx
 def test_missing_file(bundle_copy):
     path, manifest = bundle_copy
-    name = manifest["engines"][1]["file"]  # detail_r0.3.onnx (SD3), detail_r0.6.onnx (SD3.5)
+    name = "weights.bin"
     (path / name).unlink()
     with pytest.raises(BundleError, match=rf"{name}: listed in the manifest but missing"):
         OnnxTransformer(path)
@@ -156,10 +162,13 @@ def test_missing_file(bundle_copy):
 @pytest.mark.onnx
 def test_checksum_mismatch(bundle_copy):
     path, manifest = bundle_copy
-    target = path / manifest["engines"][-1]["file"]  # structure_r0.6.onnx
-    target.write_bytes(target.read_bytes()[:-100])  # truncated
-    with pytest.raises(BundleError, match=rf"{target.name}: sha256 .* does not match the manifest"):
-        OnnxTransformer(path)
+    for name in ("model.onnx", "weights.bin"):
+        target = path / name
+        original = target.read_bytes()
+        target.write_bytes(original[:-64] + bytes(64))  # same size, other bytes
+        with pytest.raises(BundleError, match=rf"{target.name}: sha256 .* does not match the manifest"):
+            OnnxTransformer(path)
+        target.write_bytes(original)
 
 
 @pytest.mark.unit
@@ -183,30 +192,70 @@ def test_shape_mismatch_at_call_time(bundle):
 
 
 @pytest.mark.onnx
-def test_bundle_with_external_data_loads_checks_and_runs(tmp_path):
-    """Weights in ``.onnx.data`` files (forced on a tiny model): listed, checksummed, loaded, and they must match."""
+def test_bundle_holds_the_weights_once_and_bucket_graphs_share_them(tmp_path):
+    """``weights.bin`` holds every weight once (<= 1.1x the model's), ``model.onnx`` only graphs; the standalone bucket
+    graphs read the same file and give what ``model.onnx`` gives for their engine index."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
     spec = TinySpec(num_layers=1)
     config = SDTMConfig(ratio=0.3, deviation=0.0, buckets=(0.3,))
     model = tiny_sd3_transformer(spec, seed=4)
-    manifest = export_onnx(model, example_inputs(spec, 2, (16, 16)), config, tmp_path, external_data=True)
-    onnx_files = sorted(name for name in manifest["files"] if name.endswith(".onnx"))
-    assert manifest["external_data"] is True
-    assert len(onnx_files) == 3
-    assert sorted(manifest["files"]) == sorted([*onnx_files, *(f"{name}.data" for name in onnx_files)])
-    for name in onnx_files:  # the weights really are outside the graph file
-        assert (tmp_path / f"{name}.data").stat().st_size > (tmp_path / name).stat().st_size
+    inputs = example_inputs(spec, 2, (16, 16))
+    manifest = export_onnx(model, inputs, config, tmp_path, bucket_graphs=True)
+    model_bytes = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+    weights = manifest["weights"]
+    assert weights["model_bytes"] == model_bytes
+    assert model_bytes <= (tmp_path / "weights.bin").stat().st_size == weights["bytes"] <= 1.1 * model_bytes
+    graph_files = [e["file"] for e in manifest["engines"]]
+    assert graph_files == ["full.onnx", "detail_r0.3.onnx", "structure_r0.3.onnx"]
+    assert sorted(manifest["files"]) == sorted(["model.onnx", "weights.bin", *graph_files])
+    for name in ["model.onnx", *graph_files]:  # graphs only: every large initializer points into weights.bin
+        proto = onnx.load(str(tmp_path / name), load_external_data=False)
+        external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert external and {e.value for t in external for e in t.external_data if e.key == "location"} == {
+            "weights.bin"
+        }
+        assert (tmp_path / name).stat().st_size < weights["bytes"]
+
+    combined = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    feeds = {spec_["name"]: inputs[spec_["name"]].contiguous().numpy() for spec_ in manifest["inputs"]}
+    feeds["li"] = np.zeros(manifest["state"][0]["shape"], np.int32)
+    for entry in manifest["engines"]:
+        alone = ort.InferenceSession(str(tmp_path / entry["file"])).run(None, feeds)
+        chosen = combined.run(None, {**feeds, "engine": np.array([entry["graph"]], np.int64)})
+        for a, b in zip(alone, chosen):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
     runner = OnnxTransformer(tmp_path)
-    inputs = make_generation_inputs(spec, (16, 16), seed=1)
+    generation = make_generation_inputs(spec, (16, 16), seed=1)
     with torch.no_grad():
-        got = generate(transformer_call(runner), inputs, num_steps=6)
-        want = generate(transformer_call(reference_dispatcher(model, config)), inputs, num_steps=6)
+        got = generate(transformer_call(runner), generation, num_steps=6)
+        want = generate(transformer_call(reference_dispatcher(model, config)), generation, num_steps=6)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
-    data = tmp_path / f"{onnx_files[0]}.data"
-    data.write_bytes(data.read_bytes()[:-64] + bytes(64))  # same size, other weights
-    with pytest.raises(BundleError, match=rf"{data.name}: sha256 .* does not match the manifest"):
-        OnnxTransformer(tmp_path)
-    data.unlink()
-    with pytest.raises(BundleError, match=rf"{data.name}: listed in the manifest but missing"):
-        OnnxTransformer(tmp_path)
+
+@pytest.mark.onnx
+def test_fp16_bundle_matches_the_fp16_reference_within_half_precision_noise(tmp_path):
+    """An fp16 export (what TensorRT consumes) runs in ONNX Runtime: weights once in fp16, and a generation adds no
+    error beyond fp16's own (tests/compiler/test_half_precision.py says why this tolerance)."""
+    from tests.compiler.test_half_precision import _cast, _within_half_precision_noise, upcast
+
+    spec, dtype = TinySpec(num_layers=1), torch.float16
+    config = SDTMConfig(ratio=0.3, deviation=0.0, buckets=(0.3,))
+    model = tiny_sd3_transformer(spec, seed=4, dtype=dtype)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in example_inputs(spec, 2, (16, 16)).items()}
+    manifest = export_onnx(model, inputs, config, tmp_path)
+    assert manifest["weights"]["bytes"] <= 1.1 * manifest["weights"]["model_bytes"]
+    assert manifest["weights"]["model_bytes"] == sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+    assert {s["dtype"] for s in manifest["inputs"] if s["name"] != "timestep"} | {manifest["outputs"][0]["dtype"]} == {
+        "float16"
+    }
+    generation = _cast(make_generation_inputs(spec, (16, 16), seed=1), dtype)
+    with torch.no_grad():
+        got = generate(transformer_call(OnnxTransformer(tmp_path)), generation, num_steps=6)
+        want = generate(transformer_call(reference_dispatcher(model, config)), generation, num_steps=6)
+        reference32 = reference_dispatcher(upcast(model), config)  # the same weights, in float32
+        want32 = generate(transformer_call(reference32), _cast(generation, torch.float32), num_steps=6)
+    _within_half_precision_noise(got, want, want32)

@@ -23,6 +23,10 @@ class TritonPythonModel:
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(parameters.get("intra_op_threads", "0"))
+        # the weights once: no per-branch prepacked copies, no arena grown to every engine's activations
+        # (sdtm_compile.deploy.runner.lean_session_options, which this file cannot import on the server)
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = False
         path = Path(__file__).parent / "model.onnx"
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [spec["name"] for spec in config["input"]]

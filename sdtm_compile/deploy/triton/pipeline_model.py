@@ -43,7 +43,7 @@ class TritonPythonModel:
         self.name = json.loads(args["model_config"])["name"]
         pb_utils.Logger.log_info(
             f"{self.name}: {checked} repository files verified; steps 1..{self.table.max_steps}, "
-            f"engines {sorted({s.engine for steps in self.table.steps.values() for s in steps})}"
+            f"engine model {self.table.engine_model!r} with engines {list(self.table.engines)}"
         )
 
     def _run_engine(self, engine: str, feeds: dict) -> tuple:

@@ -1,10 +1,10 @@
 """A Triton Inference Server model repository from an exported bundle (:func:`export_triton`).
 
-The repository holds one model per engine of the bundle (served by Triton's ONNX Runtime backend, or by our Python
-runner of the same ONNX file where a server has only the Python backend) and one Python (BLS) model, the pipeline,
-that runs the sampling loop: for each step it calls the step's engine model with the latent, the timestep, the
-prompt inputs and the ``li`` state, combines CFG and takes the Euler step (``step_logic.py``). A client sends
-noise and prompt embeddings and gets the denoised latent::
+The repository holds one engine model, the bundle's ``model.onnx`` with every engine and the weights once (served by
+Triton's ONNX Runtime backend, or by our Python runner of the same file where a server has only the Python backend),
+and one Python (BLS) model, the pipeline, that runs the sampling loop: for each step it calls the engine model with
+the step's engine index, the latent, the timestep, the prompt inputs and the ``li`` state, combines CFG and takes
+the Euler step (``step_logic.py``). A client sends noise and prompt embeddings and gets the denoised latent::
 
     repository/
       sdtm/                    the pipeline (Python backend)
@@ -15,10 +15,10 @@ noise and prompt embeddings and gets the denoised latent::
         1/step_table.json      every step count's engines, timesteps and Euler steps
         1/initial_state.npy    li at the start of a generation
         1/repository_manifest.json   sha256 of every other file of the repository, checked when the model loads
-      sdtm_full/               one engine (ONNX Runtime backend)
+      sdtm_engines/            every engine (ONNX Runtime backend), one copy of the weights per instance
         config.pbtxt
         1/model.onnx
-      sdtm_structure_r0_5/ ...
+        1/weights.bin
 
 Shapes are static (the bundle's): Triton rejects a request of another shape before it reaches our code.
 """
@@ -80,13 +80,14 @@ class TritonSettings:
         tensorrt: GPU engines only: ONNX Runtime runs them through its TensorRT execution provider (Triton's
             ``gpu_execution_accelerator: "tensorrt"``, FP16), which builds and caches TensorRT engines on first
             load. Needs ``kind="gpu"`` and ``engine_backend="onnxruntime"``.
-        tensorrt_plans: a folder of prebuilt TensorRT plans, one per ONNX file of the bundle, named after it
-            (``full.plan``, ``structure_r0.6.plan``, ...; e.g. ``trtexec --onnx=bundle/full.onnx
-            --saveEngine=plans/full.plan --fp16`` on the GPU that will serve them): the engines are then
-            ``tensorrt_plan`` models served by Triton's TensorRT backend. Needs ``kind="gpu"``. A plan missing for
-            any engine is an error (no silent mix). Plans are tied to the GPU and TensorRT version that built them.
+        tensorrt_plans: a folder holding a prebuilt TensorRT plan of the bundle's ``model.onnx``, ``model.plan``
+            (e.g. ``trtexec --onnx=bundle/model.onnx --saveEngine=plans/model.plan --fp16`` on the GPU that will
+            serve it: every engine in one TensorRT engine, its ``If`` branches reading one copy of the weights): the
+            engine model is then a ``tensorrt_plan`` model served by Triton's TensorRT backend. Needs
+            ``kind="gpu"``. Plans are tied to the GPU and TensorRT version that built them.
         pipeline_instances: concurrent generations per server (instances of the pipeline model).
-        engine_instances: instances of each engine model (concurrent transformer calls per engine).
+        engine_instances: instances of the engine model (concurrent transformer calls; each instance holds one
+            copy of the weights).
         engine_threads: intra-op threads of each engine instance (0: ONNX Runtime's default, all cores).
         max_steps: the largest ``num_inference_steps`` a request may ask for (the step table covers 1..max_steps).
         default_steps: ``num_inference_steps`` when a request leaves it out (``None``: SD3 28, Flux 20).
@@ -137,9 +138,9 @@ class TritonSettings:
             raise ValueError("invalid TritonSettings: " + "; ".join(problems))
 
 
-def _engine_model_name(settings: TritonSettings, file_name: str) -> str:
-    """``structure_r0.5.onnx`` -> ``sdtm_structure_r0_5`` (Triton model names are folder names)."""
-    return f"{settings.name}_{Path(file_name).stem.replace('.', '_')}"
+def _engine_model_name(settings: TritonSettings) -> str:
+    """The one engine model's name: ``<name>_engines``."""
+    return f"{settings.name}_engines"
 
 
 def _tensor_config(name: str, dtype: str, shape: list[int], optional: bool = False) -> str:
@@ -177,7 +178,7 @@ def _family(manifest: dict[str, Any]) -> str:
 
 
 def step_table(manifest: dict[str, Any], settings: TritonSettings) -> dict[str, Any]:
-    """``step_table.json``: for every step count up to ``settings.max_steps``, each step's engine model (what
+    """``step_table.json``: for every step count up to ``settings.max_steps``, each step's engine index (what
     :class:`StageDispatcher` picks from the step's timestep), the timestep fed to the transformer and the Euler
     step ``sigma_next - sigma`` of the scheduler the diffusers pipeline of the model family uses."""
     config = config_from_dict(manifest["config"])
@@ -189,8 +190,8 @@ def step_table(manifest: dict[str, Any], settings: TritonSettings) -> dict[str, 
     if cfg and batch % 2:
         raise RepositoryError(f"cfg=True needs an even transformer batch (uncond + cond); the bundle's is {batch}")
     latent_shape = [batch // 2 if cfg else batch, *inputs["hidden_states"]["shape"][1:]]
-    files = {entry["key"]: entry["file"] for entry in manifest["engines"]}
-    engines = sorted({_engine_model_name(settings, f) for f in files.values()})
+    graphs = {entry["key"]: int(entry["graph"]) for entry in manifest["engines"]}
+    names = {graph: key for key, graph in reversed(graphs.items())}  # a graph's first key names it
     num_tokens = int(np.prod(manifest["grid"]))
     steps: dict[str, list[list[float]]] = {}
     for count in range(1, settings.max_steps + 1):
@@ -207,13 +208,14 @@ def step_table(manifest: dict[str, Any], settings: TritonSettings) -> dict[str, 
         rows = []
         for i, t in enumerate(fed):
             key = dispatcher.key_for(t)[1]
-            engine = engines.index(_engine_model_name(settings, files[str(key)]))
-            rows.append([engine, float(t), float(sigmas[i + 1] - sigmas[i])])
+            rows.append([graphs[str(key)], float(t), float(sigmas[i + 1] - sigmas[i])])
         steps[str(count)] = rows
     return {
         "version": TABLE_VERSION,
         "family": family,
-        "engines": engines,
+        "engine_model": _engine_model_name(settings),
+        "engine_input": manifest["engine_input"],
+        "engines": [names[graph] for graph in range(len(names))],
         "steps": steps,
         "inputs": {name: spec["shape"] for name, spec in inputs.items() if name not in _FILLED},
         "latent_shape": latent_shape,
@@ -230,19 +232,17 @@ def step_table(manifest: dict[str, Any], settings: TritonSettings) -> dict[str, 
     }
 
 
-def _plans(settings: TritonSettings, engine_files: list[str]) -> dict[str, Path]:
-    """``{onnx file: plan file}`` when ``settings.tensorrt_plans`` is given (every engine must have one)."""
+def _plan(settings: TritonSettings) -> Path | None:
+    """The prebuilt TensorRT plan of ``model.onnx`` when ``settings.tensorrt_plans`` is given (it must exist)."""
     if settings.tensorrt_plans is None:
-        return {}
-    folder = Path(settings.tensorrt_plans)
-    plans = {f: folder / f"{Path(f).stem}.plan" for f in engine_files}
-    missing = [str(path) for path in plans.values() if not path.is_file()]
-    if missing:
+        return None
+    plan = Path(settings.tensorrt_plans) / "model.plan"
+    if not plan.is_file():
         raise RepositoryError(
-            f"tensorrt_plans: no plan for {len(missing)} of {len(plans)} engines: {', '.join(missing)}; build one "
-            "per ONNX file of the bundle (trtexec --onnx=<bundle>/<name>.onnx --saveEngine=<plans>/<name>.plan)"
+            f"tensorrt_plans: no {plan}; build it from the bundle's model.onnx (every engine in one plan): "
+            f"trtexec --onnx=<bundle>/model.onnx --saveEngine={plan} --fp16"
         )
-    return plans
+    return plan
 
 
 def initial_state(manifest: dict[str, Any]) -> np.ndarray:
@@ -281,24 +281,21 @@ def export_triton(bundle_dir: str | Path, out_dir: str | Path, settings: TritonS
         _tensor_config(sample["name"], sample["dtype"], sample["shape"]),
         _tensor_config(state["output"], state["dtype"], state["shape"]),
     ]
-    engine_files = sorted({entry["file"] for entry in manifest["engines"]})
-    plans = _plans(settings, engine_files)
-    for file_name in engine_files:
-        name = _engine_model_name(settings, file_name)
-        version = out / name / "1"
-        version.mkdir(parents=True)
-        parameters: dict[str, str] = {}
-        extra = ""
-        if plans:
-            shutil.copyfile(plans[file_name], version / "model.plan")
-        else:
-            shutil.copyfile(bundle_dir / file_name, version / "model.onnx")
-            data = bundle_dir / f"{file_name}.data"
-            if data.exists():  # the graph refers to its weights file by this name
-                shutil.copyfile(data, version / data.name)
-        if plans:
-            backend = "tensorrt"
-        elif settings.engine_backend == "python":
+    engine_inputs.append(_tensor_config(manifest["engine_input"], "int64", [1]))
+    plan = _plan(settings)
+    name = _engine_model_name(settings)
+    version = out / name / "1"
+    version.mkdir(parents=True)
+    parameters: dict[str, str] = {}
+    extra = ""
+    if plan is not None:
+        shutil.copyfile(plan, version / "model.plan")
+        backend = "tensorrt"
+    else:
+        shutil.copyfile(bundle_dir / manifest["model"], version / "model.onnx")
+        weights = manifest["weights"]["file"]  # model.onnx refers to its weights by this name, beside it
+        shutil.copyfile(bundle_dir / weights, version / weights)
+        if settings.engine_backend == "python":
             shutil.copyfile(_HERE / "engine_model.py", version / "model.py")
             shutil.copyfile(_HERE / "dlpack_io.py", version / "dlpack_io.py")
             parameters["intra_op_threads"] = str(settings.engine_threads)
@@ -315,18 +312,18 @@ def export_triton(bundle_dir: str | Path, out_dir: str | Path, settings: TritonS
                     '  parameters { key: "trt_engine_cache_enable" value: "1" }\n'
                     "} ] } }\n"
                 )
-        (out / name / "config.pbtxt").write_text(
-            _model_config(
-                name,
-                backend,
-                engine_inputs,
-                engine_outputs,
-                settings.engine_instances,
-                settings.kind,
-                parameters,
-                extra,
-            )
+    (out / name / "config.pbtxt").write_text(
+        _model_config(
+            name,
+            backend,
+            engine_inputs,
+            engine_outputs,
+            settings.engine_instances,
+            settings.kind,
+            parameters,
+            extra,
         )
+    )
 
     pipeline_inputs = [_tensor_config("latents", "float32", table["latent_shape"])]
     pipeline_inputs += [_tensor_config(n, specs[n]["dtype"], specs[n]["shape"]) for n in table["inputs"]]
@@ -362,12 +359,13 @@ def export_triton(bundle_dir: str | Path, out_dir: str | Path, settings: TritonS
         json.dumps({"settings": dataclasses.asdict(settings), "files": files}, indent=1)
     )
     logger.info(
-        "wrote a Triton repository to %s: pipeline %r (%d instances) and %d engine models (%s backend)",
+        "wrote a Triton repository to %s: pipeline %r (%d instances) and engine model %r with %d engines (%s)",
         out,
         settings.name,
         settings.pipeline_instances,
+        name,
         len(table["engines"]),
-        settings.engine_backend,
+        "tensorrt plan" if plan is not None else settings.engine_backend,
     )
     return out
 

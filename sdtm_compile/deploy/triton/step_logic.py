@@ -6,8 +6,9 @@ imports nothing of ours. It is also imported in-process by :mod:`sdtm_compile.de
 check it against the diffusers scheduler and :class:`~sdtm_compile.deploy.OnnxTransformer`.
 
 Everything that needs torch, diffusers or our schedule was decided at export time and written to
-``step_table.json``: for every step count ``S`` up to ``max_steps``, each step's engine (which (stage, bucket)
-model serves it: what :class:`~sdtm_compile.runtime.StageDispatcher` picks from that step's timestep), the timestep
+``step_table.json``: for every step count ``S`` up to ``max_steps``, each step's engine (the index of the (stage,
+bucket) graph in the one engine model, fed as its ``engine`` input: what
+:class:`~sdtm_compile.runtime.StageDispatcher` picks from that step's timestep), the timestep
 value the transformer is fed and the Euler step ``dt = sigma_next - sigma`` of the diffusers
 ``FlowMatchEulerDiscreteScheduler``. The method's state (SDTM's ``li``) starts from ``initial_state.npy`` at every
 request and lives in :func:`denoise`'s locals only, so concurrent requests never share it.
@@ -41,7 +42,7 @@ __all__ = [
 STEP_TABLE = "step_table.json"
 INITIAL_STATE = "initial_state.npy"
 #: ``step_table.json`` layout version (bumped when the file's meaning changes).
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 
 
 class RepositoryFileError(RuntimeError):
@@ -58,10 +59,10 @@ class Cancelled(RuntimeError):
 
 @dataclass(frozen=True)
 class Step:
-    """One denoising step: the engine model that runs it, the timestep fed to the transformer, ``sigma_next -
-    sigma``."""
+    """One denoising step: the engine (graph index in the engine model), the timestep fed to the transformer,
+    ``sigma_next - sigma``."""
 
-    engine: str
+    engine: int
     timestep: np.float32
     dt: np.float32
 
@@ -74,7 +75,8 @@ class StepTable:
     client's latent ``[B_img, ...]``; ``grid``: its image-token grid ``(h, w)``; ``cfg``: the transformer batch is
     ``[uncond; cond]`` of the latent, guided by ``guidance_scale``; ``guidance``: the transformer takes a distilled
     ``guidance`` input (FLUX.1-dev), filled from the request's ``guidance`` value; ``state`` / ``state_output``: the
-    engines' state input and output names.
+    engines' state input and output names; ``engine_model``: the Triton model that runs every engine, picked by its
+    ``engine_input``; ``engines``: each engine index's name (``structure@0.6``), for logs.
     """
 
     steps: Mapping[int, tuple[Step, ...]]
@@ -90,6 +92,9 @@ class StepTable:
     default_steps: int
     default_guidance_scale: float
     default_guidance: float
+    engine_model: str
+    engine_input: str
+    engines: tuple[str, ...]
 
     @property
     def max_steps(self) -> int:
@@ -99,9 +104,8 @@ class StepTable:
     def from_dict(cls, data: Mapping) -> StepTable:
         if data.get("version") != TABLE_VERSION:
             raise ValueError(f"step table version {data.get('version')!r} is not {TABLE_VERSION}; re-export")
-        engines = data["engines"]
         steps = {
-            int(count): tuple(Step(engines[e], np.float32(t), np.float32(dt)) for e, t, dt in rows)
+            int(count): tuple(Step(int(e), np.float32(t), np.float32(dt)) for e, t, dt in rows)
             for count, rows in data["steps"].items()
         }
         return cls(
@@ -118,6 +122,9 @@ class StepTable:
             default_steps=int(data["default_steps"]),
             default_guidance_scale=float(data["default_guidance_scale"]),
             default_guidance=float(data["default_guidance"]),
+            engine_model=data["engine_model"],
+            engine_input=data["engine_input"],
+            engines=tuple(data["engines"]),
         )
 
     @classmethod
@@ -134,7 +141,7 @@ class StepTable:
         return self.steps[num_steps]
 
 
-#: ``run_engine(model_name, feeds) -> (sample, state)``: one transformer call on one engine.
+#: ``run_engine(model_name, feeds) -> (sample, state)``: one transformer call (``feeds`` name the engine).
 EngineCall = Callable[[str, dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
 
 
@@ -180,8 +187,9 @@ def denoise(
             "hidden_states": hidden,
             "timestep": np.full((table.batch,), step.timestep, dtype=np.float32),
             table.state: state,
+            table.engine_input: np.array([step.engine], dtype=np.int64),
         }
-        sample, state = run_engine(step.engine, feeds)
+        sample, state = run_engine(table.engine_model, feeds)
         noise = sample.astype(np.float32, copy=False)
         if table.cfg:
             uncond, cond = np.split(noise, 2)

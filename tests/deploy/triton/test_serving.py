@@ -42,18 +42,19 @@ KEYS = ("full", "structure@0.5", "detail@0.5")
 
 
 def _ort_engines(repository, table: StepTable):
-    """The engine models of a repository run in-process with ONNX Runtime: ``run_engine`` for ``denoise``."""
+    """The engine model of a repository run in-process with ONNX Runtime: ``run_engine`` for ``denoise``."""
     import onnxruntime as ort
 
-    sessions = {name: ort.InferenceSession(str(repository / name / "1" / "model.onnx")) for name in _engines(table)}
+    session = ort.InferenceSession(str(repository / table.engine_model / "1" / "model.onnx"))
 
     def run_engine(name, feeds):
-        return tuple(sessions[name].run([table.sample, table.state_output], feeds))
+        assert name == table.engine_model
+        return tuple(session.run([table.sample, table.state_output], feeds))
 
     return run_engine
 
 
-def _engines(table: StepTable) -> set[str]:
+def _engines(table: StepTable) -> set[int]:
     return {step.engine for steps in table.steps.values() for step in steps}
 
 
@@ -78,13 +79,14 @@ def test_step_logic_equals_the_bundle_in_diffusers_loop(repository):
     run_engine = _ort_engines(out, table)
     request = load.make_request(table, seed=5, num_steps=28, guidance_scale=4.5)
     want = load.reference_output(runner, table, request)
-    picked = [f"sdtm_{manifest_file}" for manifest_file in _files_of(manifest, runner.dispatcher.history)]
+    graphs = {entry["key"]: entry["graph"] for entry in manifest["engines"]}
+    picked = [graphs[str(record.key)] for record in runner.dispatcher.history]
     called = []
     got = denoise(
         table,
         np.load(out / "sdtm" / "1" / "initial_state.npy"),
         request.arrays,
-        lambda name, feeds: (called.append(name), run_engine(name, feeds))[1],
+        lambda name, feeds: (called.append(int(feeds["engine"][0])), run_engine(name, feeds))[1],
         num_steps=28,
         guidance_scale=4.5,
     )
@@ -94,11 +96,6 @@ def test_step_logic_equals_the_bundle_in_diffusers_loop(repository):
     # the sampler inputs as make_generation_inputs lays them out: the unconditional rows are zeros
     assert not request.arrays["encoder_hidden_states"][:1].any()
     assert request.arrays["encoder_hidden_states"][1:].any()
-
-
-def _files_of(manifest, history):
-    files = {entry["key"]: entry["file"].removesuffix(".onnx").replace(".", "_") for entry in manifest["engines"]}
-    return [files[str(record.key)] for record in history]
 
 
 def _stand_in(name, feeds):
@@ -134,7 +131,8 @@ def test_step_table_follows_the_diffusers_scheduler(family):
         "inputs": [{"name": n, "shape": s, "dtype": "float32"} for n, s in shapes.items()],
         "outputs": [{"name": "sample", "shape": shapes["hidden_states"], "dtype": "float32"}],
         "state": [{"name": "li", "output": "li_out", "shape": [batch, 64], "dtype": "int32"}],
-        "engines": [{"key": k, "file": f"{k.replace('@', '_r')}.onnx"} for k in KEYS],
+        "engines": [{"key": k, "graph": number} for number, k in enumerate(KEYS)],
+        "engine_input": "engine",
     }
     table = StepTable.from_dict(step_table(manifest, TritonSettings(max_steps=12)))
     assert table.cfg is (family == "sd3")
@@ -189,9 +187,10 @@ def test_repository_configs_carry_the_static_shapes(repository, tmp_path):
     configs = {}
     for path in sorted(out.glob("*/config.pbtxt")):
         configs[path.parent.name] = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    engines = {f"sdtm_{e['file'].removesuffix('.onnx').replace('.', '_')}" for e in manifest["engines"]}
-    assert set(configs) == {"sdtm", *engines}  # every engine of the bundle served
-    assert _engines(table) <= engines
+    assert set(configs) == {"sdtm", "sdtm_engines"}  # one engine model serves every engine of the bundle
+    assert table.engine_model == "sdtm_engines"
+    assert len(_engines(table)) == 3 and _engines(table) <= {e["graph"] for e in manifest["engines"]}
+    assert list(table.engines) == [e["key"] for e in manifest["engines"]]
     pipeline = configs.pop("sdtm")
     assert pipeline.backend == "python"
     assert pipeline.max_batch_size == 0
@@ -205,45 +204,45 @@ def test_repository_configs_carry_the_static_shapes(repository, tmp_path):
         "guidance_scale": ([1], True),
     }
     want_inputs = {s["name"]: s["shape"] for s in manifest["inputs"]} | {"li": manifest["state"][0]["shape"]}
-    for name, config in configs.items():
-        assert config.backend == "python"
-        assert (out / name / "1" / "model.onnx").exists()
-        assert {i.name: list(i.dims) for i in config.input} == want_inputs
-        assert [o.name for o in config.output] == ["sample", "li_out"]
-        assert config.input[-1].data_type == model_config_pb2.TYPE_INT32
+    engine = configs["sdtm_engines"]
+    assert engine.backend == "python"
+    for name in ("model.onnx", "weights.bin"):  # the bundle's files: the weights once
+        assert (out / "sdtm_engines" / "1" / name).read_bytes() == (bundle / name).read_bytes()
+    assert {i.name: list(i.dims) for i in engine.input} == want_inputs | {"engine": [1]}
+    assert [o.name for o in engine.output] == ["sample", "li_out"]
+    types = {i.name: i.data_type for i in engine.input}
+    assert (types["li"], types["engine"]) == (model_config_pb2.TYPE_INT32, model_config_pb2.TYPE_INT64)
     # the stock layout: Triton's ONNX Runtime backend, on GPUs through its TensorRT provider
     stock = export_triton(
         bundle, tmp_path / "stock", TritonSettings(kind="gpu", tensorrt=True, engine_instances=2, max_steps=4)
     )
-    config = text_format.Parse((stock / "sdtm_full" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    config = text_format.Parse((stock / "sdtm_engines" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert config.backend == "onnxruntime"
-    assert not (stock / "sdtm_full" / "1" / "model.py").exists()
+    assert not (stock / "sdtm_engines" / "1" / "model.py").exists()
     assert [(g.count, g.kind) for g in config.instance_group] == [(2, model_config_pb2.ModelInstanceGroup.KIND_GPU)]
     accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert accelerator.name == "tensorrt"
     assert accelerator.parameters["precision_mode"] == "FP16"
-    # prebuilt TensorRT plans (layout only: no plan can be built here; these bytes are never loaded)
+    # a prebuilt TensorRT plan of model.onnx (layout only: no plan can be built here; these bytes are never loaded)
     plans = tmp_path / "plans"
     plans.mkdir()
-    files = sorted({e["file"] for e in manifest["engines"]})
-    for file_name in files[1:]:
-        (plans / file_name.replace(".onnx", ".plan")).write_bytes(b"plan of " + file_name.encode())
     settings = TritonSettings(kind="gpu", tensorrt_plans=str(plans), max_steps=4)
-    with pytest.raises(RepositoryError, match=rf"no plan for 1 of {len(files)} engines: .*{files[0][:-5]}\.plan"):
+    with pytest.raises(RepositoryError, match=r"tensorrt_plans: no .*model\.plan; build it from the bundle's model"):
         export_triton(bundle, tmp_path / "planned", settings)
-    (plans / files[0].replace(".onnx", ".plan")).write_bytes(b"plan")
+    (plans / "model.plan").write_bytes(b"plan of model.onnx")
     planned = export_triton(bundle, tmp_path / "planned", settings)
-    config = text_format.Parse((planned / "sdtm_full" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    config = text_format.Parse((planned / "sdtm_engines" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert config.backend == "tensorrt"
-    assert (planned / "sdtm_full" / "1" / "model.plan").read_bytes() == b"plan of full.onnx"
+    assert (planned / "sdtm_engines" / "1" / "model.plan").read_bytes() == b"plan of model.onnx"
     assert not list(planned.glob("*/1/model.onnx"))
+    assert not list(planned.glob("*/1/weights.bin"))
 
 
 @pytest.mark.onnx
 def test_repository_checks_and_bad_settings(repository, tmp_path):
     bundle, _, out, _ = repository
     checked = verify_repository(out)
-    assert "sdtm_full/1/model.onnx" in checked["files"]
+    assert "sdtm_engines/1/model.onnx" in checked["files"]
     assert "sdtm/config.pbtxt" in checked["files"]
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
@@ -253,8 +252,8 @@ def test_repository_checks_and_bad_settings(repository, tmp_path):
     with pytest.raises(RepositoryError, match=r"sdtm/1/step_table.json: sha256 .* \(file corrupt or tampered\)"):
         verify_repository(copy)
     table_file.write_text(saved)
-    (copy / "sdtm_full" / "1" / "model.onnx").unlink()
-    with pytest.raises(RepositoryError, match=r"sdtm_full/1/model.onnx: listed in .* but missing"):
+    (copy / "sdtm_engines" / "1" / "weights.bin").unlink()
+    with pytest.raises(RepositoryError, match=r"sdtm_engines/1/weights.bin: listed in .* but missing"):
         verify_repository(copy)
     occupied = tmp_path / "occupied"
     occupied.mkdir()
@@ -408,7 +407,7 @@ def test_a_tampered_repository_is_refused_at_load_naming_the_file(repository, tm
     _, _, out, _ = repository
     copy = tmp_path / "repo"
     shutil.copytree(out, copy)
-    path = copy / "sdtm_full" / "1" / "model.onnx"
+    path = copy / "sdtm_engines" / "1" / "weights.bin"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
