@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import InitVar, dataclass, field
 from typing import Any
 
+import torch
+
 from .. import methods as _methods  # noqa: F401  (registers every method's config by name)
 from ..core.config import DEFAULT_METHOD, METHOD_CONFIGS, MethodConfig, config_from_dict
 from ..core.method import method_for
@@ -24,6 +26,8 @@ __all__ = [
     "variant_description",
 ]
 
+#: The dtypes a benchmark runs in.
+DTYPES = ("float32", "bfloat16", "float16")
 #: The main variants every benchmark runs, in table order.
 VARIANTS = ("eager", "inductor", "sdtm", "reference")
 #: The variant every speed-up is taken against.
@@ -58,6 +62,9 @@ class BenchConfig:
         method: the token-reduction method's config of the main measurement (a ``MethodConfig``, or its
             ``to_dict()``); SDTM with its defaults unless given.
         latent: latent side (image side / 8); ``None`` takes the preset's.
+        layers: keep only the model's first ``layers`` blocks (a real architecture on a CPU); ``None``: all.
+        dtype: the model's and the generation's dtype: ``float32``, ``bfloat16`` or ``float16`` (the weights are
+            created in it).
         steps: sampling steps per generation; ``None``: the preset's (SD3 28, FLUX.1-dev 20).
         guidance_scale: SD3: classifier-free guidance scale (every step is one batch-2 call); Flux: the
             distilled guidance the model embeds (one batch-1 call per step). ``None``: the preset's (7.0 / 3.5).
@@ -85,6 +92,8 @@ class BenchConfig:
     model: str = "sd3m-1024"
     method: MethodConfig = field(default_factory=_default_method)
     latent: int | None = None
+    layers: int | None = None
+    dtype: str = "float32"
     steps: int | None = None
     guidance_scale: float | None = None
     runs: int = 5
@@ -117,6 +126,17 @@ class BenchConfig:
         checks = [
             (self.latent is None or (self.latent >= 4 and self.latent % 2 == 0), "latent", "an even side >= 4"),
             (self.steps >= 2, "steps", ">= 2"),
+            (self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}"),
+            (
+                self.layers is None or 1 <= self.layers <= self.preset.spec.num_blocks,
+                "layers",
+                f"1..{self.preset.spec.num_blocks} (the model's blocks)",
+            ),
+            (
+                self.layers is None or getattr(self.preset.spec, "weights", None) is None,
+                "layers",
+                "None for a model with trained weights",
+            ),
             (self.runs >= 1, "runs", ">= 1 (5 or more for a result worth reporting)"),
             (self.warmup >= 0, "warmup", ">= 0"),
             (self.sweep_runs >= 1, "sweep_runs", ">= 1"),
@@ -131,7 +151,7 @@ class BenchConfig:
                 raise ValueError(f"BenchConfig.{name}={getattr(self, name)!r} is invalid: expected {expected}")
         for ratio in self.sweep:
             self.sweep_config(ratio)  # an invalid sweep point fails now, not after an hour of timing
-        layers = MODEL_PRESETS[self.model].spec.num_blocks
+        layers = self.layers or MODEL_PRESETS[self.model].spec.num_blocks
         if any(not 0 <= b < layers for b in self.merge_map_blocks):
             raise ValueError(f"merge_map_blocks {self.merge_map_blocks} must be block indices below {layers}")
 
@@ -143,6 +163,11 @@ class BenchConfig:
     def preset(self) -> ModelPreset:
         """The model preset named by ``model``."""
         return MODEL_PRESETS[self.model]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """``dtype`` as a ``torch.dtype``."""
+        return getattr(torch, self.dtype)
 
     @property
     def latent_side(self) -> int:

@@ -146,14 +146,25 @@ def make_workload(config: BenchConfig) -> Workload:
         inputs = generation_inputs(testbed, config.seed, latent)
         description = "CFG batch 2, pixel space, prompt = a held-out crop's labels"
         return Workload("sd3", spec, testbed.transformer, inputs, grid, _sd3_probe(inputs), description, testbed)
-    model = build_model(spec, seed=config.seed)
+    if config.layers is not None:
+        spec = spec.truncated(config.layers)
+    model = build_model(spec, seed=config.seed, dtype=config.torch_dtype)
     if isinstance(spec, FluxSpec):
-        inputs = make_flux_generation_inputs(spec, (latent, latent), seed=config.seed)
+        inputs = _in_dtype(make_flux_generation_inputs(spec, (latent, latent), seed=config.seed), config.torch_dtype)
         if spec.guidance_embeds:  # FLUX.1-dev embeds the guidance scale the benchmark asks for
             inputs = dataclasses.replace(inputs, guidance=config.guidance_scale)
         guidance = "" if inputs.guidance is None else f", guidance {inputs.guidance} embedded"
         return Workload(
             "flux", spec, model, inputs, grid, _flux_probe(inputs), f"batch 1 (guidance-distilled{guidance})"
         )
-    inputs = make_generation_inputs(spec, (latent, latent), seed=config.seed)
+    inputs = _in_dtype(make_generation_inputs(spec, (latent, latent), seed=config.seed), config.torch_dtype)
     return Workload("sd3", spec, model, inputs, grid, _sd3_probe(inputs), "CFG batch 2")
+
+
+def _in_dtype(inputs, dtype: torch.dtype):
+    """Generation inputs with their floating tensors in ``dtype``, as the pipelines keep latents, prompt embeddings
+    and (Flux) position ids in the transformer's dtype."""
+    values = {f.name: getattr(inputs, f.name) for f in dataclasses.fields(inputs)}
+    return dataclasses.replace(
+        inputs, **{k: v.to(dtype) for k, v in values.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    )

@@ -43,7 +43,8 @@ def _field(text: str) -> tuple[str, Any]:
 
 
 def model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--method`` and its fields, ``--batch``, ``--latent``, ``--text-tokens``."""
+    """``--model``, ``--method`` and its fields, ``--batch``, ``--latent``, ``--layers``, ``--dtype``,
+    ``--text-tokens``."""
     parser.add_argument(
         "--model",
         default="tiny-sd3",
@@ -66,6 +67,13 @@ def model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch", type=int, default=None, help="default: 2 for SD3 (CFG), 1 for Flux")
     parser.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
+    parser.add_argument("--layers", type=int, default=None, help="keep the model's first k blocks (presets)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="the model's dtype (default float32; fp16 is what TensorRT consumes)",
+    )
     parser.add_argument("--text-tokens", type=int, default=None, help="prompt tokens (default: the tiny spec's)")
 
 
@@ -83,13 +91,19 @@ def method_config(args: argparse.Namespace) -> MethodConfig:
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, torch.Tensor], MethodConfig]:
     """``(model, example inputs, config)`` for the export / lint / passes commands; never downloads."""
     config = method_config(args)
+    dtype = getattr(torch, args.dtype)
     if args.model in MODEL_PRESETS:
         spec = MODEL_PRESETS[args.model].spec
-        model = build_model(spec)
+        try:
+            if args.layers is not None:
+                spec = spec.truncated(args.layers)
+            model = build_model(spec, dtype=dtype)
+        except ValueError as err:
+            raise fail(args.command, err) from None
     else:
         from diffusers import SD3Transformer2DModel
 
-        model = SD3Transformer2DModel.from_pretrained(args.model, local_files_only=True).eval()
+        model = SD3Transformer2DModel.from_pretrained(args.model, local_files_only=True, torch_dtype=dtype).eval()
         cfg = model.config
         spec = TinySpec(
             in_channels=cfg.in_channels,

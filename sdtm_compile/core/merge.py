@@ -233,8 +233,12 @@ def merge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
         batch, tiles, _, per_tile = plan.assign.shape
         tokens = x.gather(1, plan.order[..., None].expand(-1, -1, x.shape[-1])).reshape(batch, tiles, per_tile, -1)
         return (plan.assign.to(x.dtype) @ tokens).reshape(batch, -1, x.shape[-1])
+    # Sums of several tokens accumulate in float32 when x is half precision: fp16 / bf16 sums of tens of tokens
+    # lose the low bits of the mean (and ONNX Runtime's CPU provider has no fp16 ScatterND with reduction "add").
+    accumulate = torch.promote_types(x.dtype, torch.float32)
     if plan.members is None:  # the general form: accumulate every token into its slot
-        return _sum_into_slots(x, plan.slot, plan.inv_count.shape[1]) * plan.inv_count[..., None].to(x.dtype)
+        total = _sum_into_slots(x.to(accumulate), plan.slot, plan.inv_count.shape[1])
+        return (total * plan.inv_count[..., None].to(accumulate)).to(x.dtype)
     batch, slots, fan_in = plan.members.shape
     channels = x.shape[-1]
     gathered = x.gather(1, plan.members.reshape(batch, slots * fan_in, 1).expand(-1, -1, channels))
@@ -242,8 +246,9 @@ def merge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
         return gathered.reshape(batch, slots, fan_in, channels).mean(dim=2)
     if plan.extra_tokens is not None:  # representatives + the extra tokens (IDM's merged sources)
         rows = torch.arange(batch, device=x.device)[:, None].expand_as(plan.extra_slots)
-        extra = x.gather(1, plan.extra_tokens[..., None].expand(-1, -1, channels))
-        gathered = gathered.index_put((rows, plan.extra_slots), extra, accumulate=True)
+        extra = x.gather(1, plan.extra_tokens[..., None].expand(-1, -1, channels)).to(accumulate)
+        total = gathered.to(accumulate).index_put((rows, plan.extra_slots), extra, accumulate=True)
+        return (total * plan.inv_count[..., None].to(accumulate)).to(x.dtype)
     return gathered * plan.inv_count[..., None].to(x.dtype)
 
 

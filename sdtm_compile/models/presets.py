@@ -8,8 +8,13 @@ import torch
 
 from .specs import (
     FLUX_1024,
+    FLUX_DEV,
+    FLUX_SCHNELL,
+    SD3_MEDIUM,
     SD3M_1024,
     SD3M_4096,
+    SD35_LARGE,
+    SD35_MEDIUM,
     TESTBED,
     TINY_FLUX,
     TINY_SD3,
@@ -33,6 +38,7 @@ class ModelPreset:
     description: str
     steps: int = 28  #: sampling steps of a benchmark generation (SD3: 28; FLUX.1-dev: 20)
     guidance_scale: float = 7.0  #: SD3: CFG scale; Flux: the embedded (distilled) guidance
+    real: bool = False  #: a published architecture at full size (build it truncated with ``layers`` on a CPU)
 
 
 #: Models the CLI and the benchmark know by name.
@@ -57,12 +63,43 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         steps=20,
         guidance_scale=3.5,
     ),
+    # Published architectures (random weights): 1024^2 images by default; --layers keeps the first k blocks.
+    "sd3-medium": ModelPreset(SD3_MEDIUM, 128, "SD3-medium: 24 blocks, hidden 1536, 2.0 B parameters", real=True),
+    "sd3.5-medium": ModelPreset(
+        SD35_MEDIUM, 128, "SD3.5-medium: 24 blocks (dual attention in 0-12), hidden 1536, 2.5 B parameters", real=True
+    ),
+    "sd3.5-large": ModelPreset(
+        SD35_LARGE, 128, "SD3.5-large: 38 blocks, hidden 2432, 8.1 B parameters", guidance_scale=3.5, real=True
+    ),
+    "flux-dev": ModelPreset(
+        FLUX_DEV,
+        128,
+        "FLUX.1-dev: 19 double + 38 single blocks, hidden 3072, 11.9 B parameters",
+        steps=28,
+        guidance_scale=3.5,
+        real=True,
+    ),
+    "flux-schnell": ModelPreset(
+        FLUX_SCHNELL,
+        128,
+        "FLUX.1-schnell: FLUX.1-dev without guidance embedding, 4 steps",
+        steps=4,
+        guidance_scale=0.0,
+        real=True,
+    ),
 }
 
 
-def build_model(spec: TinySpec | FluxSpec, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """The diffusers transformer of ``spec`` (SD3 or Flux): its shipped trained weights when it has some
-    (``spec.weights``; ``seed`` is then unused), else seeded random weights."""
+def build_model(
+    spec: TinySpec | FluxSpec, seed: int = 0, dtype: torch.dtype = torch.float32, layers: int | None = None
+):
+    """The diffusers transformer of ``spec`` (SD3 or Flux) in ``dtype``: its shipped trained weights when it has some
+    (``spec.weights``; ``seed`` is then unused), else seeded random weights created in ``dtype``. ``layers``: keep
+    only the first ``layers`` blocks (Flux: double-stream blocks first), e.g. to run a real architecture on a CPU."""
+    if layers is not None:
+        if isinstance(spec, TinySpec) and spec.weights is not None:
+            raise ValueError("layers: a model with trained weights is built whole")
+        spec = spec.truncated(layers)
     if isinstance(spec, TinySpec) and spec.weights is not None:
         return load_testbed(dtype=dtype).transformer
     if isinstance(spec, FluxSpec):

@@ -7,6 +7,8 @@ from a fixed seed, so the same call builds the same model in every process. Name
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,11 @@ __all__ = [
     "SD3M_1024",
     "SD3M_4096",
     "TESTBED",
+    "SD3_MEDIUM",
+    "SD35_MEDIUM",
+    "SD35_LARGE",
+    "FLUX_DEV",
+    "FLUX_SCHNELL",
     "tiny_sd3_transformer",
     "example_inputs",
     "FluxSpec",
@@ -44,6 +51,7 @@ class TinySpec:
     dual_attention_layers: tuple[int, ...] = ()
     qk_norm: str | None = None
     pos_embed_max_size: int = 96
+    sample_size: int = 32  #: the config's default latent side (the model runs at any side up to pos_embed_max_size)
     #: Trained weights that ship with the package (``"testbed-1024"``: :mod:`sdtm_compile.models.testbed`); ``None``:
     #: seeded random weights. A spec with weights works in pixel space: its "latent" is the RGB image.
     weights: str | None = None
@@ -55,6 +63,17 @@ class TinySpec:
     @property
     def num_blocks(self) -> int:
         return self.num_layers
+
+    def truncated(self, layers: int) -> TinySpec:
+        """The same architecture with only its first ``layers`` blocks (dual attention kept where it was)."""
+        _check_layers(layers, self.num_blocks)
+        dual = tuple(i for i in self.dual_attention_layers if i < layers)
+        return dataclasses.replace(self, num_layers=layers, dual_attention_layers=dual)
+
+
+def _check_layers(layers: int, available: int) -> None:
+    if not 1 <= layers <= available:
+        raise ValueError(f"layers={layers}: keep between 1 and the model's {available} blocks")
 
 
 #: Plain SD3 (no dual attention).
@@ -145,6 +164,12 @@ class FluxSpec:
         """Double- and single-stream blocks, in the order SDTM numbers them (merge maps, ``on_plan``)."""
         return self.num_layers + self.num_single_layers
 
+    def truncated(self, layers: int) -> FluxSpec:
+        """The first ``layers`` blocks in the model's order: double-stream blocks first, then single-stream."""
+        _check_layers(layers, self.num_blocks)
+        double = min(layers, self.num_layers)
+        return dataclasses.replace(self, num_layers=double, num_single_layers=layers - double)
+
 
 #: FLUX.1-dev's layout in miniature: 2 double + 2 single blocks, guidance embedding, 3-axis RoPE.
 TINY_FLUX = FluxSpec()
@@ -169,14 +194,76 @@ FLUX_1024 = FluxSpec(
 )
 
 
+# Published architectures: the ``transformer/config.json`` of each model's diffusers repository on the Hugging Face
+# Hub, written out here (nothing is downloaded). Text tokens are what the pipelines feed by default: SD3 77 CLIP +
+# 256 T5 = 333; FLUX.1-dev 512 T5 tokens (``max_sequence_length``), FLUX.1-schnell 256.
+
+#: stabilityai/stable-diffusion-3-medium-diffusers: 24 blocks, hidden 1536 (24 heads x 64), 2.0 B parameters.
+SD3_MEDIUM = TinySpec(
+    num_layers=24,
+    num_attention_heads=24,
+    attention_head_dim=64,
+    in_channels=16,
+    joint_attention_dim=4096,
+    pooled_projection_dim=2048,
+    text_tokens=333,
+    pos_embed_max_size=192,
+    sample_size=128,
+)
+#: stabilityai/stable-diffusion-3.5-medium: SD3-medium's width, dual attention (``attn2``) in blocks 0-12, RMS
+#: q/k norm, position embedding up to 384 patches a side; 2.5 B parameters.
+SD35_MEDIUM = dataclasses.replace(
+    SD3_MEDIUM, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm", pos_embed_max_size=384
+)
+#: stabilityai/stable-diffusion-3.5-large: 38 blocks, hidden 2432 (38 heads x 64), RMS q/k norm; 8.1 B parameters.
+SD35_LARGE = dataclasses.replace(SD3_MEDIUM, num_layers=38, num_attention_heads=38, qk_norm="rms_norm")
+#: black-forest-labs/FLUX.1-dev: 19 double- + 38 single-stream blocks, hidden 3072 (24 heads x 128), guidance
+#: embedding, RoPE axes 16/56/56; 11.9 B parameters.
+FLUX_DEV = FluxSpec(
+    num_layers=19,
+    num_single_layers=38,
+    num_attention_heads=24,
+    attention_head_dim=128,
+    latent_channels=16,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    text_tokens=512,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+#: black-forest-labs/FLUX.1-schnell: FLUX.1-dev without the guidance embedding, 256 prompt tokens.
+FLUX_SCHNELL = dataclasses.replace(FLUX_DEV, guidance_embeds=False, text_tokens=256)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Parameters are created in ``dtype`` (no full-precision copy first: a 12 B model in fp32 is 48 GB)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _buffers_to(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast the floating buffers diffusers creates in float32 whatever the default (position embeddings) to ``dtype``
+    (``model.to`` would also do it, with diffusers' warning meant for pretrained checkpoints)."""
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                module._buffers[name] = buffer.to(dtype)
+    return model
+
+
 def tiny_sd3_transformer(spec: TinySpec = TINY_SD3, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """An ``SD3Transformer2DModel`` of ``spec`` with seeded random weights, in eval mode."""
+    """An ``SD3Transformer2DModel`` of ``spec`` with seeded random weights, created in ``dtype``, in eval mode."""
     from diffusers import SD3Transformer2DModel
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
         torch.manual_seed(seed)
         model = SD3Transformer2DModel(
-            sample_size=32,
+            sample_size=spec.sample_size,
             patch_size=2,
             in_channels=spec.in_channels,
             num_layers=spec.num_layers,
@@ -190,7 +277,7 @@ def tiny_sd3_transformer(spec: TinySpec = TINY_SD3, seed: int = 0, dtype: torch.
             dual_attention_layers=spec.dual_attention_layers,
             qk_norm=spec.qk_norm,
         )
-    return (model if dtype == torch.float32 else model.to(dtype)).eval()
+    return _buffers_to(model, dtype).eval()
 
 
 def example_inputs(
@@ -211,10 +298,10 @@ def example_inputs(
 
 
 def tiny_flux_transformer(spec: FluxSpec = TINY_FLUX, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A ``FluxTransformer2DModel`` of ``spec`` with seeded random weights, in eval mode."""
+    """A ``FluxTransformer2DModel`` of ``spec`` with seeded random weights, created in ``dtype``, in eval mode."""
     from diffusers import FluxTransformer2DModel
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
         torch.manual_seed(seed)
         model = FluxTransformer2DModel(
             patch_size=1,
@@ -228,7 +315,7 @@ def tiny_flux_transformer(spec: FluxSpec = TINY_FLUX, seed: int = 0, dtype: torc
             guidance_embeds=spec.guidance_embeds,
             axes_dims_rope=spec.axes_dims_rope,
         )
-    return (model if dtype == torch.float32 else model.to(dtype)).eval()
+    return _buffers_to(model, dtype).eval()
 
 
 def flux_image_ids(grid_h: int, grid_w: int) -> torch.Tensor:
