@@ -12,9 +12,10 @@ import argparse
 import sys
 
 from ..bench import BenchConfig, markdown_report, rerender, run_benchmark
+from ..bench.calls import call_markdown, run_call_benchmark, write_call_page
 from ..bench.compare_methods import run_method_comparison
 from ..bench.compare_variants import run_variant_comparison
-from ..bench.config import RESULTS_DIR
+from ..bench.config import DTYPES, RESULTS_DIR
 from ..bench.render import page_of
 from ..core.config import DEFAULT_METHOD, config_from_dict
 from ..methods import method_names
@@ -55,6 +56,16 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench command's arguments (the flags users know, and where the page goes)."""
     parser.add_argument("--model", default="sd3m-1024", choices=sorted(MODEL_PRESETS), help="default sd3m-1024")
     parser.add_argument("--latent", type=int, default=None, help="latent side (default: the model's)")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="keep the model's first k blocks (e.g. a real architecture on a CPU)"
+    )
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="the model's dtype (default float32)")
+    parser.add_argument(
+        "--generations",
+        action="store_true",
+        help="a real architecture (sd3-medium, flux-dev, ...): time whole generations instead of first calls and "
+        "calls per stage (hours on a CPU at full depth)",
+    )
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--deviation", type=float, default=0.2)
     parser.add_argument("--steps", type=int, default=None, help="default: the model's (SD3 28, Flux 20)")
@@ -110,6 +121,8 @@ def _bench_config(args: argparse.Namespace, sweep: tuple[float, ...]) -> BenchCo
             model=args.model,
             method=method,
             latent=args.latent,
+            layers=args.layers,
+            dtype=args.dtype,
             steps=args.steps,
             runs=args.runs,
             warmup=args.warmup,
@@ -148,6 +161,13 @@ def _bench(args: argparse.Namespace) -> int:
             report = run_method_comparison(config, args.methods, method_ratios, command=command)
         elif args.variants:
             report = run_variant_comparison(_bench_config(args, ()), args.step_threshold, command=command)
+        elif MODEL_PRESETS[args.model].real and not args.generations:
+            config = _bench_config(args, ())
+            calls = run_call_benchmark(config, command=command)
+            folder = write_call_page(calls, args.results, args.out)
+            print(call_markdown(calls))
+            print(f"wrote index.md, result.json to {folder}")
+            return 0
         else:
             sweep = args.sweep if args.sweep is not None else (0.3, 0.4, 0.6, 0.7)
             report = run_benchmark(_bench_config(args, sweep), command=command)
