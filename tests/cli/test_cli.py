@@ -80,16 +80,18 @@ def test_export_and_export_triton_commands(tmp_path, capsys):
     assert main(["export", "--out", str(bundle), "--latent", "32", "--method", "tomesd", "--ratio", "0.3"]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert [e["key"] for e in manifest["engines"]] == ["full", "merge@0.3"]
-    assert "wrote 2 ONNX files" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote 2 files" in printed and "weights.bin" in printed and "model.onnx" in printed
+    assert "merge@0.3       graph 1" in printed
     assert main(["export-triton", str(bundle), str(repository), "--max-steps", "8", "--engine-instances", "2"]) == 0
     out = capsys.readouterr().out
-    assert "sdtm, sdtm_full, sdtm_merge_r0_3" in out
+    assert "sdtm, sdtm_engines" in out
     assert "tritonserver --model-repository" in out
     state = np.load(repository / "sdtm" / "1" / "initial_state.npy")
     assert state.dtype == np.int32
     assert state.shape == (2, 256)
     assert len(np.unique(state)) > 1
-    assert 'backend: "onnxruntime"' in (repository / "sdtm_full" / "config.pbtxt").read_text()
+    assert 'backend: "onnxruntime"' in (repository / "sdtm_engines" / "config.pbtxt").read_text()
     with pytest.raises(SystemExit, match="export-triton: .*manifest.json: no manifest"):
         main(["export-triton", str(tmp_path / "nowhere"), str(tmp_path / "r2")])
     with pytest.raises(SystemExit, match="export-triton: invalid TritonSettings: pipeline_instances must be >= 1"):
