@@ -29,8 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..core.schedule import resolve_for_model
+from ..models import FluxSpec
+from ..models.sampling import flux_call_inputs, flux_set_timesteps, make_flux_scheduler, make_scheduler
+from ..runtime import StageDispatcher
 from .config import BenchConfig
+from .harness import cfg_call_inputs
 from .pages import Page, page_folder, write_page
+from .record import machine_info
+from .workload import make_workload
 
 __all__ = ["CallReport", "run_call_benchmark", "call_markdown"]
 
@@ -74,12 +83,6 @@ def _status(key: str) -> float:
 def measure_in_process(config: BenchConfig, variant: str, time_calls: bool) -> dict[str, Any]:
     """One process's measurement (the child side): build, compile, first call; with ``time_calls`` the per-stage
     calls and the peak memory."""
-    import torch
-
-    from ..core.schedule import resolve_for_model
-    from ..runtime import StageDispatcher
-    from .workload import make_workload
-
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     workload = make_workload(config)
@@ -119,11 +122,6 @@ def measure_in_process(config: BenchConfig, variant: str, time_calls: bool) -> d
 def _stage_calls(workload, config: BenchConfig, dispatcher) -> list[tuple[str, float, dict[str, Any]]]:
     """``(engine key, timestep, call inputs)``: the first step of each engine the schedule reaches in a generation
     of ``config.steps`` steps, in the order a generation meets them."""
-    import torch
-
-    from ..models.sampling import flux_call_inputs, flux_set_timesteps, make_flux_scheduler, make_scheduler
-    from .harness import cfg_call_inputs
-
     if workload.family == "flux":
         scheduler = make_flux_scheduler()
         flux_set_timesteps(scheduler, config.steps, workload.grid[0] * workload.grid[1])
@@ -149,10 +147,6 @@ def _stage_calls(workload, config: BenchConfig, dispatcher) -> list[tuple[str, f
 
 def generation_schedule(config: BenchConfig) -> list[str]:
     """The engine key of each step of a ``config.steps``-step generation (what the dispatcher picks)."""
-    from ..core.schedule import resolve_for_model
-    from ..models import FluxSpec
-    from ..models.sampling import flux_set_timesteps, make_flux_scheduler, make_scheduler
-    from ..runtime import StageDispatcher
 
     family = "flux" if isinstance(config.preset.spec, FluxSpec) else "sd3"
     tokens = (config.latent_side // 2) ** 2
@@ -187,8 +181,6 @@ def _config_dict(config: BenchConfig) -> dict[str, Any]:
 def run_call_benchmark(config: BenchConfig, command: str | None = None) -> CallReport:
     """Measure first calls cold and warm and per-call time per stage of ``inductor`` and ``sdtm``, one process per
     build (see the module docstring)."""
-    from .record import machine_info
-
     preset = config.preset
     spec = preset.spec if config.layers is None else preset.spec.truncated(config.layers)
     grid = config.latent_side // 2

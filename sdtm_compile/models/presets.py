@@ -66,7 +66,7 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
     # Published architectures (random weights): 1024^2 images by default; --layers keeps the first k blocks.
     "sd3-medium": ModelPreset(SD3_MEDIUM, 128, "SD3-medium: 24 blocks, hidden 1536, 2.0 B parameters", real=True),
     "sd3.5-medium": ModelPreset(
-        SD35_MEDIUM, 128, "SD3.5-medium: 24 blocks (dual attention in 0-12), hidden 1536, 2.5 B parameters", real=True
+        SD35_MEDIUM, 128, "SD3.5-medium: 24 blocks (dual attention in 0-12), hidden 1536, 2.2 B parameters", real=True
     ),
     "sd3.5-large": ModelPreset(
         SD35_LARGE, 128, "SD3.5-large: 38 blocks, hidden 2432, 8.1 B parameters", guidance_scale=3.5, real=True

@@ -211,7 +211,7 @@ SD3_MEDIUM = TinySpec(
     sample_size=128,
 )
 #: stabilityai/stable-diffusion-3.5-medium: SD3-medium's width, dual attention (``attn2``) in blocks 0-12, RMS
-#: q/k norm, position embedding up to 384 patches a side; 2.5 B parameters.
+#: q/k norm, position embedding up to 384 patches a side; 2.2 B parameters as diffusers builds it.
 SD35_MEDIUM = dataclasses.replace(
     SD3_MEDIUM, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm", pos_embed_max_size=384
 )
