@@ -29,13 +29,6 @@ import time
 from pathlib import Path
 
 
-def _status(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
 def measure(layout: str, bundle: Path, runs: int) -> dict:
     """Run every engine of ``bundle`` under ``layout`` in this process; what it cost."""
     import numpy as np
@@ -43,6 +36,8 @@ def measure(layout: str, bundle: Path, runs: int) -> dict:
     import onnxruntime as ort
     from onnx import numpy_helper
     from onnx.external_data_helper import load_external_data_for_tensor
+
+    from sdtm_compile.bench.memory import peak_rss, resident_mib
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     rng = np.random.default_rng(0)
@@ -53,7 +48,8 @@ def measure(layout: str, bundle: Path, runs: int) -> dict:
     for spec in manifest["state"]:
         feeds[spec["name"]] = np.zeros(spec["shape"], spec["dtype"])
     graphs = sorted({(e["graph"], e["file"]) for e in manifest["engines"]})
-    before = _status("VmRSS")
+    before = resident_mib()
+    read_peak = peak_rss()
     start = time.perf_counter()
     if layout.startswith("combined"):
         from sdtm_compile.deploy.runner import lean_session_options
@@ -85,7 +81,7 @@ def measure(layout: str, bundle: Path, runs: int) -> dict:
             return sessions[file_name].run(None, feeds)
 
     loaded_s = time.perf_counter() - start
-    loaded = _status("VmRSS")
+    loaded = resident_mib()
     per_engine = {}
     for number, file_name in graphs:
         run(number, file_name)
@@ -99,7 +95,7 @@ def measure(layout: str, bundle: Path, runs: int) -> dict:
         "layout": layout,
         "load_s": round(loaded_s, 2),
         "loaded_mib": round(loaded - before),
-        "peak_mib": round(_status("VmHWM") - before),
+        "peak_mib": round(read_peak() - before),
         "s_per_call": per_engine,
     }
 

@@ -33,10 +33,11 @@ import torch
 
 from ..core.schedule import resolve_for_model
 from ..models import FluxSpec
-from ..models.sampling import flux_call_inputs, flux_set_timesteps, make_flux_scheduler, make_scheduler
+from ..models.sampling import flux_call_inputs, pipeline_timesteps
 from ..runtime import StageDispatcher
 from .config import BenchConfig
 from .harness import cfg_call_inputs
+from .memory import peak_rss
 from .pages import Page, page_folder, write_page
 from .record import machine_info
 from .workload import make_workload
@@ -73,16 +74,10 @@ class CallReport:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
 
-def _status(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def measure_in_process(config: BenchConfig, variant: str, time_calls: bool) -> dict[str, Any]:
     """One process's measurement (the child side): build, compile, first call; with ``time_calls`` the per-stage
     calls and the peak memory."""
+    read_peak = peak_rss()  # this process's peak from here on: the model, the compile, the calls
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     workload = make_workload(config)
@@ -101,11 +96,8 @@ def measure_in_process(config: BenchConfig, variant: str, time_calls: bool) -> d
         result["first_call_s"] = round(time.perf_counter() - start, 2)
         if not time_calls:
             return result
-        dispatcher = StageDispatcher(
-            resolve_for_model(config.method, workload.family, workload.grid[0] * workload.grid[1])
-        )
         per_call: dict[str, Any] = {}
-        for label, timestep, call in _stage_calls(workload, config, dispatcher):
+        for label, timestep, call in _stage_calls(workload, config):
             compiled(**call, return_dict=False)  # untimed: the first call at this engine
             times = []
             for _ in range(config.runs):
@@ -115,27 +107,31 @@ def measure_in_process(config: BenchConfig, variant: str, time_calls: bool) -> d
             per_call[label] = {"timestep": round(timestep, 4), "s": round(statistics.median(times), 3)}
             logger.info("%s %s: %.2f s per call", variant, label, per_call[label]["s"])
         result["per_call"] = per_call
-    result["peak_rss_mib"] = round(_status("VmHWM"))
+    result["peak_rss_mib"] = round(read_peak())
     return result
 
 
-def _stage_calls(workload, config: BenchConfig, dispatcher) -> list[tuple[str, float, dict[str, Any]]]:
+def _generation_steps(config: BenchConfig) -> list[tuple[float, str]]:
+    """``(timestep fed, engine key)`` of each step of a ``config.steps``-step generation (what the dispatcher
+    picks)."""
+    family = "flux" if isinstance(config.preset.spec, FluxSpec) else "sd3"
+    tokens = (config.latent_side // 2) ** 2
+    dispatcher = StageDispatcher(resolve_for_model(config.method, family, tokens))
+    fed, _ = pipeline_timesteps(family, config.steps, tokens, dispatcher.config.timestep_shift)
+    return [(float(t), str(dispatcher.key_for(t)[1])) for t in fed]
+
+
+def generation_schedule(config: BenchConfig) -> list[str]:
+    """The engine key of each step of a ``config.steps``-step generation."""
+    return [key for _, key in _generation_steps(config)]
+
+
+def _stage_calls(workload, config: BenchConfig) -> list[tuple[str, float, dict[str, Any]]]:
     """``(engine key, timestep, call inputs)``: the first step of each engine the schedule reaches in a generation
     of ``config.steps`` steps, in the order a generation meets them."""
-    if workload.family == "flux":
-        scheduler = make_flux_scheduler()
-        flux_set_timesteps(scheduler, config.steps, workload.grid[0] * workload.grid[1])
-        fed = [float(t) / 1000 for t in scheduler.timesteps]
-    else:
-        scheduler = make_scheduler(dispatcher.config.timestep_shift)
-        scheduler.set_timesteps(config.steps)
-        fed = [float(t) for t in scheduler.timesteps]
-    calls, seen = [], set()
-    for t in fed:
-        key = str(dispatcher.key_for(t)[1])
-        if key in seen:
-            continue
-        seen.add(key)
+    first = {key: t for t, key in reversed(_generation_steps(config))}  # reversed: the earliest step wins
+    calls = []
+    for key, t in sorted(first.items(), key=lambda item: -item[1]):  # timesteps fall as a generation goes
         if workload.family == "flux":
             inputs = workload.inputs
             sigma = torch.full((inputs.latents.shape[0],), t, dtype=inputs.latents.dtype)
@@ -143,23 +139,6 @@ def _stage_calls(workload, config: BenchConfig, dispatcher) -> list[tuple[str, f
         else:
             calls.append((key, t, cfg_call_inputs(workload.inputs, t)))
     return calls
-
-
-def generation_schedule(config: BenchConfig) -> list[str]:
-    """The engine key of each step of a ``config.steps``-step generation (what the dispatcher picks)."""
-
-    family = "flux" if isinstance(config.preset.spec, FluxSpec) else "sd3"
-    tokens = (config.latent_side // 2) ** 2
-    dispatcher = StageDispatcher(resolve_for_model(config.method, family, tokens))
-    if family == "flux":
-        scheduler = make_flux_scheduler()
-        flux_set_timesteps(scheduler, config.steps, tokens)
-        fed = [float(t) / 1000 for t in scheduler.timesteps]
-    else:
-        scheduler = make_scheduler(dispatcher.config.timestep_shift)
-        scheduler.set_timesteps(config.steps)
-        fed = [float(t) for t in scheduler.timesteps]
-    return [str(dispatcher.key_for(t)[1]) for t in fed]
 
 
 def _child(config: BenchConfig, variant: str, caches: str, time_calls: bool) -> dict[str, Any]:
@@ -243,11 +222,7 @@ def call_markdown(report: CallReport) -> str:
     ]
     for stage in stages:
         mine = report.rows["sdtm"]["per_call"][stage]
-        theirs = base["per_call"].get(stage) or next(
-            (v for v in base["per_call"].values() if v["timestep"] == mine["timestep"]), None
-        )
-        if theirs is None:
-            continue
+        theirs = base["per_call"][stage]  # both processes time the same schedule's engines
         speedup = theirs["s"] / mine["s"]
         lines.append(f"| {stage} (t={mine['timestep']:g}) | {theirs['s']:.2f} | {mine['s']:.2f} | {speedup:.2f}x |")
     if report.schedule and all(key in base["per_call"] for key in report.schedule):

@@ -134,8 +134,9 @@ def _flux_probe(inputs: FluxGenerationInputs) -> dict[str, Any]:
     return flux_call_inputs(inputs, inputs.latents, torch.ones(batch, dtype=inputs.latents.dtype))
 
 
-def make_workload(config: BenchConfig) -> Workload:
-    """The workload of ``config.model`` at ``config.latent_side``, seeded with ``config.seed``."""
+def make_workload(config: BenchConfig, device: torch.device | str | None = None) -> Workload:
+    """The workload of ``config.model`` at ``config.latent_side``, seeded with ``config.seed``, in ``config.dtype``;
+    ``device``: where the model and the generation inputs go (default: where they are made, the CPU)."""
     spec, latent = config.preset.spec, config.latent_side
     grid = (latent // 2, latent // 2)
     if isinstance(spec, TinySpec) and spec.weights is not None:
@@ -143,28 +144,33 @@ def make_workload(config: BenchConfig) -> Workload:
         from ..models.testbed.quality import generation_inputs
 
         testbed = load_testbed()
-        inputs = generation_inputs(testbed, config.seed, latent)
+        testbed.transformer.to(device)
+        inputs = _placed(generation_inputs(testbed, config.seed, latent), torch.float32, device)
         description = "CFG batch 2, pixel space, prompt = a held-out crop's labels"
         return Workload("sd3", spec, testbed.transformer, inputs, grid, _sd3_probe(inputs), description, testbed)
     if config.layers is not None:
         spec = spec.truncated(config.layers)
-    model = build_model(spec, seed=config.seed, dtype=config.torch_dtype)
+    model = build_model(spec, seed=config.seed, dtype=config.torch_dtype).to(device)
     if isinstance(spec, FluxSpec):
-        inputs = _in_dtype(make_flux_generation_inputs(spec, (latent, latent), seed=config.seed), config.torch_dtype)
+        flux = make_flux_generation_inputs(spec, (latent, latent), seed=config.seed)
+        inputs = _placed(flux, config.torch_dtype, device)
         if spec.guidance_embeds:  # FLUX.1-dev embeds the guidance scale the benchmark asks for
             inputs = dataclasses.replace(inputs, guidance=config.guidance_scale)
         guidance = "" if inputs.guidance is None else f", guidance {inputs.guidance} embedded"
         return Workload(
             "flux", spec, model, inputs, grid, _flux_probe(inputs), f"batch 1 (guidance-distilled{guidance})"
         )
-    inputs = _in_dtype(make_generation_inputs(spec, (latent, latent), seed=config.seed), config.torch_dtype)
+    inputs = _placed(make_generation_inputs(spec, (latent, latent), seed=config.seed), config.torch_dtype, device)
     return Workload("sd3", spec, model, inputs, grid, _sd3_probe(inputs), "CFG batch 2")
 
 
-def _in_dtype(inputs, dtype: torch.dtype):
-    """Generation inputs with their floating tensors in ``dtype``, as the pipelines keep latents, prompt embeddings
-    and (Flux) position ids in the transformer's dtype."""
+def _placed(inputs, dtype: torch.dtype, device: torch.device | str | None):
+    """Generation inputs with their tensors on ``device`` and the floating ones in ``dtype``, as the pipelines keep
+    latents, prompt embeddings and (Flux) position ids on the transformer's device and in its dtype."""
     values = {f.name: getattr(inputs, f.name) for f in dataclasses.fields(inputs)}
-    return dataclasses.replace(
-        inputs, **{k: v.to(dtype) for k, v in values.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    )
+    placed = {
+        name: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        for name, value in values.items()
+        if isinstance(value, torch.Tensor)
+    }
+    return dataclasses.replace(inputs, **placed)

@@ -512,54 +512,33 @@ def _release(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _cast(inputs: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """The generation inputs with every floating tensor on ``device`` in ``dtype`` (what the pipelines pass)."""
-    values = {}
-    for item in dataclasses.fields(inputs):
-        value = getattr(inputs, item.name)
-        if isinstance(value, torch.Tensor):
-            value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
-        values[item.name] = value
-    return dataclasses.replace(inputs, **values)
-
-
 def _workload(settings: CheckSettings):
     """The model on the check's device and one generation's inputs, as the benchmark's
     :class:`~sdtm_compile.bench.workload.Workload`, with its :class:`~sdtm_compile.bench.config.BenchConfig`."""
     from ..bench.config import BenchConfig
-    from ..bench.harness import cfg_call_inputs
-    from ..bench.workload import Workload
-    from ..models import MODEL_PRESETS, FluxSpec, build_model
-    from ..models.sampling import flux_call_inputs, make_flux_generation_inputs, make_generation_inputs
+    from ..bench.workload import make_workload
 
-    preset = MODEL_PRESETS[settings.model]
     config = BenchConfig(
-        model=settings.model, latent=settings.latent, steps=settings.steps, runs=settings.runs, warmup=1, sweep=()
+        model=settings.model,
+        latent=settings.latent,
+        layers=settings.layers,
+        dtype=str(settings.dtype).removeprefix("torch."),
+        steps=settings.steps,
+        runs=settings.runs,
+        warmup=1,
+        sweep=(),
     )
-    device, dtype, side = settings.device, settings.dtype, settings.latent
     start = time.perf_counter()
-    model = build_model(preset.spec, seed=0, dtype=dtype, layers=settings.layers).to(device).eval()
-    spec = preset.spec if settings.layers is None else preset.spec.truncated(settings.layers)
+    workload = make_workload(config, settings.device)
+    workload.model.eval()
     logger.info(
         "built %s (%d blocks, %s) on %s in %.1f s",
         settings.model,
-        spec.num_blocks,
-        dtype,
-        device,
+        workload.spec.num_blocks,
+        settings.dtype,
+        settings.device,
         time.perf_counter() - start,
     )
-    grid = (side // 2, side // 2)
-    if isinstance(spec, FluxSpec):
-        inputs = make_flux_generation_inputs(spec, (side, side), seed=0)
-        if spec.guidance_embeds:
-            inputs = dataclasses.replace(inputs, guidance=config.guidance_scale)
-        inputs = _cast(inputs, device, dtype)
-        batch = inputs.latents.shape[0]
-        probe = flux_call_inputs(inputs, inputs.latents, torch.ones(batch, dtype=inputs.latents.dtype))
-        workload = Workload("flux", spec, model, inputs, grid, probe, "batch 1, guidance-distilled")
-    else:
-        inputs = _cast(make_generation_inputs(spec, (side, side), seed=0), device, dtype)
-        workload = Workload("sd3", spec, model, inputs, grid, cfg_call_inputs(inputs, 1000.0), "CFG batch 2")
     return workload, config
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "make_flux_generation_inputs",
     "make_flux_scheduler",
     "flux_set_timesteps",
+    "pipeline_timesteps",
     "flux_call_inputs",
     "flux_denoising",
     "flux_generate",
@@ -226,6 +227,24 @@ def flux_set_timesteps(scheduler, num_steps: int, num_tokens: int) -> None:
         config.get("max_shift", 1.15),
     )
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+
+
+def pipeline_timesteps(
+    family: str, num_steps: int, num_tokens: int, shift: float | None = 3.0
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """What the diffusers pipeline of ``family`` (``sd3`` or ``flux``) feeds the transformer at each of ``num_steps``
+    steps, float32 (FluxPipeline: the timestep / 1000, a float32 division, as :func:`flux_denoising` does), and its
+    scheduler's sigmas (float32, ``num_steps + 1``). ``num_tokens``: Flux's image tokens (its shift depends on them);
+    ``shift``: SD3's."""
+    if family == "flux":
+        scheduler = make_flux_scheduler()
+        flux_set_timesteps(scheduler, num_steps, num_tokens)
+        fed = [t.to(torch.float32) / 1000 for t in scheduler.timesteps]
+    else:
+        scheduler = make_scheduler(shift)
+        scheduler.set_timesteps(num_steps)
+        fed = [t.to(torch.float32) for t in scheduler.timesteps]
+    return fed, scheduler.sigmas.to(torch.float32)
 
 
 def flux_call_inputs(inputs: FluxGenerationInputs, latents: torch.Tensor, sigma: torch.Tensor) -> dict[str, Any]:

@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ...core.config import config_from_dict
 from ...core.method import method_for
 from ...engines import sha256_file
-from ...models.sampling import flux_set_timesteps, make_flux_scheduler, make_scheduler
+from ...models.sampling import pipeline_timesteps
 from ...runtime import StageDispatcher
 from ..bundle import BundleError, read_bundle, signature_from_manifest
 from . import step_logic
@@ -195,16 +194,7 @@ def step_table(manifest: dict[str, Any], settings: TritonSettings) -> dict[str, 
     num_tokens = int(np.prod(manifest["grid"]))
     steps: dict[str, list[list[float]]] = {}
     for count in range(1, settings.max_steps + 1):
-        if family == "flux":
-            scheduler = make_flux_scheduler()
-            flux_set_timesteps(scheduler, count, num_tokens)
-            # FluxPipeline feeds timestep / 1000 (a float32 division), as sampling.flux_denoising does
-            fed = [t.to(torch.float32) / 1000 for t in scheduler.timesteps]
-        else:
-            scheduler = make_scheduler(config.timestep_shift)
-            scheduler.set_timesteps(count)
-            fed = [t.to(torch.float32) for t in scheduler.timesteps]
-        sigmas = scheduler.sigmas.to(torch.float32)
+        fed, sigmas = pipeline_timesteps(family, count, num_tokens, config.timestep_shift)
         rows = []
         for i, t in enumerate(fed):
             key = dispatcher.key_for(t)[1]
