@@ -20,7 +20,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ._graph import node_shape
 from .find_blocks import FALLBACK_HINT
-from .insert_merge import merged_blocks, merged_branch_names, stage_token_counts
+from .insert_merge import block_token_counts, merged_blocks, merged_branch_names
 from .settings import PassSettings
 from .sites import ModelSites
 
@@ -184,9 +184,10 @@ def _propagate_changed(gm: fx.GraphModule, example_inputs: list[torch.Tensor], c
 
 def _merged_regions(sites: ModelSites, settings: PassSettings):
     """``(branch nodes, {old token count: merged count})`` of every merged branch of the engine."""
-    counts = stage_token_counts(sites, settings)
+    per_block = block_token_counts(sites, settings)
     n = sites.num_tokens
     for block in merged_blocks(sites, settings):
+        counts = per_block[block.index]
         for name, branch in block.branches_named(merged_branch_names(sites, settings)):
             merged = counts.feed_forward if name in ("ff", "mlp") else counts.attention
             mapping = {n: merged}

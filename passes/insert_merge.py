@@ -8,14 +8,21 @@ import operator
 from torch import fx
 
 from sdtm_compile.core.ops import PLAN_OUTPUTS, sdtm_merge, sdtm_plan, sdtm_unmerge
-from sdtm_compile.core.schedule import TokenCounts
+from sdtm_compile.core.schedule import EngineKey, TokenCounts
 
 from ._graph import copy_location, set_state_output
 from .settings import PassSettings
 from .sites import BlockSites, Branch, ModelSites
 from .thread_state import li_input
 
-__all__ = ["insert_merge_nodes", "block_plans", "merged_blocks", "merged_branch_names", "stage_token_counts"]
+__all__ = [
+    "insert_merge_nodes",
+    "block_plans",
+    "block_keys",
+    "merged_blocks",
+    "merged_branch_names",
+    "block_token_counts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +77,17 @@ def insert_merge_nodes(
         logger.debug("insert_merge_nodes: %s engine merges no block, nothing to insert", key)
         return gm, sites
     grid_h, grid_w = sites.grid
-    spec = settings.method.plan_spec(key, grid_h, grid_w)
+    keys = block_keys(sites, settings)
     graph = gm.graph
     merged = settings.method.merged_branches(key.stage, sites.family)
     plans: dict[int, list[fx.Node]] = {}  # block index -> its plan's parts, in sdtm_merge's order
+    counts: list[int] = []  # each plan's static count
     for block, source in zip(sites.blocks, sources):
         if source is None:
             continue
         if source == block.index:
+            spec = settings.method.plan_spec(keys[block.index], grid_h, grid_w)
+            counts.append(spec.count)
             with graph.inserting_after(block.plan_input):
                 plan = graph.call_function(sdtm_plan, (block.plan_input, li, grid_h, grid_w, *spec))
             parts, last = {}, plan
@@ -94,10 +104,10 @@ def insert_merge_nodes(
     set_state_output(gm, settings.contract, "li", li)
     gm.recompile()
     logger.debug(
-        "insert_merge_nodes: %s (%s, %d per plan): %d plans for %d merged of %d blocks",
+        "insert_merge_nodes: %s (%s, counts %s): %d plans for %d merged of %d blocks",
         key,
-        spec.method,
-        spec.count,
+        settings.method.name,
+        counts,
         len(plans),
         sum(source is not None for source in sources),
         len(sites.blocks),
@@ -108,7 +118,13 @@ def insert_merge_nodes(
 def block_plans(sites: ModelSites, settings: PassSettings) -> list[int | None]:
     """Per block of ``sites``: ``None`` (left unmerged) or the index of the block whose plan it uses (none
     merges in the ``FULL`` engine)."""
-    return settings.method.plan_sources([block.kind for block in sites.blocks], settings.key)
+    return settings.method.plan_sources([block.kind for block in sites.blocks], settings.key, sites.grid)
+
+
+def block_keys(sites: ModelSites, settings: PassSettings) -> list[EngineKey]:
+    """Per block of ``sites``: the key it runs as in the engine of ``settings.key`` (``FULL``: unmerged; a merged
+    block's ratio is the engine's scaled by the config's block schedule)."""
+    return settings.method.block_keys([block.kind for block in sites.blocks], settings.key, sites.grid)
 
 
 def merged_blocks(sites: ModelSites, settings: PassSettings) -> list[BlockSites]:
@@ -116,9 +132,10 @@ def merged_blocks(sites: ModelSites, settings: PassSettings) -> list[BlockSites]
     return [block for block, source in zip(sites.blocks, block_plans(sites, settings)) if source is not None]
 
 
-def stage_token_counts(sites: ModelSites, settings: PassSettings) -> TokenCounts:
-    """Image tokens each branch of a merged block sees in the engine of ``settings.key``."""
-    return settings.method.token_counts(settings.key, *sites.grid, sites.family)
+def block_token_counts(sites: ModelSites, settings: PassSettings) -> tuple[TokenCounts, ...]:
+    """Image tokens each branch of each block sees in the engine of ``settings.key`` (block order)."""
+    kinds = [block.kind for block in sites.blocks]
+    return settings.method.block_token_counts(kinds, settings.key, sites.grid, sites.family)
 
 
 def merged_branch_names(sites: ModelSites, settings: PassSettings) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ import sys
 
 from . import _aliases
 from ._version import __version__
-from .compiler import BackendSettings, SDTMBackend, compiled_graphs
+from .compiler import BackendSettings, SDTMBackend, compiled_graphs, load_tuned_options
 from .core import (
     DEFAULT_BUCKETS,
     EngineKey,
@@ -72,6 +72,7 @@ __all__ = [
     "config_from_dict",
     "export_onnx",
     "generation",
+    "load_tuned_options",
     "idm_plan",
     "merge",
     "method_for",

@@ -10,7 +10,8 @@ from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_tr
 
 #: The shared SD3 bundle's config (tests/deploy/test_export.py, tests/deploy/triton/): the full graph, two detail
 #: buckets and a structure bucket are what its schedule reaches (an ONNX export costs ~10 s per engine on 2 cores).
-SHARED_BUNDLE_CONFIG = SDTMConfig(buckets=(0.3, 0.6))
+#: a block schedule (block 1 at half the ratio), so the export, ONNX parity and serving tests cover one
+SHARED_BUNDLE_CONFIG = SDTMConfig(buckets=(0.3, 0.6), blocks=(1.0, 0.5))
 
 
 #: The test lanes (pyproject.toml's markers). Every test carries exactly one: ``pytest -m unit`` is the quick lane,

@@ -46,7 +46,7 @@ from .report import BenchReport
 from .timing import TimedCall, step_records, timed_rounds
 from .workload import Workload, make_workload
 
-__all__ = ["BUCKETS", "VariantSpec", "run_variant_comparison", "variant_specs"]
+__all__ = ["BUCKETS", "VariantSpec", "build_and_time", "run_variant_comparison", "variant_specs"]
 
 logger = logging.getLogger("sdtm_compile.bench")
 
@@ -149,7 +149,7 @@ def _compile(spec: VariantSpec, workload: Workload, config: BenchConfig, engine_
     return module, compiled
 
 
-def _build_and_time(
+def build_and_time(
     phase: str,
     specs: list[VariantSpec],
     workload: Workload,
@@ -260,7 +260,7 @@ def run_variant_comparison(
         for phase, phase_specs in (("ours", ours), ("peers", peers)):
             if phase == "peers" and not any(spec.kind == "peer" for spec in phase_specs):
                 continue  # no peer asked for (``only``): the baselines were timed with ours
-            measured += _build_and_time(phase, phase_specs, workload, config, engine_cache, not_run)
+            measured += build_and_time(phase, phase_specs, workload, config, engine_cache, not_run)
             if phase == "peers" and any(spec.name == "diffusers-fbcache" for spec, *_ in measured):
                 not_run["diffusers-fbcache (unpatched)"] = unpatched_first_block_cache_error(
                     workload.model, workload.probe, step_threshold

@@ -64,7 +64,8 @@ class CapturedBucketGraphs:
         """FLOPs of one call of ``key``'s bucket graph (a :class:`~sdtm_compile.bench.flops.FlopCount`)."""
         if (key, config) not in self._flops:
             with torch.no_grad():
-                count, _ = count_flops(self.graph(key, config), *self.flat, self.li(key, config))
+                # every state input of the contract (the fusion cache too), fresh
+                count, _ = count_flops(self.graph(key, config), *self.flat, *self.buckets(config).new_state())
             self._flops[(key, config)] = count
         return self._flops[(key, config)]
 

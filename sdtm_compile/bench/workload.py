@@ -143,7 +143,7 @@ def make_workload(config: BenchConfig, device: torch.device | str | None = None)
         from ..models.testbed.model import load_testbed
         from ..models.testbed.quality import generation_inputs
 
-        testbed = load_testbed()
+        testbed = load_testbed(name=spec.weights)
         testbed.transformer.to(device)
         inputs = _placed(generation_inputs(testbed, config.seed, latent), torch.float32, device)
         description = "CFG batch 2, pixel space, prompt = a held-out crop's labels"

@@ -2,7 +2,7 @@
 
 ``demo`` (:mod:`.demo`), ``export`` and ``export-triton`` (:mod:`.export`), ``lint`` (:mod:`.lint`), ``passes``
 (:mod:`.passes`), ``bench`` (:mod:`.bench`), ``train-testbed`` and ``testbed-samples`` (:mod:`.testbed`),
-``serve`` and ``serve-bench`` (:mod:`.serve`), ``doctor`` (:mod:`.doctor`).
+``tune`` (:mod:`.tune`), ``serve`` and ``serve-bench`` (:mod:`.serve`), ``doctor`` (:mod:`.doctor`).
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from . import bench, demo, doctor, export, lint, passes, serve, testbed
+from . import bench, demo, doctor, export, lint, passes, serve, testbed, tune
 
 __all__ = ["main", "COMMANDS"]
 
 #: The command modules, in the order ``--help`` lists them.
-COMMANDS = (demo, export, lint, passes, bench, testbed, serve, doctor)
+COMMANDS = (demo, export, lint, passes, bench, tune, testbed, serve, doctor)
 
 
 def main(argv: list[str] | None = None) -> int:

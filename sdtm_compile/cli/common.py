@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..core.config import DEFAULT_METHOD, MethodConfig, config_from_dict
+from ..core.config import DEFAULT_METHOD, NAMED_CONFIGS, MethodConfig, config_from_dict, named_config
 from ..methods import method_names
 from ..models import MODEL_PRESETS, FluxSpec, TinySpec, build_model, example_inputs, flux_example_inputs
 
@@ -52,10 +52,17 @@ def model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--method",
-        default=DEFAULT_METHOD,
+        default=None,
         help=f"the token-reduction method: {', '.join(method_names())} (default {DEFAULT_METHOD})",
     )
-    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="NAME|FILE",
+        help=f"start from a named config ({', '.join(sorted(NAMED_CONFIGS))}) or a JSON file (a config dict, or "
+        "`sdtm-compile tune`'s output); --method/--ratio/--deviation/--set given explicitly override it",
+    )
+    parser.add_argument("--ratio", type=float, default=None, help="default: the config's (0.5 without --config)")
     parser.add_argument("--deviation", type=float, default=None, help="SDTM's CRA deviation (default: the config's)")
     parser.add_argument(
         "--set",
@@ -77,12 +84,46 @@ def model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-tokens", type=int, default=None, help="prompt tokens (default: the tiny spec's)")
 
 
-def method_config(args: argparse.Namespace) -> MethodConfig:
-    """The config ``--method``, ``--ratio``, ``--deviation`` and ``--set`` describe (a clear error otherwise)."""
-    values: dict[str, Any] = {"method": args.method, "ratio": args.ratio, **dict(args.set)}
-    if args.deviation is not None:
-        values["deviation"] = args.deviation
+def config_values(source: str) -> dict[str, Any]:
+    """The config dict of ``--config``: a named config, a JSON config dict, or a tuner result (its ``options``'
+    ``method``). Raises ``ValueError`` saying what is wrong."""
+    import json
+    from pathlib import Path
+
+    if source in NAMED_CONFIGS:
+        return named_config(source).to_dict()
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"--config {source!r} is neither a named config ({sorted(NAMED_CONFIGS)}) nor a file")
     try:
+        values = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"--config {path} is not valid JSON ({error})") from None
+    if isinstance(values, dict) and "options" in values:  # `sdtm-compile tune` output
+        values = values["options"].get("method") or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of config fields")
+    return values
+
+
+def method_config(args: argparse.Namespace) -> MethodConfig:
+    """The config ``--config``, ``--method``, ``--ratio``, ``--deviation`` and ``--set`` describe (a clear error
+    otherwise)."""
+    try:
+        values: dict[str, Any] = config_values(args.config) if getattr(args, "config", None) else {}
+        if args.method is not None:
+            if values and values.get("method", DEFAULT_METHOD) != args.method:
+                raise ValueError(
+                    f"--method {args.method} contradicts --config {args.config} (a {values.get('method')} config): "
+                    "give one of them"
+                )
+            values["method"] = args.method
+        values.setdefault("method", DEFAULT_METHOD)
+        if args.ratio is not None or "ratio" not in values:
+            values["ratio"] = 0.5 if args.ratio is None else args.ratio
+        if args.deviation is not None:
+            values["deviation"] = args.deviation
+        values.update(dict(args.set))
         return config_from_dict(values)
     except ValueError as err:
         raise fail(args.command, err) from None

@@ -72,7 +72,7 @@ def run_demo(
     torch.manual_seed(seed)
     spec, testbed = preset.spec, None
     if spec.weights is not None:
-        testbed = load_testbed()
+        testbed = load_testbed(name=spec.weights)
         model, inputs = testbed.transformer, generation_inputs(testbed, seed, latent_hw[0])
     else:
         model, inputs = build_model(spec, seed=seed), make_generation_inputs(spec, latent_hw, seed=seed)

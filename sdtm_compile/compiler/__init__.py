@@ -13,7 +13,7 @@ from .buckets import BucketGraphs, DistinctGraph
 from .capture import capture_dynamo_graph
 from .compiled import SDTMCompiledGraph, compiled_graphs
 from .regions import RegionalBuilder
-from .settings import BackendSettings
+from .settings import BackendSettings, load_tuned_options
 
 __all__ = [
     "BackendSettings",
@@ -24,6 +24,7 @@ __all__ = [
     "SDTMCompiledGraph",
     "capture_dynamo_graph",
     "compiled_graphs",
+    "load_tuned_options",
     "sdtm",
     "sdtm_trt",
 ]

@@ -115,8 +115,14 @@ class BucketGraphs:
         """Image tokens each part of a merged block sees in the engine of ``key``."""
         return self.method.token_counts(key, *self.sites.grid, self.sites.family)
 
+    def block_counts(self, key: EngineKey) -> tuple[TokenCounts, ...]:
+        """Image tokens each part of each block sees in the engine of ``key`` (the config's block schedule
+        applied): what its graph specialises."""
+        kinds = [block.kind for block in self.sites.blocks]
+        return self.method.block_token_counts(kinds, key, self.sites.grid, self.sites.family)
+
     def _graph_id(self, key: EngineKey) -> tuple:
-        return (key.stage, self.counts(key))
+        return (key.stage, self.block_counts(key))
 
     def graph(self, key: EngineKey) -> RewrittenGraph:
         """The rewritten graph serving ``key`` (rewritten once per distinct token counts)."""

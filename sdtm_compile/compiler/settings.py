@@ -15,7 +15,7 @@ from ..core.method import method_for
 from ..engines import default_cache_dir, tensorrt_options
 from ..runtime import FirstBlockCacheConfig
 
-__all__ = ["BackendSettings", "ENGINE_CHOICES"]
+__all__ = ["BackendSettings", "ENGINE_CHOICES", "load_tuned_options"]
 
 ENGINE_CHOICES = ("auto", "tensorrt", "inductor", "eager")
 
@@ -140,3 +140,19 @@ class BackendSettings:
         if unknown:
             raise ValueError(f"unknown option(s) {unknown} for the SDTM backend; valid options: {valid}")
         return cls(**options)
+
+
+def load_tuned_options(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``options`` of a ``sdtm-compile tune`` result file, checked, for ``torch.compile(..., backend="sdtm",
+    options=load_tuned_options(path))`` (add ``engine`` or ``cache_dir`` as usual)."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read the tuner result {path}: {error}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("options"), dict):
+        raise ValueError(f"{path} is not a `sdtm-compile tune` result: it has no 'options' object")
+    options = dict(data["options"])
+    BackendSettings.from_options(options)  # invalid options fail here, naming the field
+    return options

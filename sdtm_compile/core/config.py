@@ -8,11 +8,22 @@ subclasses :class:`MethodConfig`, which registers it by its ``method`` name for 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-__all__ = ["MethodConfig", "DEFAULT_BUCKETS", "DEFAULT_METHOD", "config_from_dict", "METHOD_CONFIGS", "SCHEDULER_KEYS"]
+from .blocks import BlockScheduleError, normalize_block_schedule
+
+__all__ = [
+    "MethodConfig",
+    "DEFAULT_BUCKETS",
+    "DEFAULT_METHOD",
+    "config_from_dict",
+    "METHOD_CONFIGS",
+    "NAMED_CONFIGS",
+    "named_config",
+    "SCHEDULER_KEYS",
+]
 
 #: Compression ratios the compiler builds one engine for. A scheduled ratio is rounded *down* to one of these.
 DEFAULT_BUCKETS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -22,6 +33,17 @@ DEFAULT_METHOD = "sdtm"
 
 #: Config classes by method name (``"sdtm"``, ``"tomesd"``, ...), filled as the classes are defined.
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+
+#: Named operating points (``sdtm-compile ... --config NAME``): a config factory per name, filled by the methods
+#: (``"sdtm-release-eval"``: :meth:`sdtm_compile.methods.sdtm.config.SDTMConfig.release_eval`).
+NAMED_CONFIGS: dict[str, Callable[[], MethodConfig]] = {}
+
+
+def named_config(name: str) -> MethodConfig:
+    """The config of a named operating point of :data:`NAMED_CONFIGS`; a clear error naming the known ones."""
+    if name not in NAMED_CONFIGS:
+        raise ValueError(f"unknown named config {name!r}: expected one of {sorted(NAMED_CONFIGS)} or a JSON file")
+    return NAMED_CONFIGS[name]()
 
 
 def _fail(name: str, value: object, allowed: str, owner: str) -> None:
@@ -49,6 +71,11 @@ class MethodConfig:
             a dict) whose shift settings produce the timesteps: ``shift``, or ``use_dynamic_shifting`` with
             ``base_shift``, ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len`` (exponential shift).
             Only these keys are kept. Ignored when ``timestep_shift`` is given. ``None``: the family's defaults.
+        blocks: Which blocks merge, and at what fraction of the step's ratio (:mod:`sdtm_compile.core.blocks`):
+            ``"all"`` (default), ``"first-unmerged:K"``, ``"staggered"`` (the SDTM paper's ``0, 1, 0.5, 1`` for
+            ToMeSD on MMDiT), ``"pattern:a,b,..."``, ``"protect-every:K"`` (the release's
+            ``protect_layers_frequency``), or one fraction per block. It changes the engines' graphs (a block's
+            token count), not which engine a step runs.
         sigmas: The sigmas the model will be fed, one per step, in order (e.g. ``scheduler.sigmas[:-1]`` after
             ``set_timesteps``). When given, a timestep's position is its step index ``s / (S - 1)`` (the nearest
             sigma), exactly the release's step fraction, instead of the shift-derived ``1 - u``. Only right for
@@ -75,6 +102,7 @@ class MethodConfig:
     num_train_timesteps: int | None = None
     scheduler: Mapping[str, Any] | None = None
     sigmas: tuple[float, ...] | None = None
+    blocks: str | tuple[float, ...] = "all"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -85,7 +113,7 @@ class MethodConfig:
         _fail(name, value, allowed, type(self).__name__)
 
     def __post_init__(self) -> None:
-        skip = ("buckets", "num_train_timesteps", "scheduler", "sigmas", *self._other_fields)
+        skip = ("buckets", "num_train_timesteps", "scheduler", "sigmas", "blocks", *self._other_fields)
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in skip or (f.name == "timestep_shift" and value is None):
@@ -113,6 +141,10 @@ class MethodConfig:
         ):
             self._fail("num_train_timesteps", self.num_train_timesteps, "an int >= 1, or None (the model's)")
         object.__setattr__(self, "scheduler", _scheduler_settings(self.scheduler, type(self).__name__))
+        try:
+            object.__setattr__(self, "blocks", normalize_block_schedule(self.blocks))
+        except BlockScheduleError as error:
+            raise ValueError(f"{type(self).__name__}.blocks={self.blocks!r} is invalid: {error}.") from None
         if self.sigmas is not None:
             try:
                 sigmas = tuple(float(v) for v in self.sigmas)
@@ -169,10 +201,13 @@ class MethodConfig:
         return cls(**values)
 
     def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict: ``method``, then every field (tuples become lists, the scheduler settings a dict)."""
+        """A JSON-ready dict: ``method``, then every field (tuples become lists, the scheduler settings a dict);
+        ``blocks`` only when it is not the default ``"all"``."""
         out: dict[str, object] = {"method": self.method}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "blocks" and value == "all":
+                continue  # the default leaves records and manifests written before block schedules unchanged
             out[f.name] = (
                 dict(value)
                 if f.name == "scheduler" and value is not None

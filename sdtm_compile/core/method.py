@@ -32,6 +32,7 @@ from typing import ClassVar
 
 import torch
 
+from .blocks import BlockScheduleError, block_fractions
 from .config import MethodConfig
 from .extension import Extension
 from .layout import FAMILY_BRANCHES, ModelLayout
@@ -155,16 +156,55 @@ class TokenMethod:
         return None
 
     def block_plans(self, kinds: Sequence[str]) -> list[int | None]:
-        """For blocks of these kinds (``joint``, ``double``, ``single``, in model order): ``None`` for a block
-        left unmerged, else the index of the block whose plan it uses (its own index: it makes one). Default:
-        every block makes its own plan."""
+        """For blocks of these kinds (``joint``, ``double``, ``single``, in model order): ``None`` for a block the
+        method itself leaves unmerged, else the index of the block whose plan it uses (its own index: it makes one).
+        Default: every block makes its own plan. The config's block schedule is applied on top
+        (:meth:`block_keys`, :meth:`plan_sources`)."""
         return list(range(len(kinds)))
 
-    def plan_sources(self, kinds: Sequence[str], key: EngineKey) -> list[int | None]:
-        """:meth:`block_plans` for the engine of ``key`` (``FULL``: no block merges)."""
+    def block_keys(self, kinds: Sequence[str], key: EngineKey, grid: tuple[int, int]) -> list[EngineKey]:
+        """The engine key each block of the engine of ``key`` runs as: ``FULL`` for a block left unmerged (by the
+        method or by the config's block schedule), else
+        ``key`` with its ratio scaled by the block's fraction (:mod:`sdtm_compile.core.blocks`). ``grid``: the
+        image-token grid (a method may use it to decide)."""
         if key.stage is Stage.FULL:
-            return [None] * len(kinds)
-        return self.block_plans(kinds)
+            return [FULL] * len(kinds)
+        keys = []
+        for fraction, source in zip(block_fractions(self.config.blocks, len(kinds)), self.block_plans(kinds)):
+            if source is None or fraction == 0.0:
+                keys.append(FULL)
+                continue
+            keys.append(key if fraction == 1.0 else EngineKey(key.stage, round(key.bucket * fraction, 9)))
+        return keys
+
+    def plan_sources(self, kinds: Sequence[str], key: EngineKey, grid: tuple[int, int]) -> list[int | None]:
+        """Per block of the engine of ``key``: ``None`` (unmerged) or the index of the block whose plan it uses.
+        A block shares the plan :meth:`block_plans` names only with blocks that run at the same key; the first
+        such block makes it."""
+        keys = self.block_keys(kinds, key, grid)
+        shared = self.block_plans(kinds)
+        sources: list[int | None] = []
+        for index, (block_key, group) in enumerate(zip(keys, shared)):
+            if block_key.stage is Stage.FULL:
+                sources.append(None)
+                continue
+            maker = next(j for j in range(index + 1) if shared[j] == group and keys[j] == block_key)
+            sources.append(maker)
+        return sources
+
+    def check_blocks(self, num_blocks: int) -> str | None:
+        """Why the config's block schedule does not fit a model of ``num_blocks`` blocks, or ``None``."""
+        try:
+            block_fractions(self.config.blocks, num_blocks)
+        except BlockScheduleError as error:
+            return f"{type(self.config).__name__}.blocks={self.config.blocks!r}: {error}"
+        return None
+
+    def block_token_counts(
+        self, kinds: Sequence[str], key: EngineKey, grid: tuple[int, int], family: str
+    ) -> tuple[TokenCounts, ...]:
+        """Image tokens each part of each block sees in the engine of ``key`` (what its graph specialises)."""
+        return tuple(self.token_counts(k, *grid, family) for k in self.block_keys(kinds, key, grid))
 
     def token_counts(self, key: EngineKey, grid_h: int, grid_w: int, family: str) -> TokenCounts:
         """Image tokens each part of a (merged) block sees in the engine of ``key``."""
@@ -197,6 +237,7 @@ class TokenMethod:
     def check_model(self, layout: ModelLayout) -> str | None:
         """Why the method (with its extensions) cannot run on a model of ``layout``, or ``None``."""
         problem = self.check_grid(*layout.grid) if self.config.enabled else None
+        problem = problem or self.check_blocks(len(layout.kinds))
         for extension in self.extensions():
             problem = problem or extension.check(layout)
         return problem

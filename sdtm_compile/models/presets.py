@@ -16,6 +16,7 @@ from .specs import (
     SD35_LARGE,
     SD35_MEDIUM,
     TESTBED,
+    TESTBED12,
     TINY_FLUX,
     TINY_SD3,
     TINY_SD35,
@@ -51,6 +52,12 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         TESTBED,
         64,
         "trained testbed: SD3 architecture in pixel space, 64x64 RGB (1024 tokens), 4 blocks, hidden 192",
+        guidance_scale=3.0,
+    ),
+    "testbed12-1024": ModelPreset(
+        TESTBED12,
+        64,
+        "trained deep testbed: testbed-1024 with 12 blocks (SD3-medium's depth / 2), hidden 192",
         guidance_scale=3.0,
     ),
     "tiny-flux": ModelPreset(
@@ -101,7 +108,7 @@ def build_model(
             raise ValueError("layers: a model with trained weights is built whole")
         spec = spec.truncated(layers)
     if isinstance(spec, TinySpec) and spec.weights is not None:
-        return load_testbed(dtype=dtype).transformer
+        return load_testbed(dtype=dtype, name=spec.weights).transformer
     if isinstance(spec, FluxSpec):
         return tiny_flux_transformer(spec, seed, dtype)
     return tiny_sd3_transformer(spec, seed, dtype)

@@ -93,12 +93,14 @@ def cfg_prompts(inputs: GenerationInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def cfg_batch(latents: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The latent ``[2, C, H, W]`` and timestep ``[2]`` of one CFG call.
+    """The latent ``[2B, C, H, W]`` and timestep ``[2B]`` of one CFG call of latents ``[B, C, H, W]`` (``B`` = 1:
+    ``[2, C, H, W]`` and ``[2]``), the latents twice (rows of the unconditional half first, as
+    :func:`cfg_prompts` orders the prompts).
 
     The timestep is the scalar expanded (stride 0), as the diffusers pipelines pass it. Compiled code guards
     on strides, so anything that probes a compiled transformer must lay it out the same way.
     """
-    return torch.cat([latents, latents]), timestep.expand(2)
+    return torch.cat([latents, latents]), timestep.expand(2 * latents.shape[0])
 
 
 def make_scheduler(shift: float | None = 3.0):

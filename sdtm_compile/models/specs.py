@@ -20,6 +20,7 @@ __all__ = [
     "SD3M_1024",
     "SD3M_4096",
     "TESTBED",
+    "TESTBED12",
     "SD3_MEDIUM",
     "SD35_MEDIUM",
     "SD35_LARGE",
@@ -129,6 +130,9 @@ TESTBED = TinySpec(
     pos_embed_max_size=32,
     weights="testbed-1024",
 )
+#: The deep testbed: :data:`TESTBED`'s width with 12 blocks (SD3-medium's depth / 2), deep enough to tell block
+#: schedules apart (which blocks merge); same data, objective and label prompt.
+TESTBED12 = dataclasses.replace(TESTBED, num_layers=12, weights="testbed12-1024")
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,8 @@ class _Run:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every block in order; a block reuses the plan of the block the method names (``None``: it stays
         unmerged). Skipped layers (skip-layer guidance) neither merge nor touch ``li``."""
-        sources = self.method.plan_sources(self.layout.kinds, self.key)
+        sources = self.method.plan_sources(self.layout.kinds, self.key, self.layout.grid)
+        keys = self.method.block_keys(self.layout.kinds, self.key, self.layout.grid)
         plans: dict[int, MergePlan | None] = {}
         for index, (forward, block) in enumerate(blocks):
             if self.skip_layers is not None and index in self.skip_layers:
@@ -117,7 +118,7 @@ class _Run:
             report = (lambda plan, i=index: self.on_plan(i, plan)) if self.on_plan is not None else None
             call = BlockCall(
                 index,
-                self.key if source is not None else FULL,
+                keys[index] if source is not None else FULL,
                 self.layout.grid,
                 self.method,
                 self.layout.family,

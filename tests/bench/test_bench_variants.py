@@ -63,13 +63,14 @@ def test_a_method_names_its_variants_through_the_hook():
     sd3 = VariantCalibration("sd3", (8, 8), 4, first_block_plan_inputs)
     config = SDTMConfig(buckets=(0.3, 0.5, 0.7))
     variants = method_for(config).variants(sd3)
-    assert [v.name for v in variants] == ["sdtm+fusion", "sdtm*", "sdtm+size-aware"]
+    assert [v.name for v in variants] == ["sdtm+fusion", "sdtm*", "sdtm+size-aware", "sdtm-release-eval"]
     assert len(calls) == 1  # the calibration's generation runs once
     threshold = calibrate_adaptive_threshold(plan_inputs, (8, 8), 4, config)
     assert variants[1].config == SDTMConfig(buckets=(0.3, 0.5, 0.7), adaptive_threshold=threshold)
     assert f"threshold {threshold:.3f}" in variants[1].description
     assert variants[0].config.cache_fusion is True
     assert variants[2].config.size_aware_attention is True
+    assert variants[3].config == SDTMConfig.release_eval(buckets=(0.3, 0.5, 0.7))
     flux = VariantCalibration("flux", (8, 8), 4, first_block_plan_inputs)
     assert method_for(config).variants(flux) == []  # SD3-only here
     assert method_for(ToMeSDConfig()).variants(sd3) == []  # the default: no variants

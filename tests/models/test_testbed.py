@@ -13,7 +13,14 @@ from sdtm_compile.engines.cache import sha256_file
 from sdtm_compile.methods.sdtm.config import SDTMConfig
 from sdtm_compile.models import MODEL_PRESETS, TESTBED, build_model
 from sdtm_compile.models.testbed.data import LABEL_SLOTS, SOURCES, sample_batch
-from sdtm_compile.models.testbed.model import MANIFEST_FILE, WEIGHTS_FILE, load_testbed, new_testbed
+from sdtm_compile.models.testbed.model import (
+    MANIFEST_FILE,
+    TESTBEDS,
+    WEIGHTS_FILE,
+    load_testbed,
+    new_testbed,
+    save_testbed,
+)
 from sdtm_compile.models.testbed.model import TestbedWeightsError as WeightsError
 from sdtm_compile.models.testbed.quality import generation_inputs, image_psnr, image_ssim, merged_losses
 from sdtm_compile.models.testbed.train import TrainConfig, flow_matching_loss, make_eval_set, train_step, train_testbed
@@ -65,6 +72,30 @@ def test_missing_or_corrupt_weights_are_refused_by_name(tmp_path):
     manifest.write_text("{not json")
     with pytest.raises(WeightsError, match=f"manifest {manifest} is not valid"):
         load_testbed(weights, manifest)
+
+
+@pytest.mark.unit
+def test_the_deep_testbed_is_stored_as_int8_rows_under_25_mb(tmp_path):
+    """12 blocks at the testbed's width would be 31 MB in float16: 2-D weights go as int8 rows (a float32 scale per
+    row), and what loads back is that model, close to the trained one."""
+    config = TrainConfig.deep()
+    assert (config.model, config.storage, config.steps_low + config.steps_full) == ("testbed12-1024", "int8", 5600)
+    assert MODEL_PRESETS["testbed12-1024"].spec == TESTBEDS["testbed12-1024"]
+    assert TESTBEDS["testbed12-1024"].num_layers == 12
+    model = new_testbed(spec=TESTBEDS["testbed12-1024"]).eval()
+    path = tmp_path / "testbed12-1024.safetensors"
+    manifest = save_testbed(model, path, {"training": {}}, "testbed12-1024", "int8")
+    assert manifest["model"] == "testbed12-1024" and manifest["dtype"].startswith("int8 rows")
+    assert path.stat().st_size <= 25 * 2**20
+    loaded = load_testbed(path, name="testbed12-1024")
+    x, labels, sigma = torch.randn(1, 3, 64, 64), torch.zeros(1, 6, dtype=torch.long), torch.tensor([0.5])
+    with torch.no_grad():
+        want, got = model(x, labels, sigma), loaded(x, labels, sigma)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    with pytest.raises(WeightsError, match="do not fit the testbed model testbed-1024"):
+        load_testbed(path, name="testbed-1024")  # a 12-block file is not the 4-block model
+    with pytest.raises(ValueError, match="unknown testbed 'testbed7'"):
+        TrainConfig(model="testbed7")
 
 
 @pytest.mark.unit

@@ -74,10 +74,23 @@ def sdtm_fuse(computed: torch.Tensor, cached: torch.Tensor, li: torch.Tensor, mc
 def cache_slots(layout: ModelLayout, method: Any) -> list[tuple[int, str]]:
     """``(block index, branch name)`` of every cached branch, in the cache's order: each block's image branches
     that some stage of ``method`` merges (SD3: ``attn``, ``attn2`` on SD3.5's dual-attention blocks, ``ff``), as
-    the release stores ``attn_output``, ``attn_output2`` and ``mlp_output`` per layer."""
+    the release stores ``attn_output``, ``attn_output2`` and ``mlp_output`` per layer; blocks the config's block
+    schedule never merges are left out."""
     stages = (Stage.STRUCTURE, Stage.DETAIL)
     names = tuple(dict.fromkeys(name for stage in stages for name in method.merged_branches(stage, layout.family)))
-    return [(block.index, name) for block in layout.blocks for name in names if name in block.branches]
+    # a block the config's block schedule never merges has nothing to blend: no slot (the cache is K x B x N x C)
+    merged = {
+        index
+        for stage in stages
+        for index, key in enumerate(method.block_keys(layout.kinds, EngineKey(stage, 1.0), layout.grid))
+        if key.stage is not Stage.FULL
+    }
+    return [
+        (block.index, name)
+        for block in layout.blocks
+        for name in names
+        if name in block.branches and block.index in merged
+    ]
 
 
 def _gate_multiply(value: fx.Node, where: str) -> fx.Node:

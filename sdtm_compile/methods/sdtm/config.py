@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...core.config import MethodConfig
+from ...core.config import NAMED_CONFIGS, MethodConfig
 
 __all__ = ["SDTMConfig", "MAX_RATIO"]
 
@@ -20,6 +20,7 @@ _RELEASE_NAMES = {
     "alone): drop it.",
     "switch_step": "Use switch_at, a fraction of the trajectory (the release's switch_step=20 of 50 is 0.4).",
     "protect_steps_frequency": "Use cache_fusion=True with protect_every (the release's sample script: 3).",
+    "protect_layers_frequency": "Use blocks='protect-every:K' (the release's protect_layers_frequency=K).",
 }
 
 
@@ -127,6 +128,31 @@ class SDTMConfig(MethodConfig):
         if not 0.0 < self.text_key_weight <= 100.0:
             self._fail("text_key_weight", self.text_key_weight, "0 < text_key_weight <= 100")
 
+    @classmethod
+    def release_eval(cls, **overrides: object) -> SDTMConfig:
+        """The operating point of the authors' evaluation scripts, ``sample.py`` and ``sample_ddp.py`` (the scripts
+        behind the paper's FID), as their argparse defaults set it::
+
+            parser.add_argument("--num_inference_steps", type=int, default=50)
+            parser.add_argument("--SDTM-ratio", type=float, default=0.3)
+            parser.add_argument("--SDTM-deviation", type=float, default=0.2)
+            parser.add_argument("--SDTM-switch-step", type=int, default=20)
+            parser.add_argument("--SDTM-a-s", type=float, default=0.05)
+            parser.add_argument("--SDTM-mcw", type=float, default=0.1, help="the weight for merge is w, ...")
+            parser.add_argument("--SDTM-protect-steps-frequency", type=int, default=3, help='Frequency for ...')
+            parser.add_argument("--SDTM-protect-layers-frequency", type=int, default=-1, help='Frequency for ...')
+
+        That is ratio 0.3 +- 0.2, the switch after step 20 of 50 (``switch_at=0.4``), cache fusion on every 3rd
+        step with ``mcw`` 0.1, and every block merged (a negative layer frequency is "disabled" in the release's
+        ``compute_ratio``). Both scripts pass exactly these to ``apply_SDTM``; their ``--SDTM-cache_each_step``
+        flag is never passed on (``apply_SDTM`` stores ``"cache_each_step": False``). ``apply_SDTM``'s own
+        defaults (``ratio: float = 0.5``, ``protect_steps_frequency: int = None``) are :class:`SDTMConfig`'s
+        defaults without cache fusion. ``overrides``: any other field (e.g. ``buckets``)."""
+        values: dict[str, object] = dict(
+            ratio=0.3, deviation=0.2, switch_at=0.4, a_s=0.05, cache_fusion=True, protect_every=3, mcw=0.1
+        )
+        return cls(**{**values, **overrides})  # type: ignore[arg-type]
+
     @property
     def adaptive(self) -> bool:
         """SDTM*: the ratio of each step comes from the previous step's window statistic."""
@@ -136,3 +162,6 @@ class SDTMConfig(MethodConfig):
     def fuses_cache(self) -> bool:
         """Cache fusion is on (and SDTM is)."""
         return self.enabled and self.cache_fusion
+
+
+NAMED_CONFIGS["sdtm-release-eval"] = SDTMConfig.release_eval

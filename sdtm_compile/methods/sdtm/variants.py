@@ -1,4 +1,5 @@
-"""SDTM's variants worth measuring beside it: cache fusion, SDTM* and size-aware attention, each turned on alone.
+"""SDTM's variants worth measuring beside it: cache fusion, SDTM* and size-aware attention, each turned on alone, and
+the operating point of the release's evaluation scripts (:meth:`SDTMConfig.release_eval`).
 
 :func:`sdtm_variants` answers :meth:`~sdtm_compile.core.method.TokenMethod.variants` for SDTM; SDTM*'s threshold is
 picked so that its expected ratio equals the fixed schedule's mean ratio (equal FLOPs), from the first block's plan
@@ -56,7 +57,8 @@ def calibrate_adaptive_threshold(
 
 
 def sdtm_variants(config: SDTMConfig, calibration: VariantCalibration) -> list[MethodVariant]:
-    """Cache fusion, SDTM* (calibrated to equal expected FLOPs) and size-aware attention on ``config``, in that order.
+    """Cache fusion, SDTM* (calibrated to equal expected FLOPs) and size-aware attention on ``config``, in that order,
+    then the release's evaluation operating point (at ``config``'s buckets and block schedule).
 
     Returns none on Flux: cache fusion is SD3-only, and this comparison has not been extended to Flux yet (SDTM* and,
     with ``merge_attention=True``, size-aware attention do run there and follow the reference; they are not
@@ -82,5 +84,10 @@ def sdtm_variants(config: SDTMConfig, calibration: VariantCalibration) -> list[M
             "sdtm+size-aware",
             "SDTM + size-aware attention (log(size) key bias)",
             dataclasses.replace(config, size_aware_attention=True),
+        ),
+        MethodVariant(
+            "sdtm-release-eval",
+            "the release's evaluation scripts' operating point: ratio 0.3 +- 0.2, cache fusion every 3rd step, mcw 0.1",
+            SDTMConfig.release_eval(buckets=config.buckets, blocks=config.blocks),
         ),
     ]

@@ -5,13 +5,15 @@
 * :func:`image_psnr` / :func:`image_ssim`: paired PSNR and SSIM of two final images (scikit-image; the testbed
   works in pixel space, so the final latent *is* the image);
 * :func:`generation_inputs`: a seeded generation of the testbed (noise and a held-out crop's labels as prompt);
+  :func:`generation_batch`: several of them stacked into one batch;
 * :func:`plot_samples`: generated samples next to the real held-out crops whose labels prompted them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,7 @@ __all__ = [
     "image_psnr",
     "image_ssim",
     "generation_inputs",
+    "generation_batch",
     "null_labels",
     "plot_samples",
 ]
@@ -128,6 +131,18 @@ def generation_inputs(model: TestbedModel, seed: int, side: int = 64) -> Generat
         pooled_prompt_embeds=pooled,
         negative_prompt_embeds=negative,
         negative_pooled_prompt_embeds=negative_pooled,
+    )
+
+
+def generation_batch(model: TestbedModel, seeds: Sequence[int], side: int = 64) -> GenerationInputs:
+    """The generations of ``seeds`` as one batch: each field of :func:`generation_inputs` (one seed each) stacked
+    along dim 0, in the order of ``seeds`` (noise ``[B, 3, side, side]``, prompts ``[B, 6, D]``, pooled
+    ``[B, D]``). Row ``i`` is exactly seed ``seeds[i]``'s one-image input."""
+    if len(seeds) == 0:
+        raise ValueError("generation_batch needs at least one seed")
+    rows = [generation_inputs(model, seed, side) for seed in seeds]
+    return GenerationInputs(
+        **{f.name: torch.cat([getattr(row, f.name) for row in rows]) for f in dataclasses.fields(GenerationInputs)}
     )
 
 
