@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
-from ..bench.tune import BUDGET_MEASURES, QualityBudget, candidate_space, tune
+from ..bench.tune import BUDGET_MEASURES, QualityBudget, candidate_space, tune, write_tune_page
 from ..core.blocks import NAMED_SCHEDULES
 from ..models import MODEL_PRESETS, FluxSpec
 from .common import fail, ratios
@@ -62,6 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     tune_parser.add_argument("--runs", type=int, default=3, help="timed generations per candidate (median)")
     tune_parser.add_argument("--engine", default="inductor", choices=["inductor", "eager"])
     tune_parser.add_argument("--out", default=None, help="the result JSON (default tuned-MODEL.json)")
+    tune_parser.add_argument(
+        "--page", default=None, metavar="RESULTS", help="also write a results page under RESULTS/<date>-MODEL-tune/"
+    )
     tune_parser.set_defaults(run=run)
 
 
@@ -95,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
         raise fail("tune", error) from None
     out = Path(args.out or f"tuned-{args.model}.json")
     out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if args.page is not None:
+        folder = Path(args.page) / f"{result.measured_on}-{args.model}-tune"
+        command = "sdtm-compile " + " ".join(args.argv if args.argv is not None else sys.argv[1:])
+        print(f"wrote the page {write_tune_page(result.to_dict(), folder, command)}")
     print(f"{len(candidates)} candidates on {args.model}, budget {budget}, in {result.wall_s:.0f} s:")
     print(f"{'candidate':<40} {'FLOP ratio':>10} {'quick':>18} {'measured':>28} {'speed-up':>9}")
     for e in sorted(result.evaluations, key=lambda e: -e.flop_ratio):

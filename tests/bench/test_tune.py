@@ -8,7 +8,7 @@ import torch
 
 import sdtm_compile
 from sdtm_compile import SDTMConfig, ToMeSDConfig
-from sdtm_compile.bench.tune import Candidate, QualityBudget, candidate_space, tune
+from sdtm_compile.bench.tune import Candidate, QualityBudget, candidate_space, tune, write_tune_page
 from sdtm_compile.cli import main
 from sdtm_compile.cli.common import config_values
 from sdtm_compile.compiler.settings import BackendSettings
@@ -72,6 +72,10 @@ def test_a_run_chooses_within_the_budget_and_its_json_compiles(tmp_path):
         assert compiled(**inputs, return_dict=False)[0].shape == inputs["hidden_states"].shape
     assert config_values(str(path)) == options["method"]  # what `sdtm-compile export --config` reads
     assert main(["passes", "--model", "tiny-sd3", "--config", str(path)]) == 0
+    page = write_tune_page(result.to_dict(), tmp_path / "results" / "tune", command="sdtm-compile tune ...")
+    text = (page / "index.md").read_text()
+    assert f"**Chosen: {result.chosen}**" in text and "| tomesd@0.5[pattern:0,1] |" in text
+    assert "tune/index.md" in (tmp_path / "results" / "index.md").read_text()
 
 
 @pytest.mark.unit

@@ -104,37 +104,35 @@ def test_a_schedule_of_another_length_is_refused_when_compiling():
         BucketGraphs(gm, flat, SDTMConfig(blocks=(1, 0)))
 
 
-@pytest.mark.unit
-def test_staggered_generation_follows_the_reference_without_recompiles():
-    config = SDTMConfig(buckets=(0.3, 0.6), blocks="staggered")
+def _generations(config, steps):
+    """A tiny SD3.5 generation through torch.compile(backend='sdtm') on the eager engine without recompiles, the
+    eager reference's, and the backend's compiled graph."""
     model = tiny_sd3_transformer(TINY_SD35, seed=2)
     inputs = make_generation_inputs(TINY_SD35, (32, 32), seed=5)
     backend = SDTMBackend({"sdtm": config, "engine": "eager", "history": 64})
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, dynamic=False)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        got = generate(transformer_call(compiled), inputs, num_steps=8)
-        want = generate(transformer_call(reference_dispatcher(model, config)), inputs, num_steps=8)
-        plain = generate(transformer_call(reference_dispatcher(model, SDTMConfig(buckets=(0.3, 0.6)))), inputs, 8)
+        got = generate(transformer_call(compiled), inputs, num_steps=steps)
+        want = generate(transformer_call(reference_dispatcher(model, config)), inputs, num_steps=steps)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return got, model, inputs, backend.compiled[0]
+
+
+@pytest.mark.unit
+def test_staggered_generation_follows_the_reference_without_recompiles():
+    got, model, inputs, compiled = _generations(SDTMConfig(buckets=(0.3, 0.6), blocks="staggered"), steps=8)
+    with torch.no_grad():
+        plain = generate(transformer_call(reference_dispatcher(model, SDTMConfig(buckets=(0.3, 0.6)))), inputs, 8)
     assert not torch.allclose(got, plain, atol=1e-4)  # the schedule changed what merges
-    assert len({record.key for record in backend.compiled[0].dispatcher.history}) >= 2
+    assert len({record.key for record in compiled.dispatcher.history}) >= 2
 
 
 @pytest.mark.unit
 def test_cache_fusion_keeps_slots_only_for_blocks_the_schedule_merges():
     config = SDTMConfig(buckets=(0.3, 0.6), blocks=(1.0, 0.0, 0.5), cache_fusion=True)
-    model = tiny_sd3_transformer(TINY_SD35, seed=2)
-    inputs = make_generation_inputs(TINY_SD35, (32, 32), seed=5)
-    backend = SDTMBackend({"sdtm": config, "engine": "eager", "history": 64})
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, dynamic=False)
-    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        got = generate(transformer_call(compiled), inputs, num_steps=7)
-        want = generate(transformer_call(reference_dispatcher(model, config)), inputs, num_steps=7)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    cache = backend.compiled[0].signature["cache"]
+    _, _, _, compiled = _generations(config, steps=7)
     everything = BucketGraphs(*captured("sd35-b2-32x32")[2:], dataclasses.replace(config, blocks="all"))
     # blocks 0 and 2 keep their slots (attn, attn2 where the block has it, ff); block 1 none
-    assert cache.shape[0] < everything.signature["cache"].shape[0]
-    assert {r.key.stage for r in backend.compiled[0].dispatcher.history} >= {Stage.FULL, Stage.STRUCTURE}
+    assert compiled.signature["cache"].shape[0] < everything.signature["cache"].shape[0]
+    assert {r.key.stage for r in compiled.dispatcher.history} >= {Stage.FULL, Stage.STRUCTURE}

@@ -1,0 +1,44 @@
+"""The speed / quality front of one model (:mod:`sdtm_compile.bench.front`): every method, extension, block schedule
+and step cache, ours and the peers', timed against plain torch.compile and measured for quality on two seed sets.
+
+    python scripts/front.py --model testbed-1024 --samples 64          # ~1 h on 2 cores
+    python scripts/front.py --model sd3m-1024 --samples 8              # random weights: paired PSNR only
+
+Writes ``docs/results/<date>-<model>-front/`` (``front.json``, ``front.png``, ``index.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+
+from sdtm_compile.bench.config import BenchConfig
+from sdtm_compile.bench.front import run_front, write_front
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="testbed-1024")
+    parser.add_argument("--samples", type=int, default=64, help="images per seed set (two sets)")
+    parser.add_argument("--batch", type=int, default=8, help="images per generation when measuring quality")
+    parser.add_argument("--runs", type=int, default=3, help="timed generations per configuration (median)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--engine", default="inductor", choices=["inductor", "eager"])
+    parser.add_argument("--only", default=None, help="comma-separated configurations (besides the baselines)")
+    parser.add_argument("--out", default=None, help="default docs/results/<date>-<model>-front")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = BenchConfig(
+        model=args.model, steps=args.steps, engine=args.engine, sweep_runs=args.runs, warmup=1, cold_caches=False
+    )
+    only = None if args.only is None else tuple(name.strip() for name in args.only.split(","))
+    report = run_front(config, samples=args.samples, batch=args.batch, only=only, command=" ".join(sys.argv))
+    out = args.out or f"docs/results/{datetime.date.today().isoformat()}-{args.model}-front"
+    print(f"wrote {write_front(report, out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""The speed / quality front: which points dominate, and a whole run on a tiny model (eager engine) written as a
+page with its picture."""
+
+import json
+
+import pytest
+
+from sdtm_compile.bench.config import BenchConfig
+from sdtm_compile.bench.front import front_points, run_front, write_front
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _point(name, speedup, swd):
+    return {"name": name, "speedup": speedup, "quality": {"swd_added": swd}}
+
+
+@pytest.mark.unit
+def test_a_point_is_on_the_front_unless_another_is_as_fast_and_better():
+    points = front_points(
+        [_point("slow-good", 1.1, 0.5), _point("fast-bad", 1.8, 9.0), _point("dominated", 1.05, 3.0),
+         _point("fast-good", 1.5, 1.0)],
+        "swd_added",
+    )  # fmt: skip
+    assert {p["name"]: p["on_front"] for p in points} == {
+        "slow-good": True,
+        "fast-bad": True,
+        "dominated": False,
+        "fast-good": True,
+    }
+    psnr = front_points([{"name": "a", "speedup": 1.2, "quality": {"psnr": 30.0}},
+                         {"name": "b", "speedup": 1.3, "quality": {"psnr": 31.0}}], "psnr")  # fmt: skip
+    assert [p["on_front"] for p in psnr] == [False, True]
+
+
+@pytest.mark.unit
+def test_a_front_run_times_measures_and_writes_its_page(tmp_path):
+    config = BenchConfig(model="tiny-sd3", steps=3, engine="eager", sweep_runs=1, warmup=1, cold_caches=False)
+    report = run_front(config, samples=2, batch=2, only=("sdtm", "sdtm[staggered]", "fbcache"))
+    names = {p["name"] for p in report["points"]}
+    assert names == {"eager", "inductor", "sdtm", "sdtm[staggered]", "fbcache"}
+    points = {p["name"]: p for p in report["points"]}
+    assert points["inductor"]["speedup"] == 1.0
+    assert points["sdtm"]["flop_ratio"] > points["sdtm[staggered]"]["flop_ratio"] > 1.0
+    assert points["sdtm"]["steps"] == {"merged": 3, "unmerged": 0, "skipped": 0}
+    assert points["eager"]["quality"]["psnr"] == float("inf")  # random weights: the paired measure only
+    assert 10 < points["sdtm"]["quality"]["psnr"] < 200
+    assert report["settings"]["front_measure"] == "psnr"
+    out = write_front(report, tmp_path / "front")
+    assert (out / "front.png").read_bytes()[:8] == PNG
+    assert json.loads((out / "front.json").read_text())["kind"] == "front"
+    page = (out / "index.md").read_text()
+    assert "| sdtm[staggered] |" in page and "On the front (by psnr)" in page
+    with pytest.raises(ValueError, match="unknown front configurations \\['nope'\\]"):
+        run_front(config, samples=2, only=("nope",))
