@@ -145,6 +145,8 @@ def _compile(spec: VariantSpec, workload: Workload, config: BenchConfig, engine_
             with torch._dynamo.config.patch(error_on_recompile=spec.kind != "eager"):
                 workload.generate(workload.call_of(module), config)
     if spec.kind == "backend":
+        if not backend.compiled:  # Dynamo ran the frame without the backend (e.g. its recompile limit was hit)
+            raise RuntimeError(f"{spec.name}: Dynamo never called the sdtm backend; see its warnings above")
         compiled = backend.compiled[-1]
     return module, compiled
 
@@ -158,7 +160,24 @@ def build_and_time(
     not_run: dict[str, str],
 ) -> list[tuple[VariantSpec, Any, TimedCall, dict[str, float]]]:
     """Compile ``specs`` (a variant that fails goes to ``not_run``), then time them round-robin. Returns per variant
-    ``(spec, compiled graph or peer call, its timings, median seconds of every variant of the phase)``."""
+    ``(spec, compiled graph or peer call, its timings, median seconds of every variant of the phase)``.
+
+    Every variant compiles the same model's ``forward``: each is one more Dynamo cache entry of that code object, so
+    the recompile limit (8 by default) is raised for the phase, or Dynamo would run the ninth variant's frame without
+    its backend.
+    """
+    with torch._dynamo.config.patch(recompile_limit=max(64, 4 * len(specs))):
+        return _build_and_time(phase, specs, workload, config, engine_cache, not_run)
+
+
+def _build_and_time(
+    phase: str,
+    specs: list[VariantSpec],
+    workload: Workload,
+    config: BenchConfig,
+    engine_cache: Path | None,
+    not_run: dict[str, str],
+) -> list[tuple[VariantSpec, Any, TimedCall, dict[str, float]]]:
     torch._dynamo.reset()
     built: list[tuple[VariantSpec, Any, TimedCall]] = []
     for number, spec in enumerate(specs, 1):
