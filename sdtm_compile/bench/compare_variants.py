@@ -167,36 +167,25 @@ def build_and_time(
     its backend.
     """
     with torch._dynamo.config.patch(recompile_limit=max(64, 4 * len(specs))):
-        return _build_and_time(phase, specs, workload, config, engine_cache, not_run)
-
-
-def _build_and_time(
-    phase: str,
-    specs: list[VariantSpec],
-    workload: Workload,
-    config: BenchConfig,
-    engine_cache: Path | None,
-    not_run: dict[str, str],
-) -> list[tuple[VariantSpec, Any, TimedCall, dict[str, float]]]:
-    torch._dynamo.reset()
-    built: list[tuple[VariantSpec, Any, TimedCall]] = []
-    for number, spec in enumerate(specs, 1):
-        logger.info("[%s %d/%d] %s: compiling ...", phase, number, len(specs), spec.name)
-        start = time.perf_counter()
-        try:
-            module, compiled = _compile(spec, workload, config, engine_cache)
-        except Exception as err:  # a peer that breaks on this model: reported, not dropped
-            not_run[spec.name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-            logger.warning("%s does not run on %s: %s", spec.name, config.model, not_run[spec.name])
-            continue
-        timed = TimedCall(spec.name, workload.call_of(module), build_s=time.perf_counter() - start)
-        built.append((spec, compiled, timed))
-    with torch.no_grad():
-        calls = [timed for _, _, timed in built]
-        timed_rounds(calls, workload, dataclasses.replace(config, warmup=1), config.sweep_runs, phase)
-    torch._dynamo.reset()
-    seconds = {timed.name: statistics.median(timed.seconds) for _, _, timed in built}
-    return [(spec, compiled, timed, seconds) for spec, compiled, timed in built]
+        torch._dynamo.reset()
+        built: list[tuple[VariantSpec, Any, TimedCall]] = []
+        for number, spec in enumerate(specs, 1):
+            logger.info("[%s %d/%d] %s: compiling ...", phase, number, len(specs), spec.name)
+            start = time.perf_counter()
+            try:
+                module, compiled = _compile(spec, workload, config, engine_cache)
+            except Exception as err:  # a peer that breaks on this model: reported, not dropped
+                not_run[spec.name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                logger.warning("%s does not run on %s: %s", spec.name, config.model, not_run[spec.name])
+                continue
+            timed = TimedCall(spec.name, workload.call_of(module), build_s=time.perf_counter() - start)
+            built.append((spec, compiled, timed))
+        with torch.no_grad():
+            calls = [timed for _, _, timed in built]
+            timed_rounds(calls, workload, dataclasses.replace(config, warmup=1), config.sweep_runs, phase)
+        torch._dynamo.reset()
+        seconds = {timed.name: statistics.median(timed.seconds) for _, _, timed in built}
+        return [(spec, compiled, timed, seconds) for spec, compiled, timed in built]
 
 
 def _point(

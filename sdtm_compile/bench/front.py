@@ -247,21 +247,24 @@ def _draw(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(measures), figsize=(6.2 * len(measures), 4.8), squeeze=False)
     colours = {"backend": "#1f3b73", "peer": "#a0451b", "eager": "#777777", "inductor": "#000000"}
     for ax, (measure, label) in zip(axes[0], measures):
-        front = sorted((p for p in points if p["on_front"]), key=lambda p: p["speedup"])
+        # each panel's front by its own measure (the report's ``on_front`` is by the front measure)
+        on_front = {p["name"]: p["on_front"] for p in front_points(copy.deepcopy(points), measure)}
+        front = sorted((p for p in points if on_front[p["name"]]), key=lambda p: p["speedup"])
         for p in points:
             value = p["quality"].get(measure)
             if value is None or math.isinf(value):
                 value = max((q["quality"][measure] for q in points if math.isfinite(q["quality"].get(measure, 0))),
                             default=0) + 2 if measure == "psnr" else value  # fmt: skip
             ax.scatter(p["speedup"], value, color=colours[p["kind"]], marker="o" if p["kind"] != "peer" else "s",
-                       edgecolor="gold" if p["on_front"] else "none", linewidths=1.5, zorder=3)  # fmt: skip
+                       edgecolor="gold" if on_front[p["name"]] else "none", linewidths=1.5, zorder=3)  # fmt: skip
             ax.annotate(p["name"], (p["speedup"], value), fontsize=6, xytext=(3, 3), textcoords="offset points")
         if measure == "swd_added":
             spread = max((p["quality"].get("swd_added_spread", 0.0) for p in points), default=0.0)
             ax.axhspan(-spread, spread, color="#dddddd", alpha=0.5, zorder=0, label="largest spread between seed sets")
             ax.legend(fontsize=7, loc="upper left")
-            if front:
-                ax.plot([p["speedup"] for p in front], [p["quality"][measure] for p in front], color="gold", lw=1)
+        finite = [p for p in front if math.isfinite(p["quality"][measure])]
+        if finite:
+            ax.plot([p["speedup"] for p in finite], [p["quality"][measure] for p in finite], color="gold", lw=1)
         for target in TARGETS:
             ax.axvline(target, color="#bbbbbb", ls=":", lw=1)
         ax.set_xlabel("speed-up over torch.compile (Inductor), whole generations")

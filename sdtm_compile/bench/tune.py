@@ -414,7 +414,7 @@ def tune(
         logger.info("quick: %s FLOP ratio %.2f, %s", candidate.name, ratio, evaluations[candidate.name].quick)
 
     # round 2: in FLOP order, the full quality measure until time_top meet the budget. A few seeds are a noisy,
-    # biased estimate (measured on the testbed: 2 seeds read 2-5 dB above 32): the quick value is corrected by the mean
+    # biased estimate (on the testbed, 2 seeds read 1.6-5.5 dB above 32): the quick value is corrected by the mean
     # gap between the full and the quick measure of the candidates measured so far before it filters the next one.
     pending = sorted((e for e in evaluations.values() if e.not_run is None), key=lambda e: -e.flop_ratio)
     sets = [list(range(i * samples, (i + 1) * samples)) for i in range(2)]
