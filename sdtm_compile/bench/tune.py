@@ -241,10 +241,7 @@ class QualitySampler:
         self._unmerged_swd: dict[tuple[tuple[int, ...], int], float] = {}
 
     def inputs(self, seeds: Sequence[int]) -> GenerationInputs:
-        if self.workload.testbed is not None:
-            from ..models.testbed.quality import generation_batch
-
-            return generation_batch(self.workload.testbed, list(seeds))
+        """Stacked generation inputs of ``seeds`` for a model with random weights (``make_generation_inputs``)."""
         rows = [make_generation_inputs(self.workload.spec, (self.side, self.side), seed=s) for s in seeds]
         return GenerationInputs(*(torch.cat([getattr(r, f.name) for r in rows]) for f in dataclasses.fields(rows[0])))
 
@@ -273,13 +270,20 @@ class QualitySampler:
         return self.run(call, seeds, batch), records()
 
     def run(self, call: Callable[..., torch.Tensor], seeds: Sequence[int], batch: int) -> torch.Tensor:
-        """Final images (latents) ``[S, C, H, W]`` of ``seeds`` through ``call``, ``batch`` seeds a generation."""
+        """Final images (latents) ``[S, C, H, W]`` of ``seeds`` through ``call``, ``batch`` seeds a generation (a
+        trained testbed: :func:`~.distribution.sample_testbed`, its prompts and clamped images)."""
+        if self.workload.testbed is not None:
+            from .distribution import sample_testbed
+
+            steps, guidance = self.config.steps, self.config.guidance_scale
+            return sample_testbed(self.workload.testbed, call, seeds, steps=steps, guidance_scale=guidance,  # type: ignore[arg-type]
+                                  batch=batch, progress=False)  # fmt: skip
         out = []
         for start in range(0, len(seeds), batch):
             chunk = seeds[start : start + batch]
             with torch.no_grad():
                 latent = generate(call, self.inputs(chunk), self.config.steps, self.config.guidance_scale, shift=None)  # type: ignore[arg-type]
-            out.append(latent.clamp(-1, 1) if self.workload.pixel_space else latent)
+            out.append(latent)
         return torch.cat(out)
 
     def unmerged(self, seeds: Sequence[int], batch: int) -> torch.Tensor:
