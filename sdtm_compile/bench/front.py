@@ -35,9 +35,9 @@ from .compare_variants import VariantSpec, build_and_time
 from .config import BASELINE, FIDELITY_REFERENCE, BenchConfig
 from .instrument import CapturedBucketGraphs
 from .peers import peer_specs
+from .quality import Candidate, QualitySampler, generation_flops
 from .record import machine_info, model_info
 from .timing import step_records
-from .tune import Candidate, QualitySampler, generation_flops
 from .workload import Workload, make_workload
 
 __all__ = ["front_specs", "run_front", "write_front", "front_points", "TARGETS"]
@@ -105,7 +105,7 @@ def _quality_call(spec: VariantSpec, sampler: QualitySampler) -> Any:
 
 
 def _quality(sampler: QualitySampler, spec: VariantSpec, sets: list[list[int]], batch: int) -> dict[str, Any]:
-    """:meth:`~.tune.QualitySampler.quality` of ``spec``'s images of both seed sets."""
+    """:meth:`~.quality.QualitySampler.quality` of ``spec``'s images of both seed sets."""
     if spec.kind in ("eager", "inductor"):
         images = [sampler.unmerged(seeds, batch) for seeds in sets]
     else:
