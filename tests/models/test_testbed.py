@@ -11,7 +11,7 @@ import torch
 from sdtm_compile.bench import BenchConfig, BenchReport, run_benchmark
 from sdtm_compile.engines.cache import sha256_file
 from sdtm_compile.methods.sdtm.config import SDTMConfig
-from sdtm_compile.models import MODEL_PRESETS, TESTBED, build_model
+from sdtm_compile.models import MODEL_PRESETS, build_model
 from sdtm_compile.models.testbed.data import LABEL_SLOTS, SOURCES, sample_batch
 from sdtm_compile.models.testbed.model import (
     MANIFEST_FILE,
@@ -20,6 +20,7 @@ from sdtm_compile.models.testbed.model import (
     load_testbed,
     new_testbed,
     save_testbed,
+    weights_file,
 )
 from sdtm_compile.models.testbed.model import TestbedWeightsError as WeightsError
 from sdtm_compile.models.testbed.quality import generation_inputs, image_psnr, image_ssim, merged_losses
@@ -29,13 +30,15 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.unit
-def test_the_preset_loads_the_shipped_weights():
-    transformer = build_model(MODEL_PRESETS["testbed-1024"].spec)
+@pytest.mark.parametrize(("name", "dtype"), [("testbed-1024", "float16"), ("testbed12-1024", "int8 rows")])
+def test_the_preset_loads_the_shipped_weights(name, dtype):
+    spec = TESTBEDS[name]
+    transformer = build_model(MODEL_PRESETS[name].spec)
     assert type(transformer).__name__ == "SD3Transformer2DModel"
     assert not transformer.training
     config = transformer.config
-    assert (config.in_channels, config.patch_size, config.num_layers) == (3, 2, TESTBED.num_layers)
-    assert config.num_attention_heads * config.attention_head_dim == TESTBED.inner_dim == 192
+    assert (config.in_channels, config.patch_size, config.num_layers) == (3, 2, spec.num_layers)
+    assert config.num_attention_heads * config.attention_head_dim == spec.inner_dim == 192
     out = transformer(
         **{
             "hidden_states": torch.zeros(1, 3, 64, 64),
@@ -46,10 +49,11 @@ def test_the_preset_loads_the_shipped_weights():
     ).sample
     assert out.shape == (1, 3, 64, 64)
     assert torch.isfinite(out).all()
-    manifest = json.loads(MANIFEST_FILE.read_text())
-    assert manifest["sha256"] == sha256_file(WEIGHTS_FILE)
-    assert WEIGHTS_FILE.stat().st_size <= 25 * 2**20
-    assert manifest["dtype"] == "float16"
+    weights = weights_file(name)
+    manifest = json.loads(weights.with_suffix(".json").read_text())
+    assert manifest["sha256"] == sha256_file(weights)
+    assert weights.stat().st_size <= 25 * 2**20
+    assert manifest["dtype"].startswith(dtype)
     assert manifest["training"]["steps"] > 0
     # it learned: held-out loss well below the same architecture with random weights
     assert manifest["training"]["final_heldout_loss"] < 0.8 * manifest["training"]["random_init_heldout_loss"]
