@@ -45,10 +45,13 @@ from .step_cache import (
     HIDDEN_STATE,
     ResidualSites,
     add_hidden_output,
+    first_block_nodes,
+    first_block_outputs,
     head_graph,
     hidden_state,
     out_graph,
     residual_sites,
+    tail_graph,
 )
 from .thread_state import LI_INPUT_NAME, li_input, thread_engine_state
 
@@ -82,7 +85,10 @@ __all__ = [
     "find_mmdit_blocks",
     "fix_token_shapes",
     "gather_rotary_positions",
+    "first_block_nodes",
+    "first_block_outputs",
     "head_graph",
+    "tail_graph",
     "hidden_state",
     "image_grid",
     "insert_merge_nodes",

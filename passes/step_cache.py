@@ -2,8 +2,10 @@
 stream is read, the *head* and *out* graphs cut from the unmerged engine, and the pass that makes every engine
 also return the last block's image output.
 
-* head: the unmerged model up to the end of its first block, returning the first block's image input and output
-  (``[B, N, C]`` each);
+* head: the unmerged model up to the end of its first block, returning the first block's image input and its
+  outputs (the image stream ``[B, N, C]`` first, then the text stream ``[B, T, C]``: :func:`first_block_outputs`);
+* tail (:func:`tail_graph`): an engine whose first block runs unmerged, cut to start from the first block's outputs,
+  so a computed step does not run the first block a second time;
 * out: the final norm, projection and unpatchify, from the last block's image output (an input ``sdtm_hidden``);
 * :func:`add_hidden_output`: every engine returns the last block's image output as its ``hidden`` state output
   (:func:`hidden_state`), so the dispatcher can keep ``h_last - h_first`` for the steps it skips.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +27,7 @@ from sdtm_compile.core.layout import ModelLayout
 from sdtm_compile.core.ops import sdtm_unmerge
 from sdtm_compile.core.signature import StateTensor
 
-from ._graph import copy_graph_module, set_state_output, state_input_name, state_outputs
+from ._graph import copy_graph_module, module_stack, set_state_output, state_input_name, state_outputs
 from .facts import fact
 from .settings import PassSettings
 from .sites import ModelSites
@@ -32,7 +35,10 @@ from .sites import ModelSites
 __all__ = [
     "ResidualSites",
     "residual_sites",
+    "first_block_outputs",
+    "first_block_nodes",
     "head_graph",
+    "tail_graph",
     "out_graph",
     "add_hidden_output",
     "hidden_state",
@@ -45,6 +51,8 @@ logger = logging.getLogger(__name__)
 #: The contract's name for the last block's image output (an engine returns it when the step cache is on).
 HIDDEN_STATE = "hidden"
 HIDDEN_INPUT_NAME = state_input_name(HIDDEN_STATE)
+#: The tail engines' inputs that take the first block's outputs are named this, numbered.
+FIRST_BLOCK_INPUT_PREFIX = "sdtm_first_block_output_"
 
 
 def hidden_state(layout: ModelLayout) -> StateTensor:
@@ -103,13 +111,54 @@ def _node(gm: fx.GraphModule, name: str) -> fx.Node:
     return node
 
 
-def head_graph(full: fx.GraphModule, names: ResidualSites) -> fx.GraphModule:
+def first_block_nodes(gm: fx.GraphModule, sites: ModelSites) -> frozenset[str]:
+    """Names of the nodes of the first block (by their module stack)."""
+    path = sites.blocks[0].path
+    computing = (n for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
+    return frozenset(n.name for n in computing if any(p == path for p, _ in module_stack(n)))
+
+
+def first_block_outputs(full: fx.GraphModule, sites: ModelSites, names: ResidualSites) -> tuple[str, ...]:
+    """The first block's values the rest of the *unmerged* graph reads: its image output (``names.first_out``) first,
+    then the text stream."""
+    inside = first_block_nodes(full, sites)
+    live = [n.name for n in full.graph.nodes if n.name in inside and any(u.name not in inside for u in n.users)]
+    if names.first_out not in live or len(live) != 2:
+        raise ValueError(
+            f"first-block cache: expected the first block ({sites.blocks[0].path}) to hand the rest of the model "
+            f"its image and text streams, found {live}"
+        )
+    return (names.first_out, *(name for name in live if name != names.first_out))
+
+
+def head_graph(full: fx.GraphModule, names: ResidualSites, outputs: Sequence[str]) -> fx.GraphModule:
     """A copy of the unmerged graph that stops after the first block: ``(*inputs, *state) -> (first_in,
-    first_out)``."""
+    *outputs)`` (``outputs``: :func:`first_block_outputs`)."""
     gm = copy_graph_module(full)
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    output.args = ((_node(gm, names.first_in), _node(gm, names.first_out)),)
+    output.args = ((_node(gm, names.first_in), *(_node(gm, name) for name in outputs)),)
     gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def tail_graph(gm: fx.GraphModule, sites: ModelSites, outputs: Sequence[str]) -> fx.GraphModule:
+    """A copy of an engine's graph that starts after its (unmerged) first block: ``(*inputs, *state, *outputs) ->
+    the engine's outputs``, where ``outputs`` are the first block's (:func:`first_block_outputs`, as the head
+    returns them). Raises ``ValueError`` if anything of the first block would still run."""
+    gm = copy_graph_module(gm)
+    graph = gm.graph
+    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    for number, name in enumerate(outputs):
+        node = _node(gm, name)
+        with graph.inserting_after(anchor):
+            anchor = graph.placeholder(f"{FIRST_BLOCK_INPUT_PREFIX}{number}")
+        anchor.meta = {k: node.meta[k] for k in ("val", "example_value", "tensor_meta") if k in node.meta}
+        node.replace_all_uses_with(anchor)
+    graph.eliminate_dead_code()
+    left = first_block_nodes(gm, sites)
+    if left:
+        raise ValueError(f"first-block cache: {len(left)} nodes of {sites.blocks[0].path} still run after the cut")
     gm.recompile()
     return gm
 

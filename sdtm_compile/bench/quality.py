@@ -162,8 +162,13 @@ def generation_flops(records: list[Any], candidate: Candidate, graphs: CapturedB
     per_step = [r for r in records if r.new_step][-steps:] if records else []
     if not per_step:  # the unmerged model
         return 1.0, {"merged": 0, "unmerged": steps, "skipped": 0}
-    head = full / blocks
-    flops = [head if r.skipped else graphs.flops(r.key, candidate.method).total for r in per_step]
+    head = full / blocks  # the step cache's head: the embeddings and one unmerged block, about a block's work
+    # a computed step runs the head too, and its engine repeats the first block unless it resumed from the head
+    again = 0.0 if candidate.step_cache is None else head
+    flops = [
+        head if r.skipped else graphs.flops(r.key, candidate.method).total + (0.0 if r.resumed else again)
+        for r in per_step
+    ]
     skipped = sum(r.skipped for r in per_step)
     unmerged = sum(r.key == FULL and not r.skipped for r in per_step)
     counts = {"merged": len(per_step) - skipped - unmerged, "unmerged": unmerged, "skipped": skipped}

@@ -19,6 +19,7 @@ torch-tensorrt and CUDA exist and otherwise warns once and builds Inductor engin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -34,14 +35,18 @@ from ..passes import (
     FALLBACK_HINT,
     HIDDEN_STATE,
     UnsupportedModelError,
+    first_block_nodes,
+    first_block_outputs,
     head_graph,
     lint_tensorrt,
+    node_value,
     out_graph,
     residual_sites,
+    tail_graph,
     to_aten,
 )
-from .buckets import BucketGraphs
-from .compiled import SDTMCompiledGraph, compiled_graphs
+from .buckets import BucketGraphs, DistinctGraph
+from .compiled import FirstBlockEngines, SDTMCompiledGraph, compiled_graphs
 from .regions import RegionalBuilder
 from .settings import BackendSettings
 
@@ -116,17 +121,40 @@ class SDTMBackend:
 
     def _first_block_engines(self, buckets: BucketGraphs, inputs: list[torch.Tensor], order: list[str]):
         """The first-block cache's head and out engines, cut from (copies of) the unmerged graph
-        (:mod:`sdtm_compile.passes.step_cache`)."""
+        (:mod:`sdtm_compile.passes.step_cache`), and the first block's outputs the head returns."""
         full = buckets.graph(FULL)
         names = residual_sites(full.sites)
+        outputs = first_block_outputs(full.gm, full.sites, names)
         model_outputs = len(next(n for n in buckets.traced.graph.nodes if n.op == "output").args[0])
-        head = head_graph(full.gm, names)
+        head = head_graph(full.gm, names, outputs)
         out = out_graph(full.gm, names, model_outputs)
         hidden = buckets.signature[HIDDEN_STATE].fresh(buckets.latent.device)
         logger.info("building the first-block cache's head and out engines with %s", order[0])
-        return self._build("first-block head", head, inputs, order)[1], self._build(
-            "out", out, [*inputs, hidden], order
-        )[1]
+        engines = FirstBlockEngines(
+            self._build("first-block head", head, inputs, order)[1],
+            self._build("out", out, [*inputs, hidden], order)[1],
+            outputs,
+            first_block_nodes(full.gm, full.sites),
+        )
+        return engines
+
+    @staticmethod
+    def _resuming(bucket: DistinctGraph, first_block: FirstBlockEngines, inputs: list[torch.Tensor]):
+        """``bucket``'s graph cut to start from the head's first-block outputs, with its example inputs, when its
+        first block runs unmerged (else ``None``: its engine runs its own first block)."""
+        rewritten = bucket.graph
+        if first_block_nodes(rewritten.gm, rewritten.sites) != first_block.nodes:  # merged in the first block
+            return None
+        try:
+            tail = tail_graph(rewritten.gm, rewritten.sites, first_block.outputs)
+        except ValueError as err:  # not an error: the engine then runs its first block again, as before
+            logger.info("%s runs its own first block: %s", bucket.keys[0], err)
+            return None
+        placeholders = [n for n in tail.graph.nodes if n.op == "placeholder"][len(inputs) :]
+        values = [node_value(p) for p in placeholders]  # fake tensors: the engines are built on real ones
+        device = next(t.device for t in inputs if isinstance(t, torch.Tensor))
+        extra = [torch.zeros(v.shape, dtype=v.dtype, device=device) for v in values]
+        return dataclasses.replace(rewritten, gm=tail), [*inputs, *extra]
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[torch.Tensor], **kwargs: Any) -> Callable[..., Any]:
         if "options" in kwargs:  # torch.compile(backend=<this object>, options=...) is not how we take options
@@ -173,9 +201,13 @@ class SDTMBackend:
             lambda region, inputs, name: self._build(name, region, inputs, order)[1],
             (lambda jobs: build_inductor_parallel(jobs, self.settings, workers)) if parallel else None,
         )
-        engines, names = {}, {}
+        engines, names, resuming = {}, {}, set()
         total = time.perf_counter()
         for bucket in graphs:
+            rewritten, inputs = bucket.graph, engine_inputs
+            tail = None if first_block is None else self._resuming(bucket, first_block, engine_inputs)
+            if tail is not None:
+                (rewritten, inputs), resuming = tail, resuming | set(bucket.keys)
             counts = bucket.counts
             logger.info(
                 "%s %s (attention %d, FF %d of %d image tokens) with %s",
@@ -187,9 +219,9 @@ class SDTMBackend:
                 order[0],
             )
             if self.settings.regional:
-                engine, name = regional.add(bucket.graph, engine_inputs), order[0]
+                engine, name = regional.add(rewritten, inputs), order[0]
             else:
-                name, engine = self._build(bucket.keys[0], bucket.graph.gm, engine_inputs, order)
+                name, engine = self._build(bucket.keys[0], rewritten.gm, inputs, order)
             for served in bucket.keys:
                 engines[served], names[served] = engine, name
         if self.settings.regional:
@@ -219,6 +251,7 @@ class SDTMBackend:
             self.settings.history,
             self.settings.step_cache,
             first_block,
+            frozenset(resuming),
         )
         self.compiled.append(compiled)
         return compiled

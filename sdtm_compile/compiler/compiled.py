@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -16,7 +16,7 @@ from ..core.signature import EngineSignature, EngineState
 from ..passes import ModelSites
 from ..runtime import FirstBlockCacheConfig, FirstBlockCalls, StageDispatcher
 
-__all__ = ["SDTMCompiledGraph", "compiled_graphs"]
+__all__ = ["SDTMCompiledGraph", "FirstBlockEngines", "compiled_graphs"]
 
 _GRAPHS: weakref.WeakSet[SDTMCompiledGraph] = weakref.WeakSet()  # every live SDTM graph, for compiled_graphs()
 
@@ -31,6 +31,15 @@ def compiled_graphs(model: torch.nn.Module) -> list[SDTMCompiledGraph]:
     module = getattr(model, "_orig_mod", model)
     params = {id(p) for p in module.parameters()}
     return [graph for graph in list(_GRAPHS) if graph.parameter_ids & params]
+
+
+class FirstBlockEngines(NamedTuple):
+    """The first-block step cache's engines (:mod:`sdtm_compile.runtime.step_cache`)."""
+
+    head: Callable[..., Any]  #: ``(*inputs, *state) -> (first block's image input, *outputs)``
+    out: Callable[..., Any]  #: ``(*inputs, *state, last block's image output) -> the model's outputs``
+    outputs: tuple[str, ...]  #: the first block's outputs the head returns (node names; the image stream first)
+    nodes: frozenset[str]  #: the unmerged first block's nodes (an engine whose first block has others is merged there)
 
 
 class SDTMCompiledGraph:
@@ -51,7 +60,8 @@ class SDTMCompiledGraph:
         example_inputs: list[torch.Tensor] = (),  # type: ignore[assignment]
         history: int = 0,
         step_cache: FirstBlockCacheConfig | None = None,
-        first_block: tuple[Callable[..., Any], Callable[..., Any]] | None = None,
+        first_block: FirstBlockEngines | None = None,
+        resuming: frozenset[EngineKey] = frozenset(),
     ) -> None:
         self.engines = engines
         self.engine_names = engine_names
@@ -59,8 +69,11 @@ class SDTMCompiledGraph:
         self.config = config
         self.signature = signature
         self.dispatcher = StageDispatcher(config, history=history, step_cache=step_cache)
-        #: first-block cache: the (head, out) engines (:mod:`sdtm_compile.runtime.step_cache`); ``None`` without one
+        #: first-block cache: its head and out engines (:mod:`sdtm_compile.runtime.step_cache`); ``None`` without one
         self.first_block = first_block
+        #: first-block cache: the keys whose engine starts from the head's first-block outputs (its first block runs
+        #: unmerged, so a computed step does not run it twice); their engines take those outputs as extra inputs
+        self.resuming = resuming
         #: ids of the model parameters among the graph's inputs (how :func:`compiled_graphs` finds the model);
         #: the graph's engines keep the parameters alive, so the ids cannot be reused while it lives.
         self.parameter_ids = {id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)}
@@ -95,12 +108,18 @@ class SDTMCompiledGraph:
                 raise KeyError(f"no engine was built for {key}; built: {sorted(map(str, self.engines))}")
             return signature.split(engine(*args, *signature.engine_inputs(state)))
 
+        def rest(key: EngineKey, state: EngineState, outputs: tuple[torch.Tensor, ...]) -> Any:
+            if key not in self.resuming:
+                return None
+            return signature.split(self.engines[key](*args, *signature.engine_inputs(state), *outputs))
+
         first_block = None
         if self.first_block is not None:
-            head, out = self.first_block
+            head, out = self.first_block.head, self.first_block.out
             first_block = FirstBlockCalls(
                 head=lambda state: tuple(head(*args, *signature.engine_inputs(state))),  # type: ignore[arg-type]
                 out=lambda state, hidden: tuple(out(*args, *signature.engine_inputs(state), hidden)),
+                rest=rest,
             )
         return self.dispatcher.run(
             timestep, ("graph", id(self)), signature, latent.device, call, first_block=first_block

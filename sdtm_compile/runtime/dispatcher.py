@@ -72,8 +72,12 @@ class LayoutState:
 class FirstBlockCalls(NamedTuple):
     """What the first-block cache (:mod:`sdtm_compile.runtime.step_cache`) needs from a caller besides ``call``."""
 
-    head: Callable[[EngineState], tuple[torch.Tensor, torch.Tensor]]  #: -> the first block's image (input, output)
+    #: -> the first block's image input, then its outputs (the image stream first)
+    head: Callable[[EngineState], tuple[torch.Tensor, ...]]
     out: Callable[[EngineState, torch.Tensor], Any]  #: the model's output from the last block's image output
+    #: ``rest(key, state, first_block_outputs)``: a computed step that resumes from the head's outputs, as ``call``
+    #: returns it; ``None`` where the engine of ``key`` runs its own first block (then ``call`` runs)
+    rest: Callable[[EngineKey, EngineState, tuple[torch.Tensor, ...]], Any] | None = None
 
 
 class StageDispatcher:
@@ -208,7 +212,8 @@ class StageDispatcher:
         if self.step_cache is not None:
             if first_block is None:
                 raise ValueError("a step cache is on, but the caller passed no first_block to StageDispatcher.run")
-            first_in, first_out = first_block.head(given)
+            first_in, *streams = first_block.head(given)
+            first_out = streams[0]
             residual = first_out - first_in
             cached = state.first_block.get(state.call)
             if cached is not None:
@@ -218,7 +223,10 @@ class StageDispatcher:
                 state.li_latest = state.li_step_start  # nothing merged: the state stays as the step found it
                 record(key, skipped=True, change=change)
                 return output
-        output, returned = call(key, given)
+        resumed = None
+        if residual is not None and first_block.rest is not None:  # type: ignore[union-attr]
+            resumed = first_block.rest(key, given, tuple(streams))  # type: ignore[union-attr]
+        output, returned = call(key, given) if resumed is None else resumed
         result = returned if isinstance(returned, EngineState) else EngineState(returned)
         state.li_latest = result.li  # type: ignore[assignment]
         if residual is not None:
@@ -227,5 +235,5 @@ class StageDispatcher:
             state.first_block[state.call] = (residual, result.hidden - first_out)
         for run in state.runs:
             run.after(state.call, key, result, notes)
-        record(key, change=change)
+        record(key, change=change, resumed=resumed is not None)
         return output

@@ -46,6 +46,8 @@ class CallRecord:
     step: int = 0  #: the step's index in its generation
     skipped: bool = False  #: first-block cache: the blocks after the first were skipped (``key`` did not run)
     change: float | None = None  #: first-block cache: the first block's relative residual change
+    #: first-block cache: the step's engine resumed from the head's first-block outputs (did not run that block again)
+    resumed: bool = False
     notes: Mapping[str, Any] = field(default_factory=dict)  #: the extensions' notes, by name
 
     def __getattr__(self, name: str) -> Any:

@@ -5,18 +5,22 @@ compose. This is the rule of diffusers' ``FirstBlockCacheConfig`` (ParaAttention
 the compiled backend so it works with every merging engine and never breaks Dynamo's graph:
 
 * every call first runs a small *head* engine: the unmerged model up to the end of its first block, returning the
-  first block's image input and output (``[B, N, C]`` each); the residual ``r = out - in`` is compared with the one
-  of the last computed step: ``mean|r - r_prev| / mean|r_prev|`` (diffusers' ``_should_compute_remaining_blocks``);
-* above ``threshold`` (or with no earlier step, or ``threshold`` 0) the step's engine runs as usual (merged or
-  not), returning also the last block's image output ``h`` (its ``hidden`` state output); the dispatcher keeps
-  ``r`` and ``h - out``;
+  first block's image input and outputs (the image stream ``out``, ``[B, N, C]``, and the text stream); the residual
+  ``r = out - in`` is compared with the one of the last computed step: ``mean|r - r_prev| / mean|r_prev|``
+  (diffusers' ``_should_compute_remaining_blocks``);
+* above ``threshold`` (or with no earlier step, or ``threshold`` 0) the step's engine runs (merged or not),
+  returning also the last block's image output ``h`` (its ``hidden`` state output); the dispatcher keeps ``r`` and
+  ``h - out``. Where that engine's first block runs unmerged (the unmerged engine; a block schedule that leaves the
+  first block out, e.g. ``"first-unmerged:K"`` or ``"staggered"``) it was built to *resume* from the head's outputs
+  and does not run the first block again; an engine that merges in its first block runs it itself (its first
+  block is not the head's);
 * at or below it the rest of the model is skipped: an *out* engine (final norm, projection, unpatchify) runs on
   ``out + (h - out)_cached``, and the merging state (``li``) is left as it was.
 
-The graphs (head, out, the ``hidden`` output) are cut by :mod:`sdtm_compile.passes.step_cache`. What it costs: one
-head (the embeddings and one unmerged block) per call, also on computed steps (the step's own engine runs its first
-block again: ``1 / num_blocks`` extra, ours - diffusers' hook reuses the head's output), and ``2 x B x N x C`` of
-memory per call of a step. SD3 / SD3.5 only; not with cache fusion (both would keep a cache of the same steps).
+The graphs (head, out, the resuming engines, the ``hidden`` output) are cut by :mod:`sdtm_compile.passes.step_cache`.
+What it costs: one head (the embeddings and one unmerged block) per call - on computed steps of an engine that
+merges in its first block, that block runs twice (``1 / num_blocks`` extra) - and ``2 x B x N x C`` of memory per
+call of a step. SD3 / SD3.5 only; not with cache fusion (both would keep a cache of the same steps).
 """
 
 from __future__ import annotations

@@ -47,3 +47,23 @@ def test_a_merged_candidate_saves_flops_and_moves_its_images(sampler):
     assert math.isfinite(quality["psnr"]) and "swd_added" not in quality  # random weights: no distribution measure
     cached = sampler.unmerged([1, 0], batch=2)
     assert torch.equal(cached, sampler.unmerged([0, 1], batch=2).flip(0))  # generated once, served by seed
+
+
+@pytest.mark.unit
+def test_the_step_cache_head_is_counted_where_the_engine_repeats_the_first_block(sampler):
+    """Threshold 0 skips nothing: the unmerged engine resumes from the head (same FLOPs as the model); an engine
+    that merges in its first block runs it again after the head (a block's worth more work on every step)."""
+    workload = sampler.workload
+    graphs = CapturedBucketGraphs(workload.model, workload.probe)
+
+    def flops(candidate):
+        _, records = sampler.images(candidate, [0], batch=1)
+        return generation_flops(records, candidate, graphs, STEPS, workload.num_blocks), records
+
+    (ratio, counts), records = flops(Candidate("unmerged+fbcache0", SDTMConfig(ratio=0.0, deviation=0.0), 0.0))
+    assert ratio == pytest.approx(1.0) and counts["skipped"] == 0 and all(r.resumed for r in records)
+    merged = SDTMConfig(ratio=0.5)
+    (cached, _), records = flops(Candidate("sdtm@0.5+fbcache0", merged, 0.0))
+    (plain, _), _ = flops(Candidate("sdtm@0.5", merged))
+    assert not any(r.resumed for r in records)
+    assert 1 / cached == pytest.approx(1 / plain + 1 / workload.num_blocks)  # the head: a block's worth, every step

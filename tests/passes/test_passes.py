@@ -22,12 +22,17 @@ from sdtm_compile.passes import (
     copy_graph_module,
     copy_with_node_map,
     find_mmdit_blocks,
+    first_block_nodes,
+    first_block_outputs,
     fix_token_shapes,
+    head_graph,
     insert_merge_nodes,
     module_path,
     module_stack,
     propagate_shapes,
+    residual_sites,
     rewrite_for_engine,
+    tail_graph,
     thread_engine_state,
 )
 from tests.helpers import capture_dynamo_graph
@@ -262,3 +267,29 @@ def test_rewrite_for_engine_keeps_output_shapes(sd35_graph, key):
     assert li.dtype == torch.int32
     assert gm is not out
     assert count(gm, sdtm_plan) == 0  # the original graph is untouched
+
+
+def test_the_step_cache_cuts_a_head_and_a_tail_that_starts_after_the_first_block(sd35_graph):
+    """The head returns the first block's input and its two streams; the tail of an engine whose first block is
+    unmerged keeps no node of that block and, fed the head's streams, returns exactly the whole engine's outputs."""
+    gm, inputs = sd35_graph
+    full = rewrite_for_engine(gm, inputs, PassSettings(SDTMConfig(), FULL), step_cache=True)
+    names = residual_sites(full.sites)
+    outputs = first_block_outputs(full.gm, full.sites, names)
+    assert len(outputs) == 2 and outputs[0] == names.first_out  # the image stream, then the text stream
+    head = head_graph(full.gm, names, outputs)
+    tail = tail_graph(full.gm, full.sites, outputs)
+    assert first_block_nodes(full.gm, full.sites) and not first_block_nodes(tail, full.sites)
+    later = {n.name for n in full.gm.graph.nodes if n.op == "call_function"} - first_block_nodes(full.gm, full.sites)
+    assert {n.name for n in tail.graph.nodes if n.op == "call_function"} <= later
+    placeholders = [n.name for n in tail.graph.nodes if n.op == "placeholder"]
+    assert placeholders[-2:] == ["sdtm_first_block_output_0", "sdtm_first_block_output_1"]
+    li = torch.zeros(2, 240, dtype=torch.int32)
+    with torch.no_grad():
+        first_in, *streams = head(*inputs, li)
+        want, got = full.gm(*inputs, li), tail(*inputs, li, *streams)
+    assert first_in.shape == streams[0].shape == (2, 240, TINY_SD35.inner_dim) and streams[1].shape[1] != 240
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    merged = rewrite_for_engine(gm, inputs, PassSettings(SDTMConfig(), STRUCTURE), step_cache=True)
+    assert first_block_nodes(merged.gm, merged.sites) != first_block_nodes(full.gm, full.sites)  # no tail for it

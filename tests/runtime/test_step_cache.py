@@ -79,3 +79,30 @@ def test_bad_settings_are_refused(sd35):
     gm, flat = capture_dynamo_graph(model, inputs)
     with pytest.raises(ValueError, match="implemented for SD3"):
         residual_sites(find_mmdit_blocks(gm, flat))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config", [SDTMConfig(ratio=0.0, deviation=0.0), dataclasses.replace(CONFIG, blocks="first-unmerged:1")]
+)
+def test_engines_with_an_unmerged_first_block_resume_from_the_head(sd35, config):
+    """Where an engine's first block runs unmerged, a computed step starts from the head's first-block outputs
+    instead of running that block again: every computed step says so, and the generation is the reference's."""
+    model, inputs = sd35
+    backend = SDTMBackend({"method": config, "engine": "eager", "history": 256, "step_cache": {"threshold": 0.0}})
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        got = generate(transformer_call(compiled), inputs, num_steps=STEPS)
+        want = generate(transformer_call(reference_dispatcher(model, config)), inputs, num_steps=STEPS)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    graph = backend.compiled[0]
+    assert graph.resuming == set(graph.engines)  # every engine's first block is unmerged here
+    history = graph.dispatcher.history
+    assert len(history) == STEPS and all(r.resumed and not r.skipped for r in history)
+
+
+@pytest.mark.unit
+def test_engines_merged_in_the_first_block_run_it_themselves(sd35, uncached):
+    _, history = uncached
+    assert not any(r.resumed for r in history)  # CONFIG merges every block: no engine can start after the first
