@@ -52,8 +52,8 @@ def front_specs(workload: Workload, config: BenchConfig, step_threshold: float =
     """The configurations of the front, in table order: the baselines; SDTM at its default, at the release's
     evaluation point, with cache fusion, with block schedules (first quarter unmerged, staggered); ToMeSD (also
     staggered, the SDTM paper's adaptation), SiTo, ToMA at their defaults; our step cache alone and composed with
-    SDTM (at its default, and at ratio 0.3 with the staggered schedule) and with ToMA (ratio 0.3, staggered); the
-    peers' step caches."""
+    SDTM (at its default, and at ratio 0.3 with the staggered schedule) and with ToMA (ratio 0.3, staggered), and at
+    twice the threshold alone and with SDTM at 0.3 staggered; the peers' step caches (at ``step_threshold``)."""
     sdtm = METHOD_CONFIGS["sdtm"]()
     skip = f"first-unmerged:{max(1, workload.num_blocks // 4)}"
     ours: list[tuple[str, Any, float | None]] = [
@@ -73,10 +73,13 @@ def front_specs(workload: Workload, config: BenchConfig, step_threshold: float =
         off = METHOD_CONFIGS["sdtm"](ratio=0.0, deviation=0.0)
         low = dataclasses.replace(method_for(sdtm).with_ratio(0.3), blocks="staggered")
         toma = METHOD_CONFIGS["toma"](ratio=0.3, blocks="staggered")
+        looser = 2 * step_threshold  # the same rule skipping more steps: where the step cache's front goes next
         ours += [
             ("fbcache", off, step_threshold),
+            (f"fbcache{looser:g}", off, looser),
             ("sdtm+fbcache", sdtm, step_threshold),
             ("sdtm@0.3[staggered]+fbcache", low, step_threshold),
+            (f"sdtm@0.3[staggered]+fbcache{looser:g}", low, looser),
             ("toma@0.3[staggered]+fbcache", toma, step_threshold),
         ]
     else:  # cache fusion and our step cache are SD3-only
