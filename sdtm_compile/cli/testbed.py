@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model",
         default="testbed-1024",
         choices=sorted(TESTBEDS),
-        help="testbed-1024 (4 blocks, ~100 min) or testbed12-1024 (12 blocks, ~1 h 40 min; TrainConfig.deep())",
+        help="testbed-1024 (4 blocks, ~100 min) or testbed12-1024 (12 blocks, ~70 min; TrainConfig.deep())",
     )
     train.add_argument("--out-dir", default=None, help="checkpoint and loss log (default testbed_run / testbed12_run)")
     train.add_argument(

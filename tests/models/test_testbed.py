@@ -83,7 +83,7 @@ def test_the_deep_testbed_is_stored_as_int8_rows_under_25_mb(tmp_path):
     """12 blocks at the testbed's width would be 31 MB in float16: 2-D weights go as int8 rows (a float32 scale per
     row), and what loads back is that model, close to the trained one."""
     config = TrainConfig.deep()
-    assert (config.model, config.storage, config.steps_low + config.steps_full) == ("testbed12-1024", "int8", 2800)
+    assert (config.model, config.storage, config.steps_low + config.steps_full) == ("testbed12-1024", "int8", 2400)
     assert MODEL_PRESETS["testbed12-1024"].spec == TESTBEDS["testbed12-1024"]
     assert TESTBEDS["testbed12-1024"].num_layers == 12
     model = new_testbed(spec=TESTBEDS["testbed12-1024"]).eval()
