@@ -19,7 +19,7 @@ from sdtm_compile.models import TINY_SD35, tiny_sd3_transformer
 from sdtm_compile.models.sampling import generate, make_generation_inputs
 from sdtm_compile.passes import PassSettings, UnsupportedModelError, rewrite_for_engine
 from sdtm_compile.reference import reference_dispatcher, reference_forward
-from tests.helpers import transformer_call
+from tests.helpers import compiled_and_reference, transformer_call
 from tests.methods.cases import CASES, METHODS, captured
 
 SDTM_KEYS = [EngineKey(Stage.STRUCTURE, 0.6), EngineKey(Stage.DETAIL, 0.6)]
@@ -109,13 +109,7 @@ def _generations(config, steps):
     eager reference's, and the backend's compiled graph."""
     model = tiny_sd3_transformer(TINY_SD35, seed=2)
     inputs = make_generation_inputs(TINY_SD35, (32, 32), seed=5)
-    backend = SDTMBackend({"sdtm": config, "engine": "eager", "history": 64})
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, dynamic=False)
-    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        got = generate(transformer_call(compiled), inputs, num_steps=steps)
-        want = generate(transformer_call(reference_dispatcher(model, config)), inputs, num_steps=steps)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got, backend = compiled_and_reference(model, inputs, config, steps, history=64)
     return got, model, inputs, backend.compiled[0]
 
 

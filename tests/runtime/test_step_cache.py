@@ -12,7 +12,7 @@ from sdtm_compile.models.sampling import generate, make_generation_inputs
 from sdtm_compile.passes import find_mmdit_blocks
 from sdtm_compile.passes.step_cache import residual_sites
 from sdtm_compile.reference import reference_dispatcher
-from tests.helpers import capture_dynamo_graph, transformer_call
+from tests.helpers import capture_dynamo_graph, compiled_and_reference, transformer_call
 
 CONFIG = SDTMConfig(ratio=0.5, buckets=(0.3, 0.5, 0.7))
 STEPS = 8
@@ -89,13 +89,7 @@ def test_engines_with_an_unmerged_first_block_resume_from_the_head(sd35, config)
     """Where an engine's first block runs unmerged, a computed step starts from the head's first-block outputs
     instead of running that block again: every computed step says so, and the generation is the reference's."""
     model, inputs = sd35
-    backend = SDTMBackend({"method": config, "engine": "eager", "history": 256, "step_cache": {"threshold": 0.0}})
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, dynamic=False)
-    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        got = generate(transformer_call(compiled), inputs, num_steps=STEPS)
-        want = generate(transformer_call(reference_dispatcher(model, config)), inputs, num_steps=STEPS)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _, backend = compiled_and_reference(model, inputs, config, STEPS, history=256, step_cache={"threshold": 0.0})
     graph = backend.compiled[0]
     assert graph.resuming == set(graph.engines)  # every engine's first block is unmerged here
     history = graph.dispatcher.history
