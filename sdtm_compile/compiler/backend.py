@@ -130,13 +130,12 @@ class SDTMBackend:
         out = out_graph(full.gm, names, model_outputs)
         hidden = buckets.signature[HIDDEN_STATE].fresh(buckets.latent.device)
         logger.info("building the first-block cache's head and out engines with %s", order[0])
-        engines = FirstBlockEngines(
+        return FirstBlockEngines(
             self._build("first-block head", head, inputs, order)[1],
             self._build("out", out, [*inputs, hidden], order)[1],
             outputs,
             first_block_nodes(full.gm, full.sites),
         )
-        return engines
 
     @staticmethod
     def _resuming(bucket: DistinctGraph, first_block: FirstBlockEngines, inputs: list[torch.Tensor]):
