@@ -5,14 +5,17 @@ and step cache, ours and the peers', timed against plain torch.compile and measu
     python scripts/front.py --model sd3m-1024 --samples 8              # random weights: paired PSNR only
 
 Writes ``docs/results/<date>-<model>-front/`` (``front.json``, ``front.png``, ``index.md``).
+``--redraw DIR`` writes the picture and the page of ``DIR`` again from its ``front.json`` (nothing is re-measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import sys
+from pathlib import Path
 
 from sdtm_compile.bench.config import BenchConfig
 from sdtm_compile.bench.front import run_front, write_front
@@ -28,7 +31,14 @@ def main() -> int:
     parser.add_argument("--engine", default="inductor", choices=["inductor", "eager"])
     parser.add_argument("--only", default=None, help="comma-separated configurations (besides the baselines)")
     parser.add_argument("--out", default=None, help="default docs/results/<date>-<model>-front")
+    parser.add_argument("--redraw", default=None, metavar="DIR", help="re-write DIR's page from its front.json")
     args = parser.parse_args()
+    if args.redraw is not None:
+        stored = Path(args.redraw) / "front.json"
+        if not stored.is_file():
+            parser.error(f"{stored} does not exist: --redraw takes a directory a previous run wrote")
+        print(f"wrote {write_front(json.loads(stored.read_text()), args.redraw)}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = BenchConfig(
         model=args.model, steps=args.steps, engine=args.engine, sweep_runs=args.runs, warmup=1, cold_caches=False

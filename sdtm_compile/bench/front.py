@@ -253,11 +253,19 @@ def _draw(report: dict[str, Any], path: Path) -> None:
         # each panel's front by its own measure (the report's ``on_front`` is by the front measure)
         on_front = {p["name"]: p["on_front"] for p in front_points(copy.deepcopy(points), measure)}
         front = sorted((p for p in points if on_front[p["name"]]), key=lambda p: p["speedup"])
+        # identical images (PSNR inf) are drawn on a line above every finite value
+        identical = max((q["quality"][measure] for q in points if math.isfinite(q["quality"].get(measure, 0))),
+                        default=0) + 2  # fmt: skip
+        if measure == "psnr" and any(math.isinf(p["quality"].get(measure, 0)) for p in points):
+            ax.axhline(identical, color="#bbbbbb", ls="--", lw=1, zorder=0)
+            ax.annotate(
+                "identical to the unmerged model (PSNR inf)", (1.0, identical), xycoords=("axes fraction", "data"),
+                xytext=(-3, -9), textcoords="offset points", ha="right", fontsize=6, color="#777777",
+            )  # fmt: skip
         for p in points:
             value = p["quality"].get(measure)
             if value is None or math.isinf(value):
-                value = max((q["quality"][measure] for q in points if math.isfinite(q["quality"].get(measure, 0))),
-                            default=0) + 2 if measure == "psnr" else value  # fmt: skip
+                value = identical if measure == "psnr" else value
             ax.scatter(p["speedup"], value, color=colours[p["kind"]], marker="o" if p["kind"] != "peer" else "s",
                        edgecolor="gold" if on_front[p["name"]] else "none", linewidths=1.5, zorder=3)  # fmt: skip
             ax.annotate(p["name"], (p["speedup"], value), fontsize=6, xytext=(3, 3), textcoords="offset points")
@@ -276,7 +284,7 @@ def _draw(report: dict[str, Any], path: Path) -> None:
     model = report["model"].get("name", "")
     settings = report["settings"]
     fig.suptitle(
-        f"{model}: speed vs quality ({settings['samples_per_set']} images x 2 seed sets, {settings['steps']} steps); "
+        f"{model}: speed vs quality ({settings['samples_per_set']} images x 2 seed sets, {settings['steps']} steps)\n"
         "blue: ours, red squares: other libraries, gold edge: on the front",
         fontsize=9,
     )

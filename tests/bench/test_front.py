@@ -2,6 +2,10 @@
 page with its picture."""
 
 import json
+import runpy
+import sys
+from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -51,5 +55,14 @@ def test_a_front_run_times_measures_and_writes_its_page(tmp_path):
     assert json.loads((out / "front.json").read_text())["kind"] == "front"
     page = (out / "index.md").read_text()
     assert "| sdtm[staggered] |" in page and "On the front (by psnr)" in page
+    # scripts/front.py --redraw writes the page and picture again from front.json alone
+    (out / "index.md").unlink()
+    (out / "front.png").unlink()
+    script = str(Path(__file__).parents[2] / "scripts" / "front.py")
+    for argv, code in (([str(out)], 0), ([str(tmp_path / "missing")], 2)):
+        with mock.patch.object(sys, "argv", ["front.py", "--redraw", *argv]), pytest.raises(SystemExit) as exit_:
+            runpy.run_path(script, run_name="__main__")
+        assert exit_.value.code == code
+    assert (out / "index.md").read_text() == page and (out / "front.png").read_bytes()[:8] == PNG
     with pytest.raises(ValueError, match="unknown front configurations \\['nope'\\]"):
         run_front(config, samples=2, only=("nope",))
