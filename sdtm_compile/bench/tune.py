@@ -182,7 +182,8 @@ class Evaluation:
     flop_ratio: float
     steps: dict[str, int]
     quick: dict[str, float]
-    full: dict[str, float] | None = None
+    #: the full measure: single numbers (``psnr``, ``swd_added``, ...) and per-seed-set lists (``*_per_set``)
+    full: dict[str, Any] | None = None
     within_budget: bool | None = None
     seconds: float | None = None
     speedup: float | None = None
@@ -250,14 +251,14 @@ def tune(
         raise ValueError("no candidates to search")
     sampler = QualitySampler(workload, config)
     graphs = CapturedBucketGraphs(workload.model, workload.probe)
-    quick = list(range(10_000, 10_000 + quick_seeds))
+    quick_set = list(range(10_000, 10_000 + quick_seeds))
     evaluations: dict[str, Evaluation] = {}
     by_name = {c.name: c for c in candidates}
 
     # round 1: every candidate, a few seeds
     for candidate in tqdm(candidates, desc="tune: quick estimate", disable=not progress):
         try:
-            images, records = sampler.images(candidate, quick, batch)
+            images, records = sampler.images(candidate, quick_set, batch)
         except Exception as error:  # a candidate the model cannot run: reported, not dropped silently
             logger.warning("%s does not run on %s: %s", candidate.name, model, error)
             evaluations[candidate.name] = Evaluation(
@@ -266,7 +267,7 @@ def tune(
             continue
         ratio, counts = generation_flops(records, candidate, graphs, config.steps, workload.num_blocks)  # type: ignore[arg-type]
         evaluations[candidate.name] = Evaluation(
-            candidate.name, candidate.options(), ratio, counts, sampler.paired(images, quick, batch)
+            candidate.name, candidate.options(), ratio, counts, sampler.paired(images, quick_set, batch)
         )
         logger.info("quick: %s FLOP ratio %.2f, %s", candidate.name, ratio, evaluations[candidate.name].quick)
 
@@ -285,8 +286,8 @@ def tune(
                 continue
         evaluation.full = _full_quality(sampler, by_name[evaluation.name], sets, batch)
         evaluation.within_budget = budget.met(evaluation.full)
-        full, quick = (values.get(budget.measure, 0.0) for values in (evaluation.full, evaluation.quick))
-        gaps.append(full - quick if math.isfinite(full) and math.isfinite(quick) else 0.0)
+        full, estimate = (values.get(budget.measure, 0.0) for values in (evaluation.full, evaluation.quick))
+        gaps.append(full - estimate if math.isfinite(full) and math.isfinite(estimate) else 0.0)
         logger.info("full: %s %s -> %s", evaluation.name, evaluation.full, evaluation.within_budget)
         if evaluation.within_budget:
             survivors.append(evaluation)
@@ -320,7 +321,7 @@ def tune(
     settings = {
         "steps": config.steps,
         "guidance_scale": config.guidance_scale,
-        "quick_seeds": quick,
+        "quick_seeds": quick_set,
         "seed_sets": sets,
         "batch": batch,
         "shortlist": shortlist,

@@ -7,13 +7,15 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
-from ..bench.tune import BUDGET_MEASURES, QualityBudget, candidate_space, tune, write_tune_page
+from ..bench.pages import page_folder
+from ..bench.tune import BUDGET_MEASURES, Evaluation, QualityBudget, candidate_space, tune, write_tune_page
 from ..core.blocks import NAMED_SCHEDULES
 from ..models import MODEL_PRESETS, FluxSpec
 from .common import fail, ratios
 
-__all__ = ["register"]
+__all__ = ["register", "summary_table"]
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -30,6 +32,24 @@ def _thresholds(text: str) -> tuple[float | None, ...]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected 'off' or thresholds like 0.05, got {part!r}") from None
     return tuple(out)
+
+
+def _values(measures: dict[str, Any] | None) -> str:
+    """``"psnr 31.8 ssim 0.955"``: the single numbers of a measure dict (per-set lists and spreads left out)."""
+    numbers = {k: v for k, v in (measures or {}).items() if isinstance(v, (int, float)) and not k.endswith("_spread")}
+    return " ".join(f"{k} {v:.3g}" for k, v in numbers.items())
+
+
+def summary_table(evaluations: list[Evaluation]) -> list[str]:
+    """The lines the command prints: every candidate in FLOP order, its quick and full measures and speed-up."""
+    lines = [f"{'candidate':<40} {'FLOP ratio':>10} {'quick':>18} {'measured':>28} {'speed-up':>9}"]
+    for e in sorted(evaluations, key=lambda e: -e.flop_ratio):
+        speed = "" if e.speedup is None or math.isnan(e.speedup) else f"{e.speedup:.2f}x"
+        lines.append(
+            f"{e.name:<40} {e.flop_ratio:>10.2f} {_values(e.quick):>18} {_values(e.full)[:28]:>28} {speed:>9}"
+            + (" (not run)" if e.not_run else "")
+        )
+    return lines
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -100,19 +120,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"tuned-{args.model}.json")
     out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     if args.page is not None:
-        folder = Path(args.page) / f"{result.measured_on}-{args.model}-tune"
         command = "sdtm-compile " + " ".join(args.argv if args.argv is not None else sys.argv[1:])
+        # another budget's page of the same day is kept: page_folder numbers a second command's folder
+        folder = page_folder(args.page, result.measured_on, args.model, "tune", command)
         print(f"wrote the page {write_tune_page(result.to_dict(), folder, command)}")
     print(f"{len(candidates)} candidates on {args.model}, budget {budget}, in {result.wall_s:.0f} s:")
-    print(f"{'candidate':<40} {'FLOP ratio':>10} {'quick':>18} {'measured':>28} {'speed-up':>9}")
-    for e in sorted(result.evaluations, key=lambda e: -e.flop_ratio):
-        quick = " ".join(f"{k} {v:.3g}" for k, v in e.quick.items())
-        full = " ".join(f"{k} {v:.3g}" for k, v in (e.full or {}).items() if not k.endswith("_spread"))[:28]
-        speed = "" if e.speedup is None or math.isnan(e.speedup) else f"{e.speedup:.2f}x"
-        print(
-            f"{e.name:<40} {e.flop_ratio:>10.2f} {quick:>18} {full:>28} {speed:>9}"
-            + (" (not run)" if e.not_run else "")
-        )
+    print("\n".join(summary_table(result.evaluations)))
     verdict = "within the budget" if result.met_budget else "NO candidate met the budget; the unmerged model"
     print(f"chosen: {result.chosen} ({verdict}): {result.measured}")
     print(

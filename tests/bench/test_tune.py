@@ -53,6 +53,7 @@ def test_a_run_chooses_within_the_budget_and_its_json_compiles(tmp_path):
         runs=1, engine="eager", progress=False,
     )  # fmt: skip
     assert result.met_budget
+    assert result.settings["quick_seeds"] == [10_000, 10_001] and result.settings["seed_sets"] == [[0, 1], [2, 3]]
     evaluations = {e.name: e for e in result.evaluations}
     assert evaluations["sdtm@0.5"].flop_ratio > 1.0 and evaluations["tomesd@0.5[pattern:0,1]"].flop_ratio > 1.0
     assert evaluations["sdtm@0.5"].steps == {"merged": 3, "unmerged": 0, "skipped": 0}
@@ -100,3 +101,19 @@ def test_named_and_bad_configs_on_the_command_line(tmp_path, capsys):
         main(["passes", "--model", "tiny-sd3", "--config", "sdtm-release-eval", "--method", "tomesd"])
     with pytest.raises(SystemExit, match="budget 'psnr<28'"):
         main(["tune", "--model", "tiny-sd3", "--budget", "psnr<28"])
+
+
+@pytest.mark.unit
+def test_the_printed_table_leaves_per_set_lists_out():
+    """A trained testbed's full measure holds per-seed-set lists beside single numbers (this once crashed the
+    command after its page was written)."""
+    from sdtm_compile.bench.tune import Evaluation
+    from sdtm_compile.cli.tune import summary_table
+
+    full = {"psnr": 31.76, "ssim": 0.955, "swd_added": 1.7, "swd_added_spread": 4.7, "swd_real_per_set": [130.1, 137.9]}
+    measured = Evaluation("sdtm@0.7+fusion", {}, 1.35, {}, {"psnr": 33.4}, full, True, 2.1, 1.27)
+    quick_only = Evaluation("toma@0.7", {}, 2.32, {}, {"psnr": 21.7})
+    lines = summary_table([quick_only, measured])
+    assert lines[1].startswith("toma@0.7") and lines[2].startswith("sdtm@0.7+fusion")  # FLOP order
+    assert "psnr 31.8 ssim 0.955" in lines[2] and "1.27x" in lines[2]
+    assert "130.1" not in lines[2] and "spread" not in lines[2]
