@@ -41,6 +41,7 @@ __all__ = [
     "window_token_index",
     "leftover_token_index",
     "check_tokens",
+    "plan_count",
     "unit_tokens",
     "descending_rank",
     "bipartite_plan",
@@ -113,6 +114,13 @@ def leftover_token_index(
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def plan_count(count: int | torch.SymInt) -> int | torch.SymInt:
+    """A plan's count as the engine gives it: an int (a static graph per count) or a symbolic size (one graph for
+    every count, the count read from a dynamic input dimension). ``int()`` would specialise a symbolic count to
+    the value it was traced with, so only a non-symbolic count is converted."""
+    return count if isinstance(count, torch.SymInt) else int(count)
+
+
 def check_tokens(x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int) -> None:
     """Raise a ``ValueError`` naming the problem unless ``x`` is ``[B, N, C]`` image tokens of the grid and ``li``
     (the method's state) is ``[B, N]``."""
@@ -146,14 +154,20 @@ def descending_rank(score: torch.Tensor) -> torch.Tensor:
 
 
 def bipartite_plan(
-    x: torch.Tensor, dst_pos: torch.Tensor, grid_h: int, grid_w: int, num_sources: int, sy: int = 2, sx: int = 2
+    x: torch.Tensor,
+    dst_pos: torch.Tensor,
+    grid_h: int,
+    grid_w: int,
+    num_sources: int | torch.SymInt,
+    sy: int = 2,
+    sx: int = 2,
 ) -> tuple[MergePlan, torch.Tensor]:
     """ToMe's bipartite soft matching with one destination per ``sy x sx`` window (IDM, ToMeSD).
 
     Args:
         x: ``[B, N, C]`` tokens the similarity is measured on.
         dst_pos: ``[B, G, 1]`` int64, the destination's position inside each window (row-major).
-        num_sources: sources to merge, ``r`` (a static int).
+        num_sources: sources to merge, ``r`` (an int, or a symbolic size: :func:`plan_count`).
 
     Every other token of a window (and every leftover token of a side the windows do not fill) is a source
     and finds its most cosine-similar destination over all destinations; the ``r`` sources with the highest
@@ -166,7 +180,7 @@ def bipartite_plan(
     left = leftover_token_index(grid_h, grid_w, x.device, sy, sx)  # [L]
     g, k = win.shape
     num_src = n - g
-    r = int(num_sources)
+    r = plan_count(num_sources)
     if not 0 <= r <= num_src:
         raise ValueError(f"cannot merge {r} of {num_src} sources")
     win_b = win.expand(batch, -1, -1)  # [B, G, K]

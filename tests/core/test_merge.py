@@ -251,3 +251,42 @@ def test_bad_shapes_have_clear_errors():
         ssm_plan(torch.randn(1, 64, 4), init_li(1, 64), 8, 8, 17, 0.05)
     with pytest.raises(ValueError, match="cannot merge 49 of 48 sources"):
         idm_plan(torch.randn(1, 64, 4), init_li(1, 64), 8, 8, 49)
+
+
+@pytest.mark.parametrize(
+    ("make_plan", "options", "counts"),
+    [
+        # counts SDTM's schedule reaches on this grid (multiples of 16). All 64 windows (ratio 0.75) leaves no
+        # window unmerged: a size-0 part, which Dynamo specialises, so that count needs a graph of its own.
+        (ssm_plan, {"a_s": 0.05}, [16, 32, 48]),
+        (idm_plan, {}, [16, 64, 96, 176]),
+    ],
+)
+def test_sdtm_plans_keep_a_symbolic_count_one_graph_serves_every_count(make_plan, options, counts):
+    """The merged count as a dynamic dimension (the exact schedule's way to avoid one engine per count): traced
+    once with the count read from an input's size, the plan serves every count with no recompile, exactly as
+    eager. A count passed through ``int()`` would have been specialised to the first value."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    grid_h, grid_w = 16, 16
+    x = torch.randn(2, grid_h * grid_w, 8)
+    li = random_li(2, grid_h * grid_w)
+
+    def merged(x, li, carrier):
+        plan, new_li = make_plan(x, li, grid_h, grid_w, carrier.shape[0], **options)
+        y = merge(x, plan)
+        return y.sum(dim=1), unmerge(y, plan), new_li
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(merged, backend=counter, dynamic=False)
+    first = torch.empty(counts[0])
+    torch._dynamo.maybe_mark_dynamic(first, 0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for count in counts:
+            carrier = first if count == counts[0] else torch.empty(count)
+            got, want = compiled(x, li, carrier), merged(x, li, torch.empty(count))
+            torch.testing.assert_close(got[:2], want[:2], rtol=1e-5, atol=1e-5)
+            assert torch.equal(got[2], want[2])
+    assert counter.frame_count == 1
+    torch._dynamo.reset()

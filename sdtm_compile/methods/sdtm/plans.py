@@ -16,6 +16,7 @@ from ...core.merge import (
     check_tokens,
     descending_rank,
     leftover_token_index,
+    plan_count,
     unit_tokens,
     window_token_index,
 )
@@ -70,14 +71,14 @@ def window_score_fraction(
 
 @plan_method("ssm")
 def ssm_plan(
-    x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, num_windows: int, a_s: float
+    x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, num_windows: int | torch.SymInt, a_s: float
 ) -> tuple[MergePlan, torch.Tensor]:
     """Similarity-prioritized structure merging: average the ``num_windows`` most uniform 2x2 windows.
 
     Args:
         x: ``[B, N, C]`` the block's attention input (image tokens after ``norm1`` modulation).
         li: ``[B, N]`` int32 "not attended" counter.
-        num_windows: windows to merge, ``k`` (a static int; each removes 3 tokens).
+        num_windows: windows to merge, ``k`` (an int, or a symbolic size: ``plan_count``; each removes 3 tokens).
         a_s: weight of the window's mean ``li / mean(li)`` in its score.
 
     Score of a window = mean of its 4x4 cosine-similarity matrix (the release includes the diagonal) +
@@ -89,7 +90,7 @@ def ssm_plan(
     batch, n = li.shape
     win = window_token_index(grid_h, grid_w, x.device)  # [G, 4]
     left = leftover_token_index(grid_h, grid_w, x.device)  # [L]
-    g, k = win.shape[0], int(num_windows)
+    g, k = win.shape[0], plan_count(num_windows)
     if not 0 <= k <= g:
         raise ValueError(f"SSM cannot merge {k} of {g} windows")
     xw = unit_tokens(x)[:, win]  # [B, G, 4, C]
@@ -116,14 +117,14 @@ def ssm_plan(
 
 @plan_method("idm")
 def idm_plan(
-    x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, num_sources: int
+    x: torch.Tensor, li: torch.Tensor, grid_h: int, grid_w: int, num_sources: int | torch.SymInt
 ) -> tuple[MergePlan, torch.Tensor]:
     """Inattentive-prioritized detail merging (the release's "FIDM"): merge ``num_sources`` tokens.
 
     Args:
         x: ``[B, N, C]`` the block's attention input.
         li: ``[B, N]`` int32 "not attended" counter.
-        num_sources: sources to merge, ``r`` (a static int).
+        num_sources: sources to merge, ``r`` (an int, or a symbolic size: ``plan_count``).
 
     Each 2x2 window's destination is its token with the largest ``li`` (ties: the first); the rest is
     :func:`bipartite_plan`. As in the release's ``FIDM``, a source's score is its best similarity alone: ``li``
