@@ -308,7 +308,8 @@ def write_front(report: dict[str, Any], out_dir: str | Path, results_dir: str | 
         f"{settings['steps']} steps, guidance {settings['guidance_scale']}; speed: median of {settings['runs']} timed "
         "generations after a warm-up, round-robin with plain torch.compile (Inductor) in the same phase (ours, then "
         f"the peers); quality: {settings['samples_per_set']} images in each of 2 seed sets (seeds "
-        f"{settings['seed_sets']}), generated through each configuration's eager path. SWD: sliced Wasserstein "
+        f"{' and '.join(f'{first}-{last}' for first, last in settings['seed_sets'])}), generated through each "
+        "configuration's eager path. SWD: sliced Wasserstein "
         "distance (x 1e3) on Laplacian-pyramid patches to as many real held-out crops; *added* is the "
         "configuration's minus the unmerged model's, per seed set, averaged; *spread* is how far the two seed sets "
         "disagree on it.",

@@ -55,6 +55,7 @@ def test_a_front_run_times_measures_and_writes_its_page(tmp_path):
     assert json.loads((out / "front.json").read_text())["kind"] == "front"
     page = (out / "index.md").read_text()
     assert "| sdtm[staggered] |" in page and "On the front (by psnr)" in page
+    assert "2 images in each of 2 seed sets (seeds 0-1 and 2-3)" in page
     # scripts/front.py --redraw writes the page and picture again from front.json alone
     (out / "index.md").unlink()
     (out / "front.png").unlink()
