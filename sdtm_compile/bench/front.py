@@ -253,10 +253,10 @@ def _draw(report: dict[str, Any], path: Path) -> None:
         # each panel's front by its own measure (the report's ``on_front`` is by the front measure)
         on_front = {p["name"]: p["on_front"] for p in front_points(copy.deepcopy(points), measure)}
         front = sorted((p for p in points if on_front[p["name"]]), key=lambda p: p["speedup"])
-        # identical images (PSNR inf) are drawn on a line above every finite value
-        identical = max((q["quality"][measure] for q in points if math.isfinite(q["quality"].get(measure, 0))),
-                        default=0) + 2  # fmt: skip
-        if measure == "psnr" and any(math.isinf(p["quality"].get(measure, 0)) for p in points):
+        # identical images (PSNR inf) are drawn on a line above every finite value (the PSNR panel only)
+        values = [q["quality"].get(measure, math.nan) for q in points] if measure == "psnr" else []
+        identical = max((v for v in values if math.isfinite(v)), default=0) + 2
+        if any(math.isinf(v) for v in values):
             ax.axhline(identical, color="#bbbbbb", ls="--", lw=1, zorder=0)
             ax.annotate(
                 "identical to the unmerged model (PSNR inf)", (1.0, identical), xycoords=("axes fraction", "data"),
