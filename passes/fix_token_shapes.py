@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Callable
 
 import torch
 from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from ._graph import node_shape
+from sdtm_compile.core.ops import sdtm_merge
+
+from ._graph import copy_location, node_shape
 from .find_blocks import FALLBACK_HINT
 from .insert_merge import block_token_counts, merged_blocks, merged_branch_names
 from .settings import PassSettings
@@ -50,6 +53,8 @@ def _split_args(node: fx.Node, mapping: dict[int, int]) -> tuple | None:
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     old = node_shape(source)
     if old is None or not isinstance(sizes, (list, tuple)) or old[dim] not in mapping:
+        return None
+    if not all(isinstance(size, int) for size in sizes):  # computed sizes (dynamic counts): rewritten already
         return None
     total = mapping[old[dim]]
     new = list(sizes)
@@ -182,6 +187,43 @@ def _propagate_changed(gm: fx.GraphModule, example_inputs: list[torch.Tensor], c
         node.meta["val"] = node.meta["example_value"] = result
 
 
+def _symbolic(old: object, new: object, symbols: dict[int, Callable[[], fx.Node]]) -> object:
+    """``new`` (rewritten args) with every int the rewrite changed replaced by the graph node that computes it."""
+    if isinstance(old, (tuple, list)) and isinstance(new, (tuple, list)) and len(old) == len(new):
+        return type(new)(_symbolic(o, n, symbols) for o, n in zip(old, new))
+    if isinstance(old, slice) and isinstance(new, slice):
+        return slice(*(_symbolic(getattr(old, a), getattr(new, a), symbols) for a in ("start", "stop", "step")))
+    if isinstance(new, int) and not isinstance(new, bool) and new != old and new in symbols:
+        return symbols[new]()
+    return new
+
+
+def _size_nodes(gm: fx.GraphModule, nodes: list[fx.Node], mapping: dict[int, int], text_tokens: int | None):
+    """Dynamic counts: ``{merged count: () -> node reading it}`` for a branch, from the length of the merge that
+    feeds it (``M``, and ``M + T`` for a joint axis); the nodes are made on first use, right after the merge."""
+    merge = next(a for node in nodes for a in node.all_input_nodes if a.target is sdtm_merge)
+    made: dict[str, fx.Node] = {}
+
+    def merged() -> fx.Node:
+        if "m" not in made:
+            with gm.graph.inserting_after(merge):
+                length = gm.graph.call_function(torch.ops.aten.sym_size.int, (merge, 1))
+            made["m"] = copy_location(length, merge, "plan")
+        return made["m"]
+
+    def joint() -> fx.Node:
+        if "mt" not in made:
+            with gm.graph.inserting_after(merged()):
+                made["mt"] = copy_location(gm.graph.call_function(operator.add, (merged(), text_tokens)), merge, "plan")
+        return made["mt"]
+
+    n, m = next(iter(mapping.items()))
+    symbols: dict[int, Callable[[], fx.Node]] = {m: merged}
+    if text_tokens is not None:
+        symbols[m + text_tokens] = joint
+    return symbols
+
+
 def _merged_regions(sites: ModelSites, settings: PassSettings):
     """``(branch nodes, {old token count: merged count})`` of every merged branch of the engine."""
     per_block = block_token_counts(sites, settings)
@@ -213,11 +255,16 @@ def fix_token_shapes(
     """Rewrite token-count constants in the engine's merged branches
     (:meth:`~sdtm_compile.core.method.TokenMethod.merged_branches`)."""
     changed: list[str] = []
+    dynamic = settings.method.dynamic_counts
     for nodes, mapping in _merged_regions(sites, settings):
+        symbols = None
         for node in nodes:
             args = _rewritten_args(node, mapping)
             if args is not None:
-                node.args = args
+                if dynamic:  # the count is an input: sizes computed from the merged length, not constants
+                    symbols = symbols or _size_nodes(gm, nodes, mapping, sites.text_tokens)
+                    args = _symbolic(node.args, args, symbols)  # type: ignore[assignment]
+                node.args = args  # type: ignore[assignment]
                 changed.append(node.name)
     gm.recompile()
     logger.debug("fix_token_shapes: %s: rewrote %d nodes %s", settings.key, len(changed), changed[:8])

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import operator
 
+import torch
 from torch import fx
 
+from sdtm_compile.core.counts import count_input_name
 from sdtm_compile.core.ops import PLAN_OUTPUTS, sdtm_merge, sdtm_plan, sdtm_unmerge
 from sdtm_compile.core.schedule import EngineKey, TokenCounts
 
@@ -81,15 +83,27 @@ def insert_merge_nodes(
     graph = gm.graph
     merged = settings.method.merged_branches(key.stage, sites.family)
     plans: dict[int, list[fx.Node]] = {}  # block index -> its plan's parts, in sdtm_merge's order
-    counts: list[int] = []  # each plan's static count
+    counts: list[int] = []  # each plan's count (with dynamic counts: at the key the graph is rewritten for)
+    count_inputs = _add_count_inputs(gm, sites, settings)
     for block, source in zip(sites.blocks, sources):
         if source is None:
             continue
         if source == block.index:
             spec = settings.method.plan_spec(keys[block.index], grid_h, grid_w)
             counts.append(spec.count)
-            with graph.inserting_after(block.plan_input):
-                plan = graph.call_function(sdtm_plan, (block.plan_input, li, grid_h, grid_w, *spec))
+            count: int | fx.Node = spec.count
+            anchor = block.plan_input
+            if count_inputs:  # the plan reads its count from its count input's length, N - count (core.counts)
+                with graph.inserting_after(anchor):
+                    length = graph.call_function(torch.ops.aten.sym_size.int, (count_inputs[block.index], 0))
+                with graph.inserting_after(length):
+                    count = anchor = graph.call_function(operator.sub, (sites.num_tokens, length))
+                for node in (length, count):
+                    copy_location(node, block.plan_input, "plan")
+            with graph.inserting_after(anchor):
+                plan = graph.call_function(
+                    sdtm_plan, (block.plan_input, li, grid_h, grid_w, spec.method, count, spec.options)
+                )
             parts, last = {}, plan
             for index, name in enumerate(PLAN_OUTPUTS):  # every part; a method without one returns None there
                 with graph.inserting_after(last):
@@ -113,6 +127,21 @@ def insert_merge_nodes(
         len(sites.blocks),
     )
     return gm, sites
+
+
+def _add_count_inputs(gm: fx.GraphModule, sites: ModelSites, settings: PassSettings) -> dict[int, fx.Node]:
+    """With dynamic counts: the count inputs ``sdtm_count_<j>`` after the graph's inputs, and which one each
+    planning block reads (block index -> placeholder); else nothing."""
+    if not settings.method.dynamic_counts:
+        return {}
+    slots = settings.method.count_slots([block.kind for block in sites.blocks], settings.key, sites.grid)
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    inputs: list[fx.Node] = []
+    for slot in range(1 + max((s for s in slots if s is not None), default=-1)):
+        with gm.graph.inserting_after(last):
+            last = gm.graph.placeholder(count_input_name(slot))
+        inputs.append(last)
+    return {index: inputs[slot] for index, slot in enumerate(slots) if slot is not None}
 
 
 def block_plans(sites: ModelSites, settings: PassSettings) -> list[int | None]:

@@ -1,10 +1,11 @@
 """TensorRT-readiness lint: every aten op of a bucket graph against torch-tensorrt 2.13's converters.
 
 A check on an aten graph, not a pass: it changes nothing. TensorRT cannot be installed on our CI machines,
-so this is how we know a bucket graph will convert: lower it
-to aten ops exactly as torch-tensorrt's backend sees them (``make_fx`` with node metadata preserved, so every
-finding names its source module) and check each op against the rules below, read from torch-tensorrt
-2.13's ``aten_ops_converters.py`` and ``lowering/_decompositions.py``.
+so this is how we know a bucket graph will convert: lower it to aten ops exactly as torch-tensorrt's backend sees
+them (``make_fx`` with node metadata preserved, so every finding names its source module; a count input's length
+symbolic within its range, as a TensorRT shape profile) and check each op against the rules below, read from
+torch-tensorrt 2.13's ``aten_ops_converters.py`` and ``lowering/_decompositions.py``. The ops a dynamic count adds
+(``aten.sym_size.int``, ``operator.sub`` / ``mul`` / ``add`` / ``floordiv`` on sizes) have converters there.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+from sdtm_compile.core.counts import size_only_inputs, trace_with_symbolic_counts
 
 from ._graph import module_stack
 
@@ -125,7 +129,10 @@ def _max_dim(node):
 
 
 def to_aten(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> fx.GraphModule:
-    """Lower a torch-level graph to aten ops with fake tensors, keeping every node's module stack."""
+    """Lower a torch-level graph to aten ops with fake tensors, keeping every node's module stack (a graph with
+    count inputs: their lengths symbolic, as its engine is built; :mod:`sdtm_compile.core.counts`)."""
+    if size_only_inputs(gm):
+        return trace_with_symbolic_counts(gm, example_inputs)
     from torch.fx import traceback as fx_traceback
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -145,7 +152,9 @@ def lint_report(aten_gm: fx.GraphModule) -> list[LintFinding]:
             continue
         check = RULES.get(node.target)
         verdict = check(node) if check else None
-        if any(isinstance(s, torch.SymInt) for s in (_shape(node) or ())):
+        # A count input's length is a backed symbol with a range (a TensorRT shape profile); an unbacked one is a
+        # shape read from data, which TensorRT cannot build
+        if free_unbacked_symbols(_shape(node) or ()):
             verdict = verdict or ("error", "data-dependent (symbolic) output shape")
         if verdict is not None:
             stack = module_stack(node)

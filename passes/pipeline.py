@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from sdtm_compile.core.counts import count_tensors
 from sdtm_compile.core.method import TokenMethod
 from sdtm_compile.core.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
 from sdtm_compile.core.schedule import EngineKey, Stage
@@ -298,7 +299,16 @@ def _check_shapes(
         merged = merged_branch_names(sites, settings)
         blocks = merged_blocks(sites, settings)
         changed |= {n for block in blocks for _, branch in block.branches_named(merged) for n in branch.nodes}
-    propagate_shapes(out, [*inputs, *state], changed)
+    kinds = [block.kind for block in sites.blocks]
+    if settings.method.dynamic_counts and settings.key.stage is not Stage.FULL:
+        # Dynamic counts: the graph must type-check at both ends of its count range (a count left baked in as a
+        # constant fits one of them at most); the representative's counts go last, they are what regions record.
+        lowest, _ = settings.method.count_range(kinds, settings.key, sites.grid)
+        propagate_shapes(out, [*inputs, *state, *count_tensors(lowest, sites.num_tokens)], changed)
+        counts = settings.method.plan_counts(kinds, settings.key, sites.grid)
+        propagate_shapes(out, [*inputs, *state, *count_tensors(counts, sites.num_tokens)], changed)
+    else:
+        propagate_shapes(out, [*inputs, *state], changed)
     after = _output_shapes(out)
     expected = [*before, *signature.output_shapes()]
     if after != expected or state_outputs(out) != list(signature.names):

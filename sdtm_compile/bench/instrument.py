@@ -19,6 +19,7 @@ from torch import fx
 
 from ..compiler.buckets import BucketGraphs
 from ..core.config import MethodConfig
+from ..core.counts import count_tensors
 from ..core.ops import sdtm_merge, sdtm_plan, sdtm_unmerge
 from ..core.schedule import EngineKey
 from .config import BenchConfig
@@ -64,8 +65,10 @@ class CapturedBucketGraphs:
         """FLOPs of one call of ``key``'s bucket graph (a :class:`~sdtm_compile.bench.flops.FlopCount`)."""
         if (key, config) not in self._flops:
             with torch.no_grad():
-                # every state input of the contract (the fusion cache too), fresh
-                count, _ = count_flops(self.graph(key, config), *self.flat, *self.buckets(config).new_state())
+                # every state input of the contract (the fusion cache too), fresh; with exact counts, key's counts
+                buckets = self.buckets(config)
+                counts = count_tensors(buckets.plan_counts(key), buckets.sites.num_tokens)
+                count, _ = count_flops(self.graph(key, config), *self.flat, *buckets.new_state(), *counts)
             self._flops[(key, config)] = count
         return self._flops[(key, config)]
 

@@ -203,18 +203,20 @@ class SDTMBackend:
         engines, names, resuming = {}, {}, set()
         total = time.perf_counter()
         for bucket in graphs:
-            rewritten, inputs = bucket.graph, engine_inputs
-            tail = None if first_block is None else self._resuming(bucket, first_block, engine_inputs)
+            rewritten, inputs = bucket.graph, buckets.engine_inputs(bucket.keys[0])  # + count inputs, if dynamic
+            tail = None if first_block is None else self._resuming(bucket, first_block, inputs)
             if tail is not None:
                 (rewritten, inputs), resuming = tail, resuming | set(bucket.keys)
             counts = bucket.counts
+            low, high = buckets.count_range(bucket.keys[0])
             logger.info(
-                "%s %s (attention %d, FF %d of %d image tokens) with %s",
+                "%s %s (attention %d, FF %d of %d image tokens%s) with %s",
                 "preparing" if self.settings.regional else "building",
                 ", ".join(map(str, bucket.keys)),
                 counts.attention,
                 counts.feed_forward,
                 counts.tokens,
+                f"; plan counts from {list(low)} to {list(high)}, one engine" if high else "",
                 order[0],
             )
             if self.settings.regional:

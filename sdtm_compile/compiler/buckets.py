@@ -6,7 +6,9 @@ schedule can reach". This class owns that list and its policies, so they cannot 
 * the keys: the method's :meth:`~sdtm_compile.core.method.TokenMethod.engines_for_trajectory`, plus ``FULL``
   first when asked (export and lint always include the unmerged graph; the backend builds it only when the
   schedule reaches it), no key twice;
-* sharing: keys whose token counts are equal on this grid are the same graph, rewritten (and built) once;
+* sharing: keys whose token counts are equal on this grid are the same graph, rewritten (and built) once; with
+  dynamic counts (``SDTMConfig(counts="exact")``) one graph per stage, whose count inputs follow the engine
+  contract's state (:mod:`sdtm_compile.core.counts`);
 * the engine contract (:attr:`BucketGraphs.signature`): built once from the method and the model's layout, the
   same for every graph;
 * the rewrite (:func:`~sdtm_compile.passes.rewrite_for_engine`) from sites found once on the traced graph.
@@ -22,8 +24,9 @@ import torch
 from torch import fx
 
 from ..core.config import MethodConfig
+from ..core.counts import example_count_tensor, reachable_counts
 from ..core.method import TokenMethod, method_for
-from ..core.schedule import FULL, EngineKey, TokenCounts, resolve_for_model
+from ..core.schedule import FULL, EngineKey, Stage, TokenCounts, resolve_for_model
 from ..core.signature import EngineSignature
 from ..passes import (
     FALLBACK_HINT,
@@ -107,9 +110,38 @@ class BucketGraphs:
         """The method's fresh state (SDTM: the ``li`` counter), ``[B, N]`` int32 on the latent's device."""
         return self.signature["li"].fresh(self.latent.device)
 
-    def engine_inputs(self) -> list[torch.Tensor]:
-        """What every engine takes: the traced graph's inputs and a fresh carried state."""
-        return [*self.example_inputs, *self.new_state()]
+    def engine_inputs(self, key: EngineKey | None = None) -> list[torch.Tensor]:
+        """What every engine takes: the traced graph's inputs and a fresh carried state; with dynamic counts and a
+        merged ``key``, then the count inputs at ``key``'s counts (:mod:`sdtm_compile.core.counts`)."""
+        return [*self.example_inputs, *self.new_state(), *self.count_inputs(key)]
+
+    def count_inputs(self, key: EngineKey | None) -> list[torch.Tensor]:
+        """The count inputs to build the engine of ``key`` with, at ``key``'s counts, each naming every count of its
+        stage (:func:`~sdtm_compile.core.counts.example_count_tensor`; none with static buckets, or for ``FULL``)."""
+        if key is None or not self.method.dynamic_counts or key.stage is Stage.FULL:
+            return []
+        low, high = self.count_range(key)
+        return [
+            example_count_tensor(count, reachable_counts(lo, hi), self.sites.num_tokens, self.latent.device)
+            for count, lo, hi in zip(self.plan_counts(key), low, high)
+        ]
+
+    def plan_counts(self, key: EngineKey) -> tuple[int, ...]:
+        """Each count input's count at the schedule's ``key`` (empty with static buckets)."""
+        if not self.method.dynamic_counts or key.stage is Stage.FULL:
+            return ()
+        return self.method.plan_counts(self.kinds, key, self.sites.grid)
+
+    def count_range(self, key: EngineKey) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(smallest, largest)`` count of each count input of the engine of ``key`` over its stage."""
+        if not self.method.dynamic_counts or key.stage is Stage.FULL:
+            return (), ()
+        return self.method.count_range(self.kinds, key, self.sites.grid)
+
+    @property
+    def kinds(self) -> list[str]:
+        """Each block's kind (``joint``, ``double``, ``single``), in model order."""
+        return [block.kind for block in self.sites.blocks]
 
     def counts(self, key: EngineKey) -> TokenCounts:
         """Image tokens each part of a merged block sees in the engine of ``key``."""
@@ -122,6 +154,8 @@ class BucketGraphs:
         return self.method.block_token_counts(kinds, key, self.sites.grid, self.sites.family)
 
     def _graph_id(self, key: EngineKey) -> tuple:
+        if self.method.dynamic_counts and key.stage is not Stage.FULL:  # one graph per stage serves every count
+            return (key.stage, "dynamic counts")
         return (key.stage, self.block_counts(key))
 
     def graph(self, key: EngineKey) -> RewrittenGraph:
@@ -129,6 +163,7 @@ class BucketGraphs:
         graph_id = self._graph_id(key)
         rewritten = self._rewritten.get(graph_id)
         if rewritten is None:
+            key = self.method.engine_of(key)  # dynamic counts: the stage's engine, whatever step's key asks
             settings = PassSettings(self.config, key, self.signature)
             rewritten = rewrite_for_engine(self.traced, self.example_inputs, settings, sites=self.sites)
             self._rewritten[graph_id] = rewritten

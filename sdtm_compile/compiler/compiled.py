@@ -10,8 +10,9 @@ from typing import Any, NamedTuple
 import torch
 
 from ..core.config import MethodConfig
+from ..core.counts import count_tensors
 from ..core.method import method_for
-from ..core.schedule import EngineKey, TokenCounts
+from ..core.schedule import EngineKey, Stage, TokenCounts
 from ..core.signature import EngineSignature, EngineState
 from ..passes import ModelSites
 from ..runtime import FirstBlockCacheConfig, FirstBlockCalls, StageDispatcher
@@ -43,7 +44,7 @@ class FirstBlockEngines(NamedTuple):
 
 
 class SDTMCompiledGraph:
-    """One engine per (stage, bucket) and the dispatcher between them.
+    """One engine per (stage, bucket) - with dynamic counts one per stage - and the dispatcher between them.
 
     Calling it with the graph's inputs reads the timestep, picks the engine, runs it with the engine state
     (:attr:`signature`) and returns the graph's outputs. ``engines``, ``dispatcher`` and ``signature`` are public
@@ -69,6 +70,7 @@ class SDTMCompiledGraph:
         self.config = config
         self.signature = signature
         self.dispatcher = StageDispatcher(config, history=history, step_cache=step_cache)
+        self.method = method_for(config)
         #: first-block cache: its head and out engines (:mod:`sdtm_compile.runtime.step_cache`); ``None`` without one
         self.first_block = first_block
         #: first-block cache: the keys whose engine starts from the head's first-block outputs (its first block runs
@@ -103,15 +105,17 @@ class SDTMCompiledGraph:
         signature = self.signature
 
         def call(key: EngineKey, state: EngineState) -> tuple[Any, EngineState]:
-            engine = self.engines.get(key)
+            engine = self.engines.get(self.method.engine_of(key))
             if engine is None:
                 raise KeyError(f"no engine was built for {key}; built: {sorted(map(str, self.engines))}")
-            return signature.split(engine(*args, *signature.engine_inputs(state)))
+            return signature.split(engine(*args, *signature.engine_inputs(state), *self.count_inputs(key, latent)))
 
         def rest(key: EngineKey, state: EngineState, outputs: tuple[torch.Tensor, ...]) -> Any:
-            if key not in self.resuming:
+            served = self.method.engine_of(key)
+            if served not in self.resuming:
                 return None
-            return signature.split(self.engines[key](*args, *signature.engine_inputs(state), *outputs))
+            counts = self.count_inputs(key, latent)
+            return signature.split(self.engines[served](*args, *signature.engine_inputs(state), *counts, *outputs))
 
         first_block = None
         if self.first_block is not None:
@@ -124,6 +128,15 @@ class SDTMCompiledGraph:
         return self.dispatcher.run(
             timestep, ("graph", id(self)), signature, latent.device, call, first_block=first_block
         )
+
+    def count_inputs(self, key: EngineKey, like: torch.Tensor) -> list[torch.Tensor]:
+        """With dynamic counts: the count inputs of ``key``'s step, on ``like``'s device (none for ``FULL`` or with
+        static buckets; :mod:`sdtm_compile.core.counts`)."""
+        if not self.method.dynamic_counts or key.stage is Stage.FULL:
+            return []
+        kinds = [block.kind for block in self.sites.blocks]
+        counts = self.method.plan_counts(kinds, key, self.sites.grid)
+        return count_tensors(counts, self.sites.num_tokens, like.device)
 
     def reset(self) -> None:
         """Forget the default generation state explicitly (``generation`` contexts keep theirs)."""

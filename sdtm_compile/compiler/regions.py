@@ -20,9 +20,10 @@ inputs and outputs are the bucket graph's, so it drops in where the whole-graph 
 building: region inputs are made from the fake-tensor shapes the passes recorded, and every engine checks the
 strides it is called with (Inductor asserts them), so a mismatch is an error, never a silent wrong result.
 
-What this does not do: share regions across *models* (the engine cache does that, keyed by the region's code),
-or make the token count a dynamic dimension (one engine for all buckets of a stage; TensorRT and Inductor both
-generate better kernels for static sizes, and the design asks for static shapes per engine: docs/design.md).
+With dynamic counts (``SDTMConfig(counts="exact")``) a merged part takes its plan's count input
+(:mod:`sdtm_compile.core.counts`) and is built once for every count; its signature names the lengths it serves,
+not the example's, so every block serving the same counts shares it. What this does not do: share regions across
+*models* (the engine cache does that, keyed by the region's code).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.split_module import split_module
 
+from ..core.counts import served_lengths, size_only_inputs
 from ..core.ops import sdtm_merge, sdtm_plan
 from ..passes import RewrittenGraph, module_stack
 
@@ -65,8 +67,10 @@ def region_partitions(rewritten: RewrittenGraph) -> dict[fx.Node, int]:
             label: tuple = ("glue", blocks_seen)
         else:
             blocks_seen = max(blocks_seen, block + 1)
-            planning = node.target is sdtm_plan or (
-                node.target is operator.getitem and getattr(node.args[0], "target", None) is sdtm_plan
+            planning = (
+                node.target is sdtm_plan
+                or (node.target is operator.getitem and getattr(node.args[0], "target", None) is sdtm_plan)
+                or node.meta.get("sdtm") == "plan"  # what the passes placed with the plan (its count input read)
             )
             if node.target is sdtm_merge:
                 merged_started.add(block)
@@ -123,10 +127,13 @@ def _canonical(sub: fx.GraphModule, inputs: list[Any]) -> tuple[fx.GraphModule, 
 
 
 def _signature(region: fx.GraphModule, inputs: list[torch.Tensor]) -> str:
-    """What makes two regions the same engine: canonical code, input layouts, constant values."""
+    """What makes two regions the same engine: canonical code, input layouts (for a count input, the lengths it
+    serves, not its example length), constant values."""
     digest = hashlib.sha256(region.code.encode())
-    for value in inputs:
-        digest.update(repr((tuple(value.shape), value.stride(), value.dtype, value.device.type)).encode())
+    counts = set(size_only_inputs(region))
+    for position, value in enumerate(inputs):
+        shape = ("count", served_lengths(value)) if position in counts else tuple(value.shape)
+        digest.update(repr((shape, value.stride(), value.dtype, value.device.type)).encode())
     for node in region.graph.nodes:
         if node.op == "get_attr":
             constant = getattr(region, str(node.target))

@@ -202,12 +202,12 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict: ``method``, then every field (tuples become lists, the scheduler settings a dict);
-        ``blocks`` only when it is not the default ``"all"``."""
+        ``blocks`` only when it is not the default ``"all"``, SDTM's ``counts`` only when not ``"buckets"``."""
         out: dict[str, object] = {"method": self.method}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "blocks" and value == "all":
-                continue  # the default leaves records and manifests written before block schedules unchanged
+            if (f.name, value) in (("blocks", "all"), ("counts", "buckets")):
+                continue  # the defaults leave records and manifests written before these fields unchanged
             out[f.name] = (
                 dict(value)
                 if f.name == "scheduler" and value is not None

@@ -127,7 +127,47 @@ class TokenMethod:
 
     def engines_for_steps(self, num_steps: int) -> list[EngineKey]:
         """The distinct engines a generation of ``num_steps`` steps uses (positions ``s / (S-1)``), sorted."""
-        return sorted({self.engine_key_at(position_at_step(s, num_steps)) for s in range(num_steps)})
+        return sorted({self.engine_of(self.engine_key_at(position_at_step(s, num_steps))) for s in range(num_steps)})
+
+    # -- exact counts: one engine per stage, the merged count an input (see docs/design.md) --------------------
+
+    @property
+    def dynamic_counts(self) -> bool:
+        """The engines take each plan's count as an input (``[k]`` count tensors) instead of baking a bucket's:
+        one engine per stage serves every exact count of the schedule. Default: no (static buckets)."""
+        return False
+
+    def engine_of(self, key: EngineKey) -> EngineKey:
+        """The key of the engine that serves the schedule's ``key`` (with static buckets: ``key`` itself)."""
+        return key
+
+    def count_slots(self, kinds: Sequence[str], key: EngineKey, grid: tuple[int, int]) -> list[int | None]:
+        """Per block of the engine of ``key``: which count input its plan reads (``None``: it makes no plan). Blocks
+        at the same fraction of the step's ratio share one input, numbered in block order."""
+        sources = self.plan_sources(kinds, key, grid)
+        fractions = block_fractions(self.config.blocks, len(kinds))
+        slots: dict[float, int] = {}
+        return [
+            slots.setdefault(fraction, len(slots)) if source == index else None
+            for index, (source, fraction) in enumerate(zip(sources, fractions))
+        ]
+
+    def plan_counts(self, kinds: Sequence[str], key: EngineKey, grid: tuple[int, int]) -> tuple[int, ...]:
+        """The count of each count input (:meth:`count_slots`) at the schedule's ``key``: what the dispatcher feeds
+        an engine with dynamic counts for that step (each plan's :meth:`plan_spec` count)."""
+        counts: dict[int, int] = {}
+        for block_key, slot in zip(self.block_keys(kinds, key, grid), self.count_slots(kinds, key, grid)):
+            if slot is not None:
+                counts.setdefault(slot, self.plan_spec(block_key, *grid).count)
+        return tuple(counts[slot] for slot in range(len(counts)))
+
+    def count_range(
+        self, kinds: Sequence[str], key: EngineKey, grid: tuple[int, int]
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(smallest, largest)`` count of each count input over every step the engine of ``key`` serves.
+        Default: the counts of ``key`` itself (a method whose counts vary per step overrides it)."""
+        counts = self.plan_counts(kinds, key, grid)
+        return counts, counts
 
     # -- the plan -------------------------------------------------------------------------------------------------
 

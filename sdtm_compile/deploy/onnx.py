@@ -32,6 +32,8 @@ from torch import fx, nn
 from .._version import __version__
 from ..compiler import BucketGraphs, capture_dynamo_graph
 from ..core.config import MethodConfig
+from ..core.counts import example_count_tensor, served_lengths, size_only_inputs
+from ..core.schedule import EngineKey, Stage
 from ..engines import sha256_file
 from .bundle import FORMAT_VERSION, MANIFEST, MODEL_FILE, manifest_state
 from .weights import ENGINE_INPUT, WEIGHTS_FILE, WeightsFile, combine_buckets
@@ -47,24 +49,36 @@ def _input_name(placeholder: str) -> str:
 
 
 class _BucketModule(nn.Module):
-    """A rewritten bucket graph with its weights as buffers: ``(model inputs..., state...) -> (sample, state...)``."""
+    """A rewritten bucket graph with its weights as buffers:
+    ``(model inputs..., state..., count inputs...) -> (sample, state...)``.
 
-    def __init__(self, gm: fx.GraphModule, flat: list[torch.Tensor], input_positions: list[int], state: int) -> None:
+    With exact counts every graph of a bundle takes the same ``counts`` count inputs (their ONNX graphs must have
+    the same inputs to be combined); a graph that plans with fewer (the unmerged one: none) ignores the rest.
+    """
+
+    def __init__(
+        self, gm: fx.GraphModule, flat: list[torch.Tensor], input_positions: list[int], state: int, counts: int = 0
+    ) -> None:
         super().__init__()
         self.gm = gm
         self.input_positions = input_positions
         self.state = state  # carried state inputs after the model's
+        self.counts = counts  # count inputs after the state
+        self.used_counts = len(size_only_inputs(gm))
         self.constant_positions = [i for i in range(len(flat)) if i not in input_positions]
         for number, position in enumerate(self.constant_positions):
             self.register_buffer(f"w{number}", flat[position].detach(), persistent=True)
 
-    def forward(self, *model_inputs_and_state: torch.Tensor):
+    def forward(self, *inputs: torch.Tensor):
         args: list[Any] = [None] * (len(self.constant_positions) + len(self.input_positions))
         for number, position in enumerate(self.constant_positions):
             args[position] = getattr(self, f"w{number}")
-        for value, position in zip(model_inputs_and_state[: -self.state], self.input_positions):
+        model_inputs = len(self.input_positions)
+        for value, position in zip(inputs[:model_inputs], self.input_positions):
             args[position] = value
-        return tuple(self.gm(*args, *model_inputs_and_state[-self.state :]))
+        state = inputs[model_inputs : model_inputs + self.state]
+        counts = inputs[model_inputs + self.state :][: self.used_counts]
+        return tuple(self.gm(*args, *state, *counts))
 
 
 def _spec(name: str, tensor: torch.Tensor) -> dict[str, Any]:
@@ -90,7 +104,9 @@ def export_onnx(
         example_inputs: the transformer's keyword inputs with the batch size and resolution to deploy (shapes
             are static, as in the compiled backend): ``hidden_states``, ``encoder_hidden_states``,
             ``pooled_projections``, ``timestep``; for Flux also ``img_ids``, ``txt_ids`` and (FLUX.1-dev)
-            ``guidance``. Every tensor input becomes an input of every ONNX graph.
+            ``guidance``. Every tensor input becomes an input of every ONNX graph. With ``counts="exact"`` every
+            graph also takes the count inputs ``count_<j>`` (``uint8``, length ``N - count``, a dynamic axis;
+            :mod:`sdtm_compile.core.counts`): the manifest's ``count_inputs``, and each engine's ``plan_counts``.
         config: the method's configuration (SDTM's or another method's); its schedule decides which engines are
             exported. The manifest stores it (with its ``method`` name) with the model's timestep mapping filled in
             (``resolve_for_model``). Bundles carry the method's state only: a configuration whose extensions add
@@ -116,6 +132,7 @@ def export_onnx(
             "export without those options, or run them in the compiled backend (torch.compile(..., "
             "backend='sdtm'))"
         )
+    count_inputs = _count_inputs(buckets)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     constants = {id(t) for t in (*transformer.parameters(), *transformer.buffers())}
@@ -134,8 +151,15 @@ def export_onnx(
             bucket = buckets.distinct_graph(keys)
             logger.info("exporting %d/%d: %s ...", number + 1, len(groups), ", ".join(map(str, keys)))
             start = time.perf_counter()
-            module = _BucketModule(bucket.graph.gm, flat, input_positions, len(signature.inputs)).eval()
-            args = tuple(flat[i] for i in input_positions) + tuple(buckets.new_state())
+            module = _BucketModule(
+                bucket.graph.gm, flat, input_positions, len(signature.inputs), len(count_inputs)
+            ).eval()
+            counts = _count_examples(buckets, keys[0], count_inputs)
+            args = tuple(flat[i] for i in input_positions) + tuple(buckets.new_state()) + tuple(counts)
+            dynamic = [None] * (len(args) - len(counts)) + [
+                {0: torch.export.Dim(spec["name"], min=min(lengths), max=max(lengths))} if len(lengths) > 1 else None
+                for spec, lengths in zip(count_inputs, map(served_lengths, counts))
+            ]
             scratch = Path(tmp) / f"{number}.onnx"
             with _quiet("onnx_ir", "onnxscript", "torch.onnx"):
                 torch.onnx.export(
@@ -144,12 +168,14 @@ def export_onnx(
                     str(scratch),
                     dynamo=True,
                     opset_version=opset,
-                    input_names=[*input_names, *(t.name for t in signature.inputs)],
+                    input_names=[*input_names, *(t.name for t in signature.inputs), *(c["name"] for c in count_inputs)],
+                    dynamic_shapes=(tuple(dynamic),) if count_inputs else None,  # forward(*inputs): one tuple
                     output_names=["sample", *(spec["output"] for spec in manifest_state(signature))],
                     external_data=True,
                     verbose=False,
                 )
             graph = onnx.load(str(scratch), load_external_data=False)
+            _name_count_axes(graph, count_inputs)
             added = weights.externalize(graph, base_dir=Path(tmp))
             for path in Path(tmp).iterdir():  # the scratch copy of the weights: gone before the next graph
                 path.unlink()
@@ -162,15 +188,18 @@ def export_onnx(
                 added / 2**20,
                 WEIGHTS_FILE,
             )
-            counts = bucket.counts
+            token_counts = bucket.counts
             for key in keys:
                 engine = {"key": str(key), "stage": key.stage.value, "bucket": key.bucket, "graph": number}
+                if count_inputs and key.stage is not Stage.FULL:  # the counts this engine serves, per input
+                    low, high = buckets.count_range(key)
+                    engine["plan_counts"] = [[lo, hi] for lo, hi in zip(low, high)]
                 if bucket_graphs:
                     engine["file"] = f"{keys[0].slug}.onnx"
                 engine["tokens"] = {
-                    "image": counts.tokens,
-                    "attention": counts.attention,
-                    "feed_forward": counts.feed_forward,
+                    "image": token_counts.tokens,
+                    "attention": token_counts.attention,
+                    "feed_forward": token_counts.feed_forward,
                 }
                 engines.append(engine)
         stored = weights.bytes
@@ -209,6 +238,9 @@ def export_onnx(
         "engines": engines,
         "files": {name: sha256_file(out / name) for name in files},
     }
+    if count_inputs:
+        manifest["count_inputs"] = count_inputs
+        manifest["block_kinds"] = buckets.kinds
     text = json.dumps(manifest, indent=1, default=str)
     (out / MANIFEST).write_text(text)
     manifest = json.loads(text)  # what a reader of the file sees (tuples become lists)
@@ -220,6 +252,39 @@ def export_onnx(
         time.perf_counter() - started,
     )
     return manifest
+
+
+def _count_inputs(buckets: BucketGraphs) -> list[dict[str, Any]]:
+    """With exact counts: the bundle's count inputs, as the manifest records them (``count_<j>``: a ``uint8``
+    tensor of length ``tokens - count``, :mod:`sdtm_compile.core.counts`); none with static buckets."""
+    if not buckets.method.dynamic_counts:
+        return []
+    number = max((len(buckets.plan_counts(key)) for key in buckets.keys), default=0)
+    tokens = buckets.sites.num_tokens
+    return [
+        {"name": f"count_{j}", "dtype": "uint8", "length": f"{tokens} - count", "tokens": tokens} for j in range(number)
+    ]
+
+
+def _count_examples(buckets: BucketGraphs, key: EngineKey, count_inputs: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """Example count inputs of ``key``'s graph, each naming the lengths it serves; inputs the graph does not read
+    (the unmerged graph reads none) take every length from 2 to the image tokens."""
+    given = buckets.count_inputs(key)
+    tokens = buckets.sites.num_tokens
+    rest = [example_count_tensor(0, range(0, tokens - 1), tokens) for _ in count_inputs[len(given) :]]
+    return [*given, *rest]
+
+
+def _name_count_axes(graph: onnx.ModelProto, count_inputs: list[dict[str, Any]]) -> None:
+    """Every count input's axis is the dynamic axis named after it, in every graph (their inputs must match to be
+    combined). A graph whose count input serves one length was exported with that length baked in: its axis is
+    then only a name, the graph computes nothing from it."""
+    names = {spec["name"] for spec in count_inputs}
+    for value in graph.graph.input:
+        if value.name in names:
+            (axis,) = value.type.tensor_type.shape.dim
+            axis.ClearField("dim_value")
+            axis.dim_param = value.name
 
 
 @contextlib.contextmanager

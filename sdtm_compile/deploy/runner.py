@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..core.config import MethodConfig, config_from_dict
+from ..core.counts import count_tensor
 from ..core.method import method_for
 from ..core.schedule import EngineKey, Stage
 from ..core.signature import EngineState
@@ -90,6 +91,11 @@ class OnnxTransformer(nn.Module):
         self.engine_input = manifest["engine_input"]
         self.graphs = {self._key(e): int(e["graph"]) for e in manifest["engines"]}
         self.dispatcher = StageDispatcher(self.method_config, history=history)
+        self.method = method_for(self.method_config)
+        #: exact counts: the bundle's count inputs (``count_<j>``; :mod:`sdtm_compile.core.counts`), else empty
+        self.count_inputs = [spec["name"] for spec in manifest.get("count_inputs", ())]
+        if self.count_inputs and not self.method.dynamic_counts:
+            raise BundleError(f"{manifest_path}: count inputs without counts='exact' in the config; re-export")
 
     @staticmethod
     def _key(entry: dict[str, Any]) -> EngineKey:
@@ -107,6 +113,18 @@ class OnnxTransformer(nn.Module):
     def sdtm_config(self) -> MethodConfig:
         """The name :attr:`method_config` had when SDTM was the only method (kept for callers of the old name)."""
         return self.method_config
+
+    def _count_feeds(self, key: EngineKey) -> dict[str, np.ndarray]:
+        """Exact counts: the step's count inputs (every input the bundle declares; the unmerged engine reads none and
+        gets count 0)."""
+        if not self.count_inputs:
+            return {}
+        tokens = self.manifest["count_inputs"][0]["tokens"]
+        counts: tuple[int, ...] = ()
+        if key.stage is not Stage.FULL:
+            counts = self.method.plan_counts(self.manifest["block_kinds"], key, tuple(self.manifest["grid"]))
+        counts = (*counts, *[0] * (len(self.count_inputs) - len(counts)))
+        return {name: count_tensor(c, tokens).numpy() for name, c in zip(self.count_inputs, counts)}
 
     def reset(self) -> None:
         """Forget the generation state explicitly."""
@@ -170,12 +188,12 @@ class OnnxTransformer(nn.Module):
         signature = self.signature
 
         def call(key: EngineKey, state: EngineState):
-            graph = self.graphs.get(key)
+            graph = self.graphs.get(self.method.engine_of(key))
             if graph is None:
                 raise BundleError(f"{self.bundle_dir / MANIFEST}: no engine for {key}")
             state_feeds = {t.name: v.numpy() for t, v in zip(signature.inputs, signature.engine_inputs(state))}
             engine = {self.engine_input: np.array([graph], dtype=np.int64)}
-            outputs = self.session.run(None, {**feeds, **state_feeds, **engine})
+            outputs = self.session.run(None, {**feeds, **state_feeds, **self._count_feeds(key), **engine})
             return signature.split([torch.from_numpy(value) for value in outputs])
 
         sample = self.dispatcher.run(

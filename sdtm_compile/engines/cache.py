@@ -105,8 +105,11 @@ class EngineCache:
         buckets it shares with the first.
         """
         # Strides too: a compiled engine asserts the strides it was built for (an expanded timestep has 0).
+        # A count input also names the counts its engine serves (an engine checked for other counts is not this one)
         inputs = [
-            (tuple(t.shape), tuple(t.stride()), str(t.dtype), t.device.type) if isinstance(t, torch.Tensor) else repr(t)
+            (tuple(t.shape), tuple(t.stride()), str(t.dtype), t.device.type, getattr(t, "sdtm_lengths", None))
+            if isinstance(t, torch.Tensor)
+            else repr(t)
             for t in example_inputs
         ]
         payload = json.dumps(

@@ -35,8 +35,11 @@ def compile_job(job_path: str, out_path: str) -> None:
     graph = GraphPickler.loads(pickled_graph, FakeTensorMode(shape_env=ShapeEnv()))
     graph.recompile()
     inputs = [torch.empty_strided(shape, stride, dtype=dtype).zero_() for shape, stride, dtype in layouts]
+    placeholders = [n.meta.get("val") for n in graph.graph.nodes if n.op == "placeholder"]
+    symbolic = any(isinstance(s, torch.SymInt) for v in placeholders if isinstance(v, torch.Tensor) for s in v.shape)
+    dynamic = "from_graph" if symbolic else "from_example_inputs"  # a count input's length stays symbolic
     with torch.no_grad():
-        artifact = standalone_compile(graph, inputs, dynamic_shapes="from_example_inputs", donate_graph_module=True)
+        artifact = standalone_compile(graph, inputs, dynamic_shapes=dynamic, donate_graph_module=True)
     artifact.save(path=out_path)
 
 

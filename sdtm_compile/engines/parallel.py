@@ -18,7 +18,7 @@ from typing import Any
 from .compile_worker import pickle_job
 from .registry import CompiledEngine, aten_graph, build_inductor, engine_cache, load_inductor, store_inductor
 
-__all__ = ["build_inductor_parallel"]
+__all__ = ["build_inductor_parallel", "build_order"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,7 @@ def build_inductor_parallel(jobs: list[Any], settings: Any, workers: int) -> lis
             engines[index] = build_inductor(jobs[index].region, jobs[index].inputs, settings)
         return engines  # type: ignore[return-value]
 
-    # Largest first, so that no big region starts last while the other processes sit idle
-    pending.sort(key=lambda i: -sum(node.op == "call_function" for node in jobs[i].region.graph.nodes))
+    pending = build_order(jobs, pending)
     with tempfile.TemporaryDirectory() as scratch, _CompilerPool(min(workers, len(pending))) as pool:
         for index in pending:  # lowering here overlaps with the compiler processes already at work
             job = jobs[index]
@@ -69,6 +68,31 @@ def build_inductor_parallel(jobs: list[Any], settings: Any, workers: int) -> lis
             store_inductor(cache, keys[index], lambda out, p=path: shutil.copyfile(p, out))
             logger.info("  region %d/%d built: %s", done, len(pending), job.name)
     return engines  # type: ignore[return-value]
+
+
+def _plans(region: Any) -> frozenset:
+    """The plans a region makes: ``(plan function, options)`` of its ``sdtm_plan`` nodes."""
+    from ..core.ops import sdtm_plan
+
+    return frozenset((n.args[4], n.args[6]) for n in region.graph.nodes if n.target is sdtm_plan)
+
+
+def build_order(jobs: list[Any], pending: list[int]) -> list[int]:
+    """The order to build ``pending`` jobs in: largest first, so that no big region starts last while the other
+    processes sit idle; but a region making the same plans as an earlier one waits until the others are queued.
+
+    Two such regions (the structure stage's first and last block) share most kernels: built at the same time in
+    two processes, both compile them; built one after the other, the second finds the first's C++ kernels in
+    Inductor's on-disk cache.
+    """
+    by_size = sorted(pending, key=lambda i: -sum(node.op == "call_function" for node in jobs[i].region.graph.nodes))
+    seen: set = set()
+    first, later = [], []
+    for index in by_size:
+        plans = _plans(jobs[index].region)
+        (later if plans and plans <= seen else first).append(index)
+        seen |= plans
+    return first + later
 
 
 class _CompilerPool:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from ..core.counts import CountRangeError, size_only_inputs, trace_with_symbolic_counts
 from .cache import EngineCache
 from .tensorrt import build_tensorrt_engine
 
@@ -93,8 +94,9 @@ def build_inductor(gm: fx.GraphModule, example_inputs: list[torch.Tensor], setti
     artifact = load_inductor(cache, key)
     if artifact is not None:
         return artifact
+    dynamic = "from_graph" if size_only_inputs(gm) else "from_example_inputs"  # count inputs: symbolic sizes
     artifact = standalone_compile(
-        aten_graph(gm, example_inputs), example_inputs, dynamic_shapes="from_example_inputs", donate_graph_module=True
+        aten_graph(gm, example_inputs), example_inputs, dynamic_shapes=dynamic, donate_graph_module=True
     )
     store_inductor(cache, key, lambda path: artifact.save(path=path))
     return artifact
@@ -108,9 +110,18 @@ def engine_cache(settings: Any) -> Any:
 
 
 def aten_graph(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> fx.GraphModule:
-    """``gm`` lowered to aten: an aten-only graph (our plan ops traced through) is what Inductor can serialise."""
+    """``gm`` lowered to aten: an aten-only graph (our plan ops traced through) is what Inductor can serialise.
+
+    A graph with count inputs is traced with their lengths symbolic and every other size static, and checked to
+    serve every count its inputs name (:func:`~sdtm_compile.core.counts.trace_with_symbolic_counts`).
+    """
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    if size_only_inputs(gm):
+        try:
+            return trace_with_symbolic_counts(gm, example_inputs)
+        except CountRangeError as err:
+            raise EngineBuildError(str(err)) from err
     with torch.no_grad():
         return make_fx(gm)(*example_inputs)
 

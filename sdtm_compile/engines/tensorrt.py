@@ -8,7 +8,10 @@ What it does on a CUDA machine with torch-tensorrt 2.13 installed:
 * calls ``aot_torch_tensorrt_aten_backend`` on the rewritten bucket graph from inside the Dynamo backend call
   (it needs Dynamo's fake mode and a *list* of inputs), with ``min_block_size=1`` and
   ``pass_through_build_failures=True`` so a failed build raises instead of silently running PyTorch;
-* turns on torch-tensorrt's engine cache (which needs ``immutable_weights=False``).
+* turns on torch-tensorrt's engine cache (which needs ``immutable_weights=False``);
+* a graph with count inputs (``SDTMConfig(counts="exact")``): ``torch.export`` with a ``Dim`` per count input,
+  then ``torch_tensorrt.dynamo.compile`` with ``Input(min_shape, opt_shape, max_shape)`` over the lengths it
+  serves - one engine, one optimization profile (run outside Dynamo's tracing context, as the lint traces it).
 
 Run its test on a GPU machine: ``pip install -e ".[dev,trt]" && pytest tests -k tensorrt``.
 """
@@ -22,7 +25,9 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["TENSORRT_SETTING_FIELDS", "tensorrt_options", "build_tensorrt_engine"]
+from ..core.counts import served_lengths, size_only_inputs
+
+__all__ = ["TENSORRT_SETTING_FIELDS", "tensorrt_options", "build_tensorrt_engine", "export_with_count_ranges"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +113,14 @@ def build_tensorrt_engine(gm: fx.GraphModule, example_inputs: list[torch.Tensor]
         from torch_tensorrt.dynamo.backend.backends import aot_torch_tensorrt_aten_backend
     except Exception as err:  # AssertionError / RuntimeError / OSError / ImportError without CUDA libraries
         raise RuntimeError(f"torch-tensorrt could not be imported: {type(err).__name__}: {err}") from err
+    options = _options(settings)
+    if size_only_inputs(gm):  # exact counts: one engine, one optimization profile over the counts it serves
+        return _build_with_count_profile(gm, example_inputs, options)
+    return aot_torch_tensorrt_aten_backend(gm, list(example_inputs), **options)
+
+
+def _options(settings: Any) -> dict:
+    """Our ``tensorrt`` options, checked, with the engine cache where the settings put ours."""
     options = tensorrt_options(getattr(settings, "tensorrt", {}) or {}, _installed_fields())
     cache_dir = settings.resolved_cache_dir() if hasattr(settings, "resolved_cache_dir") else None
     if cache_dir is None:
@@ -115,4 +128,45 @@ def build_tensorrt_engine(gm: fx.GraphModule, example_inputs: list[torch.Tensor]
     else:
         options.setdefault("engine_cache_dir", str(cache_dir / "tensorrt"))
     logger.debug("torch-tensorrt options: %s", options)
-    return aot_torch_tensorrt_aten_backend(gm, list(example_inputs), **options)
+    return options
+
+
+def export_with_count_ranges(
+    gm: fx.GraphModule, example_inputs: list[torch.Tensor]
+) -> tuple[Any, list[tuple[int, int] | None]]:
+    """``torch.export`` of a graph with count inputs (:mod:`sdtm_compile.core.counts`), each a ``Dim`` over the
+    lengths it serves; returns the program and each input's ``(min, max)`` length (``None``: static). What the
+    TensorRT build starts from, and testable without CUDA."""
+    positions = set(size_only_inputs(gm))
+    dynamic_shapes: list[Any] = []
+    ranges: list[tuple[int, int] | None] = []
+    for index, value in enumerate(example_inputs):
+        lengths = served_lengths(value) if index in positions else ()
+        if len(lengths) > 1:
+            ranges.append((min(lengths), max(lengths)))
+            dynamic_shapes.append({0: torch.export.Dim(f"count_{index}", min=min(lengths), max=max(lengths))})
+        else:
+            ranges.append(None)
+            dynamic_shapes.append(None)
+    with torch._guards.tracing(None):  # called from inside the Dynamo backend: export in a context of its own
+        program = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=tuple(dynamic_shapes), strict=False)
+    return program, ranges
+
+
+def _build_with_count_profile(gm: fx.GraphModule, example_inputs: list[torch.Tensor], options: dict):
+    """A graph with count inputs: :func:`export_with_count_ranges`, then ``torch_tensorrt.dynamo.compile`` with
+    ``Input(min_shape, opt_shape, max_shape)`` for each count input and static inputs for the rest (one optimization
+    profile)."""
+    import torch_tensorrt
+
+    program, ranges = export_with_count_ranges(gm, example_inputs)
+    inputs = [
+        torch_tensorrt.Input.from_tensor(value)
+        if span is None
+        else torch_tensorrt.Input(
+            min_shape=(span[0],), opt_shape=(int(value.shape[0]),), max_shape=(span[1],), dtype=value.dtype
+        )
+        for value, span in zip(example_inputs, ranges)
+    ]
+    logger.debug("torch-tensorrt: %d count inputs with a shape range", sum(span is not None for span in ranges))
+    return torch_tensorrt.dynamo.compile(program, arg_inputs=inputs, **options)

@@ -259,3 +259,53 @@ def test_fp16_bundle_matches_the_fp16_reference_within_half_precision_noise(tmp_
         reference32 = reference_dispatcher(upcast(model), config)  # the same weights, in float32
         want32 = generate(transformer_call(reference32), _cast(generation, torch.float32), num_steps=6)
     _within_half_precision_noise(got, want, want32)
+
+
+@pytest.mark.onnx
+def test_an_exact_counts_bundle_serves_every_count_with_one_graph_per_stage(tmp_path):
+    """``counts="exact"``: the count inputs are dynamic axes of every graph; a generation through ONNX Runtime
+    equals the eager reference's, whose counts change from step to step."""
+    config = SDTMConfig(counts="exact")
+    model = tiny_sd3_transformer(TINY_SD3, seed=0)
+    manifest = export_onnx(model, example_inputs(TINY_SD3, 2, (32, 32)), config, tmp_path)
+    assert [e["key"] for e in manifest["engines"]] == ["full", "detail@0.623607", "structure@0.7"]
+    assert [c["name"] for c in manifest["count_inputs"]] == ["count_0"]
+    detail = manifest["engines"][1]
+    assert detail["plan_counts"] == [[64, 144]]  # the detail stage's IDM sources, ratio 0.6236 down to 0.3
+    runner = OnnxTransformer(tmp_path, history=64)
+    inputs = make_generation_inputs(TINY_SD3, (32, 32), seed=7)
+    with torch.no_grad():
+        got = generate(transformer_call(runner), inputs, num_steps=12)
+        want = generate(transformer_call(reference_dispatcher(model, config)), inputs, num_steps=12)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    kinds, grid = manifest["block_kinds"], tuple(manifest["grid"])
+    counts = {runner.method.plan_counts(kinds, r.key, grid) for r in runner.dispatcher.history}
+    assert len(counts) >= 5  # many counts, three graphs
+
+    # The Triton repository: the step table records each step's counts, and the pipeline model's numpy loop feeds
+    # them to the engine model (run here in-process with ONNX Runtime) = the bundle in diffusers' loop
+    import numpy as np
+    import onnxruntime as ort
+
+    from sdtm_compile.deploy.triton import TritonSettings, export_triton, load
+    from sdtm_compile.deploy.triton.step_logic import StepTable, denoise
+
+    repository = tmp_path / "repository"
+    export_triton(tmp_path, repository, TritonSettings(engine_backend="python", max_steps=12))
+    table = StepTable.load(repository / "sdtm" / "1")
+    assert table.count_inputs == ("count_0",)
+    assert len({step.counts for step in table.schedule(12)}) >= 5
+    config = (repository / table.engine_model / "config.pbtxt").read_text()
+    assert '{ name: "count_0" data_type: TYPE_UINT8 dims: [ -1 ] }' in config
+    session = ort.InferenceSession(str(repository / table.engine_model / "1" / "model.onnx"))
+    request = load.make_request(table, seed=5, num_steps=12, guidance_scale=4.5)
+    want = load.reference_output(runner, table, request)
+    got = denoise(
+        table,
+        np.load(repository / "sdtm" / "1" / "initial_state.npy"),
+        request.arrays,
+        lambda name, feeds: tuple(session.run([table.sample, table.state_output], feeds)),
+        num_steps=12,
+        guidance_scale=4.5,
+    )
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

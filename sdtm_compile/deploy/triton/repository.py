@@ -37,6 +37,7 @@ import numpy as np
 
 from ...core.config import config_from_dict
 from ...core.method import method_for
+from ...core.schedule import Stage
 from ...engines import sha256_file
 from ...models.sampling import pipeline_timesteps
 from ...runtime import StageDispatcher
@@ -56,6 +57,7 @@ _TRITON_TYPES = {
     "bfloat16": "TYPE_BF16",
     "int32": "TYPE_INT32",
     "int64": "TYPE_INT64",
+    "uint8": "TYPE_UINT8",
 }
 #: The transformer inputs the pipeline fills itself (every other input is the client's, passed through).
 _FILLED = ("hidden_states", "timestep", "guidance")
@@ -192,13 +194,21 @@ def step_table(manifest: dict[str, Any], settings: TritonSettings) -> dict[str, 
     graphs = {entry["key"]: int(entry["graph"]) for entry in manifest["engines"]}
     names = {graph: key for key, graph in reversed(graphs.items())}  # a graph's first key names it
     num_tokens = int(np.prod(manifest["grid"]))
-    steps: dict[str, list[list[float]]] = {}
+    method = method_for(config)
+    count_inputs = [spec["name"] for spec in manifest.get("count_inputs", ())]
+    steps: dict[str, list[list]] = {}
     for count in range(1, settings.max_steps + 1):
         fed, sigmas = pipeline_timesteps(family, count, num_tokens, config.timestep_shift)
         rows = []
         for i, t in enumerate(fed):
             key = dispatcher.key_for(t)[1]
-            rows.append([graphs[str(key)], float(t), float(sigmas[i + 1] - sigmas[i])])
+            counts: list[int] = []
+            if count_inputs:  # exact counts: the step's own, 0 for the inputs its engine does not read
+                if key.stage is not Stage.FULL:
+                    counts = list(method.plan_counts(manifest["block_kinds"], key, tuple(manifest["grid"])))
+                counts += [0] * (len(count_inputs) - len(counts))
+            engine = graphs[str(method.engine_of(key))]
+            rows.append([engine, float(t), float(sigmas[i + 1] - sigmas[i]), counts])
         steps[str(count)] = rows
     return {
         "version": TABLE_VERSION,
@@ -219,6 +229,8 @@ def step_table(manifest: dict[str, Any], settings: TritonSettings) -> dict[str, 
         "default_steps": settings.default_steps or (20 if family == "flux" else 28),
         "default_guidance_scale": settings.guidance_scale,
         "default_guidance": settings.guidance,
+        "count_inputs": count_inputs,
+        "tokens": num_tokens,
     }
 
 
@@ -272,6 +284,8 @@ def export_triton(bundle_dir: str | Path, out_dir: str | Path, settings: TritonS
         _tensor_config(state["output"], state["dtype"], state["shape"]),
     ]
     engine_inputs.append(_tensor_config(manifest["engine_input"], "int64", [1]))
+    # exact counts: each count input's length is the step's N - count, a dynamic dimension
+    engine_inputs += [_tensor_config(spec["name"], "uint8", [-1]) for spec in manifest.get("count_inputs", ())]
     plan = _plan(settings)
     name = _engine_model_name(settings)
     version = out / name / "1"

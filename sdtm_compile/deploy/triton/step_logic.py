@@ -8,8 +8,8 @@ check it against the diffusers scheduler and :class:`~sdtm_compile.deploy.OnnxTr
 Everything that needs torch, diffusers or our schedule was decided at export time and written to
 ``step_table.json``: for every step count ``S`` up to ``max_steps``, each step's engine (the index of the (stage,
 bucket) graph in the one engine model, fed as its ``engine`` input: what
-:class:`~sdtm_compile.runtime.StageDispatcher` picks from that step's timestep), the timestep
-value the transformer is fed and the Euler step ``dt = sigma_next - sigma`` of the diffusers
+:class:`~sdtm_compile.runtime.StageDispatcher` picks from that step's timestep), its plans' counts (a bundle with
+exact counts), the timestep value the transformer is fed and the Euler step ``dt = sigma_next - sigma`` of the diffusers
 ``FlowMatchEulerDiscreteScheduler``. The method's state (SDTM's ``li``) starts from ``initial_state.npy`` at every
 request and lives in :func:`denoise`'s locals only, so concurrent requests never share it.
 
@@ -41,8 +41,8 @@ __all__ = [
 
 STEP_TABLE = "step_table.json"
 INITIAL_STATE = "initial_state.npy"
-#: ``step_table.json`` layout version (bumped when the file's meaning changes).
-TABLE_VERSION = 2
+#: ``step_table.json`` layout version (bumped when the file's meaning changes; 3: every step records its counts).
+TABLE_VERSION = 3
 
 
 class RepositoryFileError(RuntimeError):
@@ -60,11 +60,12 @@ class Cancelled(RuntimeError):
 @dataclass(frozen=True)
 class Step:
     """One denoising step: the engine (graph index in the engine model), the timestep fed to the transformer,
-    ``sigma_next - sigma``."""
+    ``sigma_next - sigma``, and each plan's count (a bundle with exact counts; empty with static buckets)."""
 
     engine: int
     timestep: np.float32
     dt: np.float32
+    counts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,9 @@ class StepTable:
     ``[uncond; cond]`` of the latent, guided by ``guidance_scale``; ``guidance``: the transformer takes a distilled
     ``guidance`` input (FLUX.1-dev), filled from the request's ``guidance`` value; ``state`` / ``state_output``: the
     engines' state input and output names; ``engine_model``: the Triton model that runs every engine, picked by its
-    ``engine_input``; ``engines``: each engine index's name (``structure@0.6``), for logs.
+    ``engine_input``; ``engines``: each engine index's name (``structure@0.6``), for logs; ``count_inputs``: a
+    bundle with exact counts: the engine model's count inputs, each fed a ``uint8`` array of length
+    ``tokens - count`` at every step (the step's ``counts``).
     """
 
     steps: Mapping[int, tuple[Step, ...]]
@@ -95,6 +98,8 @@ class StepTable:
     engine_model: str
     engine_input: str
     engines: tuple[str, ...]
+    count_inputs: tuple[str, ...] = ()
+    tokens: int = 0
 
     @property
     def max_steps(self) -> int:
@@ -105,7 +110,7 @@ class StepTable:
         if data.get("version") != TABLE_VERSION:
             raise ValueError(f"step table version {data.get('version')!r} is not {TABLE_VERSION}; re-export")
         steps = {
-            int(count): tuple(Step(int(e), np.float32(t), np.float32(dt)) for e, t, dt in rows)
+            int(count): tuple(Step(int(e), np.float32(t), np.float32(dt), tuple(map(int, c))) for e, t, dt, c in rows)
             for count, rows in data["steps"].items()
         }
         return cls(
@@ -125,6 +130,8 @@ class StepTable:
             engine_model=data["engine_model"],
             engine_input=data["engine_input"],
             engines=tuple(data["engines"]),
+            count_inputs=tuple(data.get("count_inputs", ())),
+            tokens=int(data.get("tokens", 0)),
         )
 
     @classmethod
@@ -188,6 +195,8 @@ def denoise(
             "timestep": np.full((table.batch,), step.timestep, dtype=np.float32),
             table.state: state,
             table.engine_input: np.array([step.engine], dtype=np.int64),
+            # exact counts: each count is the length of its count input (N - count; values never read)
+            **{name: np.zeros(table.tokens - c, np.uint8) for name, c in zip(table.count_inputs, step.counts)},
         }
         sample, state = run_engine(table.engine_model, feeds)
         noise = sample.astype(np.float32, copy=False)

@@ -67,6 +67,12 @@ class SDTMConfig(MethodConfig):
             attention mass of the tokens it stands for (:mod:`.size_aware`). Default off.
         text_key_weight: With ``size_aware_attention``: the text keys' bias is ``log(text_key_weight)`` (1: none).
             Range ``(0, 100]``.
+        counts: How a step's ratio becomes token counts. ``"buckets"`` (default): rounded down to a bucket of
+            ``buckets``, one static-shape engine per (stage, bucket). ``"exact"``: the release's count at the step's
+            own ratio (``int(N * ratio)``, then ``// 48 * 16`` windows in the structure stage, ``// 16 * 16``
+            sources in the detail stage), one engine per stage whose plans take their count as an input (a dynamic
+            dimension: Inductor with a symbolic size, ONNX with a dynamic axis, TensorRT with a shape range);
+            ``buckets`` is then unused. Not with ``adaptive_threshold`` (SDTM* picks a bucket per step).
     """
 
     method: ClassVar[str] = "sdtm"
@@ -78,6 +84,7 @@ class SDTMConfig(MethodConfig):
         "cache_fusion",
         "adaptive_threshold",
         "size_aware_attention",
+        "counts",
     )
 
     deviation: float = 0.2
@@ -91,6 +98,7 @@ class SDTMConfig(MethodConfig):
     adaptive_threshold: float | None = None
     size_aware_attention: bool = False
     text_key_weight: float = 1.0
+    counts: str = "buckets"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,6 +135,11 @@ class SDTMConfig(MethodConfig):
             self._fail("adaptive_threshold", threshold, "None (the fixed CRA schedule) or a number in [-1, 2]")
         if not 0.0 < self.text_key_weight <= 100.0:
             self._fail("text_key_weight", self.text_key_weight, "0 < text_key_weight <= 100")
+        if self.counts not in ("buckets", "exact"):
+            allowed = "'buckets' (static engines per ratio bucket) or 'exact' (one engine per stage)"
+            self._fail("counts", self.counts, allowed)
+        if self.counts == "exact" and threshold is not None:
+            self._fail("counts", self.counts, "'buckets' with adaptive_threshold (SDTM* picks a bucket per step)")
 
     @classmethod
     def release_eval(cls, **overrides: object) -> SDTMConfig:
@@ -157,6 +170,11 @@ class SDTMConfig(MethodConfig):
     def adaptive(self) -> bool:
         """SDTM*: the ratio of each step comes from the previous step's window statistic."""
         return self.enabled and self.adaptive_threshold is not None
+
+    @property
+    def exact_counts(self) -> bool:
+        """Each step merges the schedule's exact count (``counts="exact"``), not a bucket's."""
+        return self.enabled and self.counts == "exact"
 
     @property
     def fuses_cache(self) -> bool:

@@ -4,6 +4,7 @@ each stage merges, which plan each engine runs, and which extensions the config 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from ...core.extension import Extension
 from ...core.method import ATTENTION_BRANCHES, MethodVariant, TokenMethod, VariantCalibration, register_method
@@ -12,7 +13,14 @@ from ...core.schedule import EngineKey, Stage
 from .adaptive import AdaptiveRatio
 from .cache_fusion import CacheFusion
 from .config import MAX_RATIO, SDTMConfig
-from .schedule import engine_key_at, engines_for_trajectory, idm_sources_merged, ssm_windows_merged, token_counts
+from .schedule import (
+    engine_key_at,
+    engines_for_trajectory,
+    idm_sources_merged,
+    ssm_windows_merged,
+    stage_ratios,
+    token_counts,
+)
 from .size_aware import SizeAwareAttention
 from .variants import sdtm_variants
 
@@ -45,7 +53,29 @@ class SDTMMethod(TokenMethod):
 
     def describe(self) -> str:
         c = self.config
-        return f"sdtm ratio {c.ratio:g} (deviation {c.deviation:g}, switch at {c.switch_at:g})"
+        exact = ", exact counts" if c.exact_counts else ""
+        return f"sdtm ratio {c.ratio:g} (deviation {c.deviation:g}, switch at {c.switch_at:g}{exact})"
+
+    @property
+    def dynamic_counts(self) -> bool:
+        return self.config.exact_counts
+
+    def engine_of(self, key: EngineKey) -> EngineKey:
+        """With ``counts="exact"``: the stage's engine, keyed by the stage's largest ratio; else ``key``."""
+        if not self.config.exact_counts or key.stage is Stage.FULL:
+            return key
+        return EngineKey(key.stage, stage_ratios(key.stage, self.config)[1])
+
+    def count_range(
+        self, kinds: Sequence[str], key: EngineKey, grid: tuple[int, int]
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """With ``counts="exact"``: the counts at the lowest and the highest ratio of ``key``'s stage (a count
+        never rises as the ratio falls)."""
+        if not self.config.exact_counts or key.stage is Stage.FULL:
+            return super().count_range(kinds, key, grid)
+        low, high = stage_ratios(key.stage, self.config)
+        lowest = self.plan_counts(kinds, EngineKey(key.stage, max(low, 1e-9)), grid)
+        return lowest, self.plan_counts(kinds, EngineKey(key.stage, high), grid)
 
     def with_ratio(self, ratio: float) -> SDTMConfig:
         """The config at ``ratio``, its deviation narrowed where ``ratio`` +- deviation would leave [0, 0.75]."""

@@ -17,6 +17,7 @@ __all__ = [
     "stage_at",
     "engine_key_at",
     "engines_for_trajectory",
+    "stage_ratios",
     "ssm_windows_merged",
     "idm_sources_merged",
     "token_counts",
@@ -46,10 +47,20 @@ def stage_at(position: float, config: SDTMConfig) -> Stage:
 
 
 def engine_key_at(position: float, config: SDTMConfig) -> EngineKey:
-    """The engine of trajectory position ``position``: its stage and the CRA ratio rounded down to a bucket."""
+    """The engine of trajectory position ``position``: its stage and the CRA ratio rounded down to a bucket (with
+    ``counts="exact"``: the CRA ratio itself, to 9 digits)."""
     stage = stage_at(position, config)
-    bucket = round_to_bucket(cra_ratio(position, config), config.buckets) if stage is not Stage.FULL else 0.0
-    return FULL if bucket == 0.0 else EngineKey(stage, bucket)
+    if stage is Stage.FULL:
+        return FULL
+    ratio = cra_ratio(position, config)
+    bucket = round(ratio, 9) if config.exact_counts else round_to_bucket(ratio, config.buckets)
+    return FULL if bucket <= 0.0 else EngineKey(stage, bucket)
+
+
+def stage_ratios(stage: Stage, config: SDTMConfig) -> tuple[float, float]:
+    """``(lowest, highest)`` CRA ratio of the positions in ``stage`` (the curve falls with the position)."""
+    lo_p, hi_p = (0.0, config.switch_at) if stage is Stage.STRUCTURE else (config.switch_at, 1.0)
+    return round(cra_ratio(hi_p, config), 9), round(cra_ratio(lo_p, config), 9)
 
 
 def engines_for_trajectory(config: SDTMConfig) -> list[EngineKey]:
@@ -58,11 +69,18 @@ def engines_for_trajectory(config: SDTMConfig) -> list[EngineKey]:
     This is what the compiler builds, so that no step count or timestep spacing can ask for a missing engine.
     With the defaults (ratio 0.5, deviation 0.2, switch 0.4, buckets 0.1..0.7) it is 6 engines; cache fusion adds
     ``FULL`` (protected steps), SDTM* every bucket of each stage (and ``FULL``: the first step's ratio may round to
-    no bucket).
+    no bucket). With ``counts="exact"``: one engine per stage, keyed by the stage's largest ratio.
     """
     if not config.enabled:
         return [FULL]
     keys: set[EngineKey] = {FULL} if config.fuses_cache else set()  # cache fusion: protected steps run FULL
+    if config.exact_counts:  # one engine per stage the trajectory reaches, named by its largest ratio
+        stages = [Stage.STRUCTURE] if config.switch_at > 0.0 else []
+        stages += [Stage.DETAIL] if config.switch_at < 1.0 else []
+        keys |= {engine_key_at(0.0 if s is Stage.STRUCTURE else config.switch_at, config) for s in stages}
+        if any(stage_ratios(s, config)[0] <= 0.0 for s in stages):  # a step at ratio 0 runs unmerged
+            keys.add(FULL)
+        return sorted(keys)
     if config.adaptive:  # SDTM*: a step may pick any bucket of the stages its positions reach
         stages = [Stage.STRUCTURE] if config.switch_at > 0.0 else []
         stages += [Stage.DETAIL] if config.switch_at < 1.0 else []

@@ -1,0 +1,309 @@
+"""What exact counts cost and save: static bucket engines vs one engine per stage with a dynamic count.
+
+    python scripts/exact_counts.py --model sd3m-1024 --out docs/results/<date>-sd3m-1024-exact-counts
+
+Three measurements, each printed and written to ``exact_counts.json`` (and ``index.md``) in ``--out``:
+
+1. **Build cost**, one process per build: plain Inductor, ``sdtm`` with static buckets (``counts="buckets"``) and
+   ``sdtm`` with ``counts="exact"``. Each build runs in a fresh Python process with empty Inductor and engine
+   caches, and its first call is timed (cold); a second process with the caches the first one left times it again
+   (warm).
+2. **FLOP ratio** of a whole generation over the unmerged model, per step's engine and counts (FlopCounterMode on
+   the rewritten graphs, op by op), for both.
+3. **Steady state** in one process: every static bucket engine against the exact engine at the same counts (the
+   stage's engine fed the bucket's counts), called directly, round-robin, median of ``--runs``; then whole
+   generations of Inductor, buckets and exact, round-robin, median of ``--runs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sdtm_compile import SDTMConfig
+from sdtm_compile.bench.config import BenchConfig
+from sdtm_compile.bench.harness import Compiled
+from sdtm_compile.bench.instrument import CapturedBucketGraphs
+from sdtm_compile.bench.workload import make_workload
+from sdtm_compile.core.counts import count_tensors
+from sdtm_compile.core.method import method_for
+from sdtm_compile.core.schedule import FULL, EngineKey, position_at_step
+
+logger = logging.getLogger("exact_counts")
+
+BUILDS = ("inductor", "buckets", "exact")
+
+
+def method_of(build: str, args: argparse.Namespace) -> SDTMConfig | None:
+    if build == "inductor":
+        return None
+    return SDTMConfig(ratio=args.ratio, deviation=args.deviation, counts=build)
+
+
+def bench_config(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(model=args.model, steps=args.steps, runs=args.runs, layers=args.layers)
+
+
+def build_once(args: argparse.Namespace) -> None:
+    """Child process: compile one build, time its first call, print one JSON line."""
+    torch.set_num_threads(args.threads)
+    config = bench_config(args)
+    workload = make_workload(config)
+    method = method_of(args.build_one, args)
+    start = time.perf_counter()
+    compiled = Compiled(workload.model, method, "inductor", workload.probe, Path(args.cache) / "sdtm")
+    first_call = time.perf_counter() - start
+    engines = len(compiled.compiled_graph.engines) if compiled.compiled_graph is not None else 1
+    print(json.dumps({"build": args.build_one, "first_call_s": first_call, "engines": engines}))
+
+
+def run_child(build: str, cache: Path, args: argparse.Namespace) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
+    command = [sys.executable, __file__, "--build-one", build, "--cache", str(cache), *args.passthrough]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{build} build failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def build_costs(args: argparse.Namespace, scratch: Path) -> dict:
+    result = {}
+    for build in BUILDS:
+        cache = scratch / build
+        cache.mkdir()
+        cold = run_child(build, cache, args)
+        warm = run_child(build, cache, args)
+        result[build] = {"cold_s": cold["first_call_s"], "warm_s": warm["first_call_s"], "engines": cold["engines"]}
+        logger.info(
+            "%s: first call %.1f s cold, %.1f s warm, %d engines",
+            build,
+            cold["first_call_s"],
+            warm["first_call_s"],
+            cold["engines"],
+        )
+    base = result["inductor"]
+    for build in ("buckets", "exact"):
+        result[build]["cold_vs_inductor"] = result[build]["cold_s"] / base["cold_s"]
+        result[build]["warm_vs_inductor"] = result[build]["warm_s"] / base["warm_s"]
+    return result
+
+
+def step_keys(config: SDTMConfig, steps: int) -> list[EngineKey]:
+    method = method_for(config)
+    return [method.engine_key_at(position_at_step(s, steps)) for s in range(steps)]
+
+
+def flop_ratios(args: argparse.Namespace, workload, steps: int) -> dict:
+    captured = CapturedBucketGraphs(workload.model, workload.probe)
+    result = {}
+    for build in ("buckets", "exact"):
+        config = method_of(build, args)
+        keys = step_keys(config, steps)
+        full = captured.flops(FULL, config).total * steps
+        merged = sum(captured.flops(key, config).total for key in keys)
+        result[build] = full / merged
+        logger.info("%s: FLOP ratio %.3f over %d steps", build, result[build], steps)
+    result["exact_vs_buckets"] = result["exact"] / result["buckets"]
+    return result
+
+
+def timed(fn, runs: int) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def steady_state(args: argparse.Namespace, workload, config: BenchConfig, scratch: Path) -> dict:
+    compiled = {
+        build: Compiled(workload.model, method_of(build, args), "inductor", workload.probe, scratch / build / "sdtm")
+        for build in BUILDS
+    }
+    recorded: dict = {}
+    graph_class = type(compiled["buckets"].compiled_graph)
+    original = graph_class.__call__
+
+    def record(self, *call_args):  # keep one call's flat inputs, to call engines directly
+        recorded[id(self)] = call_args
+        return original(self, *call_args)
+
+    graph_class.__call__ = record
+    with torch.no_grad():
+        for build in ("buckets", "exact"):
+            workload.generate(workload.call_of(compiled[build].module), config)
+    graph_class.__call__ = original
+
+    per_engine = []
+    static, exact = compiled["buckets"].compiled_graph, compiled["exact"].compiled_graph
+    kinds = [block.kind for block in exact.sites.blocks]
+    with torch.no_grad():
+        for key in sorted(k for k in static.engines if k.stage is not FULL.stage):
+            flat = recorded[id(static)]
+            state = static.signature.engine_inputs(static.signature.fresh())
+            counts = count_tensors(exact.method.plan_counts(kinds, key, exact.sites.grid), exact.sites.num_tokens)
+            engine = exact.engines[exact.method.engine_of(key)]
+            calls = {
+                "static": lambda: static.engines[key](*flat, *state),
+                "exact": lambda: engine(*flat, *state, *counts),
+            }
+            times: dict[str, list[float]] = {"static": [], "exact": []}
+            for _ in range(args.runs):
+                for name, call in calls.items():
+                    times[name].append(timed(call, 1))
+            row = {
+                "engine": str(key),
+                "counts": list(exact.method.plan_counts(kinds, key, exact.sites.grid)),
+                "static_ms": 1e3 * statistics.median(times["static"]),
+                "exact_ms": 1e3 * statistics.median(times["exact"]),
+            }
+            row["exact_vs_static"] = row["exact_ms"] / row["static_ms"]
+            per_engine.append(row)
+            logger.info(
+                "%s counts %s: static %.1f ms, exact %.1f ms (%.3f)",
+                row["engine"],
+                row["counts"],
+                row["static_ms"],
+                row["exact_ms"],
+                row["exact_vs_static"],
+            )
+
+    generation: dict[str, list[float]] = {build: [] for build in BUILDS}
+    with torch.no_grad():
+        for build in BUILDS:
+            workload.generate(workload.call_of(compiled[build].module), config)  # warm-up
+        for _ in range(args.runs):
+            for build in BUILDS:
+                start = time.perf_counter()
+                workload.generate(workload.call_of(compiled[build].module), config)
+                generation[build].append(time.perf_counter() - start)
+    medians = {build: statistics.median(times) for build, times in generation.items()}
+    logger.info("generation medians: %s", {b: round(t, 2) for b, t in medians.items()})
+    return {
+        "per_engine": per_engine,
+        "generation_s": medians,
+        "speedup": {build: medians["inductor"] / medians[build] for build in ("buckets", "exact")},
+    }
+
+
+def write_page(out: Path, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "exact_counts.json").write_text(json.dumps(result, indent=2) + "\n")
+    b, f, s = result["builds"], result["flops"], result["steady"]
+    lines = [
+        f"# Exact counts vs static buckets on `{result['model']}`",
+        "",
+        f"`{result['command']}` ({result['steps']} steps, CFG, SDTM ratio {result['ratio']} +- {result['deviation']}, "
+        f"{result['threads']} threads, {result['date']}).",
+        "",
+        "## Build cost: one process per build, empty caches, first call",
+        "",
+        "| build | engines | cold s | warm s | cold / Inductor | warm / Inductor |",
+        "|---|---|---|---|---|---|",
+    ]
+    for build in BUILDS:
+        row = b[build]
+        ratio = ("-", "-")
+        if build != "inductor":
+            ratio = (f"{row['cold_vs_inductor']:.2f}x", f"{row['warm_vs_inductor']:.2f}x")
+        times = f"{row['cold_s']:.1f} | {row['warm_s']:.1f}"
+        lines.append(f"| {build} | {row['engines']} | {times} | {ratio[0]} | {ratio[1]} |")
+    lines += [
+        "",
+        "## FLOP ratio of a generation over the unmerged model",
+        "",
+        f"buckets {f['buckets']:.3f}, exact {f['exact']:.3f} (exact / buckets {f['exact_vs_buckets']:.3f}).",
+        "",
+        "## Steady state: each static bucket engine vs the stage's exact engine at the same counts",
+        "",
+        "| engine | counts | static ms | exact ms | exact / static |",
+        "|---|---|---|---|---|",
+    ]
+    for row in s["per_engine"]:
+        lines.append(
+            f"| {row['engine']} | {row['counts']} | {row['static_ms']:.1f} | {row['exact_ms']:.1f} | "
+            f"{row['exact_vs_static']:.3f} |"
+        )
+    speed = s["speedup"]
+    lines += [
+        "",
+        "## Whole generations (median, round-robin)",
+        "",
+        "| build | s | speed-up over Inductor | FLOP ratio | speed-up / FLOP ratio |",
+        "|---|---|---|---|---|",
+        f"| inductor | {s['generation_s']['inductor']:.2f} | 1.00x | 1.00 | - |",
+    ]
+    for build in ("buckets", "exact"):
+        lines.append(
+            f"| {build} | {s['generation_s'][build]:.2f} | {speed[build]:.2f}x | {f[build]:.2f} | "
+            f"{speed[build] / f[build]:.2f} |"
+        )
+    (out / "index.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="sd3m-1024")
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--deviation", type=float, default=0.2)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="folder for exact_counts.json and index.md")
+    parser.add_argument("--skip-builds", action="store_true", help="only FLOPs and steady state")
+    parser.add_argument("--build-one", choices=BUILDS, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.passthrough = [
+        f"--model={args.model}",
+        f"--steps={args.steps}",
+        f"--ratio={args.ratio}",
+        f"--deviation={args.deviation}",
+        f"--threads={args.threads}",
+    ]
+    args.passthrough += [f"--layers={args.layers}"] if args.layers is not None else []
+    if args.build_one:
+        logging.basicConfig(level=logging.WARNING)
+        build_once(args)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    config = bench_config(args)
+    workload = make_workload(config)
+    result = {
+        "model": args.model,
+        "steps": args.steps,
+        "ratio": args.ratio,
+        "deviation": args.deviation,
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python scripts/exact_counts.py " + " ".join(sys.argv[1:]),
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        if not args.skip_builds:
+            result["builds"] = build_costs(args, Path(scratch))
+        result["flops"] = flop_ratios(args, workload, args.steps)
+        from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+        with temporary_cache_dir(str(Path(scratch) / "steady-inductor")):
+            result["steady"] = steady_state(args, workload, config, Path(scratch))
+    print(json.dumps(result, indent=2))
+    if args.out and "builds" in result:
+        write_page(Path(args.out), result)
+
+
+if __name__ == "__main__":
+    main()
