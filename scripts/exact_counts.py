@@ -7,7 +7,7 @@ Three measurements, each printed and written to ``exact_counts.json`` (and ``ind
 1. **Build cost**, one process per build: plain Inductor, ``sdtm`` with static buckets (``counts="buckets"``) and
    ``sdtm`` with ``counts="exact"``. Each build runs in a fresh Python process with empty Inductor and engine
    caches, and its first call is timed (cold); a second process with the caches the first one left times it again
-   (warm).
+   (warm); ``--build-runs`` times, round-robin, median.
 2. **FLOP ratio** of a whole generation over the unmerged model, per step's engine and counts (FlopCounterMode on
    the rewritten graphs, op by op), for both.
 3. **Steady state** in one process: every static bucket engine against the exact engine at the same counts (the
@@ -34,6 +34,9 @@ from sdtm_compile import SDTMConfig
 from sdtm_compile.bench.config import BenchConfig
 from sdtm_compile.bench.harness import Compiled
 from sdtm_compile.bench.instrument import CapturedBucketGraphs
+from sdtm_compile.bench.pages import Page
+from sdtm_compile.bench.pages import write_page as write_page_file
+from sdtm_compile.bench.record import machine_info
 from sdtm_compile.bench.workload import make_workload
 from sdtm_compile.core.counts import count_tensors
 from sdtm_compile.core.method import method_for
@@ -77,20 +80,36 @@ def run_child(build: str, cache: Path, args: argparse.Namespace) -> dict:
 
 
 def build_costs(args: argparse.Namespace, scratch: Path) -> dict:
-    result = {}
-    for build in BUILDS:
-        cache = scratch / build
-        cache.mkdir()
-        cold = run_child(build, cache, args)
-        warm = run_child(build, cache, args)
-        result[build] = {"cold_s": cold["first_call_s"], "warm_s": warm["first_call_s"], "engines": cold["engines"]}
-        logger.info(
-            "%s: first call %.1f s cold, %.1f s warm, %d engines",
-            build,
-            cold["first_call_s"],
-            warm["first_call_s"],
-            cold["engines"],
-        )
+    """Each build ``--build-runs`` times, round-robin: a fresh cache folder, a cold process, then a warm one."""
+    runs: dict[str, dict[str, list[float]]] = {build: {"cold": [], "warm": []} for build in BUILDS}
+    engines = {}
+    for number in range(args.build_runs):
+        for build in BUILDS:
+            cache = scratch / f"{build}-{number}"
+            cache.mkdir()
+            cold = run_child(build, cache, args)
+            warm = run_child(build, cache, args)
+            runs[build]["cold"].append(cold["first_call_s"])
+            runs[build]["warm"].append(warm["first_call_s"])
+            engines[build] = cold["engines"]
+            logger.info(
+                "run %d, %s: first call %.1f s cold, %.1f s warm, %d engines",
+                number + 1,
+                build,
+                cold["first_call_s"],
+                warm["first_call_s"],
+                cold["engines"],
+            )
+    result = {
+        build: {
+            "cold_s": statistics.median(runs[build]["cold"]),
+            "warm_s": statistics.median(runs[build]["warm"]),
+            "cold_runs_s": runs[build]["cold"],
+            "warm_runs_s": runs[build]["warm"],
+            "engines": engines[build],
+        }
+        for build in BUILDS
+    }
     base = result["inductor"]
     for build in ("buckets", "exact"):
         result[build]["cold_vs_inductor"] = result[build]["cold_s"] / base["cold_s"]
@@ -110,8 +129,10 @@ def flop_ratios(args: argparse.Namespace, workload, steps: int) -> dict:
         config = method_of(build, args)
         keys = step_keys(config, steps)
         full = captured.flops(FULL, config).total * steps
-        merged = sum(captured.flops(key, config).total for key in keys)
+        per_step = [captured.flops(key, config).total for key in keys]
+        merged = sum(per_step)
         result[build] = full / merged
+        result[f"{build}_step_flops"] = [flops / captured.flops(FULL, config).total for flops in per_step]
         logger.info("%s: FLOP ratio %.3f over %d steps", build, result[build], steps)
     result["exact_vs_buckets"] = result["exact"] / result["buckets"]
     return result
@@ -199,16 +220,19 @@ def steady_state(args: argparse.Namespace, workload, config: BenchConfig, scratc
 
 
 def write_page(out: Path, result: dict) -> None:
+    """The page (``index.md``, ``page.json``), ``exact_counts.json`` and the picture in ``out``; the results index
+    is rebuilt when ``out`` is a folder of it (:mod:`sdtm_compile.bench.pages`)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "exact_counts.json").write_text(json.dumps(result, indent=2) + "\n")
     b, f, s = result["builds"], result["flops"], result["steady"]
+    runs = len(b["inductor"]["cold_runs_s"])
     lines = [
-        f"# Exact counts vs static buckets on `{result['model']}`",
-        "",
-        f"`{result['command']}` ({result['steps']} steps, CFG, SDTM ratio {result['ratio']} +- {result['deviation']}, "
-        f"{result['threads']} threads, {result['date']}).",
+        f"{result['steps']} steps, CFG, SDTM ratio {result['ratio']} +- {result['deviation']}, "
+        f"{result['threads']} torch threads.",
         "",
         "## Build cost: one process per build, empty caches, first call",
+        "",
+        f"Median of {runs} runs each (round-robin); every run's seconds are in `exact_counts.json`.",
         "",
         "| build | engines | cold s | warm s | cold / Inductor | warm / Inductor |",
         "|---|---|---|---|---|---|",
@@ -250,7 +274,47 @@ def write_page(out: Path, result: dict) -> None:
             f"| {build} | {s['generation_s'][build]:.2f} | {speed[build]:.2f}x | {f[build]:.2f} | "
             f"{speed[build] / f[build]:.2f} |"
         )
-    (out / "index.md").write_text("\n".join(lines) + "\n")
+    draw(out / "exact_counts.png", result)
+    page = Page(
+        title=f"{result['model']}: exact counts (one engine per stage) against static buckets",
+        kind="exact-counts",
+        model=result["model"],
+        measured_on=result["date"],
+        machine=result.get("machine"),
+        command=result["command"],
+        body="\n".join(lines),
+        pictures={"every step's FLOPs and the build cost": "exact_counts.png"},
+        files={"exact_counts.json": "every number of this page, each build run's seconds"},
+        wall_time_s=result.get("wall_time_s"),
+    )
+    write_page_file(page, out, out.parent)
+
+
+def draw(path: Path, result: dict) -> None:
+    """Left: each step's FLOPs over the unmerged model's, buckets vs exact; right: first-call seconds per build."""
+    from sdtm_compile._pyplot import pyplot
+
+    plt = pyplot()
+    f, b = result["flops"], result["builds"]
+    figure, (steps, builds) = plt.subplots(1, 2, figsize=(11, 4))
+    for build, style in (("buckets", "o-"), ("exact", "s-")):
+        fractions = f[f"{build}_step_flops"]
+        steps.plot(range(len(fractions)), fractions, style, ms=3, label=f"{build} (FLOP ratio {f[build]:.2f})")
+    steps.set_xlabel("step")
+    steps.set_ylabel("FLOPs / unmerged model's")
+    steps.set_title(f"{result['model']}: every step's FLOPs")
+    steps.legend()
+    names = list(BUILDS)
+    x = range(len(names))
+    builds.bar([i - 0.2 for i in x], [b[n]["cold_s"] for n in names], width=0.4, label="cold (empty caches)")
+    builds.bar([i + 0.2 for i in x], [b[n]["warm_s"] for n in names], width=0.4, label="warm")
+    builds.set_xticks(list(x), [f"{n}\n{b[n]['engines']} engines" for n in names])
+    builds.set_ylabel("first call, s (one process per build)")
+    builds.set_title("build cost")
+    builds.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def main() -> None:
@@ -260,10 +324,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--deviation", type=float, default=0.2)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="timed generations / engine calls (median)")
+    parser.add_argument("--build-runs", type=int, default=2, help="cold + warm processes per build (median)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="folder for exact_counts.json and index.md")
     parser.add_argument("--skip-builds", action="store_true", help="only FLOPs and steady state")
+    parser.add_argument("--from-json", default=None, help="draw the page in --out again from its exact_counts.json")
     parser.add_argument("--build-one", choices=BUILDS, help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -280,6 +346,10 @@ def main() -> None:
         build_once(args)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.from_json:
+        write_page(Path(args.out or Path(args.from_json).parent), json.loads(Path(args.from_json).read_text()))
+        return
+    started = time.perf_counter()
     torch.set_num_threads(args.threads)
     config = bench_config(args)
     workload = make_workload(config)
@@ -290,6 +360,7 @@ def main() -> None:
         "deviation": args.deviation,
         "threads": args.threads,
         "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_info().to_dict(),
         "command": "python scripts/exact_counts.py " + " ".join(sys.argv[1:]),
     }
     with tempfile.TemporaryDirectory() as scratch:
@@ -300,6 +371,7 @@ def main() -> None:
 
         with temporary_cache_dir(str(Path(scratch) / "steady-inductor")):
             result["steady"] = steady_state(args, workload, config, Path(scratch))
+    result["wall_time_s"] = time.perf_counter() - started
     print(json.dumps(result, indent=2))
     if args.out and "builds" in result:
         write_page(Path(args.out), result)

@@ -26,9 +26,9 @@ from sdtm_compile.models.sampling import (
 )
 from sdtm_compile.passes import lint_tensorrt, to_aten
 from sdtm_compile.reference import reference_dispatcher
-from tests.helpers import capture_dynamo_graph
+from tests.helpers import capture_dynamo_graph, compiled_and_reference
 
-STEPS = (10, 7)  # two generations one after another, with different step counts
+STEPS = (28, 20)  # two whole SD3 generations one after another, with different step counts
 
 
 def _step_counts(graph: SDTMCompiledGraph) -> set[tuple[int, ...]]:
@@ -61,6 +61,27 @@ def test_eager_generations_equal_the_reference_at_every_exact_count(sd3, blocks)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "config, options",
+    [
+        (SDTMConfig(counts="exact", cache_fusion=True), {}),
+        (SDTMConfig(counts="exact", size_aware_attention=True), {}),
+        (SDTMConfig(counts="exact", blocks="first-unmerged:1"), {"step_cache": {"threshold": 0.0}}),
+    ],
+    ids=["cache-fusion", "size-aware", "step-cache-resuming"],
+)
+def test_exact_counts_compose_with_the_extensions_and_the_step_cache(sd35, config, options):
+    """SD3.5 (attn2 merged too): cache fusion's protected steps run the unmerged engine, size-aware attention biases
+    the merged keys by their sizes, and the step cache resumes the merged engines after its head with the count
+    inputs between the state and the head's outputs."""
+    spec, model = sd35
+    _, backend = compiled_and_reference(model, make_generation_inputs(spec, (32, 32)), config, 10, **options)
+    (graph,) = backend.compiled
+    if "step_cache" in options:
+        assert graph.resuming == frozenset(k for k in graph.engines if k.stage is not Stage.FULL)
+
+
+@pytest.mark.slow
 def test_flux_merged_attention_runs_exact_counts_through_one_engine_per_stage():
     model = tiny_flux_transformer(TINY_FLUX, seed=0)
     inputs = make_flux_generation_inputs(TINY_FLUX, (32, 32))
@@ -69,7 +90,7 @@ def test_flux_merged_attention_runs_exact_counts_through_one_engine_per_stage():
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, dynamic=False)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        for steps in (8, 5):
+        for steps in (20, 12):  # whole FLUX.1 generations, two step counts
             got = flux_generate(compiled, inputs, num_steps=steps)
             want = flux_generate(reference_dispatcher(model, config), inputs, num_steps=steps)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
