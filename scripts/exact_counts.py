@@ -54,7 +54,9 @@ def method_of(build: str, args: argparse.Namespace) -> SDTMConfig | None:
 
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
-    return BenchConfig(model=args.model, steps=args.steps, runs=args.runs, layers=args.layers)
+    return BenchConfig(
+        model=args.model, steps=args.steps, runs=args.runs, layers=args.layers, dtype=args.dtype, latent=args.latent
+    )
 
 
 def build_once(args: argparse.Namespace) -> None:
@@ -224,15 +226,16 @@ def write_page(out: Path, result: dict) -> None:
     is rebuilt when ``out`` is a folder of it (:mod:`sdtm_compile.bench.pages`)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "exact_counts.json").write_text(json.dumps(result, indent=2) + "\n")
-    b, f, s = result["builds"], result["flops"], result["steady"]
+    b = result["builds"]
     runs = len(b["inductor"]["cold_runs_s"])
     lines = [
         f"{result['steps']} steps, CFG, SDTM ratio {result['ratio']} +- {result['deviation']}, "
-        f"{result['threads']} torch threads.",
+        f"{result.get('dtype', 'float32')}, {result['threads']} torch threads.",
         "",
         "## Build cost: one process per build, empty caches, first call",
         "",
-        f"Median of {runs} runs each (round-robin); every run's seconds are in `exact_counts.json`.",
+        (f"Median of {runs} runs each (round-robin)" if runs > 1 else "One run each")
+        + "; every run's seconds are in `exact_counts.json`.",
         "",
         "| build | engines | cold s | warm s | cold / Inductor | warm / Inductor |",
         "|---|---|---|---|---|---|",
@@ -244,6 +247,11 @@ def write_page(out: Path, result: dict) -> None:
             ratio = (f"{row['cold_vs_inductor']:.2f}x", f"{row['warm_vs_inductor']:.2f}x")
         times = f"{row['cold_s']:.1f} | {row['warm_s']:.1f}"
         lines.append(f"| {build} | {row['engines']} | {times} | {ratio[0]} | {ratio[1]} |")
+    if "flops" not in result:  # --builds-only
+        lines += ["", "Build costs only (`--builds-only`): no FLOP count, no steady state."]
+        _publish(out, result, lines, pictures={})
+        return
+    f, s = result["flops"], result["steady"]
     lines += [
         "",
         "## FLOP ratio of a generation over the unmerged model",
@@ -275,6 +283,10 @@ def write_page(out: Path, result: dict) -> None:
             f"{speed[build] / f[build]:.2f} |"
         )
     draw(out / "exact_counts.png", result)
+    _publish(out, result, lines, pictures={"every step's FLOPs and the build cost": "exact_counts.png"})
+
+
+def _publish(out: Path, result: dict, lines: list[str], pictures: dict[str, str]) -> None:
     page = Page(
         title=f"{result['model']}: exact counts (one engine per stage) against static buckets",
         kind="exact-counts",
@@ -283,7 +295,7 @@ def write_page(out: Path, result: dict) -> None:
         machine=result.get("machine"),
         command=result["command"],
         body="\n".join(lines),
-        pictures={"every step's FLOPs and the build cost": "exact_counts.png"},
+        pictures=pictures,
         files={"exact_counts.json": "every number of this page, each build run's seconds"},
         wall_time_s=result.get("wall_time_s"),
     )
@@ -321,7 +333,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="sd3m-1024")
     parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None, help="keep the model's first k blocks (presets)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--latent", type=int, default=None, help="latent side (default: the model's)")
+    parser.add_argument("--builds-only", action="store_true", help="only the build costs (a page of them with --out)")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--deviation", type=float, default=0.2)
     parser.add_argument("--runs", type=int, default=3, help="timed generations / engine calls (median)")
@@ -341,6 +356,7 @@ def main() -> None:
         f"--threads={args.threads}",
     ]
     args.passthrough += [f"--layers={args.layers}"] if args.layers is not None else []
+    args.passthrough += [f"--dtype={args.dtype}"] + ([f"--latent={args.latent}"] if args.latent else [])
     if args.build_one:
         logging.basicConfig(level=logging.WARNING)
         build_once(args)
@@ -359,6 +375,7 @@ def main() -> None:
         "ratio": args.ratio,
         "deviation": args.deviation,
         "threads": args.threads,
+        "dtype": args.dtype,
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine_info().to_dict(),
         "command": "python scripts/exact_counts.py " + " ".join(sys.argv[1:]),
@@ -366,6 +383,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         if not args.skip_builds:
             result["builds"] = build_costs(args, Path(scratch))
+        if args.builds_only:  # a real architecture at full depth: the build costs are what fits in a CPU session
+            result["wall_time_s"] = time.perf_counter() - started
+            print(json.dumps(result, indent=2))
+            if args.out:
+                write_page(Path(args.out), result)
+            return
         result["flops"] = flop_ratios(args, workload, args.steps)
         from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
