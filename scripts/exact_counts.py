@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
 from sdtm_compile import SDTMConfig
 from sdtm_compile.bench.config import BenchConfig
@@ -150,24 +151,31 @@ def timed(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def steady_state(args: argparse.Namespace, workload, config: BenchConfig, scratch: Path) -> dict:
-    compiled = {
-        build: Compiled(workload.model, method_of(build, args), "inductor", workload.probe, scratch / build / "sdtm")
-        for build in BUILDS
-    }
-    recorded: dict = {}
-    graph_class = type(compiled["buckets"].compiled_graph)
-    original = graph_class.__call__
+def steady_state(
+    args: argparse.Namespace, workload, config: BenchConfig, scratch: Path, engines_only: bool = False
+) -> dict:
+    """Each static engine against the exact engine at the same counts; then whole generations (not with
+    ``engines_only``: a real architecture at full depth, where a generation takes minutes)."""
+    from sdtm_compile.compiler.compiled import SDTMCompiledGraph
 
-    def record(self, *call_args):  # keep one call's flat inputs, to call engines directly
-        recorded[id(self)] = call_args
+    recorded: dict = {}
+    original = SDTMCompiledGraph.__call__
+
+    def record(self, *call_args):  # keep the first call's flat inputs, to call engines directly
+        recorded.setdefault(id(self), call_args)
         return original(self, *call_args)
 
-    graph_class.__call__ = record
-    with torch.no_grad():
-        for build in ("buckets", "exact"):
-            workload.generate(workload.call_of(compiled[build].module), config)
-    graph_class.__call__ = original
+    SDTMCompiledGraph.__call__ = record
+    try:
+        builds = ("buckets", "exact") if engines_only else BUILDS
+        compiled = {
+            build: Compiled(
+                workload.model, method_of(build, args), "inductor", workload.probe, scratch / build / "sdtm"
+            )
+            for build in builds
+        }
+    finally:
+        SDTMCompiledGraph.__call__ = original
 
     per_engine = []
     static, exact = compiled["buckets"].compiled_graph, compiled["exact"].compiled_graph
@@ -203,6 +211,8 @@ def steady_state(args: argparse.Namespace, workload, config: BenchConfig, scratc
                 row["exact_vs_static"],
             )
 
+    if engines_only:
+        return {"per_engine": per_engine}
     generation: dict[str, list[float]] = {build: [] for build in BUILDS}
     with torch.no_grad():
         for build in BUILDS:
@@ -248,7 +258,11 @@ def write_page(out: Path, result: dict) -> None:
         times = f"{row['cold_s']:.1f} | {row['warm_s']:.1f}"
         lines.append(f"| {build} | {row['engines']} | {times} | {ratio[0]} | {ratio[1]} |")
     if "flops" not in result:  # --builds-only
-        lines += ["", "Build costs only (`--builds-only`): no FLOP count, no steady state."]
+        lines += ["", "`--builds-only`: the build costs and each engine's calls; no FLOP count, no whole generations."]
+        lines += _engine_table(result.get("steady", {}).get("per_engine", []))
+        if "steady_command" in result:  # the engine calls measured by a second command
+            took = f" ({result['steady_wall_time_s'] / 60:.0f} min)" if "steady_wall_time_s" in result else ""
+            lines += ["", f"The engine calls{took}: `{result['steady_command']}`."]
         _publish(out, result, lines, pictures={})
         return
     f, s = result["flops"], result["steady"]
@@ -257,17 +271,8 @@ def write_page(out: Path, result: dict) -> None:
         "## FLOP ratio of a generation over the unmerged model",
         "",
         f"buckets {f['buckets']:.3f}, exact {f['exact']:.3f} (exact / buckets {f['exact_vs_buckets']:.3f}).",
-        "",
-        "## Steady state: each static bucket engine vs the stage's exact engine at the same counts",
-        "",
-        "| engine | counts | static ms | exact ms | exact / static |",
-        "|---|---|---|---|---|",
     ]
-    for row in s["per_engine"]:
-        lines.append(
-            f"| {row['engine']} | {row['counts']} | {row['static_ms']:.1f} | {row['exact_ms']:.1f} | "
-            f"{row['exact_vs_static']:.3f} |"
-        )
+    lines += _engine_table(s["per_engine"])
     speed = s["speedup"]
     lines += [
         "",
@@ -284,6 +289,24 @@ def write_page(out: Path, result: dict) -> None:
         )
     draw(out / "exact_counts.png", result)
     _publish(out, result, lines, pictures={"every step's FLOPs and the build cost": "exact_counts.png"})
+
+
+def _engine_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Steady state: each static bucket engine vs the stage's exact engine at the same counts",
+        "",
+        "| engine | counts | static ms | exact ms | exact / static |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['engine']} | {row['counts']} | {row['static_ms']:.1f} | {row['exact_ms']:.1f} | "
+            f"{row['exact_vs_static']:.3f} |"
+        )
+    return lines
 
 
 def _publish(out: Path, result: dict, lines: list[str], pictures: dict[str, str]) -> None:
@@ -383,15 +406,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         if not args.skip_builds:
             result["builds"] = build_costs(args, Path(scratch))
-        if args.builds_only:  # a real architecture at full depth: the build costs are what fits in a CPU session
+        if args.builds_only:  # a real architecture at full depth: builds and engine calls are what fit here
+            with temporary_cache_dir(str(Path(scratch) / "steady-inductor")):
+                result["steady"] = steady_state(args, workload, config, Path(scratch), engines_only=True)
             result["wall_time_s"] = time.perf_counter() - started
             print(json.dumps(result, indent=2))
             if args.out:
                 write_page(Path(args.out), result)
             return
         result["flops"] = flop_ratios(args, workload, args.steps)
-        from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
-
         with temporary_cache_dir(str(Path(scratch) / "steady-inductor")):
             result["steady"] = steady_state(args, workload, config, Path(scratch))
     result["wall_time_s"] = time.perf_counter() - started
