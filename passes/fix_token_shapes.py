@@ -198,7 +198,7 @@ def _symbolic(old: object, new: object, symbols: dict[int, Callable[[], fx.Node]
     return new
 
 
-def _size_nodes(gm: fx.GraphModule, nodes: list[fx.Node], mapping: dict[int, int], text_tokens: int | None):
+def _size_nodes(gm: fx.GraphModule, nodes: list[fx.Node], merged_count: int, text_tokens: int | None):
     """Dynamic counts: ``{merged count: () -> node reading it}`` for a branch, from the length of the merge that
     feeds it (``M``, and ``M + T`` for a joint axis); the nodes are made on first use, right after the merge."""
     merge = next(a for node in nodes for a in node.all_input_nodes if a.target is sdtm_merge)
@@ -217,10 +217,9 @@ def _size_nodes(gm: fx.GraphModule, nodes: list[fx.Node], mapping: dict[int, int
                 made["mt"] = copy_location(gm.graph.call_function(operator.add, (merged(), text_tokens)), merge, "plan")
         return made["mt"]
 
-    n, m = next(iter(mapping.items()))
-    symbols: dict[int, Callable[[], fx.Node]] = {m: merged}
+    symbols: dict[int, Callable[[], fx.Node]] = {merged_count: merged}
     if text_tokens is not None:
-        symbols[m + text_tokens] = joint
+        symbols[merged_count + text_tokens] = joint
     return symbols
 
 
@@ -262,7 +261,7 @@ def fix_token_shapes(
             args = _rewritten_args(node, mapping)
             if args is not None:
                 if dynamic:  # the count is an input: sizes computed from the merged length, not constants
-                    symbols = symbols or _size_nodes(gm, nodes, mapping, sites.text_tokens)
+                    symbols = symbols or _size_nodes(gm, nodes, mapping[sites.num_tokens], sites.text_tokens)
                     args = _symbolic(node.args, args, symbols)  # type: ignore[assignment]
                 node.args = args  # type: ignore[assignment]
                 changed.append(node.name)

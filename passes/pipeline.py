@@ -299,10 +299,10 @@ def _check_shapes(
         merged = merged_branch_names(sites, settings)
         blocks = merged_blocks(sites, settings)
         changed |= {n for block in blocks for _, branch in block.branches_named(merged) for n in branch.nodes}
-    kinds = [block.kind for block in sites.blocks]
     if settings.method.dynamic_counts and settings.key.stage is not Stage.FULL:
         # Dynamic counts: the graph must type-check at both ends of its count range (a count left baked in as a
         # constant fits one of them at most); the representative's counts go last, they are what regions record.
+        kinds = [block.kind for block in sites.blocks]
         lowest, _ = settings.method.count_range(kinds, settings.key, sites.grid)
         propagate_shapes(out, [*inputs, *state, *count_tensors(lowest, sites.num_tokens)], changed)
         counts = settings.method.plan_counts(kinds, settings.key, sites.grid)

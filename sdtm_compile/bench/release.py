@@ -1,7 +1,7 @@
 """The authors' release beside ours: run ``apply_SDTM`` from a user's copy of ``TR_SDTM.py`` on our model.
 
 The release is not a dependency and is never committed here: the user fetches it (the authors' repository) and
-points the benchmark at the file (``scripts/exact_counts.py --release PATH``). :func:`release_applied` loads it,
+points the benchmark at the file (``scripts/release_side_by_side.py --release PATH``). :func:`release_applied` loads it,
 patches the transformer the way ``apply_SDTM`` does - it swaps the classes of the transformer and of every
 ``JointTransformerBlock`` for its own subclasses and wraps a *pipeline* whose ``__call__`` resets its step counter
 - and undoes the patch on exit, so the same model then runs unmodified or compiled.
@@ -33,7 +33,7 @@ from ..core.schedule import Stage, position_at_step
 from ..methods.sdtm.config import SDTMConfig
 from ..methods.sdtm.schedule import stage_at
 
-__all__ = ["ReleasePipeline", "load_release", "release_applied", "release_switch_step"]
+__all__ = ["ReleaseError", "ReleasePipeline", "load_release", "release_applied", "release_switch_step"]
 
 
 class ReleaseError(RuntimeError):

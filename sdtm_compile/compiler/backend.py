@@ -203,7 +203,8 @@ class SDTMBackend:
         engines, names, resuming = {}, {}, set()
         total = time.perf_counter()
         for bucket in graphs:
-            rewritten, inputs = bucket.graph, buckets.engine_inputs(bucket.keys[0])  # + count inputs, if dynamic
+            rewritten = bucket.graph
+            inputs = [*engine_inputs, *buckets.count_inputs(bucket.keys[0])]  # dynamic counts: + its count inputs
             tail = None if first_block is None else self._resuming(bucket, first_block, inputs)
             if tail is not None:
                 (rewritten, inputs), resuming = tail, resuming | set(bucket.keys)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..core.method import TokenMethod
+from ..core.schedule import EngineKey, Stage
 from ..core.signature import METHOD_STATE, EngineSignature, StateTensor
 from ..engines import sha256_file
 
@@ -21,6 +22,7 @@ __all__ = [
     "read_bundle",
     "manifest_state",
     "signature_from_manifest",
+    "step_counts",
 ]
 
 #: 2: one ``model.onnx`` holding every engine (picked by its ``engine`` input) and the weights once in
@@ -90,3 +92,16 @@ def read_bundle(bundle_dir: str | Path) -> dict[str, Any]:
                 "(file corrupt or replaced); re-export the bundle"
             )
     return manifest
+
+
+def step_counts(manifest: dict[str, Any], method: TokenMethod, key: EngineKey) -> tuple[int, ...]:
+    """Exact counts: the count of every count input of a bundle (``manifest["count_inputs"]``) at the schedule's
+    ``key``; an input the step's engine does not read (the unmerged engine reads none) gets 0. Empty for a bundle
+    of static buckets."""
+    number = len(manifest.get("count_inputs", ()))
+    if not number:
+        return ()
+    counts = (
+        () if key.stage is Stage.FULL else method.plan_counts(manifest["block_kinds"], key, tuple(manifest["grid"]))
+    )
+    return (*counts, *[0] * (number - len(counts)))

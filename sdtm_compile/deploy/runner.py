@@ -16,7 +16,7 @@ from ..core.schedule import EngineKey, Stage
 from ..core.signature import EngineState
 from ..passes import UnsupportedModelError, image_grid
 from ..runtime import StageDispatcher
-from .bundle import MANIFEST, BundleError, read_bundle, signature_from_manifest
+from .bundle import MANIFEST, BundleError, read_bundle, signature_from_manifest, step_counts
 
 __all__ = ["OnnxTransformer", "lean_session_options"]
 
@@ -120,10 +120,7 @@ class OnnxTransformer(nn.Module):
         if not self.count_inputs:
             return {}
         tokens = self.manifest["count_inputs"][0]["tokens"]
-        counts: tuple[int, ...] = ()
-        if key.stage is not Stage.FULL:
-            counts = self.method.plan_counts(self.manifest["block_kinds"], key, tuple(self.manifest["grid"]))
-        counts = (*counts, *[0] * (len(self.count_inputs) - len(counts)))
+        counts = step_counts(self.manifest, self.method, key)
         return {name: count_tensor(c, tokens).numpy() for name, c in zip(self.count_inputs, counts)}
 
     def reset(self) -> None:

@@ -37,11 +37,10 @@ import numpy as np
 
 from ...core.config import config_from_dict
 from ...core.method import method_for
-from ...core.schedule import Stage
 from ...engines import sha256_file
 from ...models.sampling import pipeline_timesteps
 from ...runtime import StageDispatcher
-from ..bundle import BundleError, read_bundle, signature_from_manifest
+from ..bundle import BundleError, read_bundle, signature_from_manifest, step_counts
 from . import step_logic
 from .step_logic import INITIAL_STATE, STEP_TABLE, TABLE_VERSION
 
@@ -202,11 +201,7 @@ def step_table(manifest: dict[str, Any], settings: TritonSettings) -> dict[str, 
         rows = []
         for i, t in enumerate(fed):
             key = dispatcher.key_for(t)[1]
-            counts: list[int] = []
-            if count_inputs:  # exact counts: the step's own, 0 for the inputs its engine does not read
-                if key.stage is not Stage.FULL:
-                    counts = list(method.plan_counts(manifest["block_kinds"], key, tuple(manifest["grid"])))
-                counts += [0] * (len(count_inputs) - len(counts))
+            counts = list(step_counts(manifest, method, key))  # exact counts: the step's own; else empty
             engine = graphs[str(method.engine_of(key))]
             rows.append([engine, float(t), float(sigmas[i + 1] - sigmas[i]), counts])
         steps[str(count)] = rows

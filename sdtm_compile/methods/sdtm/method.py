@@ -18,6 +18,7 @@ from .schedule import (
     engines_for_trajectory,
     idm_sources_merged,
     ssm_windows_merged,
+    stage_engine,
     stage_ratios,
     token_counts,
 )
@@ -64,7 +65,7 @@ class SDTMMethod(TokenMethod):
         """With ``counts="exact"``: the stage's engine, keyed by the stage's largest ratio; else ``key``."""
         if not self.config.exact_counts or key.stage is Stage.FULL:
             return key
-        return EngineKey(key.stage, stage_ratios(key.stage, self.config)[1])
+        return stage_engine(key.stage, self.config)
 
     def count_range(
         self, kinds: Sequence[str], key: EngineKey, grid: tuple[int, int]

@@ -18,6 +18,7 @@ __all__ = [
     "engine_key_at",
     "engines_for_trajectory",
     "stage_ratios",
+    "stage_engine",
     "ssm_windows_merged",
     "idm_sources_merged",
     "token_counts",
@@ -63,6 +64,16 @@ def stage_ratios(stage: Stage, config: SDTMConfig) -> tuple[float, float]:
     return round(cra_ratio(hi_p, config), 9), round(cra_ratio(lo_p, config), 9)
 
 
+def stage_engine(stage: Stage, config: SDTMConfig) -> EngineKey:
+    """With ``counts="exact"``: the key of ``stage``'s one engine, named by the stage's highest ratio."""
+    return EngineKey(stage, stage_ratios(stage, config)[1])
+
+
+def _stages_reached(config: SDTMConfig) -> list[Stage]:
+    """The merged stages some position reaches: structure before ``switch_at``, detail from it on."""
+    return [Stage.STRUCTURE] * (config.switch_at > 0.0) + [Stage.DETAIL] * (config.switch_at < 1.0)
+
+
 def engines_for_trajectory(config: SDTMConfig) -> list[EngineKey]:
     """Every engine any step count or scheduler can reach: the buckets the CRA curve crosses in each stage.
 
@@ -75,16 +86,12 @@ def engines_for_trajectory(config: SDTMConfig) -> list[EngineKey]:
         return [FULL]
     keys: set[EngineKey] = {FULL} if config.fuses_cache else set()  # cache fusion: protected steps run FULL
     if config.exact_counts:  # one engine per stage the trajectory reaches, named by its largest ratio
-        stages = [Stage.STRUCTURE] if config.switch_at > 0.0 else []
-        stages += [Stage.DETAIL] if config.switch_at < 1.0 else []
-        keys |= {engine_key_at(0.0 if s is Stage.STRUCTURE else config.switch_at, config) for s in stages}
-        if any(stage_ratios(s, config)[0] <= 0.0 for s in stages):  # a step at ratio 0 runs unmerged
+        keys |= {stage_engine(stage, config) for stage in _stages_reached(config)}
+        if any(stage_ratios(s, config)[0] <= 0.0 for s in _stages_reached(config)):  # a step at ratio 0: unmerged
             keys.add(FULL)
         return sorted(keys)
     if config.adaptive:  # SDTM*: a step may pick any bucket of the stages its positions reach
-        stages = [Stage.STRUCTURE] if config.switch_at > 0.0 else []
-        stages += [Stage.DETAIL] if config.switch_at < 1.0 else []
-        return sorted({FULL, *(EngineKey(stage, b) for stage in stages for b in config.buckets)})
+        return sorted({FULL, *(EngineKey(stage, b) for stage in _stages_reached(config) for b in config.buckets)})
     # cra_ratio is monotone in p, so each stage covers a closed ratio interval; sample its ends and every
     # bucket edge inside it.
     for stage, lo_p, hi_p in ((Stage.STRUCTURE, 0.0, config.switch_at), (Stage.DETAIL, config.switch_at, 1.0)):
