@@ -122,7 +122,9 @@ class BucketGraphs:
             return []
         low, high = self.count_range(key)
         return [
-            example_count_tensor(count, reachable_counts(lo, hi), self.sites.num_tokens, self.latent.device)
+            example_count_tensor(
+                count, reachable_counts(lo, hi, self.method.count_step), self.sites.num_tokens, self.latent.device
+            )
             for count, lo, hi in zip(self.plan_counts(key), low, high)
         ]
 

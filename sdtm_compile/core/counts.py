@@ -81,9 +81,10 @@ def count_tensors(counts: Sequence[int], tokens: int, device: torch.device | str
     return [count_tensor(count, tokens, device) for count in counts]
 
 
-def reachable_counts(low: int, high: int, step: int = 16) -> tuple[int, ...]:
-    """Every count from ``low`` to ``high`` a schedule can reach: both ends and the multiples of ``step`` between
-    (the release's counts are multiples of 16: ``// 48 * 16`` windows, ``// 16 * 16`` sources)."""
+def reachable_counts(low: int, high: int, step: int) -> tuple[int, ...]:
+    """Every count from ``low`` to ``high`` a schedule can reach, for a method whose counts are multiples of
+    ``step`` (:attr:`TokenMethod.count_step <sdtm_compile.core.method.TokenMethod.count_step>`): both ends and the
+    multiples of ``step`` between."""
     first = -(-low // step) * step
     return tuple(sorted({low, high, *range(first, high + 1, step)}))
 

@@ -92,6 +92,9 @@ class TokenMethod:
 
     #: the config class this method takes (each subclass sets it; :func:`register_method` keys the registry by it)
     config_class: ClassVar[type[MethodConfig]]
+    #: with dynamic counts: every count a plan is fed is a multiple of this, or an end of its stage's range (an
+    #: engine is checked against each of them when it is built)
+    count_step: ClassVar[int] = 1
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_class):

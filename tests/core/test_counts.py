@@ -48,10 +48,10 @@ def test_a_count_is_said_by_its_complement_to_the_image_tokens():
 
 @pytest.mark.unit
 def test_reachable_counts_are_the_ends_and_the_multiples_of_16_between():
-    assert reachable_counts(208, 224) == (208, 224)
-    assert reachable_counts(60, 100) == (60, 64, 80, 96, 100)
-    assert reachable_counts(48, 48) == (48,)
-    example = example_count_tensor(224, reachable_counts(208, 224), 1024)
+    assert reachable_counts(208, 224, 16) == (208, 224)
+    assert reachable_counts(60, 100, 16) == (60, 64, 80, 96, 100)
+    assert reachable_counts(48, 48, 16) == (48,)
+    example = example_count_tensor(224, reachable_counts(208, 224, 16), 1024)
     assert example.shape == (800,)
     assert served_lengths(example) == (800, 816)
     assert served_lengths(torch.empty(5)) == (5,)  # an input that names nothing serves its own length

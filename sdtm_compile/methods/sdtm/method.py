@@ -45,6 +45,8 @@ class SDTMMethod(TokenMethod):
 
     config_class = SDTMConfig
     config: SDTMConfig
+    #: the release's counts are multiples of 16 (``reduce_num // 48 * 16`` windows in ``SSM``; sources ``// 16 * 16``)
+    count_step = 16
 
     def engine_key_at(self, position: float) -> EngineKey:
         return engine_key_at(position, self.config)
