@@ -160,6 +160,7 @@ class _CompilerPool:
                 index = self.busy.pop(number)
                 line = self.processes[number].stdout.readline()  # type: ignore[union-attr]
                 finished += 1
+                self._feed()  # the next job goes out before the caller spends seconds loading this one's artifact
                 if not line:
                     yield index, f"the compiler process exited (code {self.processes[number].wait()})"
                 else:
