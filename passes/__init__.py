@@ -39,7 +39,7 @@ from .lint_tensorrt import LintFinding, TensorRTLintError, lint_report, lint_ten
 from .pipeline import GraphPass, PassContext, Pipeline, RewrittenGraph, build_pipeline, rewrite_for_engine
 from .settings import PassSettings
 from .sites import BlockSites, Branch, ModelSites
-from .split_single_stream import split_single_stream
+from .split_single_stream import split_single_blocks, split_single_stream
 from .step_cache import (
     HIDDEN_INPUT_NAME,
     HIDDEN_STATE,
@@ -106,6 +106,7 @@ __all__ = [
     "residual_sites",
     "rewrite_for_engine",
     "set_state_output",
+    "split_single_blocks",
     "split_single_stream",
     "state_input",
     "state_input_name",

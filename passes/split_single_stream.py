@@ -36,7 +36,7 @@ from .insert_merge import merged_blocks, merged_branch_names
 from .settings import PassSettings
 from .sites import BlockSites, Branch, ModelSites
 
-__all__ = ["split_single_stream"]
+__all__ = ["split_single_blocks", "split_single_stream"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +69,26 @@ def split_single_stream(
     singles = [block for block in merged_blocks(sites, settings) if block.stream is not None]
     if not singles:
         return gm, sites
+    merge_attention = "attn" in merged_branch_names(sites, settings)
+    gm, sites = split_single_blocks(gm, sites, singles, merge_attention)
+    logger.debug(
+        "split_single_stream: %s: split proj_out of %d single-stream blocks%s",
+        settings.key,
+        len(singles),
+        " (and cut their attention for merging)" if merge_attention else "",
+    )
+    return gm, sites
+
+
+def split_single_blocks(
+    gm: fx.GraphModule, sites: ModelSites, singles: list[BlockSites], merge_attention: bool = False
+) -> tuple[fx.GraphModule, ModelSites]:
+    """Split the ``proj_out`` of each of ``singles`` (single-stream blocks of ``sites``), cutting their attention
+    too when ``merge_attention``; the sites with their ``mlp`` (and ``attn``) branches. Also used by an unmerged
+    engine that needs the MLP columns apart (SDTM's cache fusion stores them)."""
     graph = gm.graph
     text = sites.text_tokens
     assert text is not None  # find_mmdit_blocks sets it whenever there is a single-stream block
-    merge_attention = "attn" in merged_branch_names(sites, settings)
     split: list[BlockSites] = []
     for block in singles:
         stream = block.stream
@@ -121,10 +137,4 @@ def split_single_stream(
         )
         split.append(replace(block, mlp=mlp_branch, attn=attn_branch))
     gm.recompile()
-    logger.debug(
-        "split_single_stream: %s: split proj_out of %d single-stream blocks%s",
-        settings.key,
-        len(singles),
-        " (and cut their attention for merging)" if merge_attention else "",
-    )
     return gm, sites.with_blocks(*split)

@@ -134,7 +134,7 @@ def candidate_space(
 
     Each method at its defaults but for the ratio (:meth:`~sdtm_compile.core.method.TokenMethod.with_ratio`) and the
     block schedule (default: ``all``, the first quarter of the blocks unmerged, ``staggered``), SDTM with and without
-    cache fusion (SD3 / SD3.5), each with and without our step cache (SD3 / SD3.5; not beside cache fusion, which
+    cache fusion, each with and without our step cache (SD3 / SD3.5; not beside cache fusion, which
     keeps its own step cache), and the step cache alone on the unmerged model. A ratio a method cannot reach is
     skipped. Duplicates (the same options) are kept once.
     """
@@ -163,7 +163,7 @@ def candidate_space(
                 continue
             for schedule in schedules:
                 config = dataclasses.replace(at_ratio, blocks=schedule)
-                fusions = cache_fusion if name == "sdtm" and family == "sd3" else (False,)
+                fusions = cache_fusion if name == "sdtm" else (False,)
                 for fusion in fusions:
                     fused = dataclasses.replace(config, cache_fusion=True) if fusion else config
                     for cache in caches:

@@ -68,6 +68,11 @@ class ReferenceHooks:
         """An additive key bias for a merged attention (``[B, 1, 1, M + T]``), or ``None``."""
         return None
 
+    def observes(self, block: int, branch: str) -> bool:
+        """Whether :meth:`gated` must see this branch's gated output on its own: a Flux single block gates the sum
+        of its attention and MLP columns, and computes them apart only when asked."""
+        return False
+
     def gated(self, block: int, branch: str, value: torch.Tensor, li: torch.Tensor | None) -> torch.Tensor:
         """A branch's gated output ``[B, N, C]`` (after its gate multiply, before the residual add); ``li``: the
         state after the block's plan when the branch was merged, else ``None``. Returns what is added."""

@@ -87,6 +87,10 @@ class BlockCall:
         biases = [b for h in self.hooks if (b := h.attention_bias(plan, text_tokens, text_first)) is not None]
         return sum(biases[1:], biases[0]) if biases else None
 
+    def observes(self, branch: str) -> bool:
+        """Some extension must see this branch's gated output on its own (:meth:`ReferenceHooks.observes`)."""
+        return any(hook.observes(self.index, branch) for hook in self.hooks)
+
     def gated(self, branch: str, value: torch.Tensor, li: torch.Tensor, plan: MergePlan | None) -> torch.Tensor:
         """A branch's gated output after the extensions (``li``: the state after this block's plan)."""
         merged_li = li if plan is not None and branch in self.merged else None
@@ -213,8 +217,8 @@ def flux_single_block_forward(
     call: BlockCall,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One ``FluxSingleTransformerBlock`` on the image ``[B, N, C]`` and text ``[B, T, C]`` tokens (joined text
-    first inside the block). Its attention and MLP are summed by one ``proj_out`` before the gate, so no branch
-    output passes the extensions' ``gated`` hook."""
+    first inside the block). Its attention and MLP are summed by one ``proj_out`` before the gate: their gated
+    image rows pass the extensions' ``gated`` hook only when one observes them (``proj_out`` then by columns)."""
     assert rotary is not None
     text = encoder_hidden_states.shape[1]
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, T + N, C], text first
@@ -232,15 +236,26 @@ def flux_single_block_forward(
         attn_output = torch.cat([attn_output[:, :text], unmerge(attn_output[:, text:], plan)], 1)
     else:
         attn_output = block.attn(hidden_states=norm_hs, image_rotary_emb=rotary)
-    if merge_mlp:  # proj_out by column blocks (the split_single_stream pass): attention + bias, then the MLP
+    observed = call.observes("attn") or call.observes("mlp")
+    if not (merge_mlp or observed):
+        hidden_states = residual + gate.unsqueeze(1) * block.proj_out(torch.cat([attn_output, mlp_hidden_states], 2))
+    else:  # proj_out by column blocks (the split_single_stream pass): attention + bias, then the MLP
         channels = attn_output.shape[-1]
         weight, bias_weight = block.proj_out.weight, block.proj_out.bias
         mlp_out = F.linear(mlp_hidden_states, weight[:, channels:])
-        mlp_out = torch.cat([mlp_out[:, :text], unmerge(mlp_out[:, text:], plan)], 1)
-        projected = F.linear(attn_output, weight[:, :channels], bias_weight) + mlp_out
-    else:
-        projected = block.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
-    hidden_states = residual + gate.unsqueeze(1) * projected
+        if merge_mlp:
+            mlp_out = torch.cat([mlp_out[:, :text], unmerge(mlp_out[:, text:], plan)], 1)
+        attn_out = F.linear(attn_output, weight[:, :channels], bias_weight)
+        gate = gate.unsqueeze(1)
+        update = gate * (attn_out + mlp_out)
+        if observed:  # the columns' gated image rows, each seen (stored or blended) on its own
+            image = [
+                call.gated(name, gate * out[:, text:], li, plan) for name, out in (("attn", attn_out), ("mlp", mlp_out))
+            ]
+            if any(name in call.merged and call.observes(name) for name in ("attn", "mlp")):
+                # a blended column: the image rows' update is the (blended) columns' sum
+                update = torch.cat([update[:, :text], image[0] + image[1]], 1)
+        hidden_states = residual + update
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)
     return hidden_states[:, :text], hidden_states[:, text:], li

@@ -1,8 +1,6 @@
 """The engine contract (EngineSignature, EngineState) and the model layout it is built from: one definition that
 the graph's sites and the diffusers module agree on, for every method and extension."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -116,10 +114,13 @@ def test_engine_state_is_immutable_and_names_what_it_lacks():
     assert sorted(state) == ["cache", "li"]  # the original is untouched
 
 
-def test_extensions_refuse_models_they_cannot_run_on():
-    flux = method_for(dataclasses.replace(EVERY_EXTENSION, size_aware_attention=False))
+def test_every_extension_runs_on_flux_and_cache_fusion_caches_its_merged_branches():
+    every = method_for(EVERY_EXTENSION)
     model = tiny_flux_transformer(TINY_FLUX, seed=0)
     inputs = flux_example_inputs(TINY_FLUX, 1, (16, 16))
     layout = model_layout(model, inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["img_ids"])
-    assert "cache fusion is implemented for SD3" in flux.check_model(layout)
-    assert method_for(SDTMConfig()).check_model(layout) is None
+    assert every.check_model(layout) is None
+    (cache,) = [t for t in every.signature(layout).tensors if t.name == "cache"]
+    # double blocks' ff and single blocks' mlp (no merged attention by default), [K, B, N, C] in the model's dtype
+    blocks = TINY_FLUX.num_layers + TINY_FLUX.num_single_layers
+    assert cache.shape == (blocks, 1, 64, layout.width) and cache.dtype == layout.dtype

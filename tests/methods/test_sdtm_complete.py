@@ -23,9 +23,9 @@ from sdtm_compile.models import (
     tiny_flux_transformer,
     tiny_sd3_transformer,
 )
-from sdtm_compile.models.sampling import generate, make_generation_inputs
+from sdtm_compile.models.sampling import flux_generate, generate, make_flux_generation_inputs, make_generation_inputs
 from sdtm_compile.passes import lint_tensorrt, to_aten
-from sdtm_compile.reference import reference_dispatcher, reference_forward
+from sdtm_compile.reference import ReferenceTransformer, reference_dispatcher, reference_forward
 from tests.helpers import capture_dynamo_graph, transformer_call
 
 BUCKETS = (0.3, 0.5, 0.7)
@@ -118,17 +118,83 @@ def test_fused_engine_with_mcw_1_is_the_plain_engine_and_blends_only_merged_posi
         assert torch.equal(torch.where(merged, cache[0, ..., :8], gated), blended)
 
 
-@pytest.mark.slow
-def test_cache_fusion_is_refused_on_flux_and_by_the_onnx_export(tmp_path):
-    model = tiny_flux_transformer(TINY_FLUX, seed=0)
-    gm, flat = capture_dynamo_graph(model, flux_example_inputs(TINY_FLUX, 1, (16, 16)))
-    with pytest.raises(ValueError, match="cache fusion is implemented for SD3"):
-        BucketGraphs(gm, flat, FUSION)
-    from sdtm_compile.deploy.onnx import export_onnx
+@pytest.fixture(scope="module")
+def flux():
+    # 16 x 16 image tokens: SSM's count at 0.6 is 48 (at 8 x 8 it rounds to 0, the release's //48*16)
+    return tiny_flux_transformer(TINY_FLUX, seed=0), make_flux_generation_inputs(TINY_FLUX, (32, 32), seed=2)
 
-    sd3 = tiny_sd3_transformer(TINY_SD35, seed=0)
-    with pytest.raises(NotImplementedError, match="ONNX bundles carry li only"):
-        export_onnx(sd3, example_inputs(TINY_SD35, 1, (32, 32)), FUSION, tmp_path)
+
+FLUX_FUSION = SDTMConfig(buckets=(0.3, 0.6), cache_fusion=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("merge_attention", [None, True], ids=["ff-mlp", "attention-too"])
+def test_cache_fusion_on_flux_follows_the_reference_over_20_steps_then_12(flux, merge_attention):
+    """Flux (double blocks' ff, single blocks' MLP columns; with merge_attention the attention branches too): 20
+    steps then 12 through one compile with no recompiles, each equal to the reference; every 3rd step protected."""
+    model, inputs = flux
+    config = dataclasses.replace(FLUX_FUSION, merge_attention=merge_attention)
+    backend = SDTMBackend({"sdtm": config, "engine": "eager", "history": 256})
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        got = [flux_generate(compiled, inputs, steps) for steps in (20, 12)]
+    assert len(backend.compiled) == 1
+    for latent, steps in zip(got, (20, 12)):
+        reference = ReferenceTransformer(model, config)
+        with torch.no_grad():
+            want = flux_generate(reference, inputs, steps)
+        torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)
+    records = backend.compiled[0].dispatcher.history[20:]
+    assert [r.protected for r in records] == [s % 3 == 0 for s in range(12)]
+    assert all((r.key == FULL) == r.protected for r in records)
+    with torch.no_grad():  # the blend happens: without fusion the 12-step generation ends elsewhere
+        plain = flux_generate(ReferenceTransformer(model, dataclasses.replace(config, cache_fusion=False)), inputs, 12)
+    assert (got[1] - plain).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_flux_cache_fusion_with_every_step_protected_is_the_unmodified_model(flux):
+    model, inputs = flux
+    backend = SDTMBackend({"sdtm": dataclasses.replace(FLUX_FUSION, protect_every=1), "engine": "eager"})
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        got = flux_generate(compiled, inputs, 8)
+        want = flux_generate(model, inputs, 8)
+    # the FULL engine computes proj_out by columns (to store the MLP's): equal up to float summation order
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_every_flux_fusion_engine_follows_the_reference_and_blends_only_merged_positions(flux):
+    """Every engine of a Flux compile with merged attention, fed a random li and cache, against the reference
+    forward; with mcw=1 the merged engines are plain SDTM's (up to the order of the gate's products)."""
+    model, _ = flux
+    inputs = flux_example_inputs(TINY_FLUX, 1, (32, 32))
+    gm, flat = capture_dynamo_graph(model, inputs)
+    config = dataclasses.replace(FLUX_FUSION, merge_attention=True)
+    fused = BucketGraphs(gm, flat, config)
+    ignored = BucketGraphs(gm, flat, dataclasses.replace(config, mcw=1.0))
+    plain = BucketGraphs(gm, flat, dataclasses.replace(config, cache_fusion=False), include_full=True)
+    li, cache = fused.new_state()
+    # double blocks: attn, ff; single blocks: attn, mlp (K x B x N x C)
+    assert cache.shape == (2 * (TINY_FLUX.num_layers + TINY_FLUX.num_single_layers), 1, 256, 32)
+    li = torch.randint(0, 5, li.shape, dtype=li.dtype)
+    cache = torch.randn(cache.shape)
+    with torch.no_grad():
+        for key in plain.keys:
+            sample, got_li, got_cache = fused.graph(key).gm(*flat, li, cache)
+            want, state = reference_forward(model, **inputs, key=key, state=EngineState(li, cache=cache), config=config)
+            torch.testing.assert_close(sample, want, rtol=1e-5, atol=1e-5)
+            assert torch.equal(got_li, state.li)
+            torch.testing.assert_close(got_cache, state.cache, rtol=1e-5, atol=1e-5)
+            plain_sample, plain_li = plain.graph(key).gm(*flat, li)
+            ignoring, _, _ = ignored.graph(key).gm(*flat, li, cache)
+            torch.testing.assert_close(ignoring, plain_sample, rtol=1e-5, atol=1e-6)
+            if key != FULL:
+                assert got_cache is cache
+                assert (sample - plain_sample).abs().max() > 1e-3  # mcw 0.1 moves the merged positions
 
 
 # -- SDTM* ---------------------------------------------------------------------------------------------------------

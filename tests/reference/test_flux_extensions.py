@@ -1,6 +1,6 @@
-"""One reference for both families: SDTM's extensions that the compiled path supports on Flux (SDTM*, size-aware
-attention on merged attention) follow the eager reference over whole generations, the ones it refuses are refused by
-the reference too, and the reference is called like the diffusers model on SD3 and Flux alike."""
+"""One reference for both families: SDTM's extensions on Flux (SDTM*, size-aware attention on merged attention; cache
+fusion in tests/methods/test_sdtm_complete.py) follow the eager reference over whole generations, and the reference is
+called like the diffusers model on SD3 and Flux alike."""
 
 import dataclasses
 
@@ -9,11 +9,9 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sdtm_compile import SDTMBackend, SDTMConfig
-from sdtm_compile.core.schedule import FULL
-from sdtm_compile.methods.sdtm import init_li
 from sdtm_compile.models import TINY_FLUX, TINY_SD3, example_inputs, tiny_flux_transformer, tiny_sd3_transformer
 from sdtm_compile.models.sampling import flux_generate, make_flux_generation_inputs
-from sdtm_compile.reference import ReferenceTransformer, reference_forward
+from sdtm_compile.reference import ReferenceTransformer
 
 STEPS = 8
 #: two buckets: every engine is rewritten once per compile, and a test of each extension needs no more
@@ -59,16 +57,6 @@ def test_size_aware_attention_on_merged_flux_attention_follows_the_reference(flu
             ReferenceTransformer(model, dataclasses.replace(config, size_aware_attention=False)), inputs, STEPS
         )
     assert (got - plain).abs().max() > 1e-4
-
-
-@pytest.mark.unit
-def test_cache_fusion_is_refused_on_flux_by_the_reference_too(flux):
-    model, _ = flux
-    from sdtm_compile.models import flux_example_inputs
-
-    inputs = flux_example_inputs(TINY_FLUX, 1, (16, 16))
-    with pytest.raises(ValueError, match="cache fusion is implemented for SD3"):
-        reference_forward(model, **inputs, key=FULL, li=init_li(1, 64), config=SDTMConfig(cache_fusion=True))
 
 
 @pytest.mark.unit

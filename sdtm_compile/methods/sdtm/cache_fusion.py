@@ -15,13 +15,15 @@ The four parts of the extension (:mod:`sdtm_compile.core.extension`):
 * reference hooks: the same store and blend on the eager reference's gated outputs;
 * dispatcher: which steps are protected, and which cache each call is fed.
 
-SD3 / SD3.5 only (the release's models): on Flux it is refused with :class:`CacheFusionError`.
+SD3 / SD3.5 as released; Flux too (ours): its double blocks' ``attn`` / ``ff`` like SD3's, and each single block's
+attention and MLP columns of ``proj_out``, gated (see :func:`fuse_cached_branches`).
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from ...core.ops import PLAN_OUTPUTS, graph_op, sdtm_plan, sdtm_unmerge
 from ...core.schedule import FULL, EngineKey, Stage
 from ...core.signature import EngineSignature, EngineState, StateTensor
 from ...passes import (
+    BlockSites,
     Branch,
     GraphPass,
     ModelSites,
@@ -40,6 +43,7 @@ from ...passes import (
     copy_location,
     fact,
     set_state_output,
+    split_single_blocks,
     state_input,
     state_outputs,
 )
@@ -112,15 +116,86 @@ def _plan_li(unmerged: fx.Node) -> fx.Node:
     return next(u for u in plan.users if u.target is operator.getitem and u.args[1] == PLAN_OUTPUTS.index("li"))
 
 
-def _unmerge_of(branch: Branch) -> fx.Node | None:
+def _unmerge_of(branch: Branch | None) -> fx.Node | None:
+    if branch is None:  # a single block's attention that this engine does not cut out: not merged
+        return None
     return next((u for u in branch.output.users if u.target is sdtm_unmerge), None)
+
+
+@dataclass(frozen=True)
+class _SingleBlockGate:
+    """Where a split Flux single block (``split_single_stream``) gates its update: ``gated = gate * (attn_out +
+    mlp_joint)``, ``attn_out`` ``[B, T + N, C]`` its attention columns of ``proj_out`` (with the bias), ``mlp_joint``
+    its MLP columns (image rows unmerged)."""
+
+    gate: fx.Node  # [B, 1, C]
+    attn_out: fx.Node
+    mlp_joint: fx.Node
+    gated: fx.Node
+
+
+def _single_block_gate(block: BlockSites) -> _SingleBlockGate:
+    assert block.mlp is not None, "split the single block first"
+    image = _unmerge_of(block.mlp) or block.mlp.output
+    joint = next(u for u in image.users if u.target is torch.cat)  # the seam cat([m[:, :T], m[:, T:]], 1)
+    projected = next(iter(joint.users))
+    gated = _gate_multiply(projected, f"{block.path} proj_out")
+    gate = next(a for a in gated.args if a is not projected)
+    attn_out = next(a for a in projected.args if a is not joint)
+    return _SingleBlockGate(gate, attn_out, joint, gated)  # type: ignore[arg-type]
+
+
+def _single_block_slots(
+    gm: fx.GraphModule, block: BlockSites, names: dict[str, int], cache: fx.Node | None, text: int, mcw: float
+) -> list[fx.Node]:
+    """A split single block's cached branches: their gated image rows ``gate * attn_out[:, T:]`` and ``gate *
+    mlp_joint[:, T:]`` (``names``: branch -> cache slot). With ``cache`` (a merged engine), each merged one is blended
+    with its slot and, if any is, the block's image update becomes their sum (its text rows stay ``gate * (attn +
+    mlp)``).
+    Returns the gated (stored) or fused nodes, in the order of ``names``."""
+    graph = gm.graph
+    site = _single_block_gate(block)
+    image_rows = (slice(None), slice(text, None))
+    made: list[fx.Node] = []
+    rows: dict[str, fx.Node] = {}
+    last = site.gated
+    for name, joint in (("attn", site.attn_out), ("mlp", site.mlp_joint)):
+        with graph.inserting_after(last):
+            image = graph.call_function(operator.getitem, (joint, image_rows))
+        with graph.inserting_after(image):
+            last = graph.call_function(operator.mul, (site.gate, image))
+        made += [image, last]
+        unmerged = _unmerge_of(getattr(block, name))
+        if cache is not None and name in names and unmerged is not None:
+            with graph.inserting_after(last):
+                cached = graph.call_function(operator.getitem, (cache, names[name]))
+            with graph.inserting_after(cached):
+                last = graph.call_function(sdtm_fuse, (last, cached, _plan_li(unmerged), mcw))
+            made += [cached, last]
+        rows[name] = last
+    if any(node.target is sdtm_fuse for node in made):  # the image rows' update: the fused columns, summed
+        with graph.inserting_after(last):
+            image = graph.call_function(operator.add, (rows["attn"], rows["mlp"]))
+        with graph.inserting_after(image):
+            text_rows = graph.call_function(operator.getitem, (site.gated, (slice(None), slice(None, text))))
+        with graph.inserting_after(text_rows):
+            update = graph.call_function(torch.cat, ([text_rows, image], 1))
+        made += [image, text_rows, update]
+        site.gated.replace_all_uses_with(update, delete_user_cb=lambda user: user is not text_rows)
+    for node in made:
+        copy_location(node, site.gated, "fuse")
+    return [rows[name] for name in names]
 
 
 def fuse_cached_branches(
     gm: fx.GraphModule, sites: ModelSites, settings: PassSettings
 ) -> tuple[fx.GraphModule, ModelSites]:
     """The ``FULL`` engine returns the stack of its cached branches' gated outputs as its ``cache``; a merged engine
-    blends every merged cached branch with its slot of the ``sdtm_cache`` input (and returns that input)."""
+    blends every merged cached branch with its slot of the ``sdtm_cache`` input (and returns that input).
+
+    A Flux single block gates the sum of its attention and MLP columns of ``proj_out``: its cached branches are
+    those columns' gated image rows, so the ``FULL`` engine splits ``proj_out`` too (equal to the unsplit model up
+    to float summation order), and a merged engine sums the two (fused) gated rows for the block's image update."""
     config = settings.config
     graph = gm.graph
     cache = state_input(gm, "cache")
@@ -128,17 +203,35 @@ def fuse_cached_branches(
         raise ValueError("fuse_cached_branches needs the sdtm_cache input: run thread_engine_state first")
     slots = cache_slots(sites.layout(), settings.method)
     blocks = {block.index: block for block in sites.blocks}
-    if settings.key.stage is Stage.FULL:
-        gated = [_gate_multiply(getattr(blocks[i], name).output, f"block {i} {name}") for i, name in slots]
+    full = settings.key.stage is Stage.FULL
+    singles = [blocks[i] for i in dict.fromkeys(i for i, _ in slots) if blocks[i].kind == "single"]
+    unsplit = [block for block in singles if block.mlp is None]  # FULL: the pipeline split none of them
+    if unsplit:
+        gm, sites = split_single_blocks(gm, sites, unsplit)
+        blocks = {block.index: block for block in sites.blocks}
+    gated: dict[tuple[int, str], fx.Node] = {}
+    for block in singles:
+        names = {name: k for k, (i, name) in enumerate(slots) if i == block.index}
+        nodes = _single_block_slots(
+            gm, blocks[block.index], names, None if full else cache, sites.text_tokens or 0, config.mcw
+        )
+        gated.update(zip(((block.index, name) for name in names), nodes))
+    if full:
+        for i, name in slots:
+            if (i, name) not in gated:
+                gated[i, name] = _gate_multiply(getattr(blocks[i], name).output, f"block {i} {name}")
+        stacked = [gated[slot] for slot in slots]
         output = next(n for n in graph.nodes if n.op == "output")
         with graph.inserting_before(output):
-            stored = graph.call_function(torch.stack, (gated, 0))
-        copy_location(stored, gated[-1], "cache")
+            stored = graph.call_function(torch.stack, (stacked, 0))
+        copy_location(stored, stacked[-1], "cache")
         set_state_output(gm, settings.contract, "cache", stored)
-        done = len(gated)
+        done = len(stacked)
     else:
-        done = 0
+        done = sum(n.target is sdtm_fuse for n in graph.nodes)
         for k, (i, name) in enumerate(slots):
+            if blocks[i].kind == "single":
+                continue
             unmerged = _unmerge_of(getattr(blocks[i], name))
             if unmerged is None:  # this stage leaves the branch unmerged: nothing to blend (as released)
                 continue
@@ -153,10 +246,11 @@ def fuse_cached_branches(
             done += 1
     gm.recompile()
     logger.debug(
-        "fuse_cached_branches: %s, %d cached branches, %s %d",
+        "fuse_cached_branches: %s, %d cached branches (%d split single blocks), %s %d",
         settings.key,
         len(slots),
-        "stored" if settings.key.stage is Stage.FULL else "fused",
+        len(unsplit),
+        "stored" if full else "fused",
         done,
     )
     return gm, sites
@@ -184,6 +278,9 @@ class _FusionHooks(ReferenceHooks):
     def __init__(self, slots: list[tuple[int, str]], config: SDTMConfig, cache: torch.Tensor, store: bool) -> None:
         self.slots, self.config, self.cache, self.store = slots, config, cache, store
         self.stored: dict[tuple[int, str], torch.Tensor] = {}
+
+    def observes(self, block: int, branch: str) -> bool:
+        return (block, branch) in self.slots
 
     def gated(self, block: int, branch: str, value: torch.Tensor, li: torch.Tensor | None) -> torch.Tensor:
         slot = (block, branch)
@@ -235,18 +332,7 @@ class CacheFusion(Extension):
         self.method = method
         self.config: SDTMConfig = method.config
 
-    def check(self, layout: ModelLayout) -> str | None:
-        if layout.family != "sd3":
-            return (
-                f"cache fusion is implemented for SD3 / SD3.5 (as the release), not for {layout.family} models: "
-                "compile with SDTMConfig(cache_fusion=False)"
-            )
-        return None
-
     def state(self, layout: ModelLayout) -> tuple[StateTensor, ...]:
-        problem = self.check(layout)
-        if problem is not None:
-            raise CacheFusionError(problem)
         slots = cache_slots(layout, self.method)
         shape = (len(slots), layout.batch, layout.num_tokens, layout.width)
         description = (

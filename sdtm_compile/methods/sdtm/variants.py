@@ -60,9 +60,8 @@ def sdtm_variants(config: SDTMConfig, calibration: VariantCalibration) -> list[M
     """Cache fusion, SDTM* (calibrated to equal expected FLOPs) and size-aware attention on ``config``, in that order,
     then the release's evaluation operating point (at ``config``'s buckets and block schedule).
 
-    Returns none on Flux: cache fusion is SD3-only, and this comparison has not been extended to Flux yet (SDTM* and,
-    with ``merge_attention=True``, size-aware attention do run there and follow the reference; they are not
-    measured here).
+    Returns none on Flux: this comparison has not been extended to Flux yet (cache fusion, SDTM* and, with
+    ``merge_attention=True``, size-aware attention run there and follow the reference; they are not measured here).
     """
     if calibration.family != "sd3":
         return []
