@@ -91,6 +91,10 @@ class Extension:
     #: whether the backend's first-block step cache may run beside it (``False`` for an extension that keeps a
     #: step cache of its own: both would cache the same steps)
     composes_with_step_cache: ClassVar[bool] = True
+    #: whether an exported bundle (ONNX, Triton) can run it: its state carried from call to call and its engine
+    #: choice a function of the step alone, so that a step table written at export time holds it (``False`` for
+    #: SDTM*, which picks each step's bucket from the previous step's reading)
+    exportable: ClassVar[bool] = True
 
     def check(self, layout: ModelLayout) -> str | None:
         """Why this extension cannot run on a model of ``layout``, or ``None``."""

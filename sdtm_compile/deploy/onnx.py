@@ -109,8 +109,9 @@ def export_onnx(
             :mod:`sdtm_compile.core.counts`): the manifest's ``count_inputs``, and each engine's ``plan_counts``.
         config: the method's configuration (SDTM's or another method's); its schedule decides which engines are
             exported. The manifest stores it (with its ``method`` name) with the model's timestep mapping filled in
-            (``resolve_for_model``). Bundles carry the method's state only: a configuration whose extensions add
-            engine state (SDTM's cache fusion, SDTM*) is refused.
+            (``resolve_for_model``). Every carried entry of the engine contract is an input and an output of
+            every graph (SDTM's cache fusion: its cache, which the unmerged graph writes and the merged ones read);
+            an extension that chooses engines from run-time readings (SDTM*) is refused.
         out_dir: created if missing; existing files of the same names are overwritten.
         bucket_graphs: also write each engine's graph as its own ``<engine>.onnx`` reading the same
             ``weights.bin`` (for tools that take one graph per engine, e.g. ``trtexec`` per bucket).
@@ -124,13 +125,12 @@ def export_onnx(
     gm, flat = capture_dynamo_graph(transformer, example_inputs)
     buckets = BucketGraphs(gm, flat, config, include_full=True)
     signature = buckets.signature
-    extra = [t.name for t in signature.tensors if t.name != signature.tensors[0].name]
-    if extra:
-        extensions = ", ".join(ext.name for ext in buckets.method.extensions())
+    refused = [ext.name for ext in buckets.method.extensions() if not ext.exportable]
+    if refused:
         raise NotImplementedError(
-            f"ONNX bundles carry li only: this configuration's engines also carry {extra} (from {extensions}); "
-            "export without those options, or run them in the compiled backend (torch.compile(..., "
-            "backend='sdtm'))"
+            f"ONNX bundles cannot run {refused}: its engine choice depends on readings taken while a generation runs, "
+            "which a bundle's step table cannot hold; export without it, or run it in the compiled backend "
+            "(torch.compile(..., backend='sdtm'))"
         )
     count_inputs = _count_inputs(buckets)
     out = Path(out_dir)

@@ -119,6 +119,28 @@ class StageDispatcher:
         position = position_from_timestep(timestep, self.config)
         return position, self.method.engine_key_at(position)
 
+    def plan(self, timesteps: list[float]) -> list[tuple[EngineKey, dict[str, Any]]]:
+        """The engine of every step of a generation with one call per step (CFG batched), and each step's notes
+        (SDTM's ``protected``), decided from the timesteps alone as :meth:`run` decides them: what an exported step
+        table records. Only for extensions whose choices need no engine output (``Extension.exportable``)."""
+        refused = [ext.name for ext in self.method.extensions() if not ext.exportable]
+        if refused:
+            raise ValueError(f"{refused} choose engines from what the engines return: no plan ahead of a generation")
+        runs = [run for ext in self.method.extensions() if (run := ext.start()) is not None]
+        planned = []
+        for step, timestep in enumerate(timesteps):
+            if step:
+                for run in runs:
+                    run.new_step()
+            position, key = self.key_for(timestep)
+            notes: dict[str, Any] = {}
+            for run in runs:
+                key = run.choose(key, position, step, 0, notes)
+            for run in runs:  # what a run keeps of an engine's output is not needed to choose: none is given
+                run.after(0, key, EngineState(), notes)
+            planned.append((key, notes))
+        return planned
+
     def contract(self, shape: tuple[int, int]) -> EngineSignature:
         """A contract holding only the method's state, ``[B, N]`` (what a caller without extensions passes)."""
         return EngineSignature([self.method.state_tensor(*shape)])

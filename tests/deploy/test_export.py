@@ -304,8 +304,75 @@ def test_an_exact_counts_bundle_serves_every_count_with_one_graph_per_stage(tmp_
         table,
         np.load(repository / "sdtm" / "1" / "initial_state.npy"),
         request.arrays,
-        lambda name, feeds: tuple(session.run([table.sample, table.state_output], feeds)),
+        lambda name, feeds: tuple(session.run(list(table.outputs), feeds)),
         num_steps=12,
         guidance_scale=4.5,
     )
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def _fused_generations(family: str, tmp_path: Path):
+    """A cache-fusion bundle of the tiny ``family`` model: its manifest, and one generation through
+    OnnxTransformer, the compiled backend (eager engine) and the Triton step logic (the engine model in-process)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from sdtm_compile.deploy.triton import TritonSettings, export_triton, load
+    from sdtm_compile.deploy.triton.step_logic import StepTable, denoise
+    from sdtm_compile.models import TINY_FLUX, flux_example_inputs, tiny_flux_transformer
+    from sdtm_compile.models.sampling import flux_generate, make_flux_generation_inputs
+
+    config = SDTMConfig(buckets=(0.3, 0.6), cache_fusion=True)
+    if family == "sd3":
+        model, example = tiny_sd3_transformer(TINY_SD3, seed=0), example_inputs(TINY_SD3, 2, (32, 32))
+        inputs = make_generation_inputs(TINY_SD3, (32, 32), seed=7)
+        run = lambda call: generate(transformer_call(call), inputs, num_steps=12)  # noqa: E731
+    else:
+        model, example = tiny_flux_transformer(TINY_FLUX, seed=0), flux_example_inputs(TINY_FLUX, 1, (32, 32))
+        inputs = make_flux_generation_inputs(TINY_FLUX, (32, 32), seed=2)
+        run = lambda call: flux_generate(call, inputs, 12)  # noqa: E731
+    manifest = export_onnx(model, example, config, tmp_path)
+    runner = OnnxTransformer(tmp_path, history=64)
+    torch._dynamo.reset()
+    backend = SDTMBackend({"sdtm": config, "engine": "eager", "history": 64})
+    with torch.no_grad():
+        got, via_backend = run(runner), run(torch.compile(model, backend=backend, dynamic=False))
+    repository = tmp_path / "repository"
+    export_triton(tmp_path, repository, TritonSettings(engine_backend="python", max_steps=12))
+    table = StepTable.load(repository / "sdtm" / "1")
+    session = ort.InferenceSession(str(repository / table.engine_model / "1" / "model.onnx"))
+    request = load.make_request(table, seed=5, num_steps=12, guidance_scale=4.5)
+    served = denoise(
+        table,
+        np.load(repository / "sdtm" / "1" / "initial_state.npy"),
+        request.arrays,
+        lambda name, feeds: tuple(session.run(list(table.outputs), feeds)),
+        num_steps=12,
+        guidance_scale=4.5,
+    )
+    np.testing.assert_allclose(served, load.reference_output(runner, table, request), rtol=0, atol=1e-6)
+    engine_config = (repository / table.engine_model / "config.pbtxt").read_text()
+    return manifest, got, via_backend, runner, backend, table, engine_config
+
+
+@pytest.mark.onnx
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_cache_fusion_bundle_carries_the_cache_through_onnx_and_triton(family, tmp_path):
+    """The cache is engine state of the bundle (the unmerged graph writes it, merged graphs read it): a generation
+    through ONNX Runtime equals the compiled backend's, protected steps included; the Triton step table marks the
+    protected steps, and its numpy loop (the cache local to the request) equals the bundle in diffusers' loop."""
+    manifest, got, via_backend, runner, backend, table, engine_config = _fused_generations(family, tmp_path)
+    (li, cache) = manifest["state"]
+    assert (li["name"], cache["name"], cache["output"], cache["dtype"]) == ("li", "cache", "cache_out", "float32")
+    assert cache["shape"][1:] == [2 if family == "sd3" else 1, 256, 32]  # [K, B, N, C]
+    torch.testing.assert_close(got, via_backend, rtol=1e-4, atol=1e-4)
+    records = runner.dispatcher.history[:12]
+    assert [r.protected for r in records] == [s % 3 == 0 for s in range(12)]
+    assert [r.key for r in records] == [r.key for r in backend.compiled[0].dispatcher.history[:12]]
+    assert [step.protected for step in table.schedule(12)] == [s % 3 == 0 for s in range(12)]
+    full = next(e["graph"] for e in manifest["engines"] if e["key"] == "full")
+    assert all((step.engine == full) == step.protected for step in table.schedule(12))
+    assert table.extra_state == (("cache", "cache_out", tuple(cache["shape"]), "float32"),)
+    dims = ", ".join(map(str, cache["shape"]))
+    assert f'{{ name: "cache" data_type: TYPE_FP32 dims: [ {dims} ] }}' in engine_config
+    assert f'{{ name: "cache_out" data_type: TYPE_FP32 dims: [ {dims} ] }}' in engine_config

@@ -201,6 +201,22 @@ def test_every_flux_fusion_engine_follows_the_reference_and_blends_only_merged_p
 
 
 @pytest.mark.slow
+def test_sdtm_star_is_refused_by_the_onnx_export_and_by_a_step_plan(tmp_path):
+    """Its bucket comes from each step's reading: no step table can hold it (cache fusion, decided by the step,
+    can: tests/deploy/test_export.py)."""
+    from sdtm_compile.deploy.onnx import export_onnx
+    from sdtm_compile.runtime import StageDispatcher
+
+    with pytest.raises(NotImplementedError, match=r"ONNX bundles cannot run \['adaptive_ratio'\]"):
+        export_onnx(tiny_sd3_transformer(TINY_SD35, seed=0), example_inputs(TINY_SD35, 1, (32, 32)), ADAPTIVE, tmp_path)
+    with pytest.raises(ValueError, match="choose engines from what the engines return"):
+        StageDispatcher(ADAPTIVE).plan([1000.0, 500.0])
+    planned = StageDispatcher(FUSION).plan([1000.0 - 100 * s for s in range(6)])
+    assert [notes["protected"] for _, notes in planned] == [True, False, False, True, False, False]
+    assert all((key == FULL) == notes["protected"] for key, notes in planned)
+
+
+@pytest.mark.slow
 def test_adaptive_ratio_follows_the_window_statistic(sd35):
     """Step 0 follows the CRA schedule; every later step runs the bucket 0.75 x (the previous step's smallest
     fraction of windows scoring >= the threshold) rounds down to, in the schedule's stage; all of them compiled.

@@ -3,8 +3,9 @@
 Loads: checks every file of the repository against ``repository_manifest.json`` (a corrupt or tampered file
 fails the load, naming the file), reads ``step_table.json`` and ``initial_state.npy``.
 Serves: one generation per request with :func:`step_logic.denoise`, each transformer call a BLS request to the
-step's engine model. State (``li``) is local to the request. Errors go back as the request's error: a bad value
-``INVALID_ARG``, a client that went away ``CANCELLED``, a failed engine ``INTERNAL``; the instance keeps serving.
+step's engine model. State (``li``, the fusion cache) is local to the request. Errors go back as the request's
+error: a bad value ``INVALID_ARG``, a client that went away ``CANCELLED``, a failed engine ``INTERNAL``; the
+instance keeps serving.
 
 Tensors cross the stub through DLPack (``dlpack_io.py``: ``as_numpy()`` reads zeros with numpy 2 in the stub of
 tritonserver 2.51).
@@ -51,14 +52,12 @@ class TritonPythonModel:
         request = pb_utils.InferenceRequest(
             model_name=engine,
             inputs=inputs,
-            requested_output_names=[self.table.sample, self.table.state_output],
+            requested_output_names=list(self.table.outputs),
         )
         response = request.exec()
         if response.has_error():
             raise EngineError(f"engine model {engine!r} failed: {response.error().message()}")
-        sample = to_numpy(pb_utils.get_output_tensor_by_name(response, self.table.sample))
-        state = to_numpy(pb_utils.get_output_tensor_by_name(response, self.table.state_output))
-        return sample, state
+        return tuple(to_numpy(pb_utils.get_output_tensor_by_name(response, name)) for name in self.table.outputs)
 
     def _scalar(self, request, name: str, kind):
         tensor = pb_utils.get_input_tensor_by_name(request, name)

@@ -180,7 +180,8 @@ def _family(manifest: dict[str, Any]) -> str:
 def step_table(manifest: dict[str, Any], settings: TritonSettings) -> dict[str, Any]:
     """``step_table.json``: for every step count up to ``settings.max_steps``, each step's engine index (what
     :class:`StageDispatcher` picks from the step's timestep), the timestep fed to the transformer and the Euler
-    step ``sigma_next - sigma`` of the scheduler the diffusers pipeline of the model family uses."""
+    step ``sigma_next - sigma`` of the scheduler the diffusers pipeline of the model family uses, each step's counts
+    (exact counts) and whether it is protected (cache fusion); the engines' state beyond the method's."""
     config = config_from_dict(manifest["config"])
     dispatcher = StageDispatcher(config)
     family = _family(manifest)
@@ -199,11 +200,10 @@ def step_table(manifest: dict[str, Any], settings: TritonSettings) -> dict[str, 
     for count in range(1, settings.max_steps + 1):
         fed, sigmas = pipeline_timesteps(family, count, num_tokens, config.timestep_shift)
         rows = []
-        for i, t in enumerate(fed):
-            key = dispatcher.key_for(t)[1]
+        for i, (t, (key, notes)) in enumerate(zip(fed, dispatcher.plan([float(t) for t in fed]))):
             counts = list(step_counts(manifest, method, key))  # exact counts: the step's own; else empty
             engine = graphs[str(method.engine_of(key))]
-            rows.append([engine, float(t), float(sigmas[i + 1] - sigmas[i]), counts])
+            rows.append([engine, float(t), float(sigmas[i + 1] - sigmas[i]), counts, bool(notes.get("protected"))])
         steps[str(count)] = rows
     return {
         "version": TABLE_VERSION,
@@ -226,6 +226,10 @@ def step_table(manifest: dict[str, Any], settings: TritonSettings) -> dict[str, 
         "default_guidance": settings.guidance,
         "count_inputs": count_inputs,
         "tokens": num_tokens,
+        "extra_state": [
+            {"name": e["name"], "output": e["output"], "shape": e["shape"], "dtype": e["dtype"]}
+            for e in manifest["state"][1:]
+        ],
     }
 
 
@@ -255,8 +259,8 @@ def export_triton(bundle_dir: str | Path, out_dir: str | Path, settings: TritonS
     to ``out_dir``; returns ``out_dir``.
 
     The bundle is checked first (format, every file's sha256). ``out_dir`` may exist only if it is empty or an
-    earlier repository of ours (it is then replaced): nothing else is overwritten. Refuses bundles of methods
-    whose state the engines do not carry (cache fusion and SDTM* are refused by the ONNX export already).
+    earlier repository of ours (it is then replaced): nothing else is overwritten. The engine model takes and
+    returns every state entry of the bundle (SDTM's ``li``; with cache fusion its cache too).
     """
     settings = settings or TritonSettings()
     bundle_dir, out = Path(bundle_dir), Path(out_dir)
@@ -270,14 +274,12 @@ def export_triton(bundle_dir: str | Path, out_dir: str | Path, settings: TritonS
     out.mkdir(parents=True, exist_ok=True)
     table = step_table(manifest, settings)
     specs = {spec["name"]: spec for spec in manifest["inputs"]}
-    state, sample = manifest["state"][0], manifest["outputs"][0]
+    sample = manifest["outputs"][0]
 
     engine_inputs = [_tensor_config(s["name"], s["dtype"], s["shape"]) for s in manifest["inputs"]]
-    engine_inputs.append(_tensor_config(state["name"], state["dtype"], state["shape"]))
-    engine_outputs = [
-        _tensor_config(sample["name"], sample["dtype"], sample["shape"]),
-        _tensor_config(state["output"], state["dtype"], state["shape"]),
-    ]
+    engine_inputs += [_tensor_config(s["name"], s["dtype"], s["shape"]) for s in manifest["state"]]
+    engine_outputs = [_tensor_config(sample["name"], sample["dtype"], sample["shape"])]
+    engine_outputs += [_tensor_config(s["output"], s["dtype"], s["shape"]) for s in manifest["state"]]
     engine_inputs.append(_tensor_config(manifest["engine_input"], "int64", [1]))
     # exact counts: each count input's length is the step's N - count, a dynamic dimension
     engine_inputs += [_tensor_config(spec["name"], "uint8", [-1]) for spec in manifest.get("count_inputs", ())]

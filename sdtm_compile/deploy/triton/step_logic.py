@@ -10,8 +10,10 @@ Everything that needs torch, diffusers or our schedule was decided at export tim
 bucket) graph in the one engine model, fed as its ``engine`` input: what
 :class:`~sdtm_compile.runtime.StageDispatcher` picks from that step's timestep), its plans' counts (a bundle with
 exact counts), the timestep value the transformer is fed and the Euler step ``dt = sigma_next - sigma`` of the diffusers
-``FlowMatchEulerDiscreteScheduler``. The method's state (SDTM's ``li``) starts from ``initial_state.npy`` at every
-request and lives in :func:`denoise`'s locals only, so concurrent requests never share it.
+``FlowMatchEulerDiscreteScheduler``, and whether the step is protected (SDTM's cache fusion: it runs the unmerged
+engine, which writes the cache the next steps' merged engines read). The method's state (SDTM's ``li``) starts from
+``initial_state.npy`` at every request, any other carried state (the fusion cache) from zeros; it lives in
+:func:`denoise`'s locals only, so concurrent requests never share it.
 
 What it does not handle: one transformer call per step (CFG batched into one call, as the diffusers pipelines do);
 a request's ``num_inference_steps`` above the table's ``max_steps`` is refused.
@@ -41,8 +43,9 @@ __all__ = [
 
 STEP_TABLE = "step_table.json"
 INITIAL_STATE = "initial_state.npy"
-#: ``step_table.json`` layout version (bumped when the file's meaning changes; 3: every step records its counts).
-TABLE_VERSION = 3
+#: ``step_table.json`` layout version (bumped when the file's meaning changes; 3: every step records its counts;
+#: 4: and whether it is protected, and the engines may carry more state than the method's).
+TABLE_VERSION = 4
 
 
 class RepositoryFileError(RuntimeError):
@@ -60,12 +63,14 @@ class Cancelled(RuntimeError):
 @dataclass(frozen=True)
 class Step:
     """One denoising step: the engine (graph index in the engine model), the timestep fed to the transformer,
-    ``sigma_next - sigma``, and each plan's count (a bundle with exact counts; empty with static buckets)."""
+    ``sigma_next - sigma``, each plan's count (a bundle with exact counts; empty with static buckets) and whether
+    the step is protected (cache fusion: the unmerged engine runs and writes the cache)."""
 
     engine: int
     timestep: np.float32
     dt: np.float32
     counts: tuple[int, ...] = ()
+    protected: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,8 @@ class StepTable:
     engines' state input and output names; ``engine_model``: the Triton model that runs every engine, picked by its
     ``engine_input``; ``engines``: each engine index's name (``structure@0.6``), for logs; ``count_inputs``: a
     bundle with exact counts: the engine model's count inputs, each fed a ``uint8`` array of length
-    ``tokens - count`` at every step (the step's ``counts``).
+    ``tokens - count`` at every step (the step's ``counts``); ``extra_state``: the engines' other carried state
+    (cache fusion's ``cache``) as ``(input, output, shape, dtype)``, zeros at the start of every request.
     """
 
     steps: Mapping[int, tuple[Step, ...]]
@@ -100,17 +106,26 @@ class StepTable:
     engines: tuple[str, ...]
     count_inputs: tuple[str, ...] = ()
     tokens: int = 0
+    extra_state: tuple[tuple[str, str, tuple[int, ...], str], ...] = ()
 
     @property
     def max_steps(self) -> int:
         return max(self.steps)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The engine model's outputs a step reads, in the order ``run_engine`` returns them: the sample, the
+        method's state, then every other carried state."""
+        return (self.sample, self.state_output, *(output for _, output, _, _ in self.extra_state))
 
     @classmethod
     def from_dict(cls, data: Mapping) -> StepTable:
         if data.get("version") != TABLE_VERSION:
             raise ValueError(f"step table version {data.get('version')!r} is not {TABLE_VERSION}; re-export")
         steps = {
-            int(count): tuple(Step(int(e), np.float32(t), np.float32(dt), tuple(map(int, c))) for e, t, dt, c in rows)
+            int(count): tuple(
+                Step(int(e), np.float32(t), np.float32(dt), tuple(map(int, c)), bool(p)) for e, t, dt, c, p in rows
+            )
             for count, rows in data["steps"].items()
         }
         return cls(
@@ -132,6 +147,9 @@ class StepTable:
             engines=tuple(data["engines"]),
             count_inputs=tuple(data.get("count_inputs", ())),
             tokens=int(data.get("tokens", 0)),
+            extra_state=tuple(
+                (e["name"], e["output"], tuple(e["shape"]), e["dtype"]) for e in data.get("extra_state", ())
+            ),
         )
 
     @classmethod
@@ -148,8 +166,9 @@ class StepTable:
         return self.steps[num_steps]
 
 
-#: ``run_engine(model_name, feeds) -> (sample, state)``: one transformer call (``feeds`` name the engine).
-EngineCall = Callable[[str, dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
+#: ``run_engine(model_name, feeds) -> (sample, state, *extra state)``: one transformer call (``feeds`` name the
+#: engine; the outputs in the order of :attr:`StepTable.outputs`).
+EngineCall = Callable[[str, dict[str, np.ndarray]], tuple[np.ndarray, ...]]
 
 
 def denoise(
@@ -186,6 +205,8 @@ def denoise(
     if table.guidance:
         fixed["guidance"] = np.full((table.batch,), guidance, dtype=np.float32)
     state = np.array(initial_state, copy=True)
+    # the engines' other state (the fusion cache): zeros, written by the first protected step before any read
+    extra = {name: np.zeros(shape, dtype) for name, _, shape, dtype in table.extra_state}
     scale = np.float32(guidance_scale)
     for number, step in enumerate(steps, 1):
         hidden = np.concatenate([latents, latents]) if table.cfg else latents
@@ -194,11 +215,13 @@ def denoise(
             "hidden_states": hidden,
             "timestep": np.full((table.batch,), step.timestep, dtype=np.float32),
             table.state: state,
+            **extra,
             table.engine_input: np.array([step.engine], dtype=np.int64),
             # exact counts: each count is the length of its count input (N - count; values never read)
             **{name: np.zeros(table.tokens - c, np.uint8) for name, c in zip(table.count_inputs, step.counts)},
         }
-        sample, state = run_engine(table.engine_model, feeds)
+        sample, state, *carried = run_engine(table.engine_model, feeds)
+        extra = dict(zip(extra, carried))
         noise = sample.astype(np.float32, copy=False)
         if table.cfg:
             uncond, cond = np.split(noise, 2)

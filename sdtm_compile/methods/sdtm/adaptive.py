@@ -125,6 +125,7 @@ class AdaptiveRatio(Extension):
     """The extension (see the module docstring)."""
 
     name = "adaptive_ratio"
+    exportable = False  # each step's bucket comes from the previous step's reading
 
     def __init__(self, config: SDTMConfig) -> None:
         self.config = config

@@ -49,7 +49,7 @@ def _ort_engines(repository, table: StepTable):
 
     def run_engine(name, feeds):
         assert name == table.engine_model
-        return tuple(session.run([table.sample, table.state_output], feeds))
+        return tuple(session.run(list(table.outputs), feeds))
 
     return run_engine
 
