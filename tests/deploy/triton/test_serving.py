@@ -7,6 +7,7 @@ saying why, only where no server binary can run here.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import threading
 import time
@@ -271,10 +272,30 @@ def test_repository_checks_and_bad_settings(repository, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(repository):
-    _, _, out, _ = repository
+def fused(repository, tmp_path_factory):
+    """A second pipeline, ``sdtm_fusion``: the shared bundle's model and schedule with cache fusion, written beside
+    ``sdtm`` in a copy of the repository (one server, two pipelines): ``(bundle, repository, table)``."""
+    from sdtm_compile.deploy.onnx import export_onnx
+    from sdtm_compile.models import example_inputs, tiny_sd3_transformer
+    from tests.conftest import SHARED_BUNDLE_CONFIG
+
+    root = tmp_path_factory.mktemp("fused")
+    bundle = root / "bundle"
+    config = dataclasses.replace(SHARED_BUNDLE_CONFIG, cache_fusion=True)
+    export_onnx(tiny_sd3_transformer(TINY_SD3, seed=0), example_inputs(TINY_SD3, 2, (32, 32)), config, bundle)
+    settings = TritonSettings(name="sdtm_fusion", engine_backend="python", pipeline_instances=2, max_steps=MAX_STEPS)
+    export_triton(bundle, root / "alone", settings)
+    combined = root / "repo"
+    shutil.copytree(repository[2], combined)
+    for model in (root / "alone").iterdir():
+        shutil.copytree(model, combined / model.name)
+    return bundle, combined, StepTable.load(combined / "sdtm_fusion" / "1")
+
+
+@pytest.fixture(scope="module")
+def server(fused):
     try:
-        server = TritonServer(out)
+        server = TritonServer(fused[1])
     except ServerUnavailable as err:
         pytest.skip(f"no tritonserver can run here: {err}")
     with server:
@@ -310,6 +331,36 @@ def test_concurrent_clients_each_get_their_own_generation(server, mix):
         assert result.max_abs_error <= 1e-5
     # the references differ from each other: a response swapped between requests would have failed
     assert min(float(np.abs(a - b).max()) for i, a in enumerate(references) for b in references[i + 1 :]) > 0.1
+
+
+@pytest.mark.serving
+def test_a_cache_fusion_pipeline_beside_a_plain_one_keeps_each_requests_cache_apart(server, fused, mix):
+    """Both pipelines of one server under concurrent clients at once, each cycling through seeds, step counts (4, 6:
+    merged steps read the cache of steps 0 and 3) and guidance scales: every fused response equals its own bundle's
+    output in diffusers' loop, so no request read another's cache; the plain pipeline's stay right beside them."""
+    bundle, _, table = fused
+    runner = OnnxTransformer(bundle)
+    requests = [load.make_request(table, seed, steps, 7.0 - seed * 2.5) for steps in (4, 6) for seed in (0, 1)]
+    references = [load.reference_output(runner, table, r) for r in requests]
+    assert [step.protected for step in table.schedule(6)] == [True, False, False, True, False, False]
+    results = {}
+
+    def run(model, mix_requests, mix_references):
+        results[model] = load.run_load("grpc", server.grpc_url, model, mix_requests, mix_references, 3, 12)
+
+    threads = [
+        threading.Thread(target=run, args=("sdtm_fusion", requests, references)),
+        threading.Thread(target=run, args=("sdtm", *mix)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results.values():
+        assert result.ok, result.errors + result.mismatches
+        assert result.completed == 12 and result.max_abs_error <= 1e-5
+    # fusion moves the output: a response served by the wrong pipeline would have failed
+    assert min(float(np.abs(a - b).max()) for a, b in zip(references, mix[1])) > 1e-3
 
 
 @pytest.mark.serving
