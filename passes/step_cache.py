@@ -82,7 +82,13 @@ def _gated_residual_add(branch_output: fx.Node, where: str) -> fx.Node:
     if len(unmerged) == 1:
         branch_output = unmerged[0]
     gate = [u for u in branch_output.users if u.target in (operator.mul, torch.mul)]
-    adds = [u for u in gate[0].users if u.target in (operator.add, torch.add)] if len(gate) == 1 else []
+    adds = []
+    if len(gate) == 1:
+        node = gate[0]
+        # an extension may rewrite the gated output before the add (cache fusion blends it: one op in between)
+        if not any(u.target in (operator.add, torch.add) for u in node.users) and len(node.users) == 1:
+            node = next(iter(node.users))
+        adds = [u for u in node.users if u.target in (operator.add, torch.add)]
     if len(adds) != 1:
         raise ValueError(f"first-block cache: {where} is not followed by a gate multiply and a residual add")
     return adds[0]
@@ -122,7 +128,22 @@ def first_block_outputs(full: fx.GraphModule, sites: ModelSites, names: Residual
     """The first block's values the rest of the *unmerged* graph reads: its image output (``names.first_out``) first,
     then the text stream."""
     inside = first_block_nodes(full, sites)
-    live = [n.name for n in full.graph.nodes if n.name in inside and any(u.name not in inside for u in n.users)]
+    # what the model's outputs need, not a state output alone (cache fusion stacks the first block's gated outputs
+    # into its cache: an engine that stores them runs its own first block)
+    output = next(n for n in full.graph.nodes if n.op == "output")
+    values = list(output.args[0])
+    needed: set[fx.Node] = set()
+    pending = [v for v in values[: len(values) - len(state_outputs(full))] if isinstance(v, fx.Node)]
+    while pending:
+        node = pending.pop()
+        if node not in needed:
+            needed.add(node)
+            pending.extend(node.all_input_nodes)
+    live = [
+        n.name
+        for n in full.graph.nodes
+        if n.name in inside and any(u.name not in inside and u in needed for u in n.users)
+    ]
     if names.first_out not in live or len(live) != 2:
         raise ValueError(
             f"first-block cache: expected the first block ({sites.blocks[0].path}) to hand the rest of the model "

@@ -53,7 +53,8 @@ def front_specs(workload: Workload, config: BenchConfig, step_threshold: float =
     evaluation point, with cache fusion, with block schedules (first quarter unmerged, staggered); ToMeSD (also
     staggered, the SDTM paper's adaptation), SiTo, ToMA at their defaults; our step cache alone and composed with
     SDTM (at its default, and at ratio 0.3 with the staggered schedule) and with ToMA (ratio 0.3, staggered), and at
-    twice the threshold alone and with SDTM at 0.3 staggered; the peers' step caches (at ``step_threshold``)."""
+    twice the threshold alone and with SDTM at 0.3 staggered; with cache fusion (at SDTM's default and at the
+    release's evaluation point); the peers' step caches (at ``step_threshold``)."""
     sdtm = METHOD_CONFIGS["sdtm"]()
     skip = f"first-unmerged:{max(1, workload.num_blocks // 4)}"
     ours: list[tuple[str, Any, float | None]] = [
@@ -81,6 +82,9 @@ def front_specs(workload: Workload, config: BenchConfig, step_threshold: float =
             ("sdtm@0.3[staggered]+fbcache", low, step_threshold),
             (f"sdtm@0.3[staggered]+fbcache{looser:g}", low, looser),
             ("toma@0.3[staggered]+fbcache", toma, step_threshold),
+            # cache fusion and the step cache together: protected steps always compute, skipped ones touch no cache
+            ("sdtm+fusion+fbcache", dataclasses.replace(sdtm, cache_fusion=True), step_threshold),
+            ("sdtm-release-eval+fbcache", sdtm.release_eval(), step_threshold),  # type: ignore[attr-defined]
         ]
     else:  # our step cache is SD3-only, and the release's evaluation point is its SD3 scripts'
         ours = [entry for entry in ours if "release-eval" not in entry[0]]

@@ -52,7 +52,7 @@ class BackendSettings:
         step_cache: a step cache composed with the merging: a
             :class:`~sdtm_compile.runtime.FirstBlockCacheConfig` (or a dict of its fields) skips the blocks
             after the first when the first block's residual barely changed since the last computed step (SD3 /
-            SD3.5; not with an extension that keeps a step cache of its own, such as SDTM's cache fusion).
+            SD3.5; with SDTM's cache fusion it skips only unprotected steps).
             ``None`` (default): every step runs its engine.
     """
 

@@ -33,10 +33,11 @@ class ExtensionRun:
     """An extension's part of one generation's state, for one batch layout (made by :meth:`Extension.start`).
 
     The dispatcher calls, for every transformer call: :meth:`new_step` when the call starts a new step (not for a
-    generation's first), :meth:`choose` to let it change the engine, :meth:`inputs` for the state it feeds, and
-    :meth:`after` with what the engine returned. ``notes`` become the call's record's notes (:attr:`CallRecord.notes
-    <sdtm_compile.runtime.CallRecord>`: SDTM's ``protected``, ``statistic``, ``adaptive_ratio``): a run writes each
-    of its notes on every call (``None`` where it has no value), so that every record of a generation has them.
+    generation's first), :meth:`choose` to let it change the engine, :meth:`inputs` for the state it feeds,
+    :meth:`may_skip` when a step cache would skip the call, and :meth:`after` with what the engine returned.
+    ``notes`` become the call's record's notes (:attr:`CallRecord.notes <sdtm_compile.runtime.CallRecord>`: SDTM's
+    ``protected``, ``statistic``, ``adaptive_ratio``): a run writes each of its notes on every call (``None`` where
+    it has no value), so that every record of a generation has them.
     """
 
     def new_step(self) -> None:
@@ -50,6 +51,12 @@ class ExtensionRun:
     def inputs(self, call: int, signature: EngineSignature, device: torch.device) -> dict[str, torch.Tensor]:
         """State this extension feeds the engine (by name), besides the method's ``li``."""
         return {}
+
+    def may_skip(self, call: int, notes: dict[str, Any]) -> bool:
+        """Whether the backend's step cache may skip this call (``notes``: what :meth:`choose` wrote). A skipped
+        call runs no engine past the step cache's head: it reads nothing this extension feeds and :meth:`after` is
+        not called."""
+        return True
 
     def after(self, call: int, key: EngineKey, result: EngineState, notes: dict[str, Any]) -> None:
         """The engine of call ``call`` returned ``result`` (every output entry of the signature)."""
@@ -88,8 +95,8 @@ class Extension:
 
     #: its name, for errors and for ``sdtm-compile passes``
     name: ClassVar[str] = ""
-    #: whether the backend's first-block step cache may run beside it (``False`` for an extension that keeps a
-    #: step cache of its own: both would cache the same steps)
+    #: whether the backend's first-block step cache may run beside it (``False`` for an extension whose state
+    #: cannot survive a skipped step; see :meth:`ExtensionRun.may_skip` for one that only forbids some skips)
     composes_with_step_cache: ClassVar[bool] = True
     #: whether an exported bundle (ONNX, Triton) can run it: its state carried from call to call and its engine
     #: choice a function of the step alone, so that a step table written at export time holds it (``False`` for

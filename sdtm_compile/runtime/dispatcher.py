@@ -240,7 +240,13 @@ class StageDispatcher:
             cached = state.first_block.get(state.call)
             if cached is not None:
                 change = relative_change(cached[0], residual)
-            if change is not None and self.step_cache.threshold > 0 and change <= self.step_cache.threshold:
+            skippable = all(run.may_skip(state.call, notes) for run in state.runs)  # e.g. not a protected step
+            if (
+                skippable
+                and change is not None
+                and self.step_cache.threshold > 0
+                and change <= self.step_cache.threshold
+            ):
                 output = first_block.out(given, first_out + cached[1])  # type: ignore[index]
                 state.li_latest = state.li_step_start  # nothing merged: the state stays as the step found it
                 record(key, skipped=True, change=change)

@@ -20,7 +20,10 @@ the compiled backend so it works with every merging engine and never breaks Dyna
 The graphs (head, out, the resuming engines, the ``hidden`` output) are cut by :mod:`sdtm_compile.passes.step_cache`.
 What it costs: one head (the embeddings and one unmerged block) per call - on computed steps of an engine that
 merges in its first block, that block runs twice (``1 / num_blocks`` extra) - and ``2 x B x N x C`` of memory per
-call of a step. SD3 / SD3.5 only; not with cache fusion (both would keep a cache of the same steps).
+call of a step. SD3 / SD3.5 only. With SDTM's cache fusion: a protected step always computes (the steps after it
+blend with what it stores), a skipped step reads and writes no fusion cache (:meth:`ExtensionRun.may_skip
+<sdtm_compile.core.extension.ExtensionRun.may_skip>`), and the unmerged engine of a protected step runs its own first
+block (the head's outputs do not include the gated branch outputs it stores).
 """
 
 from __future__ import annotations

@@ -134,3 +134,28 @@ def test_tomesd_eager_engine_in_fp16_uses_the_float32_accumulating_merge():
             transformer_call(reference_dispatcher(model, config)), _cast(inputs, torch.float16), num_steps=3
         )
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_cache_fusion_keeps_its_cache_in_the_models_dtype(dtype):
+    """The fusion cache is ``[K, B, N, C]`` in the blocks' dtype (half the memory of float32): the contract says so,
+    the unmerged engine returns it so, and a half-precision generation with it equals the reference exactly."""
+    fusion = dataclasses.replace(CONFIG, cache_fusion=True)
+    inputs = _cast(make_generation_inputs(TINY_SD3, (16, 16), seed=1), dtype)
+    model = tiny_sd3_transformer(TINY_SD3, seed=0, dtype=dtype)
+    torch._dynamo.reset()
+    from sdtm_compile.compiler.backend import SDTMBackend
+
+    sdtm = SDTMBackend({"method": fusion, "engine": "eager", "history": 16})
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        got = generate(transformer_call(torch.compile(model, backend=sdtm, dynamic=False)), inputs, num_steps=6)
+        want = generate(transformer_call(reference_dispatcher(model, fusion)), inputs, num_steps=6)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    graph = sdtm.compiled[0]
+    cache = graph.signature["cache"]
+    assert cache.dtype == dtype and cache.shape == (2 * TINY_SD3.num_layers, 2, 64, TINY_SD3.inner_dim)
+    assert [r.protected for r in graph.dispatcher.history] == [s % 3 == 0 for s in range(6)]
+    (layout,) = graph.dispatcher._default.layouts.values()  # the generation's state: what the engines returned
+    (run,) = layout.runs
+    assert run.caches[0].dtype == dtype and run.caches[0].shape == cache.shape

@@ -195,6 +195,8 @@ def test_every_flux_fusion_engine_follows_the_reference_and_blends_only_merged_p
             if key != FULL:
                 assert got_cache is cache
                 assert (sample - plain_sample).abs().max() > 1e-3  # mcw 0.1 moves the merged positions
+            aten = to_aten(fused.graph(key).gm, fused.engine_inputs())  # what a TensorRT build would take
+            assert [f for f in lint_tensorrt(aten, key) if f.severity == "error"] == []
 
 
 # -- SDTM* ---------------------------------------------------------------------------------------------------------

@@ -23,12 +23,12 @@ def sd35():
     return tiny_sd3_transformer(TINY_SD35, seed=2), make_generation_inputs(TINY_SD35, (32, 32), seed=5)
 
 
-def cached_generation(model, inputs, threshold, runs=1):
-    backend = SDTMBackend({"sdtm": CONFIG, "engine": "eager", "history": 256, "step_cache": {"threshold": threshold}})
+def cached_generation(model, inputs, threshold, runs=1, config=CONFIG, steps=STEPS):
+    backend = SDTMBackend({"sdtm": config, "engine": "eager", "history": 256, "step_cache": {"threshold": threshold}})
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, dynamic=False)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        latents = [generate(transformer_call(compiled), inputs, num_steps=STEPS) for _ in range(runs)]
+        latents = [generate(transformer_call(compiled), inputs, num_steps=steps) for _ in range(runs)]
     return latents, backend.compiled[0].dispatcher.history
 
 
@@ -72,8 +72,8 @@ def test_steps_whose_first_block_barely_changed_are_skipped_and_counted(sd35, un
 def test_bad_settings_are_refused(sd35):
     with pytest.raises(ValueError, match="threshold"):
         FirstBlockCacheConfig(threshold=-1)
-    with pytest.raises(ValueError, match="cache the same steps twice"):
-        BackendSettings(sdtm=dataclasses.replace(CONFIG, cache_fusion=True), step_cache=FirstBlockCacheConfig())
+    # cache fusion composes with it (tests below): both options are taken
+    assert BackendSettings(sdtm=dataclasses.replace(CONFIG, cache_fusion=True), step_cache=FirstBlockCacheConfig())
     model = tiny_flux_transformer(TINY_FLUX, seed=0)
     inputs = flux_example_inputs(TINY_FLUX, 1, (16, 16))
     gm, flat = capture_dynamo_graph(model, inputs)
@@ -100,3 +100,28 @@ def test_engines_with_an_unmerged_first_block_resume_from_the_head(sd35, config)
 def test_engines_merged_in_the_first_block_run_it_themselves(sd35, uncached):
     _, history = uncached
     assert not any(r.resumed for r in history)  # CONFIG merges every block: no engine can start after the first
+
+
+@pytest.mark.slow
+def test_cache_fusion_composes_with_the_step_cache(sd35):
+    """The rule: a protected step always computes (the steps after it blend with what it stores), a skipped step
+    runs nothing past the head, so it reads and writes no fusion cache. Threshold 0: every step computes, the
+    generation is cache fusion's alone (the reference's). Threshold 0.35 (changes here 0.24 to 0.42): exactly the
+    unprotected steps at or below it skip, protected steps at or below it compute; a second generation repeats the
+    first (no cache crosses generations)."""
+    model, inputs = sd35
+    fusion = dataclasses.replace(CONFIG, cache_fusion=True)
+    (got,), history = cached_generation(model, inputs, 0.0, config=fusion, steps=9)
+    with torch.no_grad():
+        want = generate(transformer_call(reference_dispatcher(model, fusion)), inputs, num_steps=9)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert [r.protected for r in history[:9]] == [s % 3 == 0 for s in range(9)]
+    (first, again), history = cached_generation(model, inputs, 0.35, runs=2, config=fusion, steps=9)
+    records = history[:9]
+    below = [r.change is not None and r.change <= 0.35 for r in records]
+    assert [r.skipped for r in records] == [low and not r.protected for low, r in zip(below, records)]
+    assert any(r.skipped for r in records)
+    assert any(low and r.protected for low, r in zip(below, records))  # a step the threshold alone would skip
+    assert [r.skipped for r in history[9:18]] == [r.skipped for r in records]
+    assert torch.equal(first, again)
+    assert (first - got).abs().max() > 1e-4

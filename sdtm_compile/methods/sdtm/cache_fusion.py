@@ -317,6 +317,11 @@ class _FusionRun(ExtensionRun):
         cache = self.caches.get(call)
         return {"cache": cache if cache is not None else signature["cache"].fresh(device)}
 
+    def may_skip(self, call: int, notes: dict[str, Any]) -> bool:
+        # a protected step always computes: it is what the next steps blend with (a skipped step reads and writes
+        # no cache: nothing runs past the step cache's head)
+        return not notes["protected"]
+
     def after(self, call: int, key: EngineKey, result: EngineState, notes: dict[str, Any]) -> None:
         if notes.get("protected"):
             self.caches[call] = result.cache  # type: ignore[assignment]
@@ -326,7 +331,6 @@ class CacheFusion(Extension):
     """The extension (see the module docstring); ``method``: the :class:`SDTMMethod` whose branches are cached."""
 
     name = "cache_fusion"
-    composes_with_step_cache = False  # it is a step cache itself
 
     def __init__(self, method: Any) -> None:
         self.method = method
