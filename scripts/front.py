@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from sdtm_compile.bench.config import BenchConfig
-from sdtm_compile.bench.front import run_front, write_front
+from sdtm_compile.bench.front import fill_state_mib, run_front, write_front
 
 
 def main() -> int:
@@ -37,7 +37,7 @@ def main() -> int:
         stored = Path(args.redraw) / "front.json"
         if not stored.is_file():
             parser.error(f"{stored} does not exist: --redraw takes a directory a previous run wrote")
-        print(f"wrote {write_front(json.loads(stored.read_text()), args.redraw)}")
+        print(f"wrote {write_front(fill_state_mib(json.loads(stored.read_text())), args.redraw)}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = BenchConfig(

@@ -46,7 +46,15 @@ from .report import BenchReport
 from .timing import TimedCall, step_records, timed_rounds
 from .workload import Workload, make_workload
 
-__all__ = ["BUCKETS", "VariantSpec", "build_and_time", "run_variant_comparison", "variant_specs"]
+__all__ = [
+    "BUCKETS",
+    "VariantSpec",
+    "build_and_time",
+    "carried_state_mib",
+    "run_variant_comparison",
+    "variant_specs",
+    "variant_state_mib",
+]
 
 logger = logging.getLogger("sdtm_compile.bench")
 
@@ -97,16 +105,21 @@ def variant_specs(config: BenchConfig, workload: Workload, step_threshold: float
     return specs + [VariantSpec(peer.name, "peer", peer.description, peer=peer) for peer in peers]
 
 
-def _state_mib(compiled: Any) -> float:
-    """MiB a backend variant carries between steps besides the method's state (the engine contract's other carried
-    state, e.g. the fusion cache), plus the step cache's two residuals ``[B, N, C]`` per call; 0 for the others."""
+def variant_state_mib(compiled: Any) -> float:
+    """MiB a backend variant carries between steps besides the method's state (:func:`carried_state_mib`); 0 for
+    the others."""
     if compiled is None or isinstance(compiled, PeerCall):
         return 0.0
+    return carried_state_mib(compiled.signature)
+
+
+def carried_state_mib(signature: Any) -> float:
+    """MiB an engine contract carries between steps besides the method's state (e.g. the fusion cache ``[K, B, N,
+    C]``), plus the step cache's two residuals ``[B, N, C]`` per call when it has the ``hidden`` output."""
 
     def nbytes(tensor: Any) -> int:
         return math.prod(tensor.shape) * tensor.dtype.itemsize
 
-    signature = compiled.signature
     total = sum(nbytes(t) for t in signature.inputs[1:])
     if HIDDEN_STATE in signature:
         total += 2 * nbytes(signature[HIDDEN_STATE])
@@ -231,7 +244,7 @@ def _point(
         full_per_step=full_per_step if flops is not None else None,
         description=spec.description,
         config=None if spec.method is None else spec.method.to_dict(),
-        state_mib=_state_mib(compiled),
+        state_mib=variant_state_mib(compiled),
         **counts,
     )
 

@@ -31,7 +31,7 @@ from ..core.config import METHOD_CONFIGS
 from ..core.method import method_for
 from ..models.sampling import diffusers_call
 from ..runtime import FirstBlockCacheConfig
-from .compare_variants import VariantSpec, build_and_time
+from .compare_variants import VariantSpec, build_and_time, carried_state_mib, variant_state_mib
 from .config import BASELINE, FIDELITY_REFERENCE, BenchConfig
 from .instrument import CapturedBucketGraphs
 from .peers import peer_specs
@@ -40,7 +40,7 @@ from .record import machine_info, model_info
 from .timing import step_records
 from .workload import Workload, make_workload
 
-__all__ = ["front_specs", "run_front", "write_front", "front_points", "TARGETS"]
+__all__ = ["front_specs", "run_front", "write_front", "fill_state_mib", "front_points", "TARGETS"]
 
 logger = logging.getLogger("sdtm_compile.bench")
 
@@ -207,6 +207,7 @@ def run_front(
             "steps": steps,
             "quality": quality,
             "quality_seconds": time.perf_counter() - start,
+            "state_mib": variant_state_mib(compiled) if spec.kind == "backend" else 0.0,
         }
         logger.info("%s: %.2fx, %s", spec.name, points[spec.name]["speedup"], quality)
     measure = "swd_added" if workload.pixel_space else "psnr"
@@ -297,6 +298,31 @@ def _draw(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def fill_state_mib(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` with ``state_mib`` on every point that lacks it (a report written before the column existed),
+    computed from each point's method config and step cache on the report's model, as :func:`run_front` records
+    it (no engine is built)."""
+    from ..core.config import config_from_dict
+    from ..passes import hidden_state
+    from ..reference import model_layout
+    from .workload import make_workload
+
+    missing = [p for p in report["points"] if "state_mib" not in p]
+    if not missing:
+        return report
+    workload = make_workload(BenchConfig(model=report["model"]["name"]))
+    probe = workload.probe
+    layout = model_layout(workload.model, probe["hidden_states"], probe["encoder_hidden_states"], probe.get("img_ids"))
+    for point in missing:
+        if point["kind"] != "backend":
+            point["state_mib"] = 0.0
+            continue
+        extra = (hidden_state(layout),) if point["step_cache"] is not None else ()
+        signature = method_for(config_from_dict(point["config"])).signature(layout, extra)
+        point["state_mib"] = carried_state_mib(signature)
+    return report
+
+
 def write_front(report: dict[str, Any], out_dir: str | Path, results_dir: str | Path | None = None) -> Path:
     """``front.json``, ``front.png`` and the page (``index.md``: a table and the front at :data:`TARGETS`) in
     ``out_dir``; the results index of ``results_dir`` (default: ``out_dir``'s parent) lists it."""
@@ -316,11 +342,12 @@ def write_front(report: dict[str, Any], out_dir: str | Path, results_dir: str | 
         "configuration's eager path. SWD: sliced Wasserstein "
         "distance (x 1e3) on Laplacian-pyramid patches to as many real held-out crops; *added* is the "
         "configuration's minus the unmerged model's, per seed set, averaged; *spread* is how far the two seed sets "
-        "disagree on it.",
+        "disagree on it. *State MiB*: what the engines carry from step to step besides the merging state (cache "
+        "fusion's cache `K x B x N x C`, the step cache's two residuals per call), in the model's dtype.",
         "",
         "| configuration | speed-up | FLOP ratio | SWD to real | (unmerged) | SWD added | spread | PSNR dB | SSIM "
-        "| front |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| state MiB | front |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(value: Any, digits: int = 2) -> str:
@@ -334,7 +361,7 @@ def write_front(report: dict[str, Any], out_dir: str | Path, results_dir: str | 
             f"| {p['name']} | {p['speedup']:.2f}x | {fmt(p['flop_ratio'])} | {fmt(q.get('swd_real'), 1)} | "
             f"{fmt(q.get('unmerged_swd_real'), 1)} | {fmt(q.get('swd_added'), 1)} | "
             f"{fmt(q.get('swd_added_spread'), 1)} | {fmt(q.get('psnr'))} | {fmt(q.get('ssim'), 3)} | "
-            f"{'yes' if p['on_front'] else ''} |"
+            f"{fmt(p.get('state_mib'), 1)} | {'yes' if p['on_front'] else ''} |"
         )
     lines += ["", f"On the front (by {measure}):", ""]
     for target, best in _at_targets(report["points"], measure):
