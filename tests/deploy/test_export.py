@@ -284,11 +284,9 @@ def test_an_exact_counts_bundle_serves_every_count_with_one_graph_per_stage(tmp_
 
     # The Triton repository: the step table records each step's counts, and the pipeline model's numpy loop feeds
     # them to the engine model (run here in-process with ONNX Runtime) = the bundle in diffusers' loop
-    import numpy as np
-    import onnxruntime as ort
 
-    from sdtm_compile.deploy.triton import TritonSettings, export_triton, load
-    from sdtm_compile.deploy.triton.step_logic import StepTable, denoise
+    from sdtm_compile.deploy.triton import TritonSettings, export_triton
+    from sdtm_compile.deploy.triton.step_logic import StepTable
 
     repository = tmp_path / "repository"
     export_triton(tmp_path, repository, TritonSettings(engine_backend="python", max_steps=12))
@@ -297,28 +295,15 @@ def test_an_exact_counts_bundle_serves_every_count_with_one_graph_per_stage(tmp_
     assert len({step.counts for step in table.schedule(12)}) >= 5
     config = (repository / table.engine_model / "config.pbtxt").read_text()
     assert '{ name: "count_0" data_type: TYPE_UINT8 dims: [ -1 ] }' in config
-    session = ort.InferenceSession(str(repository / table.engine_model / "1" / "model.onnx"))
-    request = load.make_request(table, seed=5, num_steps=12, guidance_scale=4.5)
-    want = load.reference_output(runner, table, request)
-    got = denoise(
-        table,
-        np.load(repository / "sdtm" / "1" / "initial_state.npy"),
-        request.arrays,
-        lambda name, feeds: tuple(session.run(list(table.outputs), feeds)),
-        num_steps=12,
-        guidance_scale=4.5,
-    )
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    _pipeline_loop_equals_the_bundle(repository, table, runner)
 
 
 def _fused_generations(family: str, tmp_path: Path):
     """A cache-fusion bundle of the tiny ``family`` model: its manifest, and one generation through
     OnnxTransformer, the compiled backend (eager engine) and the Triton step logic (the engine model in-process)."""
-    import numpy as np
-    import onnxruntime as ort
 
-    from sdtm_compile.deploy.triton import TritonSettings, export_triton, load
-    from sdtm_compile.deploy.triton.step_logic import StepTable, denoise
+    from sdtm_compile.deploy.triton import TritonSettings, export_triton
+    from sdtm_compile.deploy.triton.step_logic import StepTable
     from sdtm_compile.models import TINY_FLUX, flux_example_inputs, tiny_flux_transformer
     from sdtm_compile.models.sampling import flux_generate, make_flux_generation_inputs
 
@@ -340,17 +325,7 @@ def _fused_generations(family: str, tmp_path: Path):
     repository = tmp_path / "repository"
     export_triton(tmp_path, repository, TritonSettings(engine_backend="python", max_steps=12))
     table = StepTable.load(repository / "sdtm" / "1")
-    session = ort.InferenceSession(str(repository / table.engine_model / "1" / "model.onnx"))
-    request = load.make_request(table, seed=5, num_steps=12, guidance_scale=4.5)
-    served = denoise(
-        table,
-        np.load(repository / "sdtm" / "1" / "initial_state.npy"),
-        request.arrays,
-        lambda name, feeds: tuple(session.run(list(table.outputs), feeds)),
-        num_steps=12,
-        guidance_scale=4.5,
-    )
-    np.testing.assert_allclose(served, load.reference_output(runner, table, request), rtol=0, atol=1e-6)
+    _pipeline_loop_equals_the_bundle(repository, table, runner)
     engine_config = (repository / table.engine_model / "config.pbtxt").read_text()
     return manifest, got, via_backend, runner, backend, table, engine_config
 
@@ -376,3 +351,25 @@ def test_a_cache_fusion_bundle_carries_the_cache_through_onnx_and_triton(family,
     dims = ", ".join(map(str, cache["shape"]))
     assert f'{{ name: "cache" data_type: TYPE_FP32 dims: [ {dims} ] }}' in engine_config
     assert f'{{ name: "cache_out" data_type: TYPE_FP32 dims: [ {dims} ] }}' in engine_config
+
+
+def _pipeline_loop_equals_the_bundle(repository: Path, table, runner: OnnxTransformer) -> None:
+    """The Triton pipeline model's numpy loop (12 steps, CFG 4.5), its engine model run in-process with ONNX Runtime,
+    equals the bundle (``runner``) in diffusers' loop."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from sdtm_compile.deploy.triton import load
+    from sdtm_compile.deploy.triton.step_logic import denoise
+
+    session = ort.InferenceSession(str(repository / table.engine_model / "1" / "model.onnx"))
+    request = load.make_request(table, seed=5, num_steps=12, guidance_scale=4.5)
+    served = denoise(
+        table,
+        np.load(repository / "sdtm" / "1" / "initial_state.npy"),
+        request.arrays,
+        lambda name, feeds: tuple(session.run(list(table.outputs), feeds)),
+        num_steps=12,
+        guidance_scale=4.5,
+    )
+    np.testing.assert_allclose(served, load.reference_output(runner, table, request), rtol=0, atol=1e-6)
