@@ -245,7 +245,8 @@ def write_page(out: Path, result: dict) -> None:
         "## Build cost: one process per build, empty caches, first call",
         "",
         (f"Median of {runs} runs each (round-robin)" if runs > 1 else "One run each")
-        + "; every run's seconds are in `exact_counts.json`.",
+        + "; every run's seconds are in `exact_counts.json`."
+        + (f" Measured by an earlier command: `{result['builds_command']}`." if "builds_command" in result else ""),
         "",
         "| build | engines | cold s | warm s | cold / Inductor | warm / Inductor |",
         "|---|---|---|---|---|---|",
@@ -368,6 +369,12 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for exact_counts.json and index.md")
     parser.add_argument("--skip-builds", action="store_true", help="only FLOPs and steady state")
     parser.add_argument("--from-json", default=None, help="draw the page in --out again from its exact_counts.json")
+    parser.add_argument(
+        "--builds-from",
+        default=None,
+        metavar="JSON",
+        help="with --skip-builds: the build costs of an earlier run's exact_counts.json (its command is recorded)",
+    )
     parser.add_argument("--build-one", choices=BUILDS, help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -403,6 +410,11 @@ def main() -> None:
         "machine": machine_info().to_dict(),
         "command": "python scripts/exact_counts.py " + " ".join(sys.argv[1:]),
     }
+    if args.builds_from:
+        if not args.skip_builds:
+            raise SystemExit("--builds-from takes the build costs of an earlier run: give --skip-builds too")
+        earlier = json.loads(Path(args.builds_from).read_text())
+        result["builds"], result["builds_command"] = earlier["builds"], earlier["command"]
     with tempfile.TemporaryDirectory() as scratch:
         if not args.skip_builds:
             result["builds"] = build_costs(args, Path(scratch))

@@ -105,7 +105,8 @@ def _gate_multiply(value: fx.Node, where: str) -> fx.Node:
         return users[0]
     raise CacheFusionError(
         f"{where}: expected the branch output to be used once, by its gate multiply; found users "
-        f"{[u.format_node() for u in users]}. Cache fusion needs the diffusers JointTransformerBlock's layout"
+        f"{[u.format_node() for u in users]}. Cache fusion needs the diffusers blocks' layout "
+        "(JointTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock)"
     )
 
 
@@ -137,7 +138,13 @@ class _SingleBlockGate:
 def _single_block_gate(block: BlockSites) -> _SingleBlockGate:
     assert block.mlp is not None, "split the single block first"
     image = _unmerge_of(block.mlp) or block.mlp.output
-    joint = next(u for u in image.users if u.target is torch.cat)  # the seam cat([m[:, :T], m[:, T:]], 1)
+    joint = next((u for u in image.users if u.target is torch.cat), None)  # the seam cat([m[:, :T], m[:, T:]], 1)
+    if joint is None or len(joint.users) != 1:
+        raise CacheFusionError(
+            f"{block.path}: expected the split single block's MLP columns to be joined once and added to its "
+            "attention columns (split_single_stream's layout); cache fusion needs the diffusers "
+            "FluxSingleTransformerBlock's layout"
+        )
     projected = next(iter(joint.users))
     gated = _gate_multiply(projected, f"{block.path} proj_out")
     gate = next(a for a in gated.args if a is not projected)
