@@ -207,7 +207,7 @@ def run_front(
             "steps": steps,
             "quality": quality,
             "quality_seconds": time.perf_counter() - start,
-            "state_mib": variant_state_mib(compiled) if spec.kind == "backend" else 0.0,
+            "state_mib": variant_state_mib(compiled),
         }
         logger.info("%s: %.2fx, %s", spec.name, points[spec.name]["speedup"], quality)
     measure = "swd_added" if workload.pixel_space else "psnr"

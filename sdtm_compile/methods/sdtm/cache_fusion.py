@@ -159,28 +159,38 @@ def _single_block_slots(
     mlp_joint[:, T:]`` (``names``: branch -> cache slot). With ``cache`` (a merged engine), each merged one is blended
     with its slot and, if any is, the block's image update becomes their sum (its text rows stay ``gate * (attn +
     mlp)``).
-    Returns the gated (stored) or fused nodes, in the order of ``names``."""
+    Returns the gated nodes to store, in the order of ``names`` (``FULL``; nothing for a merged engine)."""
     graph = gm.graph
     site = _single_block_gate(block)
+    # the cached branches this engine blends (none in FULL), each with the unmerge whose plan gives its li
+    blended = {
+        name: unmerged
+        for name in names
+        if cache is not None and (unmerged := _unmerge_of(getattr(block, name))) is not None
+    }
+    if cache is not None and not blended:  # a merged engine that blends nothing here: the block stays as it is
+        return []
     image_rows = (slice(None), slice(text, None))
     made: list[fx.Node] = []
     rows: dict[str, fx.Node] = {}
     last = site.gated
+    # FULL stores the cached columns; a blending engine needs both, to sum them for the image rows
     for name, joint in (("attn", site.attn_out), ("mlp", site.mlp_joint)):
+        if not blended and name not in names:
+            continue
         with graph.inserting_after(last):
             image = graph.call_function(operator.getitem, (joint, image_rows))
         with graph.inserting_after(image):
             last = graph.call_function(operator.mul, (site.gate, image))
         made += [image, last]
-        unmerged = _unmerge_of(getattr(block, name))
-        if cache is not None and name in names and unmerged is not None:
+        if name in blended:
             with graph.inserting_after(last):
                 cached = graph.call_function(operator.getitem, (cache, names[name]))
             with graph.inserting_after(cached):
-                last = graph.call_function(sdtm_fuse, (last, cached, _plan_li(unmerged), mcw))
+                last = graph.call_function(sdtm_fuse, (last, cached, _plan_li(blended[name]), mcw))
             made += [cached, last]
         rows[name] = last
-    if any(node.target is sdtm_fuse for node in made):  # the image rows' update: the fused columns, summed
+    if blended:  # the image rows' update: the (fused) columns, summed
         with graph.inserting_after(last):
             image = graph.call_function(operator.add, (rows["attn"], rows["mlp"]))
         with graph.inserting_after(image):
@@ -191,7 +201,7 @@ def _single_block_slots(
         site.gated.replace_all_uses_with(update, delete_user_cb=lambda user: user is not text_rows)
     for node in made:
         copy_location(node, site.gated, "fuse")
-    return [rows[name] for name in names]
+    return [rows[name] for name in names] if cache is None else []
 
 
 def fuse_cached_branches(
