@@ -13,12 +13,19 @@ Two model families:
   ``proj_out``); the ``split_single_stream`` pass turns it into a merge-able ``mlp`` :class:`Branch`. The latent
   arrives packed ``[B, N, C_in]``; the token grid is read from the ``img_ids`` input's *values*, so Flux needs
   the example inputs.
+
+Under diffusers' context parallelism (``enable_parallelism`` with a ``ContextParallelConfig``) the graph is one
+rank's: its image tokens are ``chunk``-ed from the latent (Flux) or from ``pos_embed``'s output (SD3, with
+:func:`sdtm_compile.parallel.prepare_sd3_context_parallel`'s plan), and attention runs through Ulysses
+all-to-alls. The sites then describe the rank's shard: ``grid`` is its band of grid rows, ``text_tokens`` its part of
+the text, and ``context_parallel`` the number of ranks (see :func:`sequence_split`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections import Counter
 
 import torch
@@ -38,6 +45,7 @@ __all__ = [
     "BLOCK_FAMILIES",
     "SingleStream",
     "image_grid",
+    "sequence_split",
 ]
 
 logger = logging.getLogger(__name__)
@@ -162,6 +170,52 @@ def image_grid(ids: torch.Tensor, num_tokens: int) -> tuple[int, int]:
     return grid_h, grid_w
 
 
+def _is_chunk(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "chunk") or (
+        node.op == "call_function" and node.target is torch.chunk
+    )
+
+
+def sequence_split(gm: fx.GraphModule, latent: fx.Node, family: str) -> tuple[int, int] | None:
+    """``(degree, rank)`` when the graph is one rank's under context parallelism, else ``None``.
+
+    diffusers' context-parallel hooks shard a tensor as ``x.chunk(degree, dim)[rank]`` (``EquipartitionSharder``); the
+    image tokens are the chunk of the packed latent (Flux's ``_cp_plan``) or of ``pos_embed``'s output (SD3, our
+    plan), along the token axis. Dynamo records the degree and this rank's index as constants.
+    """
+    for node in gm.graph.nodes:
+        if not _is_chunk(node) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        source = node.args[0]
+        stack = module_stack(source)
+        is_image = source is latent if family == "flux" else bool(stack) and stack[-1][0].split(".")[-1] == "pos_embed"
+        if not is_image:
+            continue
+        degree = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        shape = node_shape(source)
+        picks = [u.args[1] for u in node.users if u.target is operator.getitem]
+        if shape is None or dim not in (1, 1 - len(shape)) or len(picks) != 1 or not isinstance(degree, int):
+            raise _unsupported(
+                f"the image tokens are split across ranks in a way the passes do not know ({node.format_node()}): "
+                "expected diffusers' context parallelism, x.chunk(degree, dim=1)[rank] along the token axis"
+            )
+        return degree, int(picks[0])
+    return None
+
+
+def _shard_grid(grid: tuple[int, int], degree: int) -> tuple[int, int]:
+    """The grid of one rank's band of rows when ``degree`` ranks split a ``grid`` row-major sequence."""
+    if grid[0] % degree:
+        raise _unsupported(
+            f"context parallelism splits the {grid[0]}x{grid[1]} image-token grid across {degree} ranks, but "
+            f"{grid[0]} rows do not split into {degree} equal bands, so a rank's tokens are not whole rows of the "
+            f"grid and no 2-D merge window can be laid on them: use an image height whose token rows are a multiple "
+            f"of {degree}"
+        )
+    return grid[0] // degree, grid[1]
+
+
 def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) -> ModelSites:
     """Locate each MMDiT block's attention / ``attn2`` / FF inputs and outputs (raises UnsupportedModelError).
 
@@ -204,6 +258,10 @@ def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) ->
         blocks.append(BlockSites(index, path, attn, ff, attn2, kind=kind))
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    embedder = "pos_embed.proj" if family == "sd3" else "x_embedder"
+    latent_index = _placeholder_feeding(gm, embedder, "hidden_states")
+    split = sequence_split(gm, placeholders[latent_index], family) if latent_index is not None else None
+    degree, rank = split if split is not None else (1, 0)
     image_ids_index = None
     if family == "flux":
         image_ids_index = next((i for i, n in enumerate(placeholders) if "img_ids" in n.name), None)
@@ -214,10 +272,15 @@ def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) ->
     shapes = {node_shape(b.input) for block in blocks for b in block.branches}
     if family == "sd3" and (len(shapes) != 1 or len(next(iter(shapes)) or ()) != 3):
         raise _unsupported(f"merge sites disagree on the image-token shape [B, N, C]: {shapes}")
-    if family == "flux" and any(shape is None or len(shape) != 3 or shape[1] != num_tokens for shape in shapes):
-        raise _unsupported(f"double-block merge sites {shapes} do not hold the {num_tokens} image tokens of img_ids")
-    if family == "sd3":
+    held_here = {num_tokens // degree} if family == "flux" else set()
+    if family == "flux" and any(shape is None or len(shape) != 3 or {shape[1]} != held_here for shape in shapes):
+        held = f"{num_tokens} image tokens of img_ids" + (f", split across {degree} ranks" if degree > 1 else "")
+        raise _unsupported(f"double-block merge sites {shapes} do not hold the {held}")
+    if family == "flux":
+        total_tokens, num_tokens = num_tokens, num_tokens // degree
+    else:
         num_tokens = next(iter(shapes))[1]  # type: ignore[index]
+        total_tokens = num_tokens * degree
 
     text_tokens = None
     for node in next((b.attn.nodes for b in blocks if b.attn is not None), []):
@@ -235,8 +298,6 @@ def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) ->
                 )
             text_tokens = joint[1] - num_tokens
 
-    embedder = "pos_embed.proj" if family == "sd3" else "x_embedder"
-    latent_index = _placeholder_feeding(gm, embedder, "hidden_states")
     timestep_index = _placeholder_feeding(gm, "time_text_embed.time_proj", "timestep")
     if latent_index is None or timestep_index is None:
         raise _unsupported(
@@ -245,9 +306,9 @@ def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) ->
         )
     latent_shape = node_shape(placeholders[latent_index])
     if family == "flux":
-        if latent_shape is None or len(latent_shape) != 3 or latent_shape[1] != num_tokens:
+        if latent_shape is None or len(latent_shape) != 3 or latent_shape[1] != total_tokens:
             raise _unsupported(
-                f"expected a packed latent hidden_states [B, N, C] with N = {num_tokens} (the rows of img_ids), got "
+                f"expected a packed latent hidden_states [B, N, C] with N = {total_tokens} (the rows of img_ids), got "
                 f"shape {latent_shape}: pass the latent packed as FluxPipeline does"
             )
         if example_inputs is None:
@@ -256,7 +317,7 @@ def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) ->
                 "the img_ids values"
             )
         try:
-            grid = image_grid(example_inputs[image_ids_index], num_tokens)  # type: ignore[index]
+            grid = image_grid(example_inputs[image_ids_index], total_tokens)  # type: ignore[index]
         except UnsupportedModelError as err:
             raise _unsupported(str(err)) from err
     else:
@@ -266,16 +327,27 @@ def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) ->
                 "latent, as diffusers' SD3 pipelines do"
             )
         height, width = latent_shape[-2:]
-        patch = round(math.sqrt(height * width / num_tokens))
+        patch = round(math.sqrt(height * width / total_tokens))
         grid = (height // patch, width // patch)
-        if grid[0] * grid[1] != num_tokens:
+        if grid[0] * grid[1] != total_tokens:
             raise _unsupported(
-                f"latent {height}x{width} does not map onto {num_tokens} image tokens: use a latent whose sides are "
+                f"latent {height}x{width} does not map onto {total_tokens} image tokens: use a latent whose sides are "
                 "multiples of the transformer's patch_size"
             )
+    if degree > 1:
+        grid = _shard_grid(grid, degree)
+        logger.info("context parallelism: rank %d of %d holds a %dx%d band of the image tokens", rank, degree, *grid)
 
     sites = ModelSites(
-        tuple(blocks), num_tokens, text_tokens, grid, latent_index, timestep_index, family, image_ids_index
+        tuple(blocks),
+        num_tokens,
+        text_tokens,
+        grid,
+        latent_index,
+        timestep_index,
+        family,
+        image_ids_index,
+        context_parallel=degree,
     )
     logger.info(
         "found %d %s blocks (%d with attn2, %d single-stream), %d image tokens on a %dx%d grid, %s text tokens",

@@ -99,9 +99,41 @@ def _size_args(node: fx.Node, mapping: dict[int, int]) -> tuple | None:
     return tuple(args[:first]) + ((type(args[first])(new_sizes),) if packed else tuple(new_sizes))
 
 
+def is_all_to_all(node: fx.Node) -> bool:
+    """A functional ``all_to_all_single`` (what diffusers' Ulysses attention sends q / k / v / out through)."""
+    return node.op == "call_function" and str(node.target).split(".")[:2] == ["_c10d_functional", "all_to_all_single"]
+
+
+def _all_to_all_args(node: fx.Node, mapping: dict[int, int]) -> tuple | None:
+    """``all_to_all_single(x.flatten(), out_sizes, in_sizes, group)`` of a tensor with a token axis -> the args with
+    each rank's part of the merged tensor as both split sizes (Ulysses splits evenly: ``numel / degree`` each)."""
+    flat, out_sizes, in_sizes, *rest = node.args
+    if not isinstance(flat, fx.Node) or not isinstance(out_sizes, (list, tuple)) or list(out_sizes) != list(in_sizes):
+        return None
+    if not all(isinstance(size, int) for size in out_sizes):  # computed sizes (dynamic counts): rewritten already
+        return None
+    source = flat.args[0] if flat.op == "call_method" and flat.target == "flatten" and flat.args else flat
+    shape = node_shape(source) if isinstance(source, fx.Node) else None
+    axes = [d for d, size in enumerate(shape or ()) if size in mapping]
+    if shape is None or not axes:
+        return None
+    if len(axes) > 1:
+        raise TokenShapeError(
+            f"{node.name}: all_to_all_single of a {tuple(shape)} tensor has several axes the size of a token count "
+            f"({sorted(mapping)}); cannot tell which one merging shrinks"
+        )
+    old = shape[axes[0]]
+    if any(size % old for size in out_sizes):
+        return None
+    sizes = [size // old * mapping[old] for size in out_sizes]
+    return (flat, sizes, list(sizes), *rest) if sizes != list(out_sizes) else None
+
+
 def _rewritten_args(node: fx.Node, mapping: dict[int, int]) -> tuple | None:
     """The args of ``node`` with its token-count constants mapped to the merged counts, or ``None`` when it holds
     none (the node is not changed)."""
+    if is_all_to_all(node):
+        return _all_to_all_args(node, mapping)
     if node.op == "call_method" and node.target in ("split_with_sizes", "split") and len(node.args) >= 2:
         return _split_args(node, mapping)
     if node.op == "call_function" and node.target is operator.getitem:
@@ -223,6 +255,15 @@ def _size_nodes(gm: fx.GraphModule, nodes: list[fx.Node], merged_count: int, tex
     return symbols
 
 
+def _dynamic_split_args(gm: fx.GraphModule, node: fx.Node, degree: int) -> tuple:
+    """Dynamic counts: ``all_to_all_single``'s split sizes as ``numel(x) // degree``, read from the tensor sent."""
+    flat = node.args[0]
+    with gm.graph.inserting_before(node):
+        numel = copy_location(gm.graph.call_method("numel", (flat,)), node, "plan")
+        part = copy_location(gm.graph.call_function(operator.floordiv, (numel, degree)), node, "plan")
+    return (flat, [part] * degree, [part] * degree, *node.args[3:])
+
+
 def _merged_regions(sites: ModelSites, settings: PassSettings):
     """``(branch nodes, {old token count: merged count})`` of every merged branch of the engine."""
     per_block = block_token_counts(sites, settings)
@@ -260,7 +301,9 @@ def fix_token_shapes(
         for node in nodes:
             args = _rewritten_args(node, mapping)
             if args is not None:
-                if dynamic:  # the count is an input: sizes computed from the merged length, not constants
+                if dynamic and is_all_to_all(node):  # each rank's part of the merged tensor, computed
+                    args = _dynamic_split_args(gm, node, len(args[1]))
+                elif dynamic:  # the count is an input: sizes computed from the merged length, not constants
                     symbols = symbols or _size_nodes(gm, nodes, mapping[sites.num_tokens], sites.text_tokens)
                     args = _symbolic(node.args, args, symbols)  # type: ignore[assignment]
                 node.args = args  # type: ignore[assignment]

@@ -110,6 +110,14 @@ class ModelSites:
     timestep_index: int  #: position of the timestep among the graph's placeholders
     family: str = "sd3"  #: ``sd3`` or ``flux`` (see the module docstring)
     image_ids_index: int | None = None  #: Flux: position of ``img_ids`` (the grid's source) among the placeholders
+    #: ranks the sequence is split across (context parallelism): ``num_tokens``, ``grid`` and ``text_tokens`` are then
+    #: one rank's shard
+    context_parallel: int = 1
+
+    @property
+    def total_tokens(self) -> int:
+        """The image tokens of the whole image, every rank's shard together."""
+        return self.num_tokens * self.context_parallel
 
     def remapped(self, node_map: dict[fx.Node, fx.Node]) -> ModelSites:
         """The same sites on a copy of the graph (``node_map``: original node -> copy, see ``copy_with_node_map``)."""
@@ -134,4 +142,6 @@ class ModelSites:
                 names = tuple(name for name in ("attn", "attn2", "ff") if getattr(block, name) is not None)
             blocks.append(BlockLayout(block.index, block.kind, names))
         batch, width = int(value.shape[0]), int(value.shape[-1])
-        return ModelLayout(self.family, self.grid, self.text_tokens, tuple(blocks), width, value.dtype, batch)
+        return ModelLayout(
+            self.family, self.grid, self.text_tokens, tuple(blocks), width, value.dtype, batch, self.context_parallel
+        )

@@ -195,6 +195,8 @@ class SDTMBackend:
             and workers > 1
             and not torch.is_grad_enabled()  # the compiler processes build inference engines
             and all(t.device.type == "cpu" for t in engine_inputs if isinstance(t, torch.Tensor))
+            # a rank's graphs hold its collectives (context parallelism), which a compiler process cannot pickle
+            and buckets.sites.context_parallel == 1
         )
         regional = RegionalBuilder(
             lambda region, inputs, name: self._build(name, region, inputs, order)[1],

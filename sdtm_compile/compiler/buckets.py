@@ -80,8 +80,15 @@ class BucketGraphs:
         self.example_inputs = list(example_inputs)
         self.sites: ModelSites = find_mmdit_blocks(gm, self.example_inputs)
         #: ``config`` with the timestep mapping of this model filled in (see ``resolve_for_model``)
-        self.config = resolve_for_model(config, self.sites.family, self.sites.num_tokens)
+        self.config = resolve_for_model(config, self.sites.family, self.sites.total_tokens)
         self.method: TokenMethod = method_for(self.config)
+        if step_cache and self.sites.context_parallel > 1:
+            raise UnsupportedModelError(
+                "the first-block step cache skips a step when the first block's residual barely changed, read on "
+                f"this rank's shard alone: under context parallelism the {self.sites.context_parallel} ranks could "
+                "decide differently and their collectives would not match. Drop the step_cache option. "
+                f"{FALLBACK_HINT}"
+            )
         layout = self.sites.layout()
         problem = self.method.check_model(layout)
         if problem is not None:

@@ -46,6 +46,9 @@ class ModelLayout:
         width: channels ``C`` of the image tokens inside the blocks.
         dtype: the dtype of the blocks' image tokens.
         batch: the batch size ``B`` of one call.
+        context_parallel: the ranks the sequence is split across (diffusers' context parallelism, Ulysses degree);
+            the layout is then one rank's shard: ``grid`` is the shard's band of grid rows, ``text_tokens`` its part
+            of the text. Methods merge each shard on its own; what needs more than the shard refuses it.
     """
 
     family: str
@@ -55,6 +58,7 @@ class ModelLayout:
     width: int
     dtype: torch.dtype
     batch: int
+    context_parallel: int = 1
 
     @property
     def num_tokens(self) -> int:

@@ -49,6 +49,7 @@ __all__ = [
     "unmerge",
     "unmerge_tokens",
     "merged_rotary_table",
+    "concat_plans",
 ]
 
 
@@ -279,3 +280,36 @@ def unmerge_tokens(y: torch.Tensor, slot: torch.Tensor, restore: torch.Tensor | 
         batch, tiles, _, per_tile = restore.shape
         y = (restore.to(y.dtype) @ y.reshape(batch, tiles, per_tile, -1)).reshape(batch, -1, y.shape[-1])
     return y.gather(1, slot[..., None].expand(-1, -1, y.shape[-1]))
+
+
+def concat_plans(plans: list[MergePlan], num_tokens: int) -> MergePlan:
+    """One plan for ``len(plans)`` consecutive shards of ``num_tokens`` tokens each, every shard merged on its own
+    by its plan: what context parallelism computes, one shard per rank (the eager reference's view of it).
+
+    Shard ``s`` holds tokens ``[s N, (s + 1) N)`` and its merged tokens take slots ``[s M, (s + 1) M)``: token
+    indices (``members``, ``extra_tokens``, ``order``) move by ``s N``, slot indices (``extra_slots``) by ``s M``;
+    a soft plan's tiles follow one another. Every shard's plan must have the same merged length ``M``.
+    """
+    counts = {plan.inv_count.shape[1] for plan in plans}
+    if len(counts) != 1:
+        raise ValueError(f"every shard must merge to the same length, got {sorted(counts)}")
+    merged = counts.pop()
+
+    def joined(name: str, step: int) -> torch.Tensor | None:
+        parts = [getattr(plan, name) for plan in plans]
+        if all(part is None for part in parts):
+            return None
+        return torch.cat([part + shard * step for shard, part in enumerate(parts)], dim=1)
+
+    soft = plans[0].assign is not None
+    return MergePlan(
+        # a soft plan's slot is a position in ``order`` (tokens listed shard by shard), otherwise a merged slot
+        slot=joined("slot", num_tokens if soft else merged),  # type: ignore[arg-type]
+        inv_count=torch.cat([plan.inv_count for plan in plans], dim=1),
+        members=joined("members", num_tokens),
+        extra_tokens=joined("extra_tokens", num_tokens),
+        extra_slots=joined("extra_slots", merged),
+        order=joined("order", num_tokens),
+        assign=joined("assign", 0),
+        restore=joined("restore", 0),
+    )

@@ -124,6 +124,12 @@ def export_onnx(
     """
     gm, flat = capture_dynamo_graph(transformer, example_inputs)
     buckets = BucketGraphs(gm, flat, config, include_full=True)
+    if buckets.sites.context_parallel > 1:
+        raise NotImplementedError(
+            f"this model runs under context parallelism ({buckets.sites.context_parallel} ranks): its graphs hold "
+            "the collectives of one rank. A bundle is one model per GPU (Triton runs replicas): export the model "
+            "without enable_parallelism"
+        )
     signature = buckets.signature
     refused = [ext.name for ext in buckets.method.extensions() if not ext.exportable]
     if refused:

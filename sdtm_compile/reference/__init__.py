@@ -15,6 +15,8 @@ from .model import (
     reference_dispatcher,
     reference_engine,
     reference_forward,
+    shard_layout,
+    sharded_signature,
     token_grid,
 )
 
@@ -35,5 +37,7 @@ __all__ = [
     "reference_engine",
     "reference_forward",
     "sd3_block_forward",
+    "shard_layout",
+    "sharded_signature",
     "token_grid",
 ]

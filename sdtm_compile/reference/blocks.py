@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.extension import ReferenceHooks
-from ..core.merge import MergePlan, merge, unmerge
+from ..core.merge import MergePlan, concat_plans, merge, unmerge
 from ..core.method import TokenMethod
 from ..core.schedule import EngineKey, Stage
 from .attention import Rotary, flux_joint_attention, flux_single_attention, joint_attention, merged_rotary_emb
@@ -52,6 +52,8 @@ class BlockCall:
         on_plan: called with the block's plan (merge maps).
         kwargs: ``joint_attention_kwargs`` for the attention modules (SD3).
         made: the plan the block ran with, once it ran (for the blocks that reuse it).
+        shards: the image tokens are this many bands of ``grid`` (context parallelism, one per rank), each planned
+            on its own; the block's plan is theirs side by side (:func:`~sdtm_compile.core.merge.concat_plans`).
     """
 
     index: int
@@ -64,6 +66,7 @@ class BlockCall:
     on_plan: Callable[[MergePlan], None] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     made: MergePlan | None = None
+    shards: int = 1
 
     @property
     def merged(self) -> tuple[str, ...]:
@@ -75,8 +78,12 @@ class BlockCall:
         if self.key.stage is Stage.FULL:
             return None, li
         plan = self.plan
-        if plan is None:
+        if plan is None and self.shards == 1:
             plan, li = self.method.plan_for(self.key, tokens, li, *self.grid)
+        elif plan is None:
+            shards = zip(tokens.chunk(self.shards, dim=1), li.chunk(self.shards, dim=1))
+            plans, states = zip(*(self.method.plan_for(self.key, x, state, *self.grid) for x, state in shards))
+            plan, li = concat_plans(list(plans), tokens.shape[1] // self.shards), torch.cat(states, dim=1)
         if self.on_plan is not None:
             self.on_plan(plan)
         self.made = plan

@@ -12,6 +12,7 @@ compiled path (each engine, each bucket, ONNX, Triton).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,8 @@ __all__ = [
     "reference_engine",
     "reference_forward",
     "model_layout",
+    "shard_layout",
+    "sharded_signature",
     "token_grid",
 ]
 
@@ -77,6 +80,41 @@ def model_layout(
     return ModelLayout("sd3", token_grid(transformer, hidden_states), text, blocks, width, transformer.dtype, batch)
 
 
+def shard_layout(layout: ModelLayout, shards: int) -> ModelLayout:
+    """One rank's layout when ``shards`` ranks split ``layout``'s sequence (context parallelism): a band of
+    ``grid_h / shards`` grid rows and ``T / shards`` text tokens. ``shards == 1``: ``layout`` itself."""
+    if shards == 1:
+        return layout
+    (grid_h, grid_w), text = layout.grid, layout.text_tokens
+    if shards < 1 or grid_h % shards or (text is not None and text % shards):
+        raise ValueError(
+            f"{shards} shards: the {grid_h} grid rows and the {text} text tokens must both be multiples of it"
+        )
+    text_part = None if text is None else text // shards
+    return dataclasses.replace(layout, grid=(grid_h // shards, grid_w), text_tokens=text_part, context_parallel=shards)
+
+
+def sharded_signature(method: TokenMethod, layout: ModelLayout, shards: int) -> EngineSignature:
+    """The engine contract of ``layout`` with each entry's fresh value laid out as ``shards`` ranks start theirs:
+    every rank draws the fresh state of its own shard (the same seeded values on every rank), so the whole is
+    that shard's value repeated along the token axis. ``shards == 1``: ``method.signature(layout)``."""
+    signature = method.signature(layout)
+    if shards == 1:
+        return signature
+    shard = method.signature(shard_layout(layout, shards))
+
+    def tiled(name: str, axis: int) -> Callable[[torch.device | str | None], torch.Tensor]:
+        return lambda device: torch.cat([shard[name].fresh(device)] * shards, dim=axis)
+
+    entries = []
+    for entry, local in zip(signature.tensors, shard.tensors):
+        axes = [a for a, (whole, part) in enumerate(zip(entry.shape, local.shape)) if whole != part]
+        if len(axes) > 1:
+            raise ValueError(f"{entry.name}: {entry.shape} is not {shards} shards of {local.shape} along one axis")
+        entries.append(dataclasses.replace(entry, initial=tiled(entry.name, axes[0])) if axes else entry)
+    return EngineSignature(entries)
+
+
 @dataclass
 class _Run:
     """One reference call's plan for its blocks: the engine, the method, the extensions' hooks, each block's plan
@@ -89,6 +127,12 @@ class _Run:
     kwargs: dict[str, Any]
     on_plan: Callable[[int, MergePlan], None] | None
     skip_layers: list[int] | None = None
+    shards: int = 1
+
+    @property
+    def plan_layout(self) -> ModelLayout:
+        """What the method plans on: the whole layout, or one shard's (see :func:`shard_layout`)."""
+        return shard_layout(self.layout, self.shards)
 
     def before_blocks(self, first_block: nn.Module, x: torch.Tensor, temb: torch.Tensor, li: torch.Tensor) -> None:
         """Block 0's plan input, before any block runs, for the hooks that read it (SDTM*)."""
@@ -108,8 +152,9 @@ class _Run:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every block in order; a block reuses the plan of the block the method names (``None``: it stays
         unmerged). Skipped layers (skip-layer guidance) neither merge nor touch ``li``."""
-        sources = self.method.plan_sources(self.layout.kinds, self.key, self.layout.grid)
-        keys = self.method.block_keys(self.layout.kinds, self.key, self.layout.grid)
+        grid = self.plan_layout.grid
+        sources = self.method.plan_sources(self.layout.kinds, self.key, grid)
+        keys = self.method.block_keys(self.layout.kinds, self.key, grid)
         plans: dict[int, MergePlan | None] = {}
         for index, (forward, block) in enumerate(blocks):
             if self.skip_layers is not None and index in self.skip_layers:
@@ -119,13 +164,14 @@ class _Run:
             call = BlockCall(
                 index,
                 keys[index] if source is not None else FULL,
-                self.layout.grid,
+                grid,
                 self.method,
                 self.layout.family,
                 self.hooks,
                 plans.get(source) if source not in (None, index) else None,  # type: ignore[arg-type]
                 report,
                 self.kwargs,
+                shards=self.shards,
             )
             context, x, li = forward(block, x, context, temb, rotary, li, call)
             plans[index] = call.made
@@ -149,6 +195,7 @@ def reference_forward(
     joint_attention_kwargs: dict[str, Any] | None = None,
     skip_layers: list[int] | None = None,
     on_plan: Callable[[int, MergePlan], None] | None = None,
+    shards: int = 1,
 ) -> tuple[torch.Tensor, EngineState]:
     """One forward of ``transformer`` (``SD3Transformer2DModel`` or ``FluxTransformer2DModel``) on the engine of
     ``key`` with the method of ``config``.
@@ -161,6 +208,9 @@ def reference_forward(
             what the method's extensions carry); ``li``: shorthand for a state holding only it.
         skip_layers: SD3's skip-layer guidance: these blocks do not run (nor merge, nor touch ``li``).
         on_plan: called as ``on_plan(block_index, plan)`` for every block that merges.
+        shards: merge the image tokens in this many equal bands of grid rows, each on its own, as context
+            parallelism of that degree does (one band per rank; :func:`shard_layout`); the attention still sees
+            every token, as Ulysses' does. ``1``: the whole sequence.
 
     Returns:
         ``(sample, state)``: the model's output and every state output of the engine contract.
@@ -171,11 +221,11 @@ def reference_forward(
         state = EngineState(li)
     method = method_for(config)
     layout = model_layout(transformer, hidden_states, encoder_hidden_states, img_ids)
-    problem = method.check_model(layout)
+    problem = method.check_model(shard_layout(layout, shards))
     if problem is not None:
         raise ValueError(problem)
     hooks = [hook for ext in method.extensions() if (hook := ext.reference(state, key, layout)) is not None]
-    run = _Run(key, method, layout, hooks, dict(joint_attention_kwargs or {}), on_plan, skip_layers)
+    run = _Run(key, method, layout, hooks, dict(joint_attention_kwargs or {}), on_plan, skip_layers, shards)
     if layout.family == "flux":
         if joint_attention_kwargs or skip_layers:
             raise ValueError("the Flux reference takes no joint_attention_kwargs or skip_layers")
@@ -248,12 +298,15 @@ def reference_engine(
     key: EngineKey,
     config: MethodConfig,
     on_plan: Callable[[int, MergePlan], None] | None = None,
+    shards: int = 1,
 ) -> Callable[..., tuple[torch.Tensor, EngineState]]:
     """The eager reference as a dispatcher engine: ``engine(state, **inputs) -> (sample, state)``, the inputs being
-    the diffusers model's keyword inputs."""
+    the diffusers model's keyword inputs (``shards``: see :func:`reference_forward`)."""
 
     def engine(state: EngineState, **inputs: Any) -> tuple[torch.Tensor, EngineState]:
-        return reference_forward(transformer, **inputs, key=key, config=config, state=state, on_plan=on_plan)
+        return reference_forward(
+            transformer, **inputs, key=key, config=config, state=state, on_plan=on_plan, shards=shards
+        )
 
     return engine
 
@@ -267,19 +320,21 @@ class ReferenceTransformer:
     ``engine_for(key)`` returns the engine of a key (replaceable, e.g. to observe calls); ``on_plan``, when set,
     is called as ``on_plan(block_index, plan)`` for every merging block (merge maps); ``history`` (the last
     ``history`` calls outside a ``generation`` context; this is a test and debugging oracle, so it is on) and
-    ``reset`` are the dispatcher's.
+    ``reset`` are the dispatcher's. ``shards``: merge as context parallelism of that degree does, one band of rows
+    per rank (:func:`reference_forward`), with each rank's fresh state (:func:`sharded_signature`).
     """
 
-    def __init__(self, transformer: nn.Module, config: MethodConfig, history: int = 1024) -> None:
+    def __init__(self, transformer: nn.Module, config: MethodConfig, history: int = 1024, shards: int = 1) -> None:
         self.transformer = transformer
         self.config = config
+        self.shards = shards
         self.method: TokenMethod = method_for(config)
         self._history = history
         self._dispatchers: dict[MethodConfig, StageDispatcher] = {}
         self._latest: StageDispatcher | None = None
         self.on_plan: Callable[[int, MergePlan], None] | None = None
         self.engine_for: Callable[[EngineKey], Callable[..., Any]] = lambda key: reference_engine(
-            transformer, key, config, self._report
+            transformer, key, config, self._report, shards
         )
 
     def _report(self, index: int, plan: MergePlan) -> None:
@@ -330,7 +385,7 @@ class ReferenceTransformer:
             raise ValueError("the reference takes no joint_attention_kwargs")
         layout = model_layout(self.transformer, hidden_states, encoder_hidden_states, img_ids)
         self._latest = self._dispatcher_for(resolve_for_model(self.config, layout.family, layout.num_tokens))
-        signature: EngineSignature = self.method.signature(layout)
+        signature: EngineSignature = sharded_signature(self.method, layout, self.shards)
         sample = self._latest.run(
             timestep,
             (tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device),
@@ -345,6 +400,9 @@ class ReferenceTransformer:
         return Transformer2DModelOutput(sample=sample)
 
 
-def reference_dispatcher(transformer: nn.Module, config: MethodConfig, history: int = 1024) -> ReferenceTransformer:
-    """The eager reference with the stage schedule and state of the compiled paths (a :class:`ReferenceTransformer`)."""
-    return ReferenceTransformer(transformer, config, history)
+def reference_dispatcher(
+    transformer: nn.Module, config: MethodConfig, history: int = 1024, shards: int = 1
+) -> ReferenceTransformer:
+    """The eager reference with the stage schedule and state of the compiled paths (a :class:`ReferenceTransformer`;
+    ``shards``: merged as context parallelism of that degree merges)."""
+    return ReferenceTransformer(transformer, config, history, shards)

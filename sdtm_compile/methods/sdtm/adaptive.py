@@ -130,6 +130,16 @@ class AdaptiveRatio(Extension):
     def __init__(self, config: SDTMConfig) -> None:
         self.config = config
 
+    def check(self, layout: ModelLayout) -> str | None:
+        if layout.context_parallel > 1:
+            return (
+                "SDTM* (adaptive_threshold) picks each step's bucket from block 0's windows over the whole image; "
+                f"under context parallelism each of the {layout.context_parallel} ranks reads only its own shard, so "
+                "ranks could pick different buckets and their all-to-alls would not match. Use a fixed schedule "
+                "(adaptive_threshold=None)"
+            )
+        return None
+
     def state(self, layout: ModelLayout) -> tuple[StateTensor, ...]:
         description = "SDTM*: the fraction of block 0's 2x2 windows whose score reaches the threshold (output only)"
         return (StateTensor("stat", (layout.batch,), torch.float32, carried=False, description=description),)

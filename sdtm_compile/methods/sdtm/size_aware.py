@@ -154,6 +154,15 @@ class SizeAwareAttention(Extension):
     def __init__(self, config: SDTMConfig) -> None:
         self.config = config
 
+    def check(self, layout: ModelLayout) -> str | None:
+        if layout.context_parallel > 1:
+            return (
+                "size_aware_attention biases each key by the size of the merged token it is; under context "
+                "parallelism the keys of every rank meet after Ulysses' all-to-all, which carries no bias with them "
+                "(not supported yet). Use size_aware_attention=False"
+            )
+        return None
+
     def passes(self) -> tuple[GraphPass, ...]:
         return (
             GraphPass(
