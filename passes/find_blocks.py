@@ -204,6 +204,25 @@ def sequence_split(gm: fx.GraphModule, latent: fx.Node, family: str) -> tuple[in
     return None
 
 
+#: The collectives a block may hold under context parallelism: Ulysses' all-to-alls (their sizes follow the merged
+#: counts, see ``fix_token_shapes``) and the waits on them.
+_ULYSSES_COLLECTIVES = {"all_to_all_single", "wait_tensor"}
+
+
+def _check_ulysses(blocks: list[BlockSites]) -> None:
+    """Refuse collectives inside the blocks other than Ulysses' (ring attention passes key / value blocks around)."""
+    for block in blocks:
+        nodes = [n for b in block.branches for n in b.nodes] + list(block.stream.attention if block.stream else ())
+        for node in nodes:
+            parts = str(node.target).split(".")
+            if node.op == "call_function" and parts[0] == "_c10d_functional" and parts[1] not in _ULYSSES_COLLECTIVES:
+                raise _unsupported(
+                    f"{block.path} runs {parts[1]} inside its attention: token merging under context parallelism "
+                    "supports Ulysses attention (ContextParallelConfig(ulysses_degree=N)), not ring attention "
+                    "(ring_degree > 1), whose key / value exchange it has never been run with"
+                )
+
+
 def _shard_grid(grid: tuple[int, int], degree: int) -> tuple[int, int]:
     """The grid of one rank's band of rows when ``degree`` ranks split a ``grid`` row-major sequence."""
     if grid[0] % degree:
@@ -336,6 +355,7 @@ def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) ->
             )
     if degree > 1:
         grid = _shard_grid(grid, degree)
+        _check_ulysses(blocks)
         logger.info("context parallelism: rank %d of %d holds a %dx%d band of the image tokens", rank, degree, *grid)
 
     sites = ModelSites(

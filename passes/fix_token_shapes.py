@@ -12,6 +12,7 @@ naming the node, and the graph's outputs must keep their original shapes.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from collections.abc import Callable
 
@@ -115,8 +116,8 @@ def _all_to_all_args(node: fx.Node, mapping: dict[int, int]) -> tuple | None:
     source = flat.args[0] if flat.op == "call_method" and flat.target == "flatten" and flat.args else flat
     shape = node_shape(source) if isinstance(source, fx.Node) else None
     axes = [d for d, size in enumerate(shape or ()) if size in mapping]
-    if shape is None or not axes:
-        return None
+    if shape is None or not axes or sum(out_sizes) != math.prod(shape):  # the sizes no longer split the traced
+        return None  # tensor: rewritten already
     if len(axes) > 1:
         raise TokenShapeError(
             f"{node.name}: all_to_all_single of a {tuple(shape)} tensor has several axes the size of a token count "

@@ -164,7 +164,8 @@ class EngineCache:
         blob, meta = self._paths(key)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            partial = blob.with_suffix(".bin.partial")
+            # one partial file per process: the ranks of a context-parallel run build the same engines at once
+            partial = blob.with_suffix(f".bin.{os.getpid()}.partial")
             save(str(partial))
             digest = sha256_file(partial)
             os.replace(partial, blob)

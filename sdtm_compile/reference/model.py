@@ -82,15 +82,14 @@ def model_layout(
 
 def shard_layout(layout: ModelLayout, shards: int) -> ModelLayout:
     """One rank's layout when ``shards`` ranks split ``layout``'s sequence (context parallelism): a band of
-    ``grid_h / shards`` grid rows and ``T / shards`` text tokens. ``shards == 1``: ``layout`` itself."""
+    ``grid_h / shards`` grid rows and ``T / shards`` text tokens (``None`` where ``shards`` does not divide the text:
+    a real split would refuse it, the reference attends over the whole text anyway). ``shards == 1``: ``layout``."""
     if shards == 1:
         return layout
     (grid_h, grid_w), text = layout.grid, layout.text_tokens
-    if shards < 1 or grid_h % shards or (text is not None and text % shards):
-        raise ValueError(
-            f"{shards} shards: the {grid_h} grid rows and the {text} text tokens must both be multiples of it"
-        )
-    text_part = None if text is None else text // shards
+    if shards < 1 or grid_h % shards:
+        raise ValueError(f"{shards} shards: the {grid_h} grid rows must be a multiple of it (bands of whole rows)")
+    text_part = None if text is None or text % shards else text // shards
     return dataclasses.replace(layout, grid=(grid_h // shards, grid_w), text_tokens=text_part, context_parallel=shards)
 
 
