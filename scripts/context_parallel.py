@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -186,8 +185,7 @@ def _rank(rank: int, world: int, args: argparse.Namespace, out: str) -> None:
 
 def write_page(results: list[dict], args: argparse.Namespace, seconds: float) -> None:
     from sdtm_compile._pyplot import pyplot
-    from sdtm_compile.bench.pages import Page, write_page
-    from sdtm_compile.bench.record import machine_info
+    from sdtm_compile.bench.pages import write_run_page
 
     first = results[0]
     same = all(
@@ -268,19 +266,16 @@ def write_page(results: list[dict], args: argparse.Namespace, seconds: float) ->
     figure.tight_layout()
     figure.savefig(args.out / "bytes_per_step.png", dpi=120)
     (args.out / "context_parallel.json").write_text(json.dumps(results, indent=1) + "\n")
-    page = Page(
+    write_run_page(
+        args.out,
+        seconds,
         title=f"Token merging under context parallelism: {first['model']}{depth}, degree {first['degree']}",
         kind="context-parallel",
         model=first["model"],
-        measured_on=time.strftime("%Y-%m-%d"),
-        machine=machine_info().__dict__,
-        command="python " + " ".join(sys.argv),
         body="\n".join(body),
         pictures={"All-to-all bytes each rank sends per step": "bytes_per_step.png"},
         files={"context_parallel.json": "every rank's measurement"},
-        wall_time_s=round(seconds, 1),
     )
-    write_page(page, args.out, args.out.parent)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -101,8 +100,7 @@ def summary(results: dict, shards: list[int]) -> list[str]:
 
 def write_page(results: dict, args: argparse.Namespace, seconds: float) -> None:
     from sdtm_compile._pyplot import pyplot
-    from sdtm_compile.bench.pages import Page, write_page
-    from sdtm_compile.bench.record import machine_info
+    from sdtm_compile.bench.pages import write_run_page
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "shard_quality.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -127,19 +125,16 @@ def write_page(results: dict, args: argparse.Namespace, seconds: float) -> None:
         "",
         "\n".join(summary(results, args.shards)),
     ]
-    page = Page(
+    write_run_page(
+        args.out,
+        seconds,
         title=f"Shard-local merging under context parallelism: quality on {args.model}",
         kind="shard-quality",
         model=args.model,
-        measured_on=time.strftime("%Y-%m-%d"),
-        machine=machine_info().__dict__,
-        command="python " + " ".join(sys.argv),
         body="\n".join(body),
         pictures={"Each seed's PSNR, whole-sequence against shard-local plans": "psnr_whole_vs_shards.png"},
         files={"shard_quality.json": "every seed's PSNR and SSIM"},
-        wall_time_s=round(seconds, 1),
     )
-    write_page(page, args.out, args.out.parent)
 
 
 def main(argv: list[str] | None = None) -> None:

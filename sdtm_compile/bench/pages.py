@@ -19,7 +19,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["INDEX_FILE", "META_FILE", "PAGE_FILE", "Page", "machine_line", "page_folder", "update_index", "write_page"]
+__all__ = [
+    "INDEX_FILE",
+    "META_FILE",
+    "PAGE_FILE",
+    "Page",
+    "machine_line",
+    "page_folder",
+    "update_index",
+    "write_page",
+    "write_run_page",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +141,25 @@ def write_page(page: Page, folder: str | Path, results_dir: str | Path) -> Path:
     else:
         logger.info("%s is not a folder of %s: its index is left as it is", folder, results_dir)
     return path
+
+
+def write_run_page(folder: Path, seconds: float, **fields: Any) -> Path:
+    """A page of the measurement this process just made, into ``folder`` (under the results folder it indexes):
+    today's date, this machine, this process's command line and ``seconds`` of wall time; ``fields``: the rest of
+    :class:`Page` (title, kind, model, body, pictures, files)."""
+    import sys
+    import time
+
+    from .record import machine_info
+
+    page = Page(
+        measured_on=time.strftime("%Y-%m-%d"),
+        machine=machine_info().__dict__,
+        command="python " + " ".join(sys.argv),
+        wall_time_s=round(seconds, 1),
+        **fields,
+    )
+    return write_page(page, folder, folder.parent)
 
 
 def update_index(results_dir: str | Path) -> Path:
