@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 from ._graph import (
+    collective,
     copy_graph_module,
     copy_location,
     copy_with_node_map,
@@ -78,6 +79,7 @@ __all__ = [
     "add_hidden_output",
     "build_pipeline",
     "check_facts",
+    "collective",
     "copy_graph_module",
     "copy_location",
     "copy_with_node_map",

@@ -10,6 +10,7 @@ import torch
 from torch import fx
 
 __all__ = [
+    "collective",
     "module_path",
     "module_stack",
     "node_shape",
@@ -41,6 +42,16 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
         name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
         entries.append((module_path(raw), name.rsplit(".", 1)[-1]))
     return entries
+
+
+def collective(node: fx.Node) -> str | None:
+    """The name of the functional collective ``node`` calls (``all_to_all_single``, ``all_gather_into_tensor``,
+    ``wait_tensor``, ...: ``torch.ops._c10d_functional``, what Dynamo traces ``torch.distributed`` into), or
+    ``None``."""
+    parts = str(node.target).split(".")
+    if node.op != "call_function" or parts[0] != "_c10d_functional" or len(parts) < 2:
+        return None
+    return parts[1]
 
 
 def node_value(node: object) -> Any:

@@ -31,7 +31,9 @@ from collections import Counter
 import torch
 from torch import fx
 
-from ._graph import module_stack, node_shape
+from sdtm_compile.core.layout import band_grid
+
+from ._graph import collective, module_stack, node_shape
 from .sites import BlockSites, Branch, ModelSites, SingleStream
 
 __all__ = [
@@ -214,25 +216,12 @@ def _check_ulysses(blocks: list[BlockSites]) -> None:
     for block in blocks:
         nodes = [n for b in block.branches for n in b.nodes] + list(block.stream.attention if block.stream else ())
         for node in nodes:
-            parts = str(node.target).split(".")
-            if node.op == "call_function" and parts[0] == "_c10d_functional" and parts[1] not in _ULYSSES_COLLECTIVES:
+            if (name := collective(node)) is not None and name not in _ULYSSES_COLLECTIVES:
                 raise _unsupported(
-                    f"{block.path} runs {parts[1]} inside its attention: token merging under context parallelism "
+                    f"{block.path} runs {name} inside its attention: token merging under context parallelism "
                     "supports Ulysses attention (ContextParallelConfig(ulysses_degree=N)), not ring attention "
                     "(ring_degree > 1), whose key / value exchange it has never been run with"
                 )
-
-
-def _shard_grid(grid: tuple[int, int], degree: int) -> tuple[int, int]:
-    """The grid of one rank's band of rows when ``degree`` ranks split a ``grid`` row-major sequence."""
-    if grid[0] % degree:
-        raise _unsupported(
-            f"context parallelism splits the {grid[0]}x{grid[1]} image-token grid across {degree} ranks, but "
-            f"{grid[0]} rows do not split into {degree} equal bands, so a rank's tokens are not whole rows of the "
-            f"grid and no 2-D merge window can be laid on them: use an image height whose token rows are a multiple "
-            f"of {degree}"
-        )
-    return grid[0] // degree, grid[1]
 
 
 def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) -> ModelSites:
@@ -291,8 +280,9 @@ def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) ->
     shapes = {node_shape(b.input) for block in blocks for b in block.branches}
     if family == "sd3" and (len(shapes) != 1 or len(next(iter(shapes)) or ()) != 3):
         raise _unsupported(f"merge sites disagree on the image-token shape [B, N, C]: {shapes}")
-    held_here = {num_tokens // degree} if family == "flux" else set()
-    if family == "flux" and any(shape is None or len(shape) != 3 or {shape[1]} != held_here for shape in shapes):
+    if family == "flux" and any(
+        shape is None or len(shape) != 3 or shape[1] != num_tokens // degree for shape in shapes
+    ):
         held = f"{num_tokens} image tokens of img_ids" + (f", split across {degree} ranks" if degree > 1 else "")
         raise _unsupported(f"double-block merge sites {shapes} do not hold the {held}")
     if family == "flux":
@@ -354,7 +344,10 @@ def find_mmdit_blocks(gm: fx.GraphModule, example_inputs: list | None = None) ->
                 "multiples of the transformer's patch_size"
             )
     if degree > 1:
-        grid = _shard_grid(grid, degree)
+        try:
+            grid = band_grid(grid, degree)
+        except ValueError as err:
+            raise _unsupported(str(err)) from err
         _check_ulysses(blocks)
         logger.info("context parallelism: rank %d of %d holds a %dx%d band of the image tokens", rank, degree, *grid)
 

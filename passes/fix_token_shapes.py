@@ -22,7 +22,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from sdtm_compile.core.ops import sdtm_merge
 
-from ._graph import copy_location, node_shape
+from ._graph import collective, copy_location, node_shape
 from .find_blocks import FALLBACK_HINT
 from .insert_merge import block_token_counts, merged_blocks, merged_branch_names
 from .settings import PassSettings
@@ -102,7 +102,7 @@ def _size_args(node: fx.Node, mapping: dict[int, int]) -> tuple | None:
 
 def is_all_to_all(node: fx.Node) -> bool:
     """A functional ``all_to_all_single`` (what diffusers' Ulysses attention sends q / k / v / out through)."""
-    return node.op == "call_function" and str(node.target).split(".")[:2] == ["_c10d_functional", "all_to_all_single"]
+    return collective(node) == "all_to_all_single"
 
 
 def _all_to_all_args(node: fx.Node, mapping: dict[int, int]) -> tuple | None:

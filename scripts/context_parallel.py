@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,9 +113,7 @@ def measure(rank: int, world: int, args: argparse.Namespace) -> dict:
     fed, _ = pipeline_timesteps(sites.family, config.steps, sites.total_tokens)
     plan = [key for key, _ in StageDispatcher(buckets.config).plan([float(t) for t in fed])]
     per_key: dict[str, dict] = {}
-    for key in [FULL, *dict.fromkeys(plan)]:
-        if str(key) in per_key:
-            continue
+    for key in dict.fromkeys([FULL, *plan]):
         traffic = collective_bytes(buckets.graph(key).gm, world)
         logger.info("rank %d: %s: counting FLOPs", rank, key)
         flops = graphs.flops(key, buckets.config).total
@@ -282,8 +281,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
     start = time.perf_counter()
-    import tempfile
-
     with tempfile.TemporaryDirectory() as out:
         if "RANK" in os.environ:  # torchrun: this process is one rank
             rank, world = init_ranks()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockLayout", "ModelLayout", "BRANCHES", "FAMILY_BRANCHES"]
+__all__ = ["BlockLayout", "ModelLayout", "BRANCHES", "FAMILY_BRANCHES", "band_grid"]
 
 #: The image-token branches a block may have, by name: ``attn`` (joint attention; a Flux single block's
 #: attention), ``attn2`` (SD3.5's second, image-only attention), ``ff`` (feed-forward of an SD3 block or a Flux
@@ -69,3 +69,17 @@ class ModelLayout:
     def kinds(self) -> tuple[str, ...]:
         """Each block's kind, in model order."""
         return tuple(block.kind for block in self.blocks)
+
+
+def band_grid(grid: tuple[int, int], degree: int) -> tuple[int, int]:
+    """The grid of one rank's band of rows when ``degree`` ranks split the row-major token sequence of ``grid``
+    (context parallelism); ``ValueError`` when the rows do not split into equal bands."""
+    grid_h, grid_w = grid
+    if degree < 1 or grid_h % degree:
+        raise ValueError(
+            f"context parallelism splits the {grid_h}x{grid_w} image-token grid across {degree} ranks, but "
+            f"{grid_h} rows do not split into {degree} equal bands, so a rank's tokens are not whole rows of the "
+            f"grid and no 2-D merge window can be laid on them: use an image height whose token rows are a multiple "
+            f"of {degree}"
+        )
+    return grid_h // degree, grid_w

@@ -63,7 +63,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
+def _rank_entry(rank: int, world_size: int, port: int, threads: int, fn: Callable[..., Any], args: tuple) -> None:
+    torch.set_num_threads(threads)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0"
     )
@@ -82,10 +83,5 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, threads: in
     """
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     torch.multiprocessing.spawn(
-        _threaded_entry, args=(world_size, free_port(), threads, fn, args), nprocs=world_size, join=True
+        _rank_entry, args=(world_size, free_port(), threads, fn, args), nprocs=world_size, join=True
     )
-
-
-def _threaded_entry(rank: int, world_size: int, port: int, threads: int, fn: Callable[..., Any], args: tuple) -> None:
-    torch.set_num_threads(threads)
-    _rank_entry(rank, world_size, port, fn, args)

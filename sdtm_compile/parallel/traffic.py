@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ..passes import collective, node_value
+
 __all__ = ["CollectiveBytes", "collective_bytes"]
 
 
@@ -32,20 +34,12 @@ class CollectiveBytes:
     def __add__(self, other: CollectiveBytes) -> CollectiveBytes:
         return CollectiveBytes(*(a + b for a, b in zip(self._values(), other._values())))
 
-    def __mul__(self, times: int) -> CollectiveBytes:
-        return CollectiveBytes(*(a * times for a in self._values()))
-
     def _values(self) -> tuple[int, int, int, int]:
         return self.all_to_all, self.sent, self.all_gather, self.calls
 
 
-def _op(node: fx.Node) -> str:
-    parts = str(node.target).split(".")
-    return parts[1] if node.op == "call_function" and parts[0] == "_c10d_functional" and len(parts) > 1 else ""
-
-
 def _input_bytes(node: fx.Node) -> int:
-    value = node.args[0].meta.get("val", node.args[0].meta.get("example_value"))  # type: ignore[union-attr]
+    value = node_value(node.args[0])
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{node.name}: no recorded shape for the input of {node.target}")
     return value.numel() * value.element_size()
@@ -55,7 +49,7 @@ def collective_bytes(gm: fx.GraphModule, degree: int) -> CollectiveBytes:
     """The collectives of one call of ``gm`` (one rank's graph under context parallelism of ``degree`` ranks)."""
     to_all = gather = calls = 0
     for node in gm.graph.nodes:
-        op = _op(node)
+        op = collective(node) or ""
         if op == "all_to_all_single":
             to_all += _input_bytes(node)
         elif op.startswith("all_gather"):

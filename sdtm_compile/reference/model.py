@@ -22,7 +22,7 @@ from torch import nn
 
 from ..core.config import MethodConfig
 from ..core.extension import ReferenceHooks
-from ..core.layout import BlockLayout, ModelLayout
+from ..core.layout import BlockLayout, ModelLayout, band_grid
 from ..core.merge import MergePlan
 from ..core.method import TokenMethod, method_for
 from ..core.schedule import FULL, EngineKey, resolve_for_model
@@ -82,15 +82,15 @@ def model_layout(
 
 def shard_layout(layout: ModelLayout, shards: int) -> ModelLayout:
     """One rank's layout when ``shards`` ranks split ``layout``'s sequence (context parallelism): a band of
-    ``grid_h / shards`` grid rows and ``T / shards`` text tokens (``None`` where ``shards`` does not divide the text:
-    a real split would refuse it, the reference attends over the whole text anyway). ``shards == 1``: ``layout``."""
+    ``grid_h / shards`` grid rows (:func:`~sdtm_compile.core.layout.band_grid`) and ``T / shards`` text tokens
+    (``None`` where ``shards`` does not divide the text: a real split would refuse it, the reference attends over the
+    whole text anyway). ``shards == 1``: ``layout``."""
     if shards == 1:
         return layout
-    (grid_h, grid_w), text = layout.grid, layout.text_tokens
-    if shards < 1 or grid_h % shards:
-        raise ValueError(f"{shards} shards: the {grid_h} grid rows must be a multiple of it (bands of whole rows)")
+    text = layout.text_tokens
     text_part = None if text is None or text % shards else text // shards
-    return dataclasses.replace(layout, grid=(grid_h // shards, grid_w), text_tokens=text_part, context_parallel=shards)
+    grid = band_grid(layout.grid, shards)
+    return dataclasses.replace(layout, grid=grid, text_tokens=text_part, context_parallel=shards)
 
 
 def sharded_signature(method: TokenMethod, layout: ModelLayout, shards: int) -> EngineSignature:

@@ -70,7 +70,7 @@ def test_what_needs_the_whole_sequence_is_refused():
     assert "size_aware_attention=False" in sized
     for config in (SDTMConfig(cache_fusion=True), ToMeSDConfig(), SiToConfig(), ToMAConfig()):
         assert method_for(config).check_model(local) is None
-    with pytest.raises(ValueError, match="multiple of it"):
+    with pytest.raises(ValueError, match="token rows are a multiple of 3"):
         shard_layout(layout, 3)
 
 
