@@ -31,6 +31,7 @@ from torch import fx
 
 from ..core.schedule import FULL
 from ..engines import ENGINES, EngineBuildError, build_inductor_parallel, engine_available
+from ..engines.vec_isa_probe import start_vec_isa_probe
 from ..passes import (
     FALLBACK_HINT,
     HIDDEN_STATE,
@@ -166,6 +167,8 @@ class SDTMBackend:
                 "shape). Compile with torch.compile(..., dynamic=False)."
             )
         order = self._engine_order(example_inputs)
+        if "inductor" in order and all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor)):
+            start_vec_isa_probe()  # Inductor's CPU probe overlaps the passes (sdtm_compile.engines.vec_isa_probe)
         config = self.settings.config
         try:
             buckets = BucketGraphs(gm, example_inputs, config, step_cache=self.settings.step_cache is not None)

@@ -53,30 +53,57 @@ BuildRegion = Callable[[fx.GraphModule, list[torch.Tensor], str], Callable[..., 
 
 
 def region_partitions(rewritten: RewrittenGraph) -> dict[fx.Node, int]:
-    """Partition id of every computing node: per block its prefix and its merged part; glue between blocks."""
-    block_of_path = {block.path: block.index for block in rewritten.sites.blocks}
-    labels: dict[tuple, int] = {}
-    merged_started: set[int] = set()
-    blocks_seen = 0
-    partition: dict[fx.Node, int] = {}
-    for node in rewritten.gm.graph.nodes:
-        if node.op in ("placeholder", "output"):
+    """Partition id of every computing node: per block its prefix and its merged part; glue between blocks.
+
+    A block's merged part is its plan and what depends on it (the merged branches, unmerge, the residuals after
+    it), plus what feeds those and comes after the block's first merge (e.g. the text stream's q / k / v of a
+    merged attention). The rest of the block is its prefix: the nodes before the first merge, and after it
+    those the merged part neither reads nor depends on. The text stream's feed-forward after an unmerged
+    attention (detail stage) is then prefix, so the merged parts of a block with a text feed-forward and of the
+    last block (``context_pre_only``: none) are the same region.
+    """
+    nodes = [n for n in rewritten.gm.graph.nodes if n.op not in ("placeholder", "output")]
+    block_of = _block_of_nodes(rewritten, nodes)
+    planned: set[fx.Node] = set()  # a block's plan and the nodes of that block that depend on it
+    merge_seen: set[int] = set()
+    after_merge: set[fx.Node] = set()
+    for node in nodes:
+        block = block_of[node]
+        if block is None:
             continue
-        block = next((block_of_path[p] for p, _ in module_stack(node) if p in block_of_path), None)
+        planning = (
+            node.target in (sdtm_plan, sdtm_merge)
+            or (node.target is operator.getitem and getattr(node.args[0], "target", None) is sdtm_plan)
+            or node.meta.get("sdtm") == "plan"  # what the passes placed with the plan (its count input read)
+        )
+        if planning or any(arg in planned and block_of.get(arg) == block for arg in node.all_input_nodes):
+            planned.add(node)
+        if block in merge_seen:
+            after_merge.add(node)
+        if node.target is sdtm_merge:
+            merge_seen.add(block)
+    merged = set(planned)
+    for node in reversed(nodes):  # after the first merge, what feeds the merged part joins it
+        if node in after_merge and any(user in merged and block_of.get(user) == block_of[node] for user in node.users):
+            merged.add(node)
+    labels: dict[tuple, int] = {}
+    partition: dict[fx.Node, int] = {}
+    blocks_seen = 0
+    for node in nodes:
+        block = block_of[node]
         if block is None:
             label: tuple = ("glue", blocks_seen)
         else:
             blocks_seen = max(blocks_seen, block + 1)
-            planning = (
-                node.target is sdtm_plan
-                or (node.target is operator.getitem and getattr(node.args[0], "target", None) is sdtm_plan)
-                or node.meta.get("sdtm") == "plan"  # what the passes placed with the plan (its count input read)
-            )
-            if node.target is sdtm_merge:
-                merged_started.add(block)
-            label = ("block", block, "merged" if planning or block in merged_started else "prefix")
+            label = ("block", block, "merged" if node in merged else "prefix")
         partition[node] = labels.setdefault(label, len(labels))
     return partition
+
+
+def _block_of_nodes(rewritten: RewrittenGraph, nodes: list[fx.Node]) -> dict[fx.Node, int | None]:
+    """The index of the block each node belongs to (``None``: outside every block)."""
+    block_of_path = {block.path: block.index for block in rewritten.sites.blocks}
+    return {n: next((block_of_path[p] for p, _ in module_stack(n) if p in block_of_path), None) for n in nodes}
 
 
 def split_into_regions(rewritten: RewrittenGraph) -> fx.GraphModule:

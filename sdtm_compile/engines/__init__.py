@@ -3,6 +3,7 @@
 * :mod:`.registry`: ``name -> build(gm, example_inputs, settings)``: ``eager``, ``inductor``, ``tensorrt``, each
   with its "can I run here?";
 * :mod:`.parallel` and :mod:`.compile_worker`: Inductor builds of many regions in compiler processes;
+* :mod:`.vec_isa_probe`: Inductor's one-time CPU probe, started early on a thread;
 * :mod:`.tensorrt`: the torch-tensorrt 2.13 builder and its option check;
 * :mod:`.cache`: the on-disk engine cache.
 """

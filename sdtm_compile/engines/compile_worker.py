@@ -43,7 +43,25 @@ def compile_job(job_path: str, out_path: str) -> None:
     artifact.save(path=out_path)
 
 
+def warm_up() -> None:
+    """Import Inductor and run its CPU probe before the first job arrives: the parent is still lowering regions.
+
+    The probe (``valid_vec_isa_list``) compiles a test program per instruction set into Inductor's cache, under
+    Inductor's file locks; the parent started the same probe earlier, so this process mostly waits for its
+    programs and loads them (:mod:`sdtm_compile.engines.vec_isa_probe`).
+    """
+    import torch  # noqa: F401
+    from torch._inductor import standalone_compile  # noqa: F401
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    valid_vec_isa_list()
+
+
 def main() -> None:
+    try:
+        warm_up()
+    except Exception:  # the first job meets the same error and reports it
+        pass
     for line in sys.stdin:
         job_path, out_path = line.rstrip("\n").split("\t")
         try:

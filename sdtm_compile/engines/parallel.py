@@ -17,6 +17,7 @@ from typing import Any
 
 from .compile_worker import pickle_job
 from .registry import CompiledEngine, aten_graph, build_inductor, engine_cache, load_inductor, store_inductor
+from .vec_isa_probe import wait_for_vec_isa_probe
 
 __all__ = ["build_inductor_parallel", "build_order"]
 
@@ -44,7 +45,7 @@ def build_inductor_parallel(jobs: list[Any], settings: Any, workers: int) -> lis
             engines[index] = build_inductor(jobs[index].region, jobs[index].inputs, settings)
         return engines  # type: ignore[return-value]
 
-    pending = build_order(jobs, pending)
+    pending = build_order(jobs, pending, workers)
     with tempfile.TemporaryDirectory() as scratch, _CompilerPool(min(workers, len(pending))) as pool:
         for index in pending:  # lowering here overlaps with the compiler processes already at work
             job = jobs[index]
@@ -56,6 +57,7 @@ def build_inductor_parallel(jobs: list[Any], settings: Any, workers: int) -> lis
             try:
                 if error:
                     raise RuntimeError(error)
+                wait_for_vec_isa_probe()
                 engines[index] = CompiledArtifact.load(path=path)
             except Exception as err:
                 warnings.warn(
@@ -77,13 +79,16 @@ def _plans(region: Any) -> frozenset:
     return frozenset((n.args[4], n.args[6]) for n in region.graph.nodes if n.target is sdtm_plan)
 
 
-def build_order(jobs: list[Any], pending: list[int]) -> list[int]:
+def build_order(jobs: list[Any], pending: list[int], workers: int) -> list[int]:
     """The order to build ``pending`` jobs in: largest first, so that no big region starts last while the other
-    processes sit idle; but a region making the same plans as an earlier one waits until the others are queued.
+    processes sit idle; but a region making the same plans as an earlier one waits for the first ``workers``
+    jobs to be handed out.
 
-    Two such regions (the structure stage's first and last block) share most kernels: built at the same time in
-    two processes, both compile them; built one after the other, the second finds the first's C++ kernels in
-    Inductor's on-disk cache.
+    Two such regions (the structure stage's merged part of a block and of the last block) share most kernels:
+    built at the same time in two processes, both compile them; built one after the other, the second finds the
+    first's C++ kernels in Inductor's on-disk cache. Queued right after the first jobs, the second starts when
+    a process frees rather than last, where it ran alone while the other processes sat idle (docs/design.md,
+    "Build cost").
     """
     by_size = sorted(pending, key=lambda i: -sum(node.op == "call_function" for node in jobs[i].region.graph.nodes))
     seen: set = set()
@@ -92,7 +97,7 @@ def build_order(jobs: list[Any], pending: list[int]) -> list[int]:
         plans = _plans(jobs[index].region)
         (later if plans and plans <= seen else first).append(index)
         seen |= plans
-    return first + later
+    return first[:workers] + later + first[workers:]
 
 
 class _CompilerPool:

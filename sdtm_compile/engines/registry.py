@@ -19,6 +19,7 @@ from torch import fx
 from ..core.counts import CountRangeError, size_only_inputs, trace_with_symbolic_counts
 from .cache import EngineCache
 from .tensorrt import build_tensorrt_engine
+from .vec_isa_probe import wait_for_vec_isa_probe
 
 __all__ = [
     "EngineBuilder",
@@ -94,6 +95,7 @@ def build_inductor(gm: fx.GraphModule, example_inputs: list[torch.Tensor], setti
     artifact = load_inductor(cache, key)
     if artifact is not None:
         return artifact
+    wait_for_vec_isa_probe()
     dynamic = "from_graph" if size_only_inputs(gm) else "from_example_inputs"  # count inputs: symbolic sizes
     artifact = standalone_compile(
         aten_graph(gm, example_inputs), example_inputs, dynamic_shapes=dynamic, donate_graph_module=True
@@ -129,7 +131,11 @@ def aten_graph(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> fx.Gra
 def load_inductor(cache: Any, key: str) -> CompiledEngine | None:
     from torch._inductor import CompiledArtifact
 
-    return cache.load(key, lambda path: CompiledArtifact.load(path=path)) if cache is not None else None
+    def load(path: str) -> CompiledEngine:
+        wait_for_vec_isa_probe()
+        return CompiledArtifact.load(path=path)
+
+    return cache.load(key, load) if cache is not None else None
 
 
 def store_inductor(cache: Any, key: str, save: Callable[[str], Any]) -> None:

@@ -8,8 +8,8 @@ from sdtm_compile.compiler.buckets import BucketGraphs
 from sdtm_compile.compiler.regions import RegionalBuilder, region_partitions
 from sdtm_compile.core.ops import sdtm_merge, sdtm_plan
 from sdtm_compile.core.schedule import EngineKey, Stage
-from sdtm_compile.engines.parallel import _CompilerPool
-from sdtm_compile.models import TINY_SD35, example_inputs, tiny_sd3_transformer
+from sdtm_compile.engines.parallel import _CompilerPool, build_order
+from sdtm_compile.models import TINY_SD3, TINY_SD35, example_inputs, tiny_sd3_transformer
 from sdtm_compile.passes import module_stack
 from tests.helpers import capture_dynamo_graph
 
@@ -42,6 +42,46 @@ def test_a_detail_block_is_cut_before_its_first_merge(buckets):
         assert len(merged) == 1
         assert attention != merged
         assert len(_partition_of(rewritten, inside)) == 2
+
+
+@pytest.fixture(scope="module")
+def sd3_buckets():
+    """Tiny SD3: block 0 with a text feed-forward, block 1 the last (``context_pre_only``, none)."""
+    model = tiny_sd3_transformer(TINY_SD3, seed=1)
+    gm, flat = capture_dynamo_graph(model, example_inputs(TINY_SD3, 2, (32, 32)))
+    return BucketGraphs(gm, flat, SDTMConfig())
+
+
+@pytest.mark.unit
+def test_the_text_feed_forward_is_prefix_so_the_last_block_shares_the_merged_part(sd3_buckets):
+    detail = sd3_buckets.graph(DETAIL)
+    first = detail.sites.blocks[0]
+    text_ff = _partition_of(detail, lambda n: any(p == f"{first.path}.ff_context" for p, _ in module_stack(n)))
+    attention = _partition_of(detail, lambda n: n in set(first.attn.nodes))
+    assert text_ff == attention  # both in block 0's prefix, after its merge in graph order
+    builder = RegionalBuilder(lambda region, inputs, name: region)
+    builder.add(detail, sd3_buckets.engine_inputs())
+    # glue in, block 0 (prefix, merged part), block 1 (its own prefix, block 0's merged part), glue out
+    assert (builder.stats.call_sites, builder.pending) == (6, 5)
+    # the structure stage's merged part holds its merged attention, with the text stream's q / k / v feeding it
+    structure = sd3_buckets.graph(STRUCTURE)
+    block = structure.sites.blocks[0]
+    inside = lambda n: any(p == block.path for p, _ in module_stack(n))  # noqa: E731
+    merged = _partition_of(structure, lambda n: inside(n) and n.target is sdtm_merge)
+    assert _partition_of(structure, lambda n: n in set(block.attn.nodes)) == merged
+
+
+@pytest.mark.unit
+def test_a_region_sharing_plans_is_queued_after_the_first_jobs_not_last(sd3_buckets):
+    builder = RegionalBuilder(lambda region, inputs, name: region)
+    builder.add(sd3_buckets.graph(STRUCTURE), sd3_buckets.engine_inputs())
+    jobs = list(builder._pending.values())
+    merged = [i for i, job in enumerate(jobs) if any(n.target is sdtm_plan for n in job.region.graph.nodes)]
+    assert len(merged) == 2  # block 0's merged part and the last block's make the same plans
+    order = build_order(jobs, list(range(len(jobs))), workers=2)
+    assert sorted(order) == list(range(len(jobs)))
+    assert order.index(merged[1]) == 2  # right after the first job of each of the 2 processes
+    assert order.index(merged[0]) < 2
 
 
 @pytest.mark.unit
