@@ -167,7 +167,8 @@ class SDTMBackend:
                 "shape). Compile with torch.compile(..., dynamic=False)."
             )
         order = self._engine_order(example_inputs)
-        if "inductor" in order and all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor)):
+        on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+        if "inductor" in order and on_cpu:
             start_vec_isa_probe()  # Inductor's CPU probe overlaps the passes (sdtm_compile.engines.vec_isa_probe)
         config = self.settings.config
         try:
@@ -197,7 +198,7 @@ class SDTMBackend:
             and order == ["inductor"]
             and workers > 1
             and not torch.is_grad_enabled()  # the compiler processes build inference engines
-            and all(t.device.type == "cpu" for t in engine_inputs if isinstance(t, torch.Tensor))
+            and on_cpu  # the engine state is made on the model inputs' device
             # a rank's graphs hold its collectives (context parallelism), which a compiler process cannot pickle
             and buckets.sites.context_parallel == 1
         )

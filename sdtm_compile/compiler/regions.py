@@ -6,10 +6,11 @@ and every bucket. Like diffusers' regional compilation (``compile_repeated_block
 and call that engine for every block of the same structure, with the block's weights as inputs - and we go one
 step further across buckets:
 
-* every block is cut in two: its *prefix* (the nodes before its first merge: norms, modulation and, in the
-  detail stage, the whole attention) and its *merged part* (the plan, the merged branches, the rest of the
-  block). Prefixes do not depend on the bucket, so the four detail buckets share one prefix engine per block
-  kind; only the small merged part is built per bucket;
+* every block is cut in two: its *merged part* (the plan, what depends on it, and what feeds that after the
+  block's first merge) and its *prefix* (the rest: norms, modulation and, in the detail stage, the whole
+  attention and the text stream's feed-forward; :func:`region_partitions`). Prefixes do not depend on the
+  bucket, so the four detail buckets share one prefix engine per block kind; only the small merged part is
+  built per bucket;
 * what is outside the blocks (patch embedding, time / text embeddings, the final norm and unpatchify) is a
   region of its own, shared by every bucket;
 * regions are compared by their *signature*: the region's code with canonical names, the shapes, dtypes and

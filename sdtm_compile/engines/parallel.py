@@ -16,8 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from .compile_worker import pickle_job
-from .registry import CompiledEngine, aten_graph, build_inductor, engine_cache, load_inductor, store_inductor
-from .vec_isa_probe import wait_for_vec_isa_probe
+from .registry import (
+    CompiledEngine,
+    aten_graph,
+    build_inductor,
+    engine_cache,
+    load_inductor,
+    load_inductor_artifact,
+    store_inductor,
+)
 
 __all__ = ["build_inductor_parallel", "build_order"]
 
@@ -33,7 +40,6 @@ def build_inductor_parallel(jobs: list[Any], settings: Any, workers: int) -> lis
     engine cache. Inductor's compile is mostly single-threaded Python, so independent engines are what parallelises a
     build. A job whose compiler process fails is built here instead, with a warning naming the error.
     """
-    from torch._inductor import CompiledArtifact  # Inductor's runtime: imported when a build needs it
 
     cache = engine_cache(settings)
     keys = [cache.key(job.region, job.inputs, "inductor") if cache else "" for job in jobs]
@@ -57,8 +63,7 @@ def build_inductor_parallel(jobs: list[Any], settings: Any, workers: int) -> lis
             try:
                 if error:
                     raise RuntimeError(error)
-                wait_for_vec_isa_probe()
-                engines[index] = CompiledArtifact.load(path=path)
+                engines[index] = load_inductor_artifact(path)
             except Exception as err:
                 warnings.warn(
                     f"building {job.name} in a compiler process failed ({err}); building it in this process instead",

@@ -31,6 +31,7 @@ __all__ = [
     "engine_cache",
     "aten_graph",
     "load_inductor",
+    "load_inductor_artifact",
     "store_inductor",
 ]
 
@@ -129,13 +130,15 @@ def aten_graph(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> fx.Gra
 
 
 def load_inductor(cache: Any, key: str) -> CompiledEngine | None:
+    return cache.load(key, load_inductor_artifact) if cache is not None else None
+
+
+def load_inductor_artifact(path: str) -> CompiledEngine:
+    """An Inductor engine saved at ``path``, once Inductor's CPU probe (if started) has answered."""
     from torch._inductor import CompiledArtifact
 
-    def load(path: str) -> CompiledEngine:
-        wait_for_vec_isa_probe()
-        return CompiledArtifact.load(path=path)
-
-    return cache.load(key, load) if cache is not None else None
+    wait_for_vec_isa_probe()
+    return CompiledArtifact.load(path=path)
 
 
 def store_inductor(cache: Any, key: str, save: Callable[[str], Any]) -> None:
