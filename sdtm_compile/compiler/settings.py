@@ -44,8 +44,9 @@ class BackendSettings:
             default (``$SDTM_CACHE_DIR`` or ``~/.cache/sdtm_compile``) or ``False`` for no cache.
         history: how many recent calls each compiled graph records outside a :func:`sdtm_compile.generation`
             context (``dispatcher.history``; 0, the default, records none). A context has its own history.
-        build_workers: compiler processes that build Inductor region engines in parallel (``None``: as many as
-            CPU cores, at most 4; 1: build in this process). Used for CPU inference builds of regional engines.
+        build_workers: Inductor region engines built at once: this process and ``build_workers - 1`` compiler
+            processes (``None``: as many as CPU cores, at most 4; 1: build in this process only). Used for CPU
+            inference builds of regional engines.
         regional: build engines region by region (:mod:`sdtm_compile.compiler.regions`): one engine per distinct block
             prefix / merged part / glue region, shared by every block and bucket with the same structure (much
             faster builds; the weights are engine inputs). ``False`` builds each bucket graph whole.
@@ -81,7 +82,7 @@ class BackendSettings:
         return Path(self.cache_dir)
 
     def resolved_build_workers(self) -> int:
-        """Compiler processes for parallel region builds (see ``build_workers``)."""
+        """Region engines built at once (see ``build_workers``)."""
         if self.build_workers is not None:
             return self.build_workers
         return max(1, min(4, os.cpu_count() or 1))

@@ -11,26 +11,44 @@ from __future__ import annotations
 
 import pickle
 import sys
+from typing import Any
 
 
-def pickle_job(path: str, aten_graph, layouts: list[tuple]) -> None:
-    """Write a job file: the aten graph (``torch.fx._graph_pickler``, node metadata kept) and its input layouts."""
+def job_bytes(aten_graph, inputs: list) -> bytes:
+    """A job: the aten graph (``torch.fx._graph_pickler``, node metadata kept) and the layouts of its inputs."""
     from torch.fx._graph_pickler import GraphPickler
 
+    layouts = [(tuple(t.shape), tuple(t.stride()), t.dtype) for t in inputs]
+    return pickle.dumps((GraphPickler.dumps(aten_graph), layouts))
+
+
+def pickle_job(path: str, aten_graph, inputs: list) -> None:
+    """Write a job file (:func:`job_bytes`) for a compiler process."""
     with open(path, "wb") as f:
-        pickle.dump((GraphPickler.dumps(aten_graph), layouts), f)
+        f.write(job_bytes(aten_graph, inputs))
 
 
-def compile_job(job_path: str, out_path: str) -> None:
-    """Compile the aten graph in ``job_path`` and save the artifact to ``out_path``."""
+def compile_job(job_path: str) -> Any:
+    """The aten graph in the job file ``job_path`` compiled (:func:`compile_job_bytes`)."""
+    with open(job_path, "rb") as f:
+        return compile_job_bytes(f.read())
+
+
+def compile_job_bytes(job: bytes) -> Any:
+    """The aten graph of a job compiled: an Inductor ``CompiledArtifact`` (callable, ``save``-able).
+
+    Also how the parent process compiles a graph with count inputs itself: read back from its job, the graph
+    has a fresh shape environment, which a saved artifact of symbolic counts needs (the lowered graph in memory
+    still names the shape environment of its trace, and Inductor's ``save`` then fails: "no aot_autograd
+    artifacts").
+    """
     import torch
     from torch._inductor import standalone_compile
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx._graph_pickler import GraphPickler
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    with open(job_path, "rb") as f:
-        pickled_graph, layouts = pickle.load(f)
+    pickled_graph, layouts = pickle.loads(job)
     # GraphPickler keeps the node metadata (fake values) that standalone_compile's saved artifact relies on
     graph = GraphPickler.loads(pickled_graph, FakeTensorMode(shape_env=ShapeEnv()))
     graph.recompile()
@@ -39,8 +57,7 @@ def compile_job(job_path: str, out_path: str) -> None:
     symbolic = any(isinstance(s, torch.SymInt) for v in placeholders if isinstance(v, torch.Tensor) for s in v.shape)
     dynamic = "from_graph" if symbolic else "from_example_inputs"  # a count input's length stays symbolic
     with torch.no_grad():
-        artifact = standalone_compile(graph, inputs, dynamic_shapes=dynamic, donate_graph_module=True)
-    artifact.save(path=out_path)
+        return standalone_compile(graph, inputs, dynamic_shapes=dynamic, donate_graph_module=True)
 
 
 def warm_up() -> None:
@@ -65,7 +82,7 @@ def main() -> None:
     for line in sys.stdin:
         job_path, out_path = line.rstrip("\n").split("\t")
         try:
-            compile_job(job_path, out_path)
+            compile_job(job_path).save(path=out_path)
             answer = "ok"
         except Exception as err:  # reported to the parent, which builds the region itself
             answer = f"error\t{type(err).__name__}: {err}".replace("\n", " ")[:2000]

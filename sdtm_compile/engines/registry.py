@@ -18,6 +18,7 @@ from torch import fx
 
 from ..core.counts import CountRangeError, size_only_inputs, trace_with_symbolic_counts
 from .cache import EngineCache
+from .compile_worker import compile_job_bytes, job_bytes
 from .tensorrt import build_tensorrt_engine
 from .vec_isa_probe import wait_for_vec_isa_probe
 
@@ -97,12 +98,30 @@ def build_inductor(gm: fx.GraphModule, example_inputs: list[torch.Tensor], setti
     if artifact is not None:
         return artifact
     wait_for_vec_isa_probe()
-    dynamic = "from_graph" if size_only_inputs(gm) else "from_example_inputs"  # count inputs: symbolic sizes
-    artifact = standalone_compile(
-        aten_graph(gm, example_inputs), example_inputs, dynamic_shapes=dynamic, donate_graph_module=True
-    )
+    graph = aten_graph(gm, example_inputs)
+    if size_only_inputs(gm):  # count inputs: their lengths stay symbolic
+        artifact = _compile_with_counts(graph, example_inputs)
+    else:
+        artifact = standalone_compile(
+            graph, example_inputs, dynamic_shapes="from_example_inputs", donate_graph_module=True
+        )
     store_inductor(cache, key, lambda path: artifact.save(path=path))
     return artifact
+
+
+def _compile_with_counts(graph: fx.GraphModule, example_inputs: list[torch.Tensor]) -> CompiledEngine:
+    """A graph with count inputs compiled as a compiler process compiles its job, so that its artifact can be
+    saved in the engine cache (:func:`~sdtm_compile.engines.compile_worker.compile_job_bytes` says why). A graph
+    that cannot be pickled (a rank's functional collectives) is compiled as it is; the engine cache then warns
+    that it could not store it."""
+    from torch._inductor import standalone_compile
+
+    try:
+        job = job_bytes(graph, example_inputs)
+    except Exception as err:
+        logger.debug("compiling a graph with count inputs in memory (%s)", err)
+        return standalone_compile(graph, example_inputs, dynamic_shapes="from_graph", donate_graph_module=True)
+    return compile_job_bytes(job)
 
 
 def engine_cache(settings: Any) -> Any:

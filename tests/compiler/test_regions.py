@@ -72,16 +72,16 @@ def test_the_text_feed_forward_is_prefix_so_the_last_block_shares_the_merged_par
 
 
 @pytest.mark.unit
-def test_a_region_sharing_plans_is_queued_after_the_first_jobs_not_last(sd3_buckets):
+def test_a_region_sharing_plans_waits_for_the_region_making_them(sd3_buckets):
     builder = RegionalBuilder(lambda region, inputs, name: region)
     builder.add(sd3_buckets.graph(STRUCTURE), sd3_buckets.engine_inputs())
     jobs = list(builder._pending.values())
     merged = [i for i, job in enumerate(jobs) if any(n.target is sdtm_plan for n in job.region.graph.nodes)]
     assert len(merged) == 2  # block 0's merged part and the last block's make the same plans
-    order = build_order(jobs, list(range(len(jobs))), workers=2)
+    order, waits_for = build_order(jobs, list(range(len(jobs))))
     assert sorted(order) == list(range(len(jobs)))
-    assert order.index(merged[1]) == 2  # right after the first job of each of the 2 processes
-    assert order.index(merged[0]) < 2
+    assert order[0] == merged[0]  # the largest region goes first
+    assert waits_for == {merged[1]: merged[0]}  # the last block's part is built after block 0's, not beside it
 
 
 @pytest.mark.unit
@@ -116,10 +116,30 @@ def test_regional_engine_equals_the_bucket_graph(buckets):
 
 
 @pytest.mark.slow
-def test_a_failing_compiler_process_reports_the_error(tmp_path):
+def test_a_failing_compiler_process_reports_the_error_and_a_waiting_job_goes_after_it(tmp_path):
     (tmp_path / "bad.job").write_bytes(b"not a pickled graph")
-    with _CompilerPool(1) as pool:
+    with _CompilerPool(2) as pool:
         pool.submit(0, str(tmp_path / "bad.job"), str(tmp_path / "bad.bin"))
-        ((index, error),) = list(pool.results())
-    assert index == 0
-    assert "UnpicklingError" in error
+        pool.submit(1, str(tmp_path / "bad.job"), str(tmp_path / "bad.bin"), after=0)
+        assert list(pool.busy.values()) == [0]  # a process is free, but job 1 waits for job 0
+        pool.close_submissions()
+        answers = []
+        while len(answers) < 2:
+            answers += pool.finished_jobs(wait=True)
+    assert [index for index, _ in answers] == [0, 1]  # job 0's failure released job 1
+    assert all("UnpicklingError" in error for _, error in answers)
+
+
+@pytest.mark.unit
+def test_this_process_takes_the_next_ready_job_and_a_waiting_one_after_its_source():
+    with _CompilerPool(0) as pool:  # no compiler process: every job is this process's
+        pool.submit(0, "0.job", "0.bin")
+        pool.submit(1, "1.job", "1.bin", after=0)
+        pool.submit(2, "2.job", "2.bin")
+        pool.close_submissions()
+        assert pool.take() == 0
+        assert pool.take() == 2  # job 1 waits for job 0
+        assert pool.take() is None
+        pool.finish_here(0)
+        assert pool.take() == 1
+        assert list(pool.finished_jobs(wait=False)) == []  # no process answered anything
