@@ -45,8 +45,8 @@ class BackendSettings:
         history: how many recent calls each compiled graph records outside a :func:`sdtm_compile.generation`
             context (``dispatcher.history``; 0, the default, records none). A context has its own history.
         build_workers: Inductor region engines built at once: this process and ``build_workers - 1`` compiler
-            processes (``None``: as many as CPU cores, at most 4; 1: build in this process only). Used for CPU
-            inference builds of regional engines.
+            processes (``None``: ``$SDTM_BUILD_WORKERS``, else as many as CPU cores, at most 4; 1: build in this
+            process only). Used for CPU inference builds of regional engines.
         regional: build engines region by region (:mod:`sdtm_compile.compiler.regions`): one engine per distinct block
             prefix / merged part / glue region, shared by every block and bucket with the same structure (much
             faster builds; the weights are engine inputs). ``False`` builds each bucket graph whole.
@@ -85,6 +85,11 @@ class BackendSettings:
         """Region engines built at once (see ``build_workers``)."""
         if self.build_workers is not None:
             return self.build_workers
+        env = os.environ.get("SDTM_BUILD_WORKERS")
+        if env:
+            if not env.isdigit() or int(env) < 1:
+                raise ValueError(f"SDTM_BUILD_WORKERS must be a number >= 1, got {env!r}")
+            return int(env)
         return max(1, min(4, os.cpu_count() or 1))
 
     def __post_init__(self) -> None:

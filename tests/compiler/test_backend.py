@@ -167,6 +167,16 @@ def test_backends_are_found_by_name_in_a_fresh_process():
 
 
 @pytest.mark.unit
+def test_build_workers_come_from_the_option_then_the_environment(monkeypatch):
+    monkeypatch.setenv("SDTM_BUILD_WORKERS", "3")
+    assert BackendSettings().resolved_build_workers() == 3
+    assert BackendSettings(build_workers=2).resolved_build_workers() == 2
+    monkeypatch.setenv("SDTM_BUILD_WORKERS", "0")
+    with pytest.raises(ValueError, match="SDTM_BUILD_WORKERS must be a number >= 1, got '0'"):
+        BackendSettings().resolved_build_workers()
+
+
+@pytest.mark.unit
 def test_unknown_options_list_the_valid_ones():
     with pytest.raises(ValueError) as info:
         SDTMBackend({"ratio": 0.5, "enabled_precisions": {torch.half}})

@@ -37,8 +37,8 @@ def _step_counts(graph: SDTMCompiledGraph) -> set[tuple[int, ...]]:
     return {graph.method.plan_counts(kinds, r.key, graph.sites.grid) for r in graph.dispatcher.history}
 
 
-def _sd3_generations(model, inputs, config, engine):
-    backend = SDTMBackend({"method": config, "engine": engine, "history": 64})
+def _sd3_generations(model, inputs, config, engine, **options):
+    backend = SDTMBackend({"method": config, "engine": engine, "history": 64, **options})
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, dynamic=False)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
@@ -113,7 +113,8 @@ def test_one_inductor_engine_per_stage_serves_every_count_of_its_range(sd3):
 
     SDTMCompiledGraph.__call__ = recording
     try:
-        graph = _sd3_generations(model, inputs, config, "inductor")
+        # this process and one compiler process (tests/conftest.py makes 1 the default): both build regions
+        graph = _sd3_generations(model, inputs, config, "inductor", build_workers=2)
     finally:
         SDTMCompiledGraph.__call__ = record
     assert len(graph.engines) == 2
