@@ -21,6 +21,26 @@ SHARED_BUNDLE_CONFIG = SDTMConfig(buckets=(0.3, 0.6), blocks=(1.0, 0.5))
 os.environ.setdefault("SDTM_BUILD_WORKERS", "1")
 
 
+#: Test files that take a minute or more on one CI core (slowest durations of a CI run, 2026-12-06). They run
+#: first: with ``--dist loadfile --no-loadscope-reorder`` (pyproject.toml) each xdist worker takes the next file in
+#: this order as it frees. By default xdist orders files by their number of tests, and these few-but-slow files then
+#: start late and leave the other worker idle at the end of the run.
+HEAVY_FILES_FIRST = (
+    "tests/parallel/test_context_parallel.py",
+    "tests/cli/test_doctor.py",
+    "tests/compiler/test_backend.py",
+    "tests/compiler/test_half_precision.py",
+    "tests/compiler/test_exact_counts.py",
+    "tests/compiler/test_flux.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    """The heavy files first (:data:`HEAVY_FILES_FIRST`); the rest, and each file's tests, keep their order."""
+    rank = {path: number for number, path in enumerate(HEAVY_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
 #: The test lanes (pyproject.toml's markers). Every test carries exactly one: ``pytest -m unit`` is the quick lane,
 #: ``pytest`` alone runs them all.
 LANES = ("unit", "slow", "inductor", "onnx", "serving")
