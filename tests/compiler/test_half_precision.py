@@ -112,9 +112,11 @@ def test_eager_engine_generation_in_half_precision(dtype):
 
 
 @pytest.mark.inductor
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
 def test_inductor_engines_in_half_precision(dtype):
-    """Inductor engines (full, structure and detail buckets) over a 6-step generation, no recompiles."""
+    """Inductor engines (full, structure and detail buckets) over a 6-step generation, no recompiles. bfloat16, the
+    CPU's half type: float16 runs the same merge ops (the eager engine's test above, the ONNX bundle's in
+    tests/deploy), and its Inductor build cost CI 45-50 s."""
     with torch._dynamo.config.patch(error_on_recompile=True):
         got, want, want32 = _generations(
             dtype, lambda model: torch.compile(model, backend="sdtm", options={"method": CONFIG, "engine": "inductor"})

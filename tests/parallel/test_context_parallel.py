@@ -122,7 +122,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def _generations(family, config, steps=(8, 6), engine="eager", whole=False):
+def _generations(family, config, steps=(6, 4), engine="eager", whole=False):
     """Whole generations one after another (different step counts) under ``error_on_recompile``: the largest
     distance to the sharded reference (and, with ``whole``, to the whole-sequence reference)."""
     from sdtm_compile.reference import reference_dispatcher
