@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,50 +65,49 @@ def build_inductor_parallel(jobs: list[Any], settings: Any, workers: int) -> lis
             pickle_job(f"{scratch}/{index}.job", aten_graph(job.region, job.inputs), job.inputs)
             pool.submit(index, f"{scratch}/{index}.job", f"{scratch}/{index}.bin", after=waits_for.get(index))
         pool.close_submissions()
-        built = 0
-        while built < len(pending):
+
+        def built(index: int, make: Callable[[], CompiledEngine], save: Callable[[Any, str], Any], where: str):
+            """``make()``'s engine, stored in the engine cache with ``save(engine, path)``; where that fails, the
+            job built here from its region by ``build_inductor`` (which stores it), with a warning."""
+            job = jobs[index]
+            try:
+                engine = make()
+            except Exception as err:
+                warnings.warn(
+                    f"building {job.name} {where} failed ({err}); building it in this process instead",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return build_inductor(job.region, job.inputs, settings)
+            store_inductor(cache, keys[index], lambda out: save(engine, out))
+            return engine
+
+        done = 0
+        while done < len(pending):
             mine = pool.take()  # the next job no compiler process has taken, if one is ready
             if mine is not None:
-                engines[mine] = _build_here(jobs[mine], f"{scratch}/{mine}.job", cache, keys[mine], settings)
+                wait_for_vec_isa_probe()
+                job_path = f"{scratch}/{mine}.job"  # compiled as a compiler process does (compile_job's docstring)
+                engines[mine] = built(
+                    mine, lambda: compile_job(job_path), lambda e, out: e.save(path=out), "from its job"
+                )
                 pool.finish_here(mine)
-                built += 1
-                logger.info("  region %d/%d built here: %s", built, len(pending), jobs[mine].name)
+                done += 1
+                logger.info("  region %d/%d built here: %s", done, len(pending), jobs[mine].name)
             for index, error in pool.finished_jobs(wait=mine is None):
-                engines[index], loaded = _load_or_rebuild(jobs[index], f"{scratch}/{index}.bin", error, settings)
-                if loaded:  # (a job rebuilt here was stored by build_inductor)
-                    store_inductor(cache, keys[index], lambda out, p=f"{scratch}/{index}.bin": shutil.copyfile(p, out))
-                built += 1
-                logger.info("  region %d/%d built: %s", built, len(pending), jobs[index].name)
+                path = f"{scratch}/{index}.bin"
+                load = lambda: _artifact(path, error)  # noqa: E731
+                engines[index] = built(index, load, lambda _, out: shutil.copyfile(path, out), "in a compiler process")
+                done += 1
+                logger.info("  region %d/%d built: %s", done, len(pending), jobs[index].name)
     return engines  # type: ignore[return-value]
 
 
-def _build_here(job: Any, job_path: str, cache: Any, key: str, settings: Any) -> CompiledEngine:
-    """A job compiled in this process from its job file, as a compiler process does, and stored in the engine
-    cache; if that fails, built from the region with ``build_inductor`` (with a warning)."""
-    wait_for_vec_isa_probe()
-    try:
-        engine = compile_job(job_path)
-    except Exception as err:
-        warnings.warn(f"building {job.name} from its job failed ({err}); building it again", RuntimeWarning, 3)
-        return build_inductor(job.region, job.inputs, settings)
-    store_inductor(cache, key, lambda out: engine.save(path=out))
-    return engine
-
-
-def _load_or_rebuild(job: Any, path: str, error: str, settings: Any) -> tuple[CompiledEngine, bool]:
-    """``(engine, loaded)``: the artifact a compiler process wrote (``loaded``), or, where that failed, the job
-    built in this process, with a warning (``build_inductor`` stored it in the engine cache)."""
-    try:
-        if error:
-            raise RuntimeError(error)
-        return load_inductor_artifact(path), True
-    except Exception as err:
-        warnings.warn(
-            f"building {job.name} in a compiler process failed ({err}); building it in this process instead",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return build_inductor(job.region, job.inputs, settings), False
+def _artifact(path: str, error: str) -> CompiledEngine:
+    """The artifact a compiler process wrote at ``path``, or its ``error`` raised."""
+    if error:
+        raise RuntimeError(error)
+    return load_inductor_artifact(path)
 
 
 def _plans(region: Any) -> frozenset:
