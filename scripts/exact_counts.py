@@ -13,6 +13,10 @@ Three measurements, each printed and written to ``exact_counts.json`` (and ``ind
 3. **Steady state** in one process: every static bucket engine against the exact engine at the same counts (the
    stage's engine fed the bucket's counts), called directly, round-robin, median of ``--runs``; then whole
    generations of Inductor, buckets and exact, round-robin, median of ``--runs``.
+4. **Where the time goes**: plain Inductor and the exact engine at the first and the last counts of each stage,
+   called directly (round-robin, median of ``--runs``): time share against FLOP share, and each call's time split
+   by the profiler into matmuls, attention, GEMVs and the rest (:func:`~sdtm_compile.bench.instrument.op_times`),
+   which is what says why a speed-up falls short of the FLOP ratio.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 from sdtm_compile import SDTMConfig
 from sdtm_compile.bench.config import BenchConfig
 from sdtm_compile.bench.harness import Compiled
-from sdtm_compile.bench.instrument import CapturedBucketGraphs
+from sdtm_compile.bench.instrument import CapturedBucketGraphs, op_times
 from sdtm_compile.bench.pages import Page
 from sdtm_compile.bench.pages import write_page as write_page_file
 from sdtm_compile.bench.record import machine_info
@@ -125,8 +129,7 @@ def step_keys(config: SDTMConfig, steps: int) -> list[EngineKey]:
     return [method.engine_key_at(position_at_step(s, steps)) for s in range(steps)]
 
 
-def flop_ratios(args: argparse.Namespace, workload, steps: int) -> dict:
-    captured = CapturedBucketGraphs(workload.model, workload.probe)
+def flop_ratios(args: argparse.Namespace, captured: CapturedBucketGraphs, steps: int) -> dict:
     result = {}
     for build in ("buckets", "exact"):
         config = method_of(build, args)
@@ -141,21 +144,28 @@ def flop_ratios(args: argparse.Namespace, workload, steps: int) -> dict:
     return result
 
 
+def _once(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def timed(fn, runs: int) -> float:
+    """Median seconds of ``runs`` calls of ``fn`` after one warm-up call."""
     fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_once(fn) for _ in range(runs))
 
 
 def steady_state(
-    args: argparse.Namespace, workload, config: BenchConfig, scratch: Path, engines_only: bool = False
+    args: argparse.Namespace,
+    workload,
+    config: BenchConfig,
+    scratch: Path,
+    captured: CapturedBucketGraphs,
+    engines_only: bool = False,
 ) -> dict:
-    """Each static engine against the exact engine at the same counts; then whole generations (not with
-    ``engines_only``: a real architecture at full depth, where a generation takes minutes)."""
+    """Each static engine against the exact engine at the same counts; where the time goes; then whole generations
+    (not with ``engines_only``: a real architecture at full depth, where a generation takes minutes)."""
     from sdtm_compile.compiler.compiled import SDTMCompiledGraph
 
     recorded: dict = {}
@@ -167,12 +177,11 @@ def steady_state(
 
     SDTMCompiledGraph.__call__ = record
     try:
-        builds = ("buckets", "exact") if engines_only else BUILDS
         compiled = {
             build: Compiled(
                 workload.model, method_of(build, args), "inductor", workload.probe, scratch / build / "sdtm"
             )
-            for build in builds
+            for build in BUILDS
         }
     finally:
         SDTMCompiledGraph.__call__ = original
@@ -211,8 +220,9 @@ def steady_state(
                 row["exact_vs_static"],
             )
 
+    where = where_time_goes(args, workload, compiled, recorded, captured)
     if engines_only:
-        return {"per_engine": per_engine}
+        return {"per_engine": per_engine, "where_time_goes": where}
     generation: dict[str, list[float]] = {build: [] for build in BUILDS}
     with torch.no_grad():
         for build in BUILDS:
@@ -226,9 +236,86 @@ def steady_state(
     logger.info("generation medians: %s", {b: round(t, 2) for b, t in medians.items()})
     return {
         "per_engine": per_engine,
+        "where_time_goes": where,
         "generation_s": medians,
+        "generation_runs_s": generation,
         "speedup": {build: medians["inductor"] / medians[build] for build in ("buckets", "exact")},
     }
+
+
+def stage_ends(config: SDTMConfig, steps: int) -> list[EngineKey]:
+    """The first and the last step's engine key of each merging stage, in step order."""
+    keys = [key for key in step_keys(config, steps) if key.stage is not FULL.stage]
+    ends = [
+        key
+        for i, key in enumerate(keys)
+        if i in (0, len(keys) - 1) or keys[i - 1].stage is not key.stage or keys[i + 1].stage is not key.stage
+    ]
+    return list(dict.fromkeys(ends))
+
+
+def where_time_goes(args: argparse.Namespace, workload, compiled: dict, recorded: dict, captured) -> dict:
+    """Plain Inductor and the exact engine at each stage's first and last counts: call time (direct calls,
+    round-robin, median of ``--runs``), time and FLOP shares, and the profiler's split of each call
+    (:class:`~sdtm_compile.bench.instrument.OpTimes`); matmul and attention rates (ms per GFLOP) of plain Inductor."""
+    exact = compiled["exact"].compiled_graph
+    config = method_of("exact", args)
+    kinds = [block.kind for block in exact.sites.blocks]
+    flat = recorded[id(exact)]
+    state = exact.signature.engine_inputs(exact.signature.fresh())
+    calls = {"inductor": lambda: compiled["inductor"].module(**workload.probe, return_dict=False)}
+    flops = {"inductor": captured.flops(FULL, config)}
+    counts = {"inductor": []}
+    for key in stage_ends(config, args.steps):
+        plan_counts = exact.method.plan_counts(kinds, key, exact.sites.grid)
+        engine, tensors = exact.engines[exact.method.engine_of(key)], count_tensors(plan_counts, exact.sites.num_tokens)
+        calls[str(key)] = lambda engine=engine, tensors=tensors: engine(*flat, *state, *tensors)
+        flops[str(key)], counts[str(key)] = captured.flops(key, config), list(plan_counts)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.no_grad():
+        for call in calls.values():
+            call()
+        for _ in range(args.runs):
+            for name, call in calls.items():
+                times[name].append(_once(call))
+    split = {name: op_times(call, calls=2) for name, call in calls.items()}
+
+    def attention(count) -> int:
+        return sum(f for op, f in count.by_op.items() if "attention" in op)
+
+    base_ms = 1e3 * statistics.median(times["inductor"])
+    base, base_split = flops["inductor"], split["inductor"]
+    rows = []
+    for name in calls:
+        ms, count, times_of = 1e3 * statistics.median(times[name]), flops[name], split[name]
+        row = {
+            "engine": name,
+            "counts": counts[name],
+            "ms": ms,
+            "time_share": ms / base_ms,
+            "flop_share": count.total / base.total,
+            **{key: round(value, 3) for key, value in times_of.to_dict().items()},
+            "matmul_flop_share": (count.total - attention(count)) / (base.total - attention(base)),
+            "attention_flop_share": attention(count) / attention(base),
+        }
+        row["flops_per_time"] = row["flop_share"] / row["time_share"]
+        rows.append(row)
+        logger.info(
+            "%s: %.1f ms, time share %.3f, FLOP share %.3f; matmul %.1f, attention %.1f, GEMV %.1f, other %.1f ms",
+            name,
+            ms,
+            row["time_share"],
+            row["flop_share"],
+            times_of.matmul_ms,
+            times_of.attention_ms,
+            times_of.gemv_ms,
+            times_of.other_ms,
+        )
+    rates = {
+        "matmul_ms_per_gflop": base_split.matmul_ms / ((base.total - attention(base)) / 1e9),
+        "attention_ms_per_gflop": base_split.attention_ms / (attention(base) / 1e9),
+    }
+    return {"rows": rows, "inductor_rates": rates}
 
 
 def write_page(out: Path, result: dict) -> None:
@@ -259,12 +346,21 @@ def write_page(out: Path, result: dict) -> None:
         times = f"{row['cold_s']:.1f} | {row['warm_s']:.1f}"
         lines.append(f"| {build} | {row['engines']} | {times} | {ratio[0]} | {ratio[1]} |")
     if "flops" not in result:  # --builds-only
-        lines += ["", "`--builds-only`: the build costs and each engine's calls; no FLOP count, no whole generations."]
+        lines += [
+            "",
+            "`--builds-only`: the build costs and each engine's calls (with their FLOP shares); no generation's FLOP "
+            "ratio, no whole generations.",
+        ]
         lines += _engine_table(result.get("steady", {}).get("per_engine", []))
+        lines += _where_table(result.get("steady", {}).get("where_time_goes"))
         if "steady_command" in result:  # the engine calls measured by a second command
             took = f" ({result['steady_wall_time_s'] / 60:.0f} min)" if "steady_wall_time_s" in result else ""
             lines += ["", f"The engine calls{took}: `{result['steady_command']}`."]
-        _publish(out, result, lines, pictures={})
+        pictures = {}
+        if result.get("steady", {}).get("where_time_goes"):
+            draw_where(out / "where_time_goes.png", result)
+            pictures["where the time of a call goes"] = "where_time_goes.png"
+        _publish(out, result, lines, pictures=pictures)
         return
     f, s = result["flops"], result["steady"]
     lines += [
@@ -274,6 +370,7 @@ def write_page(out: Path, result: dict) -> None:
         f"buckets {f['buckets']:.3f}, exact {f['exact']:.3f} (exact / buckets {f['exact_vs_buckets']:.3f}).",
     ]
     lines += _engine_table(s["per_engine"])
+    lines += _where_table(s.get("where_time_goes"))
     speed = s["speedup"]
     lines += [
         "",
@@ -288,8 +385,19 @@ def write_page(out: Path, result: dict) -> None:
             f"| {build} | {s['generation_s'][build]:.2f} | {speed[build]:.2f}x | {f[build]:.2f} | "
             f"{speed[build] / f[build]:.2f} |"
         )
+    if "generation_runs_s" in s:  # each round's builds ran one after another: their ratio pairs them
+        runs = s["generation_runs_s"]
+        spread = []
+        for build in ("buckets", "exact"):
+            kept = [i / b / f[build] for i, b in zip(runs["inductor"], runs[build], strict=True)]
+            spread.append(f"{build} {min(kept):.2f}-{max(kept):.2f}")
+        lines += ["", f"Speed-up / FLOP ratio round by round: {', '.join(spread)}."]
     draw(out / "exact_counts.png", result)
-    _publish(out, result, lines, pictures={"every step's FLOPs and the build cost": "exact_counts.png"})
+    pictures = {"every step's FLOPs and the build cost": "exact_counts.png"}
+    if s.get("where_time_goes"):
+        draw_where(out / "where_time_goes.png", result)
+        pictures["where the time of a call goes"] = "where_time_goes.png"
+    _publish(out, result, lines, pictures=pictures)
 
 
 def _engine_table(rows: list[dict]) -> list[str]:
@@ -307,6 +415,41 @@ def _engine_table(rows: list[dict]) -> list[str]:
             f"| {row['engine']} | {row['counts']} | {row['static_ms']:.1f} | {row['exact_ms']:.1f} | "
             f"{row['exact_vs_static']:.3f} |"
         )
+    return lines
+
+
+def _where_table(where: dict | None) -> list[str]:
+    if not where:
+        return []
+    rates = where["inductor_rates"]
+    lines = [
+        "",
+        "## Where the time goes: time share against FLOP share",
+        "",
+        "Plain Inductor and the exact engine at the first and the last counts of each stage, called directly "
+        "(round-robin, median). Each call's time is split by the profiler (self time per op, 2 calls): matmuls, "
+        "attention, GEMVs (matmuls of at most 16 rows: AdaLN modulation and the embeddings, next to no FLOPs) and "
+        "the rest (Inductor's fused kernels: norms, GELU, plans, merges; copies; call overhead). In brackets: the "
+        "class's FLOP share over its time share against plain Inductor (1.00: that class runs at its FLOP share).",
+        "",
+        "| engine | counts | ms | time share | FLOP share | FLOP share / time share | matmul ms | attention ms "
+        "| GEMV ms | other ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = where["rows"][0]
+    for row in where["rows"]:
+        matmul = row["matmul_flop_share"] / (row["matmul_ms"] / base["matmul_ms"])
+        attention = row["attention_flop_share"] / (row["attention_ms"] / base["attention_ms"])
+        lines.append(
+            f"| {row['engine']} | {row['counts'] or '-'} | {row['ms']:.1f} | {row['time_share']:.3f} | "
+            f"{row['flop_share']:.3f} | {row['flops_per_time']:.3f} | {row['matmul_ms']:.1f} ({matmul:.2f}) | "
+            f"{row['attention_ms']:.1f} ({attention:.2f}) | {row['gemv_ms']:.1f} | {row['other_ms']:.1f} |"
+        )
+    lines += [
+        "",
+        f"Plain Inductor's rates: matmuls {rates['matmul_ms_per_gflop']:.2f} ms per GFLOP, attention "
+        f"{rates['attention_ms_per_gflop']:.2f} ms per GFLOP.",
+    ]
     return lines
 
 
@@ -348,6 +491,31 @@ def draw(path: Path, result: dict) -> None:
     builds.set_ylabel("first call, s (one process per build)")
     builds.set_title("build cost")
     builds.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def draw_where(path: Path, result: dict) -> None:
+    """Each engine's call split into matmuls, attention, GEMVs and the rest (ms), beside what its FLOP share of the
+    plain Inductor call would take."""
+    from sdtm_compile._pyplot import pyplot
+
+    plt = pyplot()
+    rows = result["steady"]["where_time_goes"]["rows"]
+    base_ms = rows[0]["ms"]
+    figure, axes = plt.subplots(figsize=(9, 0.6 * len(rows) + 2.2))
+    names = [row["engine"] for row in rows][::-1]
+    left = [0.0] * len(rows)
+    for part, colour in (("matmul_ms", "C0"), ("attention_ms", "C1"), ("gemv_ms", "C3"), ("other_ms", "C7")):
+        widths = [row[part] for row in rows][::-1]
+        axes.barh(names, widths, left=left, color=colour, label=part.removesuffix("_ms"))
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    shares = [row["flop_share"] * base_ms for row in rows][::-1]
+    axes.plot(shares, names, "k|", ms=22, mew=2, label="FLOP share x plain Inductor's ms")
+    axes.set_xlabel("ms per call (profiler self time)")
+    axes.set_title(f"{result['model']}: where the time of a call goes")
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=5, fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -418,17 +586,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         if not args.skip_builds:
             result["builds"] = build_costs(args, Path(scratch))
+        captured = CapturedBucketGraphs(workload.model, workload.probe)
         if args.builds_only:  # a real architecture at full depth: builds and engine calls are what fit here
             with temporary_cache_dir(str(Path(scratch) / "steady-inductor")):
-                result["steady"] = steady_state(args, workload, config, Path(scratch), engines_only=True)
+                result["steady"] = steady_state(args, workload, config, Path(scratch), captured, engines_only=True)
             result["wall_time_s"] = time.perf_counter() - started
             print(json.dumps(result, indent=2))
             if args.out:
                 write_page(Path(args.out), result)
             return
-        result["flops"] = flop_ratios(args, workload, args.steps)
+        result["flops"] = flop_ratios(args, captured, args.steps)
         with temporary_cache_dir(str(Path(scratch) / "steady-inductor")):
-            result["steady"] = steady_state(args, workload, config, Path(scratch))
+            result["steady"] = steady_state(args, workload, config, Path(scratch), captured)
     result["wall_time_s"] = time.perf_counter() - started
     print(json.dumps(result, indent=2))
     if args.out and "builds" in result:

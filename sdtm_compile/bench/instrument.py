@@ -5,6 +5,8 @@
 * :func:`merge_time_share`: seconds per call in ``sdtm_plan`` / ``sdtm_merge`` / ``sdtm_unmerge``, measured
   with the profiler on a bucket graph run op by op (inside compiled Inductor kernels the merge ops fuse
   with their neighbours and cannot be told apart); :func:`generation_share` sums them over a generation.
+* :func:`op_times`: milliseconds per call of any call (a compiled engine included), split the way a FLOP count
+  sees them: matmuls, attention, GEMVs (matmuls of a few rows: next to no FLOPs, real time) and everything else.
 * :func:`record_merge_maps`: which tokens were merged, per step and block, from one reference generation.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -25,7 +28,15 @@ from ..core.schedule import EngineKey
 from .config import BenchConfig
 from .flops import FlopCount, count_flops
 
-__all__ = ["CapturedBucketGraphs", "MERGE_OPS", "generation_share", "merge_time_share", "record_merge_maps"]
+__all__ = [
+    "CapturedBucketGraphs",
+    "MERGE_OPS",
+    "OpTimes",
+    "generation_share",
+    "merge_time_share",
+    "op_times",
+    "record_merge_maps",
+]
 
 #: The merge ops whose time :func:`merge_time_share` measures, and their labels in the profile.
 MERGE_OPS = {sdtm_plan: "plan", sdtm_merge: "merge", sdtm_unmerge: "unmerge"}
@@ -121,6 +132,65 @@ def generation_share(step_keys: list[EngineKey], shares: dict[EngineKey, dict[st
         result[f"{label}_share"] = seconds / total
     result["all_merge_ops_share"] = sum(result[f"{label}_share"] for label in MERGE_OPS.values())
     return result
+
+
+#: aten ops whose time :func:`op_times` counts as matmul (or GEMV) and as attention; their FLOPs are what
+#: ``FlopCounterMode`` counts (with :mod:`~sdtm_compile.bench.flops`' attention formula).
+MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::mkldnn_convolution", "aten::convolution")
+ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
+#: A matmul of at most this many rows is a GEMV: AdaLN modulation and the embeddings, ``[B, C]`` rows, whose time
+#: goes to reading the weights and which neither merging nor the FLOP count sees.
+GEMV_ROWS = 16
+
+
+@dataclass(frozen=True)
+class OpTimes:
+    """Milliseconds per call, by what the FLOP count sees (the profiler's self time of each op)."""
+
+    matmul_ms: float  #: matmuls (addmm, mm, bmm, convolution) of more than :data:`GEMV_ROWS` rows
+    attention_ms: float  #: scaled-dot-product attention kernels
+    gemv_ms: float  #: matmuls of at most :data:`GEMV_ROWS` rows
+    other_ms: float  #: everything else: Inductor's fused kernels (norms, GELU, merges), copies, call overhead
+
+    @property
+    def total_ms(self) -> float:
+        return self.matmul_ms + self.attention_ms + self.gemv_ms + self.other_ms
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _matmul_rows(key: str, shapes: list[list[int]]) -> int:
+    """Rows of a matmul's left operand from the profiler's input shapes (``addmm(bias, mat1, mat2)``, ``mm(a, b)``,
+    ``bmm(a, b)`` per batch entry); a convolution counts as a matmul of many rows."""
+    operand = shapes[1] if key == "aten::addmm" else shapes[0] if key in ("aten::mm", "aten::bmm") else None
+    if not operand:
+        return GEMV_ROWS + 1
+    return operand[-2]
+
+
+def op_times(fn: Callable[[], Any], calls: int = 2) -> OpTimes:
+    """Profile ``calls`` calls of ``fn`` (after one warm-up) and split their time per call into :class:`OpTimes`.
+
+    Works on compiled engines: Inductor calls matmuls and attention as aten ops (extern kernels), so the profiler
+    sees them beside its own fused kernels.
+    """
+    with torch.no_grad():
+        fn()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(calls):
+                fn()
+    split = {"matmul_ms": 0.0, "attention_ms": 0.0, "gemv_ms": 0.0, "other_ms": 0.0}
+    for event in prof.key_averages(group_by_input_shape=True):
+        ms = event.self_cpu_time_total / (1e3 * calls)
+        if event.key in ATTENTION_OPS:
+            split["attention_ms"] += ms
+        elif event.key in MATMUL_OPS:
+            gemv = _matmul_rows(event.key, event.input_shapes) <= GEMV_ROWS
+            split["gemv_ms" if gemv else "matmul_ms"] += ms
+        else:
+            split["other_ms"] += ms
+    return OpTimes(**split)
 
 
 def record_merge_maps(

@@ -45,3 +45,22 @@ def test_block_shares_depend_only_on_tokens_per_channel():
     small, large = mmdit_block_flops(1024, 83, 384), mmdit_block_flops(4096, 333, 1536)
     for part in ("projections", "attention", "feed_forward"):
         assert abs(small[part] / sum(small.values()) - large[part] / sum(large.values())) < 2e-3
+
+
+def test_op_times_split_a_call_the_way_the_flop_count_sees_it():
+    from sdtm_compile.bench.instrument import op_times
+
+    wide, gemv = torch.nn.Linear(32, 32), torch.nn.Linear(32, 64)
+    x, cond = torch.randn(1, 64, 32), torch.randn(2, 32)
+    q = torch.randn(1, 2, 64, 16)
+
+    def call():
+        h = torch.relu(wide(x)).sin()  # relu and sin: "other"
+        return h, gemv(cond), F.scaled_dot_product_attention(q, q, q)
+
+    times = op_times(call, calls=3)
+    assert times.matmul_ms > 0 and times.gemv_ms > 0 and times.attention_ms > 0 and times.other_ms > 0
+    assert times.total_ms == pytest.approx(sum(times.to_dict().values()))
+
+    no_gemv = op_times(lambda: wide(x), calls=3)
+    assert no_gemv.gemv_ms == 0 and no_gemv.attention_ms == 0 and no_gemv.matmul_ms > 0
