@@ -81,22 +81,34 @@ def _engine_cache(tmp_path_factory):
     yield
 
 
-@pytest.fixture(scope="session")
-def shared_sd3_bundle(tmp_path_factory, worker_id) -> tuple[Path, dict]:
-    """The tiny SD3 model (seed 0) exported once per test session at batch 2, 32x32 latent, shared by the xdist
-    workers (a file lock: the first worker to ask exports, the others wait and read it): ``(folder, manifest)``.
-    Read-only: tests that damage a bundle copy it first."""
+def _shared_bundle(tmp_path_factory, worker_id: str, name: str, config: SDTMConfig) -> tuple[Path, dict]:
+    """The tiny SD3 model (seed 0) exported with ``config`` once per test session at batch 2, 32x32 latent, shared by
+    the xdist workers (a file lock: the first worker to ask exports, the others wait and read it)."""
     from sdtm_compile.deploy.onnx import export_onnx
 
     # under xdist every worker's basetemp is a child of one per-session folder; alone, basetemp is that folder
     root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
-    folder = root / "shared_sd3_bundle"
-    with open(root / "shared_sd3_bundle.lock", "w") as lock:
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / "manifest.json").exists():
             model = tiny_sd3_transformer(TINY_SD3, seed=0)
-            export_onnx(model, example_inputs(TINY_SD3, 2, (32, 32)), SHARED_BUNDLE_CONFIG, folder)
+            export_onnx(model, example_inputs(TINY_SD3, 2, (32, 32)), config, folder)
         return folder, json.loads((folder / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def shared_sd3_bundle(tmp_path_factory, worker_id) -> tuple[Path, dict]:
+    """The tiny SD3 bundle of :data:`SHARED_BUNDLE_CONFIG`: ``(folder, manifest)``. Read-only: tests that damage a
+    bundle copy it first."""
+    return _shared_bundle(tmp_path_factory, worker_id, "shared_sd3_bundle", SHARED_BUNDLE_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def shared_exact_bundle(tmp_path_factory, worker_id) -> tuple[Path, dict]:
+    """The tiny SD3 bundle of ``SDTMConfig(counts="exact")`` (one graph per stage, count inputs): ``(folder,
+    manifest)``, read-only; the export test checks it and the serving tests serve it."""
+    return _shared_bundle(tmp_path_factory, worker_id, "shared_exact_bundle", SDTMConfig(counts="exact"))
 
 
 @pytest.fixture(autouse=True)

@@ -263,17 +263,17 @@ def test_fp16_bundle_matches_the_fp16_reference_within_half_precision_noise(tmp_
 
 
 @pytest.mark.onnx
-def test_an_exact_counts_bundle_serves_every_count_with_one_graph_per_stage(tmp_path):
+def test_an_exact_counts_bundle_serves_every_count_with_one_graph_per_stage(shared_exact_bundle, tmp_path):
     """``counts="exact"``: the count inputs are dynamic axes of every graph; a generation through ONNX Runtime
     equals the eager reference's, whose counts change from step to step."""
     config = SDTMConfig(counts="exact")
     model = tiny_sd3_transformer(TINY_SD3, seed=0)
-    manifest = export_onnx(model, example_inputs(TINY_SD3, 2, (32, 32)), config, tmp_path)
+    bundle, manifest = shared_exact_bundle  # the tiny SD3 model, seed 0, exported with this config
     assert [e["key"] for e in manifest["engines"]] == ["full", "detail@0.623607", "structure@0.7"]
     assert [c["name"] for c in manifest["count_inputs"]] == ["count_0"]
     detail = manifest["engines"][1]
     assert detail["plan_counts"] == [[64, 144]]  # the detail stage's IDM sources, ratio 0.6236 down to 0.3
-    runner = OnnxTransformer(tmp_path, history=64)
+    runner = OnnxTransformer(bundle, history=64)
     inputs = make_generation_inputs(TINY_SD3, (32, 32), seed=7)
     with torch.no_grad():
         got = generate(transformer_call(runner), inputs, num_steps=12)
@@ -290,7 +290,7 @@ def test_an_exact_counts_bundle_serves_every_count_with_one_graph_per_stage(tmp_
     from sdtm_compile.deploy.triton.step_logic import StepTable
 
     repository = tmp_path / "repository"
-    export_triton(tmp_path, repository, TritonSettings(engine_backend="python", max_steps=12))
+    export_triton(bundle, repository, TritonSettings(engine_backend="python", max_steps=12))
     table = StepTable.load(repository / "sdtm" / "1")
     assert table.count_inputs == ("count_0",)
     assert len({step.counts for step in table.schedule(12)}) >= 5

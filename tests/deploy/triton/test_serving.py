@@ -293,7 +293,20 @@ def fused(repository, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(fused):
+def exact(fused, shared_exact_bundle, tmp_path_factory):
+    """A third pipeline, ``sdtm_exact``: the tiny SD3 model with ``counts="exact"`` (one engine per stage, each
+    step's counts fed as count inputs), written into the same repository as ``fused``: ``(bundle, table)``."""
+    bundle, _ = shared_exact_bundle
+    alone = tmp_path_factory.mktemp("exact") / "alone"
+    settings = TritonSettings(name="sdtm_exact", engine_backend="python", pipeline_instances=2, max_steps=MAX_STEPS)
+    export_triton(bundle, alone, settings)
+    for model in alone.iterdir():
+        shutil.copytree(model, fused[1] / model.name)
+    return bundle, StepTable.load(fused[1] / "sdtm_exact" / "1")
+
+
+@pytest.fixture(scope="module")
+def server(fused, exact):
     try:
         server = TritonServer(fused[1])
     except ServerUnavailable as err:
@@ -361,6 +374,33 @@ def test_a_cache_fusion_pipeline_beside_a_plain_one_keeps_each_requests_cache_ap
         assert result.completed == 12 and result.max_abs_error <= 1e-5
     # fusion moves the output: a response served by the wrong pipeline would have failed
     assert min(float(np.abs(a - b).max()) for a, b in zip(references, mix[1])) > 1e-3
+
+
+@pytest.mark.serving
+def test_an_exact_counts_pipeline_feeds_each_step_its_own_counts(server, exact, mix):
+    """The exact-counts pipeline beside the bucketed one, concurrent clients on both: its responses equal its
+    bundle's output in diffusers' loop at 4 and 6 steps, where the steps' merged counts differ (one engine per
+    stage, so only the counts the step table feeds tell the steps apart)."""
+    bundle, table = exact
+    assert table.count_inputs == ("count_0",)
+    for steps in (4, 6):
+        counts = [step.counts for step in table.schedule(steps)]
+        assert len(set(counts)) >= 3, counts  # both stages, and the counts move within a stage
+    runner = OnnxTransformer(bundle)
+    requests = [load.make_request(table, seed, steps, 7.0) for seed, steps in ((0, 4), (1, 6))]
+    references = [load.reference_output(runner, table, r) for r in requests]
+    outcome: dict[str, load.LoadResult] = {}
+
+    def plain() -> None:
+        outcome["sdtm"] = load.run_load("grpc", server.grpc_url, "sdtm", *mix, concurrency=2, total=4)
+
+    beside = threading.Thread(target=plain)
+    beside.start()
+    result = load.run_load("grpc", server.grpc_url, "sdtm_exact", requests, references, concurrency=2, total=4)
+    beside.join()
+    for got in (result, outcome["sdtm"]):
+        assert got.ok, got.errors + got.mismatches
+        assert got.completed == 4 and got.max_abs_error <= 1e-5
 
 
 @pytest.mark.serving
