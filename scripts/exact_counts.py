@@ -264,13 +264,16 @@ def where_time_goes(args: argparse.Namespace, workload, compiled: dict, recorded
     flat = recorded[id(exact)]
     state = exact.signature.engine_inputs(exact.signature.fresh())
     calls = {"inductor": lambda: compiled["inductor"].module(**workload.probe, return_dict=False)}
-    flops = {"inductor": captured.flops(FULL, config)}
-    counts = {"inductor": []}
+    keys, counts = {"inductor": FULL}, {"inductor": []}
     for key in stage_ends(config, args.steps):
         plan_counts = exact.method.plan_counts(kinds, key, exact.sites.grid)
         engine, tensors = exact.engines[exact.method.engine_of(key)], count_tensors(plan_counts, exact.sites.num_tokens)
         calls[str(key)] = lambda engine=engine, tensors=tensors: engine(*flat, *state, *tensors)
-        flops[str(key)], counts[str(key)] = captured.flops(key, config), list(plan_counts)
+        keys[str(key)], counts[str(key)] = key, list(plan_counts)
+    # (total, outside attention) FLOPs of one call of each
+    flops = {
+        name: (captured.flops(key, config).total, captured.linear_flops(key, config)) for name, key in keys.items()
+    }
     times: dict[str, list[float]] = {name: [] for name in calls}
     with torch.no_grad():
         for call in calls.values():
@@ -280,23 +283,20 @@ def where_time_goes(args: argparse.Namespace, workload, compiled: dict, recorded
                 times[name].append(_once(call))
     split = {name: op_times(call, calls=2) for name, call in calls.items()}
 
-    def attention(count) -> int:
-        return sum(f for op, f in count.by_op.items() if "attention" in op)
-
     base_ms = 1e3 * statistics.median(times["inductor"])
-    base, base_split = flops["inductor"], split["inductor"]
+    (base_total, base_linear), base_split = flops["inductor"], split["inductor"]
     rows = []
     for name in calls:
-        ms, count, times_of = 1e3 * statistics.median(times[name]), flops[name], split[name]
+        ms, (total, linear), times_of = 1e3 * statistics.median(times[name]), flops[name], split[name]
         row = {
             "engine": name,
             "counts": counts[name],
             "ms": ms,
             "time_share": ms / base_ms,
-            "flop_share": count.total / base.total,
+            "flop_share": total / base_total,
             **{key: round(value, 3) for key, value in times_of.to_dict().items()},
-            "matmul_flop_share": (count.total - attention(count)) / (base.total - attention(base)),
-            "attention_flop_share": attention(count) / attention(base),
+            "matmul_flop_share": linear / base_linear,
+            "attention_flop_share": (total - linear) / (base_total - base_linear),
         }
         row["flops_per_time"] = row["flop_share"] / row["time_share"]
         rows.append(row)
@@ -312,8 +312,8 @@ def where_time_goes(args: argparse.Namespace, workload, compiled: dict, recorded
             times_of.other_ms,
         )
     rates = {
-        "matmul_ms_per_gflop": base_split.matmul_ms / ((base.total - attention(base)) / 1e9),
-        "attention_ms_per_gflop": base_split.attention_ms / (attention(base) / 1e9),
+        "matmul_ms_per_gflop": base_split.matmul_ms / (base_linear / 1e9),
+        "attention_ms_per_gflop": base_split.attention_ms / ((base_total - base_linear) / 1e9),
     }
     return {"rows": rows, "inductor_rates": rates}
 

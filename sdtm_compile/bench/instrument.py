@@ -139,7 +139,7 @@ def generation_share(step_keys: list[EngineKey], shares: dict[EngineKey, dict[st
 MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::mkldnn_convolution", "aten::convolution")
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
 #: A matmul of at most this many rows is a GEMV: AdaLN modulation and the embeddings, ``[B, C]`` rows, whose time
-#: goes to reading the weights and which neither merging nor the FLOP count sees.
+#: goes to reading the weights, with next to no FLOPs, and which merging does not shrink.
 GEMV_ROWS = 16
 
 
